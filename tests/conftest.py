@@ -1,0 +1,53 @@
+"""Tiny randomly initialised LLaMA models and a byte-level tokenizer: no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+
+
+def make_model(layers: int = 2, hidden: int = 64, intermediate: int = 160, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_model()
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    from windquant.config import QuantConfig
+
+    return QuantConfig(
+        target_bits=3.0, chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(tmp_path / "cache")
+    )

@@ -1,0 +1,101 @@
+"""The Plan: one action per unit plus its accounting — plain JSON, allocator-agnostic."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from windquant.errors import WindquantError
+from windquant.model.units import Unit
+from windquant.quant.accounting import canonical_action, fmt_action, summarize
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Plan:
+    allocator: str
+    accounting: str
+    target_bits: float | None
+    chunk: int
+    salient_rate: float
+    fallback_threshold: float
+    units: list[Unit]
+    requested: list[float]  # what the allocator asked for
+    applied: list[float]  # what the engine applied (after operator fallback)
+    info: dict = field(default_factory=dict)  # allocator-specific extras
+
+    def summary(self):
+        return summarize([u.shape for u in self.units], self.applied, self.salient_rate)
+
+    @property
+    def true_bits(self) -> float:
+        return self.summary().true_bits
+
+    @property
+    def paper_bits(self) -> float:
+        return self.summary().paper_bits
+
+    def action_distribution(self) -> dict[str, float]:
+        """Fraction of weights at each applied action (paper Fig. 2)."""
+        counts: Counter = Counter()
+        for u, a in zip(self.units, self.applied):
+            counts[fmt_action(a)] += u.n_weights
+        n = sum(counts.values())
+        return {k: v / n for k, v in sorted(counts.items(), key=lambda kv: -float(kv[0]))}
+
+    def to_dict(self) -> dict:
+        s = self.summary()
+        return {
+            "version": PLAN_VERSION,
+            "allocator": self.allocator,
+            "accounting": self.accounting,
+            "target_bits": self.target_bits,
+            "true_bits": s.true_bits,
+            "paper_bits": s.paper_bits,
+            "n_weights": s.n_weights,
+            "quantized_bytes": s.true_bytes,
+            "chunk": self.chunk,
+            "salient_rate": self.salient_rate,
+            "fallback_threshold": self.fallback_threshold,
+            "action_distribution": self.action_distribution(),
+            "info": self.info,
+            "units": [
+                {**u.as_dict(), "requested": r, "applied": a} for u, r, a in zip(self.units, self.requested, self.applied)
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        if d.get("version") != PLAN_VERSION:
+            raise WindquantError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        fields = set(Unit.__dataclass_fields__)
+        units = [Unit(**{k: v for k, v in row.items() if k in fields}) for row in d["units"]]
+        return cls(
+            allocator=d["allocator"],
+            accounting=d["accounting"],
+            target_bits=d["target_bits"],
+            chunk=d["chunk"],
+            salient_rate=d["salient_rate"],
+            fallback_threshold=d["fallback_threshold"],
+            units=units,
+            requested=[canonical_action(r["requested"]) for r in d["units"]],
+            applied=[canonical_action(r["applied"]) for r in d["units"]],
+            info=d.get("info", {}),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise WindquantError(f"{path} is not a valid windquant plan ({exc}); re-run quantize") from exc
+
+
+def units_equal(a: list[Unit], b: list[Unit]) -> bool:
+    return [asdict(u) for u in a] == [asdict(u) for u in b]

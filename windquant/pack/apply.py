@@ -1,0 +1,59 @@
+"""Apply a Plan: swap block linears for QuantLinear modules filled from packed candidates."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from windquant.alloc.plan import Plan
+from windquant.pack.qlinear import QuantLinear
+
+PackedLookup = Callable[[int, float], dict[str, torch.Tensor]]
+
+
+def module_chunks(plan: Plan) -> dict[str, list[tuple[int, int, float, int]]]:
+    """Module name -> [(col0, col1, applied action, unit index)] in column order."""
+    chunks: dict[str, list] = defaultdict(list)
+    for u, a in zip(plan.units, plan.applied):
+        chunks[u.module].append((u.col0, u.col1, a, u.index))
+    return {m: sorted(c) for m, c in chunks.items()}
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def build_quant_linears(model: nn.Module, plan: Plan) -> dict[str, QuantLinear]:
+    """Empty QuantLinear modules shaped for ``plan``, installed in ``model``."""
+    made = {}
+    for name, chunks in module_chunks(plan).items():
+        old = model.get_submodule(name)
+        q = QuantLinear(
+            old.in_features, old.out_features, [c[:3] for c in chunks], plan.salient_rate, bias=old.bias is not None
+        )
+        set_submodule(model, name, q)
+        made[name] = q
+    return made
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: Plan, packed_of: PackedLookup) -> nn.Module:
+    """Quantize ``model`` in place: what it computes afterwards is exactly what gets stored.
+
+    Untouched floating tensors (embeddings, norms) are rounded to fp16, the dtype the
+    checkpoint stores them in, so the in-memory and reloaded models agree bit for bit.
+    """
+    biases = {name: model.get_submodule(name).bias for name in module_chunks(plan)}
+    for name, q in build_quant_linears(model, plan).items():
+        for k, (_c0, _c1, action, index) in enumerate(module_chunks(plan)[name]):
+            q.set_chunk(k, packed_of(index, action))
+        if biases[name] is not None:
+            q.bias.copy_(biases[name].detach().half().float())
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.half().to(p.dtype)
+    return model

@@ -1,0 +1,145 @@
+"""Packed checkpoint folder: model.safetensors, plan.json, quant_config.json, config, tokenizer.
+
+Written to a temporary sibling folder and renamed into place at the end, so an error or
+Ctrl-C never leaves a half-written checkpoint. No pickle anywhere: safetensors and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from windquant.alloc.plan import Plan
+from windquant.errors import WindquantError
+from windquant.pack.apply import build_quant_linears
+from windquant.pack.qlinear import QuantLinear
+
+FORMAT = "windquant-packed"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output folder unless ``overwrite``; returns the resolved path."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise WindquantError(f"output folder {out} already exists; pass --overwrite or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise WindquantError(f"--out {out} is a file; give a folder path")
+    return out
+
+
+def _state_for_disk(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    seen: set[int] = set()
+    prefixes = tuple(q + ".c" for q in _quant_module_names(model))
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen and t.numel() > 0:  # tied weights (lm_head = embeddings) stored once
+            continue
+        seen.add(t.data_ptr())
+        state[name] = t.contiguous() if name.startswith(prefixes) or not t.is_floating_point() else t.half().contiguous()
+    return state
+
+
+def _quant_module_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every packed tensor of every QuantLinear (what true bits count)."""
+    return sum(
+        b.numel() * b.element_size()
+        for m in model.modules()
+        if isinstance(m, QuantLinear)
+        for n, b in m.named_buffers()
+        if n.startswith("c")
+    )
+
+
+def save(model: nn.Module, tokenizer, plan: Plan, out: str | Path, overwrite: bool = False, extra_files: dict | None = None) -> Path:
+    """Write the checkpoint folder atomically; returns its path."""
+    out = prepare_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        save_file(_state_for_disk(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.save(tmp / "plan.json")
+        qconf = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "salient_rate": plan.salient_rate,
+            "quantized_bytes": quantized_bytes(model),
+            "modules": {n: m.chunks for n, m in model.named_modules() if isinstance(m, QuantLinear)},
+        }
+        (tmp / "quant_config.json").write_text(json.dumps(qconf, indent=1))
+        for name, payload in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=1))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise WindquantError(f"{path.parent} is not a windquant checkpoint: {path.name} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WindquantError(f"{path} is corrupt ({exc}); re-run quantize to rebuild the checkpoint") from exc
+
+
+def load(path: str | Path) -> nn.Module:
+    """A working ``transformers`` model from a windquant checkpoint folder."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise WindquantError(f"checkpoint folder not found: {path}")
+    qconf = _read_json(path / "quant_config.json")
+    if qconf.get("format") != FORMAT:
+        raise WindquantError(f"{path}/quant_config.json is not a {FORMAT} config")
+    plan = Plan.load(path / "plan.json")
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, FileNotFoundError, OSError) as exc:
+        raise WindquantError(
+            f"cannot read {path / WEIGHTS} ({exc}); the checkpoint is corrupt or truncated: re-run quantize"
+        ) from exc
+    config = AutoConfig.from_pretrained(path)
+    dtype = getattr(torch, qconf.get("dtype", "float32"))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    build_quant_linears(model, plan)
+    prefixes = tuple(q + ".c" for q in qconf["modules"])
+    state = {n: (t if n.startswith(prefixes) or not t.is_floating_point() else t.to(dtype)) for n, t in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise WindquantError(
+            f"{path / WEIGHTS} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run quantize"
+        )
+    return model.eval()

@@ -1,0 +1,60 @@
+"""QuantLinear: a linear layer stored as packed column chunks, dequantized on the fly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from windquant.quant.accounting import unit_layout
+from windquant.quant.unit import dequantize_unit
+
+Chunk = tuple[int, int, float]  # (col0, col1, applied action)
+
+
+class QuantLinear(nn.Module):
+    """Holds each chunk's packed tensors as buffers named ``c{k}_{field}``.
+
+    The dense weight is rebuilt on first use and kept (``cache=True``), so inference
+    pays the unpacking once; ``drop_cache()`` frees it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, chunks: list[Chunk], salient_rate: float, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.chunks = [(int(a), int(b), float(c)) for a, b, c in chunks]
+        self.salient_rate = salient_rate
+        for k, (col0, col1, action) in enumerate(self.chunks):
+            for field, (dtype, shape) in unit_layout(action, out_features, col1 - col0, salient_rate).items():
+                self.register_buffer(f"c{k}_{field}", torch.zeros(shape, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._weight: torch.Tensor | None = None
+
+    def chunk_tensors(self, k: int) -> dict[str, torch.Tensor]:
+        prefix = f"c{k}_"
+        return {n[len(prefix):]: b for n, b in self.named_buffers() if n.startswith(prefix)}
+
+    def set_chunk(self, k: int, packed: dict[str, torch.Tensor]) -> None:
+        for field, t in packed.items():
+            getattr(self, f"c{k}_{field}").copy_(t)
+        self._weight = None
+
+    def dequantize(self) -> torch.Tensor:
+        parts = [
+            dequantize_unit(self.chunk_tensors(k), action, self.out_features, col1 - col0)
+            for k, (col0, col1, action) in enumerate(self.chunks)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def drop_cache(self) -> None:
+        self._weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight is None or self._weight.device != x.device:
+            self._weight = self.dequantize().to(x.device)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self._weight.to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        acts = ",".join(f"{a:g}" for _, _, a in self.chunks)
+        return f"in={self.in_features}, out={self.out_features}, chunk actions=[{acts}]"

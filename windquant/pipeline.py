@@ -1,0 +1,104 @@
+"""The pipeline: calibrate -> fit candidates -> allocate -> apply. One direction only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from windquant.alloc import AllocationProblem, get_allocator
+from windquant.alloc.plan import Plan
+from windquant.calib.activations import activation_scales
+from windquant.calib.corpus import corpus_tokens, sample_windows
+from windquant.config import QuantConfig
+from windquant.model.stats import unit_saliency
+from windquant.model.units import Unit, enumerate_units
+from windquant.pack.apply import apply_plan
+from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, tensor_digest, weights_digest
+from windquant.quant.unit import FitSettings
+from windquant.runinfo import Timings
+
+
+@dataclass
+class Prepared:
+    """Everything allocators need, computed once per model and settings."""
+
+    units: list[Unit]
+    act_scales: dict[str, torch.Tensor]
+    saliency: torch.Tensor
+    cache: CandidateCache
+    config: QuantConfig
+
+    def problem(self, target_bits: float, accounting: str) -> AllocationProblem:
+        bits = self.cache.bits_table(accounting, self.config.fallback_threshold)
+        return AllocationProblem(self.units, bits, self.saliency, target_bits, accounting)
+
+
+def fit_settings(config: QuantConfig) -> FitSettings:
+    return FitSettings(salient_rate=config.salient, steps=config.steps, lr=config.lr)
+
+
+def calibrate(model: nn.Module, tokenizer, config: QuantConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+    tokens = corpus_tokens(tokenizer, config.calib, "calib", config.data_dir)
+    windows = sample_windows(tokens, config.calib_samples, config.calib_len, config.seed)
+    return activation_scales(model, windows, progress=progress)
+
+
+def prepare(model: nn.Module, tokenizer, config: QuantConfig, timings: Timings | None = None, progress: bool = True) -> Prepared:
+    """Calibrate and fit (or load) every candidate. The model is left untouched."""
+    config.validate()
+    timings = timings if timings is not None else Timings()
+    units = enumerate_units(model, config.chunk)
+    with timings.stage("calibrate"):
+        scales = calibrate(model, tokenizer, config, progress)
+    with timings.stage("fit"):
+        settings = fit_settings(config)
+        cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        calib_key = tensor_digest([scales[k] for k in sorted(scales)])
+        key = fingerprint(weights_digest(model), calib_key, config.chunk, settings)
+        cache = CandidateCache.build(model, units, scales, settings, cache_root, key, progress)
+    saliency = unit_saliency(model, units, scales)
+    return Prepared(units, scales, saliency, cache, config)
+
+
+def make_plan(prepared: Prepared, config: QuantConfig, timings: Timings | None = None) -> Plan:
+    """Run the configured allocator; the Plan records requested and applied actions."""
+    timings = timings if timings is not None else Timings()
+    with timings.stage("allocate"):
+        allocate = get_allocator(config.allocator)
+        target = config.target_bits if config.target_bits is not None else 16.0
+        problem = prepared.problem(target, config.accounting)
+        kwargs = {"action": config.uniform_action} if config.allocator == "uniform" else {}
+        if config.uniform_action is None:
+            problem.check_feasible()
+        requested = allocate(problem, **kwargs)
+        applied = [prepared.cache.applied(u.index, a, config.fallback_threshold) for u, a in zip(prepared.units, requested)]
+    return Plan(
+        allocator=config.allocator,
+        accounting=config.accounting,
+        target_bits=config.target_bits,
+        chunk=config.chunk,
+        salient_rate=config.salient,
+        fallback_threshold=config.fallback_threshold,
+        units=prepared.units,
+        requested=requested,
+        applied=applied,
+        info={"config": asdict(config)},
+    )
+
+
+def apply(model: nn.Module, prepared: Prepared, plan: Plan, timings: Timings | None = None) -> nn.Module:
+    timings = timings if timings is not None else Timings()
+    with timings.stage("apply"):
+        return apply_plan(model, plan, lambda i, a: prepared.cache.packed[(i, a)])
+
+
+def quantize_(model: nn.Module, tokenizer, config: QuantConfig, progress: bool = True) -> tuple[Plan, Timings]:
+    """Quantize ``model`` in place under ``config``; returns the Plan and stage timings."""
+    timings = Timings()
+    prepared = prepare(model, tokenizer, config, timings, progress)
+    plan = make_plan(prepared, config, timings)
+    apply(model, prepared, plan, timings)
+    return plan, timings

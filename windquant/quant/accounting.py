@@ -1,0 +1,125 @@
+"""Bit accounting: the one table of what a unit stores, read by packer and budget alike.
+
+* **paper bits** (paper Eq. 6): ``16·n`` for skip, else ``b·n_q + 8·n_p``.
+* **true bits**: 8 × the bytes of every tensor the packed checkpoint stores for the unit
+  (codes as packed, scales, shifts, salient values, their column indices, per-row counts
+  and scale). :func:`unit_layout` is the single source of truth: the packer builds
+  exactly these tensors and asserts their sizes, so "bytes on disk == true bits".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from windquant.quant import salient
+from windquant.quant.codes import packed_code_bytes
+from windquant.quant.ops import SKIP, grid_for
+
+ACTIONS: tuple[float, ...] = (16.0, 8.0, 4.0, 3.0, 2.0, 1.58, 1.0)
+ACCOUNTINGS = ("true", "paper")
+
+
+def canonical_action(action: float) -> float:
+    for a in ACTIONS:
+        if abs(a - float(action)) < 1e-6:
+            return a
+    raise ValueError(f"unknown action {action!r}; choose one of {', '.join(map(fmt_action, ACTIONS))}")
+
+
+def fmt_action(action: float) -> str:
+    return f"{action:g}"
+
+
+def unit_layout(action: float, out_features: int, columns: int, rate: float) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Field name -> (dtype, shape) of every tensor stored for one unit."""
+    action = canonical_action(action)
+    if action == SKIP:
+        return {"weight": (torch.float16, (out_features, columns))}
+    grid = grid_for(action)
+    n_p = salient.n_salient(out_features, columns, rate) if grid.protect else 0
+    n_q = out_features * columns - n_p
+    layout = {
+        "codes": (torch.uint8, (packed_code_bytes(grid.levels, n_q),)),
+        "scale": (torch.float16, (out_features,)),
+    }
+    if grid.learn_shift:
+        layout["shift"] = (torch.float16, (out_features,))
+    if n_p > 0:
+        layout |= {
+            "sal_val": (torch.int8, (n_p,)),
+            "sal_col": (salient.column_index_dtype(columns), (n_p,)),
+            "sal_cnt": (torch.uint8, (out_features,)),
+            "sal_scale": (torch.float16, (1,)),
+        }
+    return layout
+
+
+def layout_bytes(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    total = 0
+    for dtype, shape in layout.values():
+        n = 1
+        for s in shape:
+            n *= s
+        total += n * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
+def true_bits(action: float, out_features: int, columns: int, rate: float) -> int:
+    """Total stored bits of one unit (not per weight)."""
+    return 8 * layout_bytes(unit_layout(action, out_features, columns, rate))
+
+
+def paper_bits(action: float, out_features: int, columns: int, rate: float) -> float:
+    """Paper Eq. 6 bits of one unit (not per weight)."""
+    action = canonical_action(action)
+    n = out_features * columns
+    if action == SKIP:
+        return 16.0 * n
+    grid = grid_for(action)
+    n_p = salient.n_salient(out_features, columns, rate) if grid.protect else 0
+    return action * (n - n_p) + 8.0 * n_p
+
+
+def unit_bits(action: float, out_features: int, columns: int, rate: float, accounting: str) -> float:
+    if accounting == "true":
+        return float(true_bits(action, out_features, columns, rate))
+    if accounting == "paper":
+        return paper_bits(action, out_features, columns, rate)
+    raise ValueError(f"unknown accounting {accounting!r}; use one of {ACCOUNTINGS}")
+
+
+@dataclass
+class Summary:
+    n_weights: int
+    true_bits_total: int
+    paper_bits_total: float
+
+    @property
+    def true_bits(self) -> float:
+        return self.true_bits_total / max(self.n_weights, 1)
+
+    @property
+    def paper_bits(self) -> float:
+        return self.paper_bits_total / max(self.n_weights, 1)
+
+    @property
+    def true_bytes(self) -> int:
+        return self.true_bits_total // 8
+
+    def as_dict(self) -> dict:
+        return {
+            "n_weights": self.n_weights,
+            "true_bits": self.true_bits,
+            "paper_bits": self.paper_bits,
+            "quantized_bytes": self.true_bytes,
+        }
+
+
+def summarize(shapes: list[tuple[int, int]], actions: list[float], rate: float) -> Summary:
+    """Accounting of a whole plan: ``shapes[i] = (out, columns)`` of unit i."""
+    n = sum(o * c for o, c in shapes)
+    tb = sum(true_bits(a, o, c, rate) for (o, c), a in zip(shapes, actions))
+    pb = sum(paper_bits(a, o, c, rate) for (o, c), a in zip(shapes, actions))
+    return Summary(n_weights=n, true_bits_total=tb, paper_bits_total=pb)

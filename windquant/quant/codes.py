@@ -1,0 +1,53 @@
+"""Bit-packing of operator codes into bytes (pure functions).
+
+* ternary (3 levels): five trits per byte, base 3 (3^5 = 243 <= 256), i.e. 1.6 bits/weight;
+* every other grid with K = 2^b levels: a little-endian bitstream of b bits per code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+TRITS_PER_BYTE = 5
+
+
+def code_bits(levels: int) -> int:
+    return max(1, math.ceil(math.log2(levels)))
+
+
+def packed_code_bytes(levels: int, n: int) -> int:
+    """Bytes needed to store ``n`` codes of a ``levels``-level grid."""
+    if levels == 3:
+        return math.ceil(n / TRITS_PER_BYTE)
+    return math.ceil(n * code_bits(levels) / 8)
+
+
+def pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
+    """Pack a flat tensor of codes in ``[0, levels)`` into uint8 bytes."""
+    c = codes.flatten().to(torch.int64).numpy()
+    n = c.size
+    if levels == 3:
+        pad = (-n) % TRITS_PER_BYTE
+        c = np.concatenate([c, np.zeros(pad, dtype=np.int64)]).reshape(-1, TRITS_PER_BYTE)
+        weights = 3 ** np.arange(TRITS_PER_BYTE, dtype=np.int64)
+        out = (c * weights).sum(axis=1).astype(np.uint8)
+    else:
+        b = code_bits(levels)
+        bits = ((c[:, None] >> np.arange(b)) & 1).astype(np.uint8).reshape(-1)
+        out = np.packbits(bits, bitorder="little")
+    assert out.size == packed_code_bytes(levels, n)
+    return torch.from_numpy(out.copy())
+
+
+def unpack_codes(packed: torch.Tensor, levels: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``n`` int64 codes."""
+    p = packed.numpy().astype(np.int64)
+    if levels == 3:
+        digits = (p[:, None] // (3 ** np.arange(TRITS_PER_BYTE))) % 3
+        return torch.from_numpy(digits.reshape(-1)[:n].copy())
+    b = code_bits(levels)
+    bits = np.unpackbits(packed.numpy(), bitorder="little")[: n * b].reshape(n, b).astype(np.int64)
+    return torch.from_numpy((bits << np.arange(b)).sum(axis=1))

@@ -1,0 +1,42 @@
+"""Stage timings and peak memory for run reports (the paper's Table 3 columns)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def peak_gpu_mib() -> float | None:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+class Timings(dict):
+    """Stage name -> seconds; ``with timings.stage("fit"): ...``."""
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+    def report(self) -> dict:
+        return {
+            "seconds": {k: round(v, 3) for k, v in self.items()},
+            "total_seconds": round(sum(self.values()), 3),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "peak_gpu_mib": peak_gpu_mib(),
+        }
