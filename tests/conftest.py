@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Tiny tensors: one thread avoids OpenMP spin when anything else runs on the 2 cores.
+torch.set_num_threads(1)
+
 
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -51,3 +54,12 @@ def tiny_config(tmp_path):
     return QuantConfig(
         target_bits=3.0, chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(tmp_path / "cache")
     )
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny LLaMA saved as a local Hugging Face folder (a model spec for the CLI)."""
+    path = tmp_path / "tiny-llama"
+    make_model().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path

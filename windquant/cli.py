@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _threads()
+        if getattr(args, "quiet", False):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         from windquant import commands
 
         return getattr(commands, f"cmd_{args.command}")(args)

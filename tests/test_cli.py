@@ -1,0 +1,125 @@
+"""The CLI end to end on a tiny local model, and every bad input named in the brief."""
+
+import json
+
+import pytest
+
+from windquant.cli import main
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    f = tmp_path / "corpus.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    return f
+
+
+def quantize_args(model_dir, out, corpus, cache, *extra):
+    return [
+        "quantize", "--model", str(model_dir), "--out", str(out), "--chunk", "32", "--calib", str(corpus),
+        "--calib-samples", "4", "--calib-len", "32", "--steps", "2", "--target-bits", "3.2", "--cache-dir", str(cache), "--quiet", *extra,
+    ]
+
+
+def test_quantize_eval_inspect_generate(tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c", "--target-bits", "3.2")) == 0
+    printed = capsys.readouterr().out
+    assert "true_bits=" in printed and "paper_bits=" in printed
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["true_bits"] <= 3.2 and "paper_bits" in plan
+    report = json.loads((out / "run_report.json").read_text())
+    assert {"load", "calibrate", "fit", "allocate", "apply", "pack"} <= set(report["timings"]["seconds"])
+    assert report["timings"]["peak_rss_mib"] > 0
+    assert main(["eval", str(out), "--corpus", str(corpus_file), "--ctx", "64", "--quiet"]) == 0
+    line = capsys.readouterr().out
+    assert "ppl=" in line and "ctx=64" in line and "tokens=" in line
+    assert main(["inspect", str(out)]) == 0
+    assert "action distribution" in capsys.readouterr().out
+    assert (out / "bitmap.png").stat().st_size > 1000
+    assert main(["generate", str(out), "--prompt", "The", "--max-new-tokens", "4"]) == 0
+
+
+def test_dry_run_prints_sizes_without_writing(tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c", "--dry-run")) == 0
+    assert "units:" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def expect_error(argv, capsys, match, code=2):
+    assert main(argv) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if "windquant" in line or "Traceback" in line]
+    assert len(err) == 1 and match in err[0], err  # one readable line, no traceback
+
+
+def test_missing_model_file(tmp_path, capsys):
+    expect_error(["quantize", "--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o")], capsys, "model file not found")
+
+
+def test_corrupt_gguf(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
+    expect_error(["quantize", "--model", str(bad), "--out", str(tmp_path / "o")], capsys, "could not read GGUF file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_checkpoint(tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c")) == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    capsys.readouterr()
+    expect_error(["eval", str(out), "--corpus", str(corpus_file), "--ctx", "64"], capsys, "corrupt or truncated")
+    (out / "quant_config.json").write_text("{not json")
+    expect_error(["eval", str(out), "--corpus", str(corpus_file)], capsys, "corrupt")
+
+
+def test_unknown_allocator(tmp_path, capsys):
+    expect_error(["quantize", "--allocator", "magic", "--out", str(tmp_path / "o")], capsys, "unknown allocator 'magic'")
+
+
+@pytest.mark.parametrize("bits, match", [("17", "must be in (0, 16]"), ("0", "must be in (0, 16]")])
+def test_target_bits_out_of_range(bits, match, tmp_path, capsys):
+    expect_error(["quantize", "--target-bits", bits, "--out", str(tmp_path / "o")], capsys, match)
+
+
+def test_target_below_cheapest_plan(tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    expect_error(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c", "--target-bits", "0.5"), capsys, "below the cheapest")
+    assert not out.exists()
+
+
+def test_chunk_zero(tmp_path, capsys):
+    expect_error(["quantize", "--chunk", "0", "--out", str(tmp_path / "o")], capsys, "--chunk must be a positive")
+
+
+def test_empty_calibration_file(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    expect_error(quantize_args(tiny_model_dir, tmp_path / "o", empty, tmp_path / "c"), capsys, "is empty")
+
+
+def test_existing_output_dir_needs_overwrite(tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    expect_error(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c"), capsys, "already exists; pass --overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c", "--overwrite")) == 0
+    assert (out / "plan.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_ctrl_c_mid_save_leaves_nothing(tiny_model_dir, corpus_file, tmp_path, capsys, monkeypatch):
+    import windquant.pack.checkpoint as ckpt
+
+    def interrupted(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_file", interrupted)
+    out = tmp_path / "ckpt"
+    expect_error(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c"), capsys, "interrupted", code=130)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt")] == []

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from windquant.calib.corpus import builtin_text, corpus_tokens, sample_windows, wikitext2
+from windquant.errors import WindquantError
+
+
+def test_builtin_corpus_ships_with_python():
+    assert len(builtin_text()) > 100_000
+
+
+def test_calibration_and_evaluation_spans_are_disjoint(tokenizer, tmp_path):
+    text = " ".join(f"w{i}" for i in range(3000))
+    f = tmp_path / "c.txt"
+    f.write_text(text)
+    calib = corpus_tokens(tokenizer, str(f), "calib")
+    ev = corpus_tokens(tokenizer, str(f), "eval")
+    full = torch.tensor(tokenizer(text)["input_ids"])
+    assert torch.equal(torch.cat([calib, ev]), full)
+    assert len(ev) == len(full) - int(len(full) * 0.8)
+
+
+def test_windows_are_seeded_and_deterministic():
+    tokens = torch.arange(1000)
+    a, b = sample_windows(tokens, 8, 32, seed=1), sample_windows(tokens, 8, 32, seed=1)
+    assert torch.equal(a, b) and a.shape == (8, 32)
+    assert not torch.equal(a, sample_windows(tokens, 8, 32, seed=2))
+    assert ((a[:, 1:] - a[:, :-1]) == 1).all()  # contiguous spans of the corpus
+
+
+def test_jsonl_and_bad_files(tokenizer, tmp_path):
+    j = tmp_path / "d.jsonl"
+    j.write_text('{"text": "hello"}\n{"text": "world"}\n')
+    assert len(corpus_tokens(tokenizer, str(j), "calib")) > 0
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(WindquantError, match="empty"):
+        corpus_tokens(tokenizer, str(empty), "calib")
+    with pytest.raises(WindquantError, match="not found"):
+        corpus_tokens(tokenizer, str(tmp_path / "missing.txt"), "calib")
+    with pytest.raises(WindquantError, match="fewer than one window"):
+        sample_windows(torch.arange(10), 2, 32, 0)
+
+
+def test_wikitext_from_data_dir(tmp_path):
+    d = tmp_path / "wikitext-2-raw"
+    d.mkdir()
+    (d / "wiki.test.raw").write_text(" = A = \n text one \n")
+    assert wikitext2("test", str(tmp_path)) == " = A = \n\n text one "
+    with pytest.raises(WindquantError, match="wiki.train.raw"):
+        wikitext2("calib", str(tmp_path))

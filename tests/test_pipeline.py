@@ -1,0 +1,72 @@
+import json
+import struct
+
+import pytest
+import torch
+
+from windquant import Plan, QuantConfig, load, quantize_, save
+from windquant.pipeline import make_plan, prepare
+
+
+def data_bytes_by_tensor(path):
+    """Byte length of every tensor in a safetensors file, from its header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
+
+
+def test_quantize_save_load_roundtrip(tiny_model, tokenizer, tiny_config, tmp_path):
+    plan, timings = quantize_(tiny_model, tokenizer, tiny_config, progress=False)
+    assert plan.true_bits <= tiny_config.target_bits
+    assert set(timings) == {"calibrate", "fit", "allocate", "apply"}
+    out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
+    loaded = load(out)
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(tiny_model(x).logits, loaded(x).logits)
+    # bytes on disk of the quantized layers == the true-bits accounting
+    sizes = data_bytes_by_tensor(out / "model.safetensors")
+    qconf = json.loads((out / "quant_config.json").read_text())
+    packed = sum(v for k, v in sizes.items() if k.startswith(tuple(m + ".c" for m in qconf["modules"])))
+    assert packed * 8 == plan.summary().true_bits_total
+    assert json.loads((out / "plan.json").read_text())["true_bits"] == pytest.approx(plan.true_bits)
+    # generate() works on the reloaded model
+    assert loaded.generate(x[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_quantized_model_differs_from_reference_but_stays_close(tiny_model, tokenizer, tiny_config):
+    from conftest import make_model
+
+    ref = make_model()
+    tiny_config.target_bits = 9.0  # mostly 8 bit
+    quantize_(tiny_model, tokenizer, tiny_config, progress=False)
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        a, b = ref(x).logits, tiny_model(x).logits
+    assert not torch.equal(a, b)
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_plan_json_roundtrip_and_applied_actions(tiny_model, tokenizer, tiny_config, tmp_path):
+    prepared = prepare(tiny_model, tokenizer, tiny_config, progress=False)
+    plan = make_plan(prepared, tiny_config)
+    # threshold 0: every low-bit request falls back to 8 bit, and the Plan records it
+    strict = QuantConfig(**{**tiny_config.to_dict(), "target_bits": 16.0, "fallback_threshold": 0.0, "allocator": "uniform", "uniform_action": 2.0})
+    plan2 = make_plan(prepared, strict)
+    assert set(plan2.requested) == {2.0} and set(plan2.applied) == {8.0}
+    plan2.save(tmp_path / "p.json")
+    back = Plan.load(tmp_path / "p.json")
+    assert back.applied == plan2.applied and back.requested == plan2.requested and back.units == plan2.units
+    assert back.true_bits == pytest.approx(plan2.true_bits)
+    assert plan.true_bits <= tiny_config.target_bits
+
+
+def test_candidate_cache_is_reused_from_disk(tiny_model, tokenizer, tiny_config):
+    first = prepare(tiny_model, tokenizer, tiny_config, progress=False)
+    second = prepare(tiny_model, tokenizer, tiny_config, progress=False)
+    for key, packed in first.cache.packed.items():
+        for field, t in packed.items():
+            assert torch.equal(t, second.cache.packed[key][field])
+    assert first.cache.errors == second.cache.errors
