@@ -51,9 +51,7 @@ def tiny_model():
 def tiny_config(tmp_path):
     from windquant.config import QuantConfig
 
-    return QuantConfig(
-        target_bits=3.0, chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(tmp_path / "cache")
-    )
+    return QuantConfig(target_bits=3.0, chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(tmp_path / "cache"))
 
 
 @pytest.fixture

@@ -16,8 +16,27 @@ def corpus_file(tmp_path):
 
 def quantize_args(model_dir, out, corpus, cache, *extra):
     return [
-        "quantize", "--model", str(model_dir), "--out", str(out), "--chunk", "32", "--calib", str(corpus),
-        "--calib-samples", "4", "--calib-len", "32", "--steps", "2", "--target-bits", "3.2", "--cache-dir", str(cache), "--quiet", *extra,
+        "quantize",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--chunk",
+        "32",
+        "--calib",
+        str(corpus),
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "32",
+        "--steps",
+        "2",
+        "--target-bits",
+        "3.2",
+        "--cache-dir",
+        str(cache),
+        "--quiet",
+        *extra,
     ]
 
 
@@ -54,7 +73,9 @@ def expect_error(argv, capsys, match, code=2):
 
 
 def test_missing_model_file(tmp_path, capsys):
-    expect_error(["quantize", "--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o")], capsys, "model file not found")
+    expect_error(
+        ["quantize", "--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o")], capsys, "model file not found"
+    )
 
 
 def test_corrupt_gguf(tmp_path, capsys):
@@ -86,7 +107,9 @@ def test_target_bits_out_of_range(bits, match, tmp_path, capsys):
 
 def test_target_below_cheapest_plan(tiny_model_dir, corpus_file, tmp_path, capsys):
     out = tmp_path / "o"
-    expect_error(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c", "--target-bits", "0.5"), capsys, "below the cheapest")
+    expect_error(
+        quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c", "--target-bits", "0.5"), capsys, "below the cheapest"
+    )
     assert not out.exists()
 
 

@@ -53,7 +53,9 @@ def test_plan_json_roundtrip_and_applied_actions(tiny_model, tokenizer, tiny_con
     prepared = prepare(tiny_model, tokenizer, tiny_config, progress=False)
     plan = make_plan(prepared, tiny_config)
     # threshold 0: every low-bit request falls back to 8 bit, and the Plan records it
-    strict = QuantConfig(**{**tiny_config.to_dict(), "target_bits": 16.0, "fallback_threshold": 0.0, "allocator": "uniform", "uniform_action": 2.0})
+    strict = QuantConfig(
+        **{**tiny_config.to_dict(), "target_bits": 16.0, "fallback_threshold": 0.0, "allocator": "uniform", "uniform_action": 2.0}
+    )
     plan2 = make_plan(prepared, strict)
     assert set(plan2.requested) == {2.0} and set(plan2.applied) == {8.0}
     plan2.save(tmp_path / "p.json")

@@ -29,6 +29,6 @@ def test_pack_scatter_roundtrip_within_int8_step():
     sal = salient.pack(w, mask)
     assert sal.columns.dtype == torch.int16 and int(sal.counts.sum()) == int(mask.sum())
     restored = salient.scatter(torch.zeros_like(w), sal)
-    step = float(sal.scale) 
+    step = float(sal.scale)
     assert (restored[mask] - w[mask]).abs().max() <= step / 2 + 1e-6
     assert (restored[~mask] == 0).all()

@@ -35,8 +35,12 @@ def _add_quantize(sub) -> None:
     p.add_argument("--chunk", type=int, default=d.chunk, help="columns per unit (default %(default)s)")
     p.add_argument("--salient", type=float, default=d.salient, help="INT8-protected fraction per unit (default %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per operator fit (default %(default)s)")
-    p.add_argument("--fallback-threshold", type=float, default=d.fallback_threshold,
-                   help="relative error above which a unit moves to the next precision (default %(default)s)")
+    p.add_argument(
+        "--fallback-threshold",
+        type=float,
+        default=d.fallback_threshold,
+        help="relative error above which a unit moves to the next precision (default %(default)s)",
+    )
     p.add_argument("--calib", default=d.calib, help="builtin | wikitext2 | PATH to .txt/.jsonl (default %(default)s)")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="calibration windows (default %(default)s)")
     p.add_argument("--calib-len", type=int, default=d.calib_len, help="tokens per window (default %(default)s)")

@@ -84,7 +84,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     print("actions: " + "  ".join(f"{k}:{v:.1%}" for k, v in plan.action_distribution().items()))
     t = report["timings"]
-    print(f"time={t['total_seconds']:.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in t['seconds'].items())}) peak_rss={t['peak_rss_mib']:.0f}MiB")
+    print(
+        f"time={t['total_seconds']:.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in t['seconds'].items())}) peak_rss={t['peak_rss_mib']:.0f}MiB"
+    )
     return 0
 
 
@@ -128,5 +130,5 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    print(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0

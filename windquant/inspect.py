@@ -41,7 +41,9 @@ def layer_bit_map(plan: Plan) -> tuple[list[int], list[str], list[list[float]]]:
         acc[1] += u.n_weights
     layers = sorted({k[0] for k in bits})
     projs = list(dict.fromkeys(u.proj for u in plan.units))
-    grid = [[bits[(layer, p)][0] / bits[(layer, p)][1] if (layer, p) in bits else float("nan") for p in projs] for layer in layers]
+    grid = [
+        [bits[(layer, p)][0] / bits[(layer, p)][1] if (layer, p) in bits else float("nan") for p in projs] for layer in layers
+    ]
     return layers, projs, grid
 
 

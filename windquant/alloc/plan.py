@@ -62,9 +62,7 @@ class Plan:
             "fallback_threshold": self.fallback_threshold,
             "action_distribution": self.action_distribution(),
             "info": self.info,
-            "units": [
-                {**u.as_dict(), "requested": r, "applied": a} for u, r, a in zip(self.units, self.requested, self.applied)
-            ],
+            "units": [{**u.as_dict(), "requested": r, "applied": a} for u, r, a in zip(self.units, self.requested, self.applied)],
         }
 
     @classmethod

@@ -10,7 +10,9 @@ from windquant.model.units import block_linears
 
 
 @torch.no_grad()
-def activation_scales(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+def activation_scales(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """RMS of each input channel of every block linear over the calibration windows.
 
     The RMS squared is the diagonal of the layer's input second moment, so

@@ -47,9 +47,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers)
     ]
     if not candidates:
-        raise UnsupportedModelError(
-            f"unsupported architecture {type(model).__name__}: no list of decoder blocks found"
-        )
+        raise UnsupportedModelError(f"unsupported architecture {type(model).__name__}: no list of decoder blocks found")
     return max(candidates, key=lambda nm: len(nm[1]))
 
 

@@ -64,7 +64,9 @@ def quantized_bytes(model: nn.Module) -> int:
     )
 
 
-def save(model: nn.Module, tokenizer, plan: Plan, out: str | Path, overwrite: bool = False, extra_files: dict | None = None) -> Path:
+def save(
+    model: nn.Module, tokenizer, plan: Plan, out: str | Path, overwrite: bool = False, extra_files: dict | None = None
+) -> Path:
     """Write the checkpoint folder atomically; returns its path."""
     out = prepare_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

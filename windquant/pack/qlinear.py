@@ -32,7 +32,7 @@ class QuantLinear(nn.Module):
 
     def chunk_tensors(self, k: int) -> dict[str, torch.Tensor]:
         prefix = f"c{k}_"
-        return {n[len(prefix):]: b for n, b in self.named_buffers() if n.startswith(prefix)}
+        return {n[len(prefix) :]: b for n, b in self.named_buffers() if n.startswith(prefix)}
 
     def set_chunk(self, k: int, packed: dict[str, torch.Tensor]) -> None:
         for field, t in packed.items():

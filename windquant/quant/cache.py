@@ -51,7 +51,7 @@ def weights_digest(model: nn.Module) -> str:
 
 def fallback_action(errors: dict[float, float], action: float, threshold: float) -> float:
     """The action actually applied: ``action`` or the next higher one under ``threshold``."""
-    for a in LADDER[LADDER.index(action):]:
+    for a in LADDER[LADDER.index(action) :]:
         if a >= 8.0 or errors.get(a, float("inf")) <= threshold:
             return a
     return SKIP
@@ -130,7 +130,7 @@ class CandidateCache:
         for u in layer_units:
             for a in ACTIONS:
                 prefix = f"u{u.index}/{a:g}/"
-                packed = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+                packed = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
                 self.packed[(u.index, a)] = packed
                 self.dense[(u.index, a)] = dequantize_unit(packed, a, *u.shape).half()
             self.errors[u.index] = {float(a): e for a, e in errors[str(u.index)].items()}

@@ -36,7 +36,7 @@ def select(w: torch.Tensor, act_scale: torch.Tensor, rate: float) -> torch.Tenso
     mask = torch.zeros(w.shape, dtype=torch.bool)
     if k == 0:
         return mask
-    score = (w.float().abs() * act_scale.float()[None, :])
+    score = w.float().abs() * act_scale.float()[None, :]
     if columns > MAX_PER_ROW:
         # Exclude everything below each row's 255th best so no row exceeds the cap.
         kth = score.topk(MAX_PER_ROW, dim=1).values[:, -1:]
