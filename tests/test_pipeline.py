@@ -72,3 +72,25 @@ def test_candidate_cache_is_reused_from_disk(tiny_model, tokenizer, tiny_config)
         for field, t in packed.items():
             assert torch.equal(t, second.cache.packed[key][field])
     assert first.cache.errors == second.cache.errors
+
+
+def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny_config):
+    """Scoring a plan from the dense cache gives the same logits as the packed model."""
+    from conftest import make_model
+
+    from windquant.pack.apply import apply_plan, plan_weights
+
+    prepared = prepare(tiny_model, tokenizer, tiny_config, progress=False)
+    plan = make_plan(prepared, tiny_config)
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        before = tiny_model(x).logits
+        dense = {u.index: prepared.cache.dense[(u.index, a)] for u, a in zip(plan.units, plan.applied)}
+        with plan_weights(tiny_model, plan.units, lambda u: dense[u.index]):
+            assembled = tiny_model(x).logits
+        assert torch.equal(tiny_model(x).logits, before)  # restored
+        packed = apply_plan(make_model(), plan, lambda i, a: prepared.cache.packed[(i, a)])
+        reference = packed(x).logits
+    # apply_plan also rounds embeddings/norms to fp16; tolerance covers that alone
+    assert torch.allclose(assembled, reference, atol=1e-2, rtol=1e-3)
+    assert not torch.allclose(assembled, before, atol=1e-3)

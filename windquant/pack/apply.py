@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from windquant.alloc.plan import Plan
+from windquant.model.units import Unit
 from windquant.pack.qlinear import QuantLinear
 
 PackedLookup = Callable[[int, float], dict[str, torch.Tensor]]
@@ -55,3 +57,24 @@ def apply_plan(model: nn.Module, plan: Plan, packed_of: PackedLookup) -> nn.Modu
         if p.is_floating_point():
             p.data = p.data.half().to(p.dtype)
     return model
+
+
+@contextmanager
+def plan_weights(model: nn.Module, units: list[Unit], weight_of: Callable[[Unit], torch.Tensor]):
+    """Temporarily give every block linear the dequantized weights of a plan.
+
+    This is how allocators score a plan cheaply: the candidate cache already holds each
+    unit's dequantized weights, so no quantizer is refitted and nothing is packed.
+    """
+    originals = {}
+    for u in units:
+        lin = model.get_submodule(u.module)
+        if u.module not in originals:
+            originals[u.module] = lin.weight.data
+            lin.weight.data = lin.weight.data.clone()
+        lin.weight.data[:, u.col0 : u.col1] = weight_of(u).to(lin.weight.dtype)
+    try:
+        yield model
+    finally:
+        for name, data in originals.items():
+            model.get_submodule(name).weight.data = data
