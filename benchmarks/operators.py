@@ -67,7 +67,9 @@ def error_table(model, units, scales, sample: int) -> list[dict]:
             packed = quantize_unit(w, s, action, FitSettings())
             times.append(time.perf_counter() - t0)
             errs.append(relative_error(w, dequantize_unit(packed, action, *w.shape), s))
-        rows.append({"method": f"windquant {action:g}", "rel_error": statistics.mean(errs), "fit_ms": 1e3 * statistics.median(times)})
+        rows.append(
+            {"method": f"windquant {action:g}", "rel_error": statistics.mean(errs), "fit_ms": 1e3 * statistics.median(times)}
+        )
     for bits in (8, 4, 3, 2):
         errs, times = [], []
         for u in picked:
@@ -108,29 +110,79 @@ def main() -> None:
             return perplexity(model, tokens, args.ctx, args.max_windows).ppl
 
     shapes = [u.shape for u in units]
-    rows = [{"plan": "reference (fp32)", "true_bits": 32.0, "paper_bits": 32.0, "ppl": ppl(lambda u: modules[u.module].weight[:, u.col0 : u.col1])}]
+    rows = [
+        {
+            "plan": "reference (fp32)",
+            "true_bits": 32.0,
+            "paper_bits": 32.0,
+            "ppl": ppl(lambda u: modules[u.module].weight[:, u.col0 : u.col1]),
+        }
+    ]
     for action in (8.0, 4.0, 3.0, 2.0):
         s = summarize(shapes, [action] * len(units), config.salient)
         value = ppl(lambda u, a=action: prepared.cache.dense[(u.index, a)])
-        rows.append({"plan": f"windquant uniform {action:g} (salient 3%)", "true_bits": s.true_bits, "paper_bits": s.paper_bits, "ppl": value})
+        rows.append(
+            {
+                "plan": f"windquant uniform {action:g} (salient 3%)",
+                "true_bits": s.true_bits,
+                "paper_bits": s.paper_bits,
+                "ppl": value,
+            }
+        )
     no_salient = FitSettings(salient_rate=0.0)
-    lsq4 = {u.index: dequantize_unit(quantize_unit(modules[u.module].weight.detach()[:, u.col0 : u.col1].float(),
-                                                   scales[u.module][u.col0 : u.col1], 4.0, no_salient), 4.0, *u.shape) for u in units}
+    lsq4 = {
+        u.index: dequantize_unit(
+            quantize_unit(
+                modules[u.module].weight.detach()[:, u.col0 : u.col1].float(), scales[u.module][u.col0 : u.col1], 4.0, no_salient
+            ),
+            4.0,
+            *u.shape,
+        )
+        for u in units
+    }
     s = summarize(shapes, [4.0] * len(units), 0.0)
-    rows.append({"plan": "windquant uniform 4 (no salient)", "true_bits": s.true_bits, "paper_bits": s.paper_bits, "ppl": ppl(lambda u: lsq4[u.index])})
+    rows.append(
+        {
+            "plan": "windquant uniform 4 (no salient)",
+            "true_bits": s.true_bits,
+            "paper_bits": s.paper_bits,
+            "ppl": ppl(lambda u: lsq4[u.index]),
+        }
+    )
     for bits, group in ((4, 256), (4, 64), (3, 64), (2, 64)):
         value = ppl(lambda u, b=bits, g=group: rtn(modules[u.module].weight.detach()[:, u.col0 : u.col1].float(), b, g))
-        rows.append({"plan": f"RTN {bits} bit, g{group}", "true_bits": rtn_true_bits(bits, group), "paper_bits": float(bits), "ppl": value})
+        rows.append(
+            {
+                "plan": f"RTN {bits} bit, g{group}",
+                "true_bits": rtn_true_bits(bits, group),
+                "paper_bits": float(bits),
+                "ppl": value,
+            }
+        )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"model": args.model, "corpus": args.corpus, "ctx": args.ctx, "eval_tokens": int(tokens.numel()),
-              "errors": errors, "uniform_plans": rows, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+    result = {
+        "model": args.model,
+        "corpus": args.corpus,
+        "ctx": args.ctx,
+        "eval_tokens": int(tokens.numel()),
+        "errors": errors,
+        "uniform_plans": rows,
+        "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+    }
     (out / "operators.json").write_text(json.dumps(result, indent=1))
-    md = [f"# Operators on {args.model} ({args.corpus} eval span, ctx {args.ctx})", "",
-          f"Command: `python benchmarks/operators.py --corpus {args.corpus} --out {args.out}`", "",
-          f"## Reconstruction error (mean over {args.sample_units} units) and fit time (median per unit)", "",
-          "| method | rel. weighted error | fit ms/unit |", "|---|---|---|"]
+    md = [
+        f"# Operators on {args.model} ({args.corpus} eval span, ctx {args.ctx})",
+        "",
+        f"Command: `python benchmarks/operators.py --corpus {args.corpus} --out {args.out}`",
+        "",
+        f"## Reconstruction error (mean over {args.sample_units} units) and fit time (median per unit)",
+        "",
+        "| method | rel. weighted error | fit ms/unit |",
+        "|---|---|---|",
+    ]
     md += [f"| {r['method']} | {r['rel_error']:.5f} | {r['fit_ms']:.1f} |" for r in errors]
     md += ["", "## Uniform plans", "", "| plan | true bits | paper bits | PPL |", "|---|---|---|---|"]
     md += [f"| {r['plan']} | {r['true_bits']:.3f} | {r['paper_bits']:.3f} | {r['ppl']:.2f} |" for r in rows]

@@ -146,3 +146,13 @@ def test_ctrl_c_mid_save_leaves_nothing(tiny_model_dir, corpus_file, tmp_path, c
     expect_error(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c"), capsys, "interrupted", code=130)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt")] == []
+
+
+def test_uniform_action_needs_no_target(tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "u8"
+    args = quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c")
+    args.remove("--target-bits"), args.remove("3.2")
+    assert main([*args, "--allocator", "uniform", "--uniform-action", "8"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert {u["applied"] for u in plan["units"]} == {8.0} and plan["target_bits"] is None
+    expect_error([*args, "--uniform-action", "8", "--overwrite"], capsys, "only applies to --allocator uniform")

@@ -28,7 +28,12 @@ def _add_quantize(sub) -> None:
     d = QuantConfig()
     p = sub.add_parser("quantize", help="quantize a model to a mixed-precision packed checkpoint")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file, an HF folder or a Hub id")
-    p.add_argument("--target-bits", type=float, default=d.target_bits, help="average bits per weight (default %(default)s)")
+    p.add_argument(
+        "--target-bits",
+        type=float,
+        default=None,
+        help=f"average bits per weight on --accounting (default {d.target_bits}; none with --uniform-action)",
+    )
     p.add_argument("--accounting", choices=["true", "paper"], default=d.accounting, help="which bits the budget counts")
     p.add_argument("--allocator", default=d.allocator, help=f"one of {', '.join(ALLOCATORS)} (default %(default)s)")
     p.add_argument("--uniform-action", type=float, default=None, help="with --allocator uniform: this action everywhere")

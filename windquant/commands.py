@@ -11,8 +11,13 @@ from windquant.errors import WindquantError
 def _config_from_args(args: argparse.Namespace):
     from windquant.config import QuantConfig
 
+    if args.uniform_action is not None and args.allocator != "uniform":
+        raise WindquantError("--uniform-action only applies to --allocator uniform")
+    target = args.target_bits
+    if target is None and args.uniform_action is None:
+        target = QuantConfig.target_bits
     return QuantConfig(
-        target_bits=args.target_bits,
+        target_bits=target,
         accounting=args.accounting,
         allocator=args.allocator,
         uniform_action=args.uniform_action,
