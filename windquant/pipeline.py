@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from windquant.alloc import AllocationProblem, get_allocator
 from windquant.alloc.plan import Plan
+from windquant.alloc.sensitivity import second_moments_and_fisher, sensitivity_scores
 from windquant.calib.activations import activation_scales
 from windquant.calib.corpus import corpus_tokens, sample_windows
 from windquant.config import QuantConfig
 from windquant.model.stats import unit_saliency
 from windquant.model.units import Unit, enumerate_units
 from windquant.pack.apply import apply_plan
+from windquant.quant.accounting import ACTIONS
 from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, tensor_digest, weights_digest
 from windquant.quant.unit import FitSettings
 from windquant.runinfo import Timings
+
+NEEDS_SCORES = {"ilp"}
 
 
 @dataclass
@@ -30,20 +36,44 @@ class Prepared:
     saliency: torch.Tensor
     cache: CandidateCache
     config: QuantConfig
+    scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
 
     def problem(self, target_bits: float, accounting: str) -> AllocationProblem:
-        bits = self.cache.bits_table(accounting, self.config.fallback_threshold)
-        return AllocationProblem(self.units, bits, self.saliency, target_bits, accounting)
+        threshold = self.config.fallback_threshold
+        bits = self.cache.bits_table(accounting, threshold)
+        costs = None
+        if self.scores is not None:
+            # A requested action costs what its applied (fallback) action costs.
+            applied = [[ACTIONS.index(self.cache.applied(u.index, a, threshold)) for a in ACTIONS] for u in self.units]
+            costs = self.scores.gather(1, torch.tensor(applied))
+        return AllocationProblem(self.units, bits, self.saliency, target_bits, accounting, costs)
 
 
 def fit_settings(config: QuantConfig) -> FitSettings:
     return FitSettings(salient_rate=config.salient, steps=config.steps, lr=config.lr)
 
 
-def calibrate(model: nn.Module, tokenizer, config: QuantConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+def calibration_windows(tokenizer, config: QuantConfig) -> torch.Tensor:
     tokens = corpus_tokens(tokenizer, config.calib, "calib", config.data_dir)
-    windows = sample_windows(tokens, config.calib_samples, config.calib_len, config.seed)
-    return activation_scales(model, windows, progress=progress)
+    return sample_windows(tokens, config.calib_samples, config.calib_len, config.seed)
+
+
+def calibrate(model: nn.Module, tokenizer, config: QuantConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+    return activation_scales(model, calibration_windows(tokenizer, config), progress=progress)
+
+
+def compute_scores(model: nn.Module, tokenizer, prepared: Prepared, folder: Path, progress: bool = True) -> torch.Tensor:
+    """Sensitivity table for ``prepared`` (loaded from ``folder`` when already computed)."""
+    path = folder / "scores.safetensors"
+    if path.is_file():
+        return load_file(str(path))["scores"]
+    windows = calibration_windows(tokenizer, prepared.config)
+    moments, fisher = second_moments_and_fisher(model, windows, progress=progress)
+    scores = sensitivity_scores(model, prepared.units, prepared.cache, moments, fisher)
+    tmp = path.with_suffix(".tmp")
+    save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})
+    os.replace(tmp, path)
+    return scores
 
 
 def prepare(model: nn.Module, tokenizer, config: QuantConfig, timings: Timings | None = None, progress: bool = True) -> Prepared:
@@ -59,8 +89,11 @@ def prepare(model: nn.Module, tokenizer, config: QuantConfig, timings: Timings |
         calib_key = tensor_digest([scales[k] for k in sorted(scales)])
         key = fingerprint(weights_digest(model), calib_key, config.chunk, settings)
         cache = CandidateCache.build(model, units, scales, settings, cache_root, key, progress)
-    saliency = unit_saliency(model, units, scales)
-    return Prepared(units, scales, saliency, cache, config)
+    prepared = Prepared(units, scales, unit_saliency(model, units, scales), cache, config)
+    if config.allocator in NEEDS_SCORES:
+        with timings.stage("scores"):
+            prepared.scores = compute_scores(model, tokenizer, prepared, cache_root / "candidates" / key, progress)
+    return prepared
 
 
 def make_plan(prepared: Prepared, config: QuantConfig, timings: Timings | None = None) -> Plan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from windquant.alloc.heuristic import allocate_heuristic
+from windquant.alloc.ilp import allocate_ilp
 from windquant.alloc.problem import AllocationProblem
 from windquant.alloc.uniform import allocate_uniform
 from windquant.errors import WindquantError
@@ -12,6 +13,7 @@ from windquant.errors import WindquantError
 ALLOCATORS: dict[str, Callable[..., list[float]]] = {
     "uniform": allocate_uniform,
     "heuristic": allocate_heuristic,
+    "ilp": allocate_ilp,
 }
 
 

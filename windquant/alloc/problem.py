@@ -20,6 +20,7 @@ class AllocationProblem:
     saliency: torch.Tensor  # [N] mean |w|·s_act
     target_bits: float  # average bits per weight on ``accounting``
     accounting: str
+    costs: torch.Tensor | None = None  # [N, A] sensitivity of unit i at requested ACTIONS[a]
 
     @property
     def n_weights(self) -> int:

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from windquant.alloc.heuristic import allocate_heuristic
+from windquant.alloc.ilp import allocate_ilp
+from windquant.alloc.sensitivity import second_moments_and_fisher
+from windquant.pipeline import calibration_windows, make_plan, prepare
+from windquant.quant.accounting import ACTIONS
+
+
+def test_scores_equal_fisher_times_output_error_over_tokens(tiny_model, tokenizer, tiny_config):
+    tiny_config.allocator = "ilp"
+    prepared = prepare(tiny_model, tokenizer, tiny_config, progress=False)
+    windows = calibration_windows(tokenizer, tiny_config)
+    moments, fisher = second_moments_and_fisher(tiny_model, windows, progress=False)
+    # independent computation for one unit: mean over tokens of ||ΔW x_t||², times F
+    u = next(u for u in prepared.units if u.proj == "mlp.down_proj" and u.col0 > 0)
+    lin = tiny_model.get_submodule(u.module)
+    seen = []
+    h = lin.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        tiny_model(input_ids=windows)
+    h.remove()
+    x = torch.cat(seen)[:, u.col0 : u.col1].double()
+    a = ACTIONS.index(2.0)
+    delta = (lin.weight.detach()[:, u.col0 : u.col1] - prepared.cache.dense[(u.index, 2.0)].float()).double()
+    expected = fisher[u.module] * float(((x @ delta.T) ** 2).sum(1).mean())
+    assert float(prepared.scores[u.index, a]) == pytest.approx(expected, rel=1e-4)
+    # fp16 skip only rounds: orders of magnitude below 1 bit
+    assert (prepared.scores[:, ACTIONS.index(16.0)] < 1e-4 * prepared.scores[:, ACTIONS.index(1.0)]).all()
+    # lower precision costs more on (almost) every unit
+    assert (prepared.scores[:, ACTIONS.index(1.0)] >= prepared.scores[:, ACTIONS.index(4.0)]).float().mean() > 0.9
+
+
+def test_ilp_plan_meets_budget_and_beats_heuristic_on_its_objective(tiny_model, tokenizer, tiny_config):
+    tiny_config.allocator = "ilp"
+    prepared = prepare(tiny_model, tokenizer, tiny_config, progress=False)
+    problem = prepared.problem(tiny_config.target_bits, "true")
+    ilp, heur = allocate_ilp(problem), allocate_heuristic(problem)
+
+    def cost(actions):
+        return float(sum(problem.costs[i, ACTIONS.index(a)] for i, a in enumerate(actions)))
+
+    assert problem.average_bits(ilp) <= tiny_config.target_bits
+    assert cost(ilp) <= cost(heur) + 1e-12
+    plan = make_plan(prepared, tiny_config)
+    assert plan.allocator == "ilp" and plan.true_bits <= tiny_config.target_bits
+    again = prepare(tiny_model, tokenizer, tiny_config, progress=False)  # scores from disk
+    assert torch.equal(again.scores, prepared.scores)
