@@ -156,3 +156,32 @@ def test_uniform_action_needs_no_target(tiny_model_dir, corpus_file, tmp_path, c
     plan = json.loads((out / "plan.json").read_text())
     assert {u["applied"] for u in plan["units"]} == {8.0} and plan["target_bits"] is None
     expect_error([*args, "--uniform-action", "8", "--overwrite"], capsys, "only applies to --allocator uniform")
+
+
+def test_sweep_writes_rows_table_and_plot(tiny_model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = quantize_args(tiny_model_dir, tmp_path / "unused", corpus_file, tmp_path / "c")
+    args = [a for a in args[1:] if a not in ("--out", str(tmp_path / "unused"), "--target-bits", "3.2")]
+    argv = [
+        "sweep",
+        *args,
+        "--budgets",
+        "3.0,4.5",
+        "--allocators",
+        "uniform,heuristic,ilp",
+        "--corpus",
+        str(corpus_file),
+        "--ctx",
+        "64",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[0]["allocator"] == "reference"
+    scored = [r for r in rows[1:] if "ppl" in r]
+    assert {(r["allocator"], r["budget"]) for r in scored} == {
+        (a, b) for a in ("uniform", "heuristic", "ilp") for b in (3.0, 4.5)
+    }
+    assert all(r["true_bits"] <= r["budget"] for r in scored)
+    assert (out / "pareto.png").stat().st_size > 1000 and "| ilp |" in (out / "results.md").read_text()

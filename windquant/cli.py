@@ -21,22 +21,10 @@ def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("WINDQUANT_THREADS", os.cpu_count() or 1)))
 
 
-def _add_quantize(sub) -> None:
-    from windquant.alloc import ALLOCATORS
-    from windquant.config import QuantConfig
-
-    d = QuantConfig()
-    p = sub.add_parser("quantize", help="quantize a model to a mixed-precision packed checkpoint")
+def _add_fit_flags(p, d) -> None:
+    """Flags shared by quantize and sweep: what is fitted and calibrated."""
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file, an HF folder or a Hub id")
-    p.add_argument(
-        "--target-bits",
-        type=float,
-        default=None,
-        help=f"average bits per weight on --accounting (default {d.target_bits}; none with --uniform-action)",
-    )
     p.add_argument("--accounting", choices=["true", "paper"], default=d.accounting, help="which bits the budget counts")
-    p.add_argument("--allocator", default=d.allocator, help=f"one of {', '.join(ALLOCATORS)} (default %(default)s)")
-    p.add_argument("--uniform-action", type=float, default=None, help="with --allocator uniform: this action everywhere")
     p.add_argument("--chunk", type=int, default=d.chunk, help="columns per unit (default %(default)s)")
     p.add_argument("--salient", type=float, default=d.salient, help="INT8-protected fraction per unit (default %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per operator fit (default %(default)s)")
@@ -52,10 +40,40 @@ def _add_quantize(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data-dir", default=None, help="folder holding WikiText-2 (else $WINDQUANT_DATA)")
     p.add_argument("--cache-dir", default=None, help="candidate cache root (default ~/.cache/windquant)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_quantize(sub) -> None:
+    from windquant.alloc import ALLOCATORS
+    from windquant.config import QuantConfig
+
+    d = QuantConfig()
+    p = sub.add_parser("quantize", help="quantize a model to a mixed-precision packed checkpoint")
+    _add_fit_flags(p, d)
+    p.add_argument(
+        "--target-bits",
+        type=float,
+        default=None,
+        help=f"average bits per weight on --accounting (default {d.target_bits}; none with --uniform-action)",
+    )
+    p.add_argument("--allocator", default=d.allocator, help=f"one of {', '.join(ALLOCATORS)} (default %(default)s)")
+    p.add_argument("--uniform-action", type=float, default=None, help="with --allocator uniform: this action everywhere")
     p.add_argument("--out", help="checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dry-run", action="store_true", help="print units and sizes, then stop")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_sweep(sub) -> None:
+    from windquant.config import QuantConfig
+
+    p = sub.add_parser("sweep", help="fit once, then plan and score every budget x allocator (Pareto table + PNG)")
+    _add_fit_flags(p, QuantConfig())
+    p.add_argument("--budgets", default="1.8,2.0,2.25,2.5,3,4", help="comma-separated targets (default %(default)s)")
+    p.add_argument("--allocators", default="uniform,heuristic,ilp", help="comma-separated (default %(default)s)")
+    p.add_argument("--corpus", default="builtin", help="evaluation corpus: builtin | wikitext2 | PATH (default %(default)s)")
+    p.add_argument("--ctx", type=int, default=2048, help="evaluation context (default %(default)s)")
+    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--out", required=True, help="folder for plans, results.json, results.md, pareto.png")
 
 
 def _add_eval(sub) -> None:
@@ -88,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="windquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
+    _add_sweep(sub)
     _add_eval(sub)
     _add_inspect(sub)
     _add_generate(sub)

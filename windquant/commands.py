@@ -11,16 +11,18 @@ from windquant.errors import WindquantError
 def _config_from_args(args: argparse.Namespace):
     from windquant.config import QuantConfig
 
-    if args.uniform_action is not None and args.allocator != "uniform":
+    allocator = getattr(args, "allocator", QuantConfig.allocator)
+    uniform_action = getattr(args, "uniform_action", None)
+    if uniform_action is not None and allocator != "uniform":
         raise WindquantError("--uniform-action only applies to --allocator uniform")
-    target = args.target_bits
-    if target is None and args.uniform_action is None:
+    target = getattr(args, "target_bits", None)
+    if target is None and uniform_action is None:
         target = QuantConfig.target_bits
     return QuantConfig(
         target_bits=target,
         accounting=args.accounting,
-        allocator=args.allocator,
-        uniform_action=args.uniform_action,
+        allocator=allocator,
+        uniform_action=uniform_action,
         chunk=args.chunk,
         salient=args.salient,
         steps=args.steps,
@@ -137,3 +139,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from windquant.alloc import get_allocator
+    from windquant.model.loading import load_model
+    from windquant.sweep import run_sweep
+
+    config = _config_from_args(args)
+    allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+    for name in allocators:
+        get_allocator(name)
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise WindquantError(f"--budgets must be comma-separated numbers, got {args.budgets!r}") from None
+    model, tokenizer = load_model(args.model)
+    rows = run_sweep(
+        model,
+        tokenizer,
+        config,
+        budgets,
+        allocators,
+        args.corpus,
+        args.ctx,
+        args.max_windows,
+        Path(args.out),
+        progress=not args.quiet,
+    )
+    print((Path(args.out) / "results.md").read_text())
+    return 0 if rows else 1
