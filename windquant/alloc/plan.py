@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from windquant.errors import WindquantError
@@ -94,6 +94,3 @@ class Plan:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise WindquantError(f"{path} is not a valid windquant plan ({exc}); re-run quantize") from exc
 
-
-def units_equal(a: list[Unit], b: list[Unit]) -> bool:
-    return [asdict(u) for u in a] == [asdict(u) for u in b]

@@ -139,10 +139,6 @@ class CandidateCache:
     def applied(self, index: int, action: float, threshold: float) -> float:
         return fallback_action(self.errors[index], action, threshold)
 
-    def applied_table(self, threshold: float) -> list[dict[float, float]]:
-        """Per unit: requested action -> applied action."""
-        return [{a: self.applied(u.index, a, threshold) for a in ACTIONS} for u in self.units]
-
     def bits_table(self, accounting: str, threshold: float) -> torch.Tensor:
         """[N, len(ACTIONS)] bits of each unit at each *requested* action (after fallback)."""
         rate = self.settings.salient_rate
@@ -150,10 +146,6 @@ class CandidateCache:
         for u in self.units:
             rows.append([unit_bits(self.applied(u.index, a, threshold), *u.shape, rate, accounting) for a in ACTIONS])
         return torch.tensor(rows, dtype=torch.float64)
-
-    def error_table(self) -> torch.Tensor:
-        """[N, len(ACTIONS)] relative reconstruction errors (0 for skip)."""
-        return torch.tensor([[self.errors[u.index][a] for a in ACTIONS] for u in self.units], dtype=torch.float64)
 
 
 def fingerprint(model_digest: str, calib_digest: str, chunk: int, settings: FitSettings) -> str:
