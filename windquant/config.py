@@ -13,7 +13,7 @@ from windquant.quant.accounting import ACCOUNTINGS, canonical_action
 class QuantConfig:
     target_bits: float | None = 2.5  # average bits per quantized weight, on `accounting`
     accounting: str = "true"  # "true" (everything stored) or "paper" (Eq. 6)
-    allocator: str = "heuristic"
+    allocator: str = "ilp"  # measured best at 2.0-4.0 true bits (benchmarks/results/pareto)
     uniform_action: float | None = None  # for allocator "uniform": force this action
     chunk: int = 256  # columns per unit (G)
     salient: float = 0.03  # fraction of each unit's weights kept in INT8
