@@ -1,4 +1,4 @@
-"""The ``windquant`` command line: quantize, eval, inspect, generate."""
+"""windquant: compress a causal LLM to ~2 bits per weight under one global bit budget (quantize, sweep, eval, inspect, generate)."""
 
 from __future__ import annotations
 
