@@ -29,7 +29,7 @@ from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
 from windquant.model.units import enumerate_units
 from windquant.pack.apply import plan_weights
-from windquant.pipeline import calibrate, prepare
+from windquant.pipeline import prepare
 from windquant.quant.accounting import summarize
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit, relative_error
 from windquant.runinfo import peak_rss_mib
@@ -98,10 +98,9 @@ def main() -> None:
     model, tok = load_model(args.model)
     config = QuantConfig(cache_dir=args.cache_dir, data_dir=args.data_dir)
     units = enumerate_units(model, config.chunk)
-    scales = calibrate(model, tok, config)
-    errors = error_table(model, units, scales, args.sample_units)
-
     prepared = prepare(model, tok, config)
+    scales = prepared.act_scales
+    errors = error_table(model, units, scales, args.sample_units)
     tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
     modules = dict(model.named_modules())
 

@@ -28,6 +28,7 @@ from windquant.model.loading import load_model
 from windquant.pack.apply import plan_weights
 from windquant.pipeline import calibration_windows, prepare
 from windquant.quant.accounting import ACTIONS
+from windquant.runinfo import Timings
 from windquant.sweep import run_sweep
 
 
@@ -69,11 +70,8 @@ def validate(model, tok, prepared, config: QuantConfig, plans: int, target: floa
         cols = gen.choice(choices, size=len(prepared.units), p=probs)
         actions = [ACTIONS[c] for c in cols]
         predicted.append(float(sum(problem.costs[i, c] for i, c in enumerate(cols))))
-        dense = {
-            u.index: prepared.cache.dense[(u.index, prepared.cache.applied(u.index, a, config.fallback_threshold))]
-            for u, a in zip(prepared.units, actions)
-        }
-        measured.append(nll(lambda u, d=dense: d[u.index]) - base)
+        applied = [prepared.cache.applied(u.index, a, config.fallback_threshold) for u, a in zip(prepared.units, actions)]
+        measured.append(nll(prepared.cache.weights_of(applied)) - base)
     rho = spearmanr(predicted, measured).statistic
     return {
         "plans": plans,
@@ -106,14 +104,18 @@ def main() -> None:
     print(f"synthetic 8B-sized instance: median solve {solver['synthetic_8b']['median_seconds']:.2f}s")
     if not args.synthetic_only:
         model, tok = load_model(args.model)
-        config = QuantConfig(accounting=args.accounting, data_dir=args.data_dir, cache_dir=args.cache_dir, allocator="ilp")
+        config = QuantConfig(accounting=args.accounting, data_dir=args.data_dir, cache_dir=args.cache_dir)
         budgets = [float(b) for b in args.budgets.split(",")]
-        rows = run_sweep(model, tok, config, budgets, args.allocators.split(","), args.corpus, args.ctx, args.max_windows, out)
+        timings = Timings()
+        # Scores always: the validation below needs them even when ilp is not swept.
+        prepared = prepare(model, tok, config, timings, need_scores=True)
+        rows = run_sweep(
+            model, tok, prepared, budgets, args.allocators.split(","), args.corpus, args.ctx, args.max_windows, out, timings
+        )
         ilp_times = [r["solve_seconds"] for r in rows if r["allocator"] == "ilp" and "solve_seconds" in r]
         solver["default_model_ilp_median_seconds"] = statistics.median(ilp_times) if ilp_times else None
         print((out / "results.md").read_text())
         if args.validate:
-            prepared = prepare(model, tok, config, progress=False)
             result = validate(model, tok, prepared, config, args.validate, 2.5, samples=16, seed=0)
             (out / "validation.json").write_text(json.dumps(result, indent=1))
             print(f"score validation: Spearman {result['spearman']:.3f} over {args.validate} random plans")

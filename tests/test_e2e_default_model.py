@@ -22,7 +22,9 @@ def test_default_model_quantize_pack_reload(tmp_path):
     torch.set_num_threads(2)
     model, tok = load_model("smollm2-135m")
     assert model.config.num_hidden_layers == 30
-    config = QuantConfig(target_bits=2.5, allocator="heuristic", calib_samples=8, calib_len=128, steps=2, cache_dir=str(tmp_path / "cache"))
+    config = QuantConfig(
+        target_bits=2.5, allocator="heuristic", calib_samples=8, calib_len=128, steps=2, cache_dir=str(tmp_path / "cache")
+    )
     prepared = prepare(model, tok, config, progress=False)
     assert len(prepared.units) == 720  # 30 layers x (6 linears x 3 chunks + down_proj x 6)
     tokens = corpus_tokens(tok, "builtin", "eval")

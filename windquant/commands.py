@@ -144,7 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from windquant.alloc import get_allocator
     from windquant.model.loading import load_model
-    from windquant.sweep import run_sweep
+    from windquant.runinfo import Timings
+    from windquant.sweep import prepare_sweep, run_sweep
 
     config = _config_from_args(args)
     allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
@@ -155,17 +156,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ValueError:
         raise WindquantError(f"--budgets must be comma-separated numbers, got {args.budgets!r}") from None
     model, tokenizer = load_model(args.model)
-    rows = run_sweep(
+    timings = Timings()
+    prepared = prepare_sweep(model, tokenizer, config, allocators, timings, progress=not args.quiet)
+    run_sweep(
         model,
         tokenizer,
-        config,
+        prepared,
         budgets,
         allocators,
         args.corpus,
         args.ctx,
         args.max_windows,
         Path(args.out),
+        timings,
         progress=not args.quiet,
     )
     print((Path(args.out) / "results.md").read_text())
-    return 0 if rows else 1
+    return 0

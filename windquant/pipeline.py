@@ -62,12 +62,13 @@ def calibrate(model: nn.Module, tokenizer, config: QuantConfig, progress: bool =
     return activation_scales(model, calibration_windows(tokenizer, config), progress=progress)
 
 
-def compute_scores(model: nn.Module, tokenizer, prepared: Prepared, folder: Path, progress: bool = True) -> torch.Tensor:
+def compute_scores(
+    model: nn.Module, windows: torch.Tensor, prepared: Prepared, folder: Path, progress: bool = True
+) -> torch.Tensor:
     """Sensitivity table for ``prepared`` (loaded from ``folder`` when already computed)."""
     path = folder / "scores.safetensors"
     if path.is_file():
         return load_file(str(path))["scores"]
-    windows = calibration_windows(tokenizer, prepared.config)
     moments, fisher = second_moments_and_fisher(model, windows, progress=progress)
     scores = sensitivity_scores(model, prepared.units, prepared.cache, moments, fisher)
     tmp = path.with_suffix(".tmp")
@@ -76,13 +77,22 @@ def compute_scores(model: nn.Module, tokenizer, prepared: Prepared, folder: Path
     return scores
 
 
-def prepare(model: nn.Module, tokenizer, config: QuantConfig, timings: Timings | None = None, progress: bool = True) -> Prepared:
-    """Calibrate and fit (or load) every candidate. The model is left untouched."""
+def prepare(
+    model: nn.Module,
+    tokenizer,
+    config: QuantConfig,
+    timings: Timings | None = None,
+    progress: bool = True,
+    need_scores: bool | None = None,
+) -> Prepared:
+    """Calibrate and fit (or load) every candidate; sensitivity scores too when ``need_scores``
+    (default: when ``config.allocator`` uses them). The model is left untouched."""
     config.validate()
     timings = timings if timings is not None else Timings()
     units = enumerate_units(model, config.chunk)
     with timings.stage("calibrate"):
-        scales = calibrate(model, tokenizer, config, progress)
+        windows = calibration_windows(tokenizer, config)
+        scales = activation_scales(model, windows, progress=progress)
     with timings.stage("fit"):
         settings = fit_settings(config)
         cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
@@ -90,9 +100,11 @@ def prepare(model: nn.Module, tokenizer, config: QuantConfig, timings: Timings |
         key = fingerprint(weights_digest(model), calib_key, config.chunk, settings)
         cache = CandidateCache.build(model, units, scales, settings, cache_root, key, progress)
     prepared = Prepared(units, scales, unit_saliency(model, units, scales), cache, config)
-    if config.allocator in NEEDS_SCORES:
+    if need_scores is None:
+        need_scores = config.allocator in NEEDS_SCORES
+    if need_scores:
         with timings.stage("scores"):
-            prepared.scores = compute_scores(model, tokenizer, prepared, cache_root / "candidates" / key, progress)
+            prepared.scores = compute_scores(model, windows, prepared, cache_root / "candidates" / key, progress)
     return prepared
 
 

@@ -16,26 +16,26 @@ from windquant.config import QuantConfig
 from windquant.errors import WindquantError
 from windquant.eval.perplexity import perplexity
 from windquant.pack.apply import plan_weights
-from windquant.pipeline import NEEDS_SCORES, make_plan, prepare
+from windquant.pipeline import NEEDS_SCORES, Prepared, make_plan, prepare
 from windquant.runinfo import Timings
 
 
 def run_sweep(
     model: nn.Module,
     tokenizer,
-    config: QuantConfig,
+    prepared: Prepared,
     budgets: list[float],
     allocators: list[str],
     corpus: str,
     ctx: int,
     max_windows: int | None,
     out: Path,
+    timings: Timings,
     progress: bool = True,
 ) -> list[dict]:
+    """``prepared`` must hold scores if an allocator needs them (see :func:`prepare_sweep`)."""
     out.mkdir(parents=True, exist_ok=True)
-    timings = Timings()
-    scored = next((a for a in allocators if a in NEEDS_SCORES), config.allocator)
-    prepared = prepare(model, tokenizer, replace(config, allocator=scored), timings, progress)
+    config = prepared.config
     tokens = corpus_tokens(tokenizer, corpus, "eval", config.data_dir)
 
     def ppl() -> float:
@@ -55,8 +55,8 @@ def run_sweep(
                 rows.append({**row, "error": str(exc)})
                 continue
             row["solve_seconds"] = time.perf_counter() - start
-            dense = {u.index: prepared.cache.dense[(u.index, a)] for u, a in zip(plan.units, plan.applied)}
-            with torch.no_grad(), timings.stage("eval"), plan_weights(model, plan.units, lambda u, d=dense: d[u.index]):
+            weights = prepared.cache.weights_of(plan.applied)
+            with torch.no_grad(), timings.stage("eval"), plan_weights(model, plan.units, weights):
                 res = ppl()
             plan.save(out / f"plan_{name}_{budget:g}.json")
             rows.append(
@@ -74,6 +74,13 @@ def run_sweep(
     write_table(rows, out / "results.md")
     plot(rows, out / "pareto.png")
     return rows
+
+
+def prepare_sweep(
+    model: nn.Module, tokenizer, config: QuantConfig, allocators: list[str], timings: Timings, progress: bool = True
+) -> Prepared:
+    """Fit once for every allocator of the sweep (with scores if any of them needs them)."""
+    return prepare(model, tokenizer, config, timings, progress, need_scores=any(a in NEEDS_SCORES for a in allocators))
 
 
 def write_table(rows: list[dict], path: Path) -> None:

@@ -93,4 +93,3 @@ class Plan:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise WindquantError(f"{path} is not a valid windquant plan ({exc}); re-run quantize") from exc
-

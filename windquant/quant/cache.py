@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -136,6 +137,10 @@ class CandidateCache:
             self.errors[u.index] = {float(a): e for a, e in errors[str(u.index)].items()}
 
     # -- queries --------------------------------------------------------------
+    def weights_of(self, actions: list[float]) -> Callable[[Unit], torch.Tensor]:
+        """Unit -> dequantized weights at ``actions[unit.index]`` (for ``plan_weights``)."""
+        return lambda u: self.dense[(u.index, actions[u.index])]
+
     def applied(self, index: int, action: float, threshold: float) -> float:
         return fallback_action(self.errors[index], action, threshold)
 
