@@ -26,6 +26,14 @@ class QuantConfig:
     seed: int = 0
     data_dir: str | None = None  # WikiText-2 folder
     cache_dir: str | None = None  # candidate cache root (default ~/.cache/windquant)
+    # allocator "ppo" (paper: 100 episodes, proxy 64 x 256 tokens; the smaller proxy default
+    # keeps an episode at ~10 s on 2 CPU cores — use --proxy-samples 64 on a GPU)
+    episodes: int = 100
+    proxy_samples: int = 16
+    proxy_len: int = 256
+    ppo_dir: str | None = None  # checkpoints + logs (default: under the candidate cache)
+    resume: bool = False  # continue the run in ppo_dir from its last checkpoint
+    policy: str | None = None  # reuse a trained policy.safetensors zero-shot (no training)
 
     def validate(self) -> QuantConfig:
         if self.chunk <= 0:
@@ -45,6 +53,8 @@ class QuantConfig:
                 raise WindquantError(f"--uniform-action: {exc}") from None
         if self.steps < 0:
             raise WindquantError(f"--steps must be >= 0, got {self.steps}")
+        if self.episodes < 0 or self.proxy_samples <= 0 or self.proxy_len <= 1:
+            raise WindquantError("--episodes must be >= 0, --proxy-samples >= 1 and --proxy-len >= 2")
         if self.calib_samples <= 0 or self.calib_len <= 1:
             raise WindquantError("--calib-samples must be >= 1 and --calib-len >= 2")
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,19 +13,23 @@ from torch import nn
 
 from windquant.alloc import AllocationProblem, get_allocator
 from windquant.alloc.plan import Plan
+from windquant.alloc.ppo import PPOConfig
 from windquant.alloc.sensitivity import second_moments_and_fisher, sensitivity_scores
 from windquant.calib.activations import activation_scales
 from windquant.calib.corpus import corpus_tokens, sample_windows
 from windquant.config import QuantConfig
-from windquant.model.stats import unit_saliency
+from windquant.errors import WindquantError
+from windquant.eval.perplexity import perplexity
+from windquant.model.stats import unit_features, unit_saliency
 from windquant.model.units import Unit, enumerate_units
-from windquant.pack.apply import apply_plan
-from windquant.quant.accounting import ACTIONS
+from windquant.pack.apply import apply_plan, plan_weights
+from windquant.quant.accounting import ACCOUNTINGS, ACTIONS
 from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, tensor_digest, weights_digest
 from windquant.quant.unit import FitSettings
 from windquant.runinfo import Timings
 
 NEEDS_SCORES = {"ilp"}
+NEEDS_PROXY = {"ppo"}
 
 
 @dataclass
@@ -36,17 +41,41 @@ class Prepared:
     saliency: torch.Tensor
     cache: CandidateCache
     config: QuantConfig
+    folder: Path | None = None  # this model + settings' folder in the candidate cache
     scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
+    features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
+    proxy: Callable[[list[float]], float] | None = None  # requested actions -> proxy perplexity
+    proxy_ref: float | None = None  # proxy perplexity of the unquantized model
 
     def problem(self, target_bits: float, accounting: str) -> AllocationProblem:
         threshold = self.config.fallback_threshold
-        bits = self.cache.bits_table(accounting, threshold)
+        tables = {acc: self.cache.bits_table(acc, threshold) for acc in ACCOUNTINGS}
+        applied = [[self.cache.applied(u.index, a, threshold) for a in ACTIONS] for u in self.units]
         costs = None
         if self.scores is not None:
             # A requested action costs what its applied (fallback) action costs.
-            applied = [[ACTIONS.index(self.cache.applied(u.index, a, threshold)) for a in ACTIONS] for u in self.units]
-            costs = self.scores.gather(1, torch.tensor(applied))
-        return AllocationProblem(self.units, bits, self.saliency, target_bits, accounting, costs)
+            cols = torch.tensor([[ACTIONS.index(a) for a in row] for row in applied])
+            costs = self.scores.gather(1, cols)
+        return AllocationProblem(
+            self.units,
+            tables[accounting],
+            self.saliency,
+            target_bits,
+            accounting,
+            costs,
+            applied=torch.tensor(applied, dtype=torch.float64),
+            features=self.features,
+            all_bits=tables,
+        )
+
+    def ppo_dir(self, target_bits: float, accounting: str) -> Path:
+        """Where a PPO run keeps checkpoints and logs: named by its settings, so re-running
+        the same command with --resume finds them."""
+        c = self.config
+        if c.ppo_dir:
+            return Path(c.ppo_dir)
+        name = f"{accounting}-{target_bits:g}-seed{c.seed}-ep{c.episodes}-proxy{c.proxy_samples}x{c.proxy_len}"
+        return (self.folder if self.folder is not None else default_cache_dir()) / "ppo" / name
 
 
 def fit_settings(config: QuantConfig) -> FitSettings:
@@ -60,6 +89,22 @@ def calibration_windows(tokenizer, config: QuantConfig) -> torch.Tensor:
 
 def calibrate(model: nn.Module, tokenizer, config: QuantConfig, progress: bool = True) -> dict[str, torch.Tensor]:
     return activation_scales(model, calibration_windows(tokenizer, config), progress=progress)
+
+
+def proxy_evaluator(model: nn.Module, prepared: Prepared, windows: torch.Tensor) -> Callable[[list[float]], float]:
+    """Requested actions -> perplexity on ``windows``, assembled from the candidate cache.
+
+    Nothing is refitted or packed: every unit's dequantized weights are already cached,
+    so an RL episode costs one forward pass over the proxy tokens.
+    """
+    threshold = prepared.config.fallback_threshold
+
+    def score(requested: list[float]) -> float:
+        applied = [prepared.cache.applied(u.index, a, threshold) for u, a in zip(prepared.units, requested)]
+        with torch.no_grad(), plan_weights(model, prepared.units, prepared.cache.weights_of(applied)):
+            return perplexity(model, windows.reshape(-1), ctx=windows.shape[1], batch_size=8, progress=False).ppl
+
+    return score
 
 
 def compute_scores(
@@ -84,9 +129,11 @@ def prepare(
     timings: Timings | None = None,
     progress: bool = True,
     need_scores: bool | None = None,
+    need_proxy: bool | None = None,
 ) -> Prepared:
     """Calibrate and fit (or load) every candidate; sensitivity scores too when ``need_scores``
-    (default: when ``config.allocator`` uses them). The model is left untouched."""
+    and the proxy evaluator when ``need_proxy`` (default: when ``config.allocator`` uses
+    them). The model is left untouched."""
     config.validate()
     timings = timings if timings is not None else Timings()
     units = enumerate_units(model, config.chunk)
@@ -99,26 +146,59 @@ def prepare(
         calib_key = tensor_digest([scales[k] for k in sorted(scales)])
         key = fingerprint(weights_digest(model), calib_key, config.chunk, settings)
         cache = CandidateCache.build(model, units, scales, settings, cache_root, key, progress)
-    prepared = Prepared(units, scales, unit_saliency(model, units, scales), cache, config)
+    folder = cache_root / "candidates" / key
+    prepared = Prepared(units, scales, unit_saliency(model, units, scales), cache, config, folder)
     if need_scores is None:
         need_scores = config.allocator in NEEDS_SCORES
     if need_scores:
         with timings.stage("scores"):
-            prepared.scores = compute_scores(model, windows, prepared, cache_root / "candidates" / key, progress)
+            prepared.scores = compute_scores(model, windows, prepared, folder, progress)
+    if need_proxy if need_proxy is not None else config.allocator in NEEDS_PROXY:
+        with timings.stage("proxy"):
+            prepared.features = unit_features(model, units, scales)
+            tokens = corpus_tokens(tokenizer, config.calib, "calib", config.data_dir)
+            proxy_windows = sample_windows(tokens, config.proxy_samples, config.proxy_len, config.seed)
+            prepared.proxy = proxy_evaluator(model, prepared, proxy_windows)
+            with torch.no_grad():
+                prepared.proxy_ref = perplexity(
+                    model, proxy_windows.reshape(-1), ctx=config.proxy_len, batch_size=8, progress=False
+                ).ppl
     return prepared
 
 
-def make_plan(prepared: Prepared, config: QuantConfig, timings: Timings | None = None) -> Plan:
+def allocator_kwargs(prepared: Prepared, config: QuantConfig, info: dict, progress: bool = True) -> dict:
+    """Extra arguments of the configured allocator (the PPO run needs its proxy and folders)."""
+    if config.allocator == "uniform":
+        return {"action": config.uniform_action}
+    if config.allocator in NEEDS_PROXY:
+        if prepared.proxy is None:
+            raise WindquantError("the ppo allocator needs a proxy evaluator: prepare() with allocator='ppo'")
+        target = config.target_bits if config.target_bits is not None else 16.0
+        return {
+            "proxy": prepared.proxy,
+            "ppl_ref": prepared.proxy_ref,
+            "config": PPOConfig(episodes=config.episodes),
+            "work_dir": prepared.ppo_dir(target, config.accounting),
+            "seed": config.seed,
+            "resume": config.resume,
+            "policy": config.policy,
+            "progress": progress,
+            "info": info,
+        }
+    return {}
+
+
+def make_plan(prepared: Prepared, config: QuantConfig, timings: Timings | None = None, progress: bool = True) -> Plan:
     """Run the configured allocator; the Plan records requested and applied actions."""
     timings = timings if timings is not None else Timings()
+    allocator_info: dict = {}
     with timings.stage("allocate"):
         allocate = get_allocator(config.allocator)
         target = config.target_bits if config.target_bits is not None else 16.0
         problem = prepared.problem(target, config.accounting)
-        kwargs = {"action": config.uniform_action} if config.allocator == "uniform" else {}
         if config.uniform_action is None:
             problem.check_feasible()
-        requested = allocate(problem, **kwargs)
+        requested = allocate(problem, **allocator_kwargs(prepared, config, allocator_info, progress))
         applied = [prepared.cache.applied(u.index, a, config.fallback_threshold) for u, a in zip(prepared.units, requested)]
     return Plan(
         allocator=config.allocator,
@@ -130,7 +210,7 @@ def make_plan(prepared: Prepared, config: QuantConfig, timings: Timings | None =
         units=prepared.units,
         requested=requested,
         applied=applied,
-        info={"config": asdict(config)},
+        info={"config": asdict(config), **({config.allocator: allocator_info} if allocator_info else {})},
     )
 
 
@@ -144,6 +224,6 @@ def quantize_(model: nn.Module, tokenizer, config: QuantConfig, progress: bool =
     """Quantize ``model`` in place under ``config``; returns the Plan and stage timings."""
     timings = Timings()
     prepared = prepare(model, tokenizer, config, timings, progress)
-    plan = make_plan(prepared, config, timings)
+    plan = make_plan(prepared, config, timings, progress)
     apply(model, prepared, plan, timings)
     return plan, timings

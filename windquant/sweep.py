@@ -16,7 +16,7 @@ from windquant.config import QuantConfig
 from windquant.errors import WindquantError
 from windquant.eval.perplexity import perplexity
 from windquant.pack.apply import plan_weights
-from windquant.pipeline import NEEDS_SCORES, Prepared, make_plan, prepare
+from windquant.pipeline import NEEDS_PROXY, NEEDS_SCORES, Prepared, make_plan, prepare
 from windquant.runinfo import Timings
 
 
@@ -50,7 +50,7 @@ def run_sweep(
             row = {"allocator": name, "budget": budget, "accounting": config.accounting}
             start = time.perf_counter()
             try:
-                plan = make_plan(prepared, cfg)
+                plan = make_plan(prepared, cfg, progress=progress)
             except WindquantError as exc:
                 rows.append({**row, "error": str(exc)})
                 continue
@@ -80,7 +80,15 @@ def prepare_sweep(
     model: nn.Module, tokenizer, config: QuantConfig, allocators: list[str], timings: Timings, progress: bool = True
 ) -> Prepared:
     """Fit once for every allocator of the sweep (with scores if any of them needs them)."""
-    return prepare(model, tokenizer, config, timings, progress, need_scores=any(a in NEEDS_SCORES for a in allocators))
+    return prepare(
+        model,
+        tokenizer,
+        config,
+        timings,
+        progress,
+        need_scores=any(a in NEEDS_SCORES for a in allocators),
+        need_proxy=any(a in NEEDS_PROXY for a in allocators),
+    )
 
 
 def write_table(rows: list[dict], path: Path) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from windquant.alloc.heuristic import allocate_heuristic
 from windquant.alloc.ilp import allocate_ilp
+from windquant.alloc.ppo import allocate_ppo
 from windquant.alloc.problem import AllocationProblem
 from windquant.alloc.uniform import allocate_uniform
 from windquant.errors import WindquantError
@@ -14,6 +15,7 @@ ALLOCATORS: dict[str, Callable[..., list[float]]] = {
     "uniform": allocate_uniform,
     "heuristic": allocate_heuristic,
     "ilp": allocate_ilp,
+    "ppo": allocate_ppo,
 }
 
 

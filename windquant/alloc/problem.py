@@ -21,6 +21,9 @@ class AllocationProblem:
     target_bits: float  # average bits per weight on ``accounting``
     accounting: str
     costs: torch.Tensor | None = None  # [N, A] sensitivity of unit i at requested ACTIONS[a]
+    applied: torch.Tensor | None = None  # [N, A] action the engine applies for requested ACTIONS[a]
+    features: torch.Tensor | None = None  # [N, 8] static unit statistics (model.stats.unit_features)
+    all_bits: dict[str, torch.Tensor] | None = None  # accounting -> [N, A] bits table (for reports)
 
     @property
     def n_weights(self) -> int:

@@ -1,0 +1,170 @@
+"""The allocation MDP (paper §3.2) as a gymnasium environment.
+
+One episode walks every unit in model order and assigns one of the 7 actions. The state
+is the paper's 15 features (Table 1); actions that would leave the remaining units unable
+to meet the budget, even at their cheapest allowed action, are masked, and actions below
+a unit's minimum precision (early layers, attention, MLP clamps) are clamped up. The last
+step scores the plan with one proxy-perplexity pass and pays the episode-end reward.
+
+The environment never sees the model: ``proxy`` is a callable from requested actions to
+perplexity, built by the pipeline from the candidate cache (no quantizer is refitted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from windquant.alloc.ppo import rewards
+from windquant.alloc.ppo.config import PPOConfig
+from windquant.alloc.problem import AllocationProblem
+from windquant.errors import WindquantError
+from windquant.quant.accounting import ACTIONS
+from windquant.quant.ops import SKIP
+
+OBS_DIM = 15
+N_ACTIONS = len(ACTIONS)
+FP32 = 32.0
+SKIP_COL = ACTIONS.index(SKIP)
+
+
+def min_precision(problem: AllocationProblem, cfg: PPOConfig) -> torch.Tensor:
+    """[N] lowest action each unit may take (the paper's minimum-precision clamps)."""
+    floors = []
+    for u in problem.units:
+        floor = {"attention": cfg.min_bits_attention, "mlp": cfg.min_bits_mlp}.get(u.kind, min(ACTIONS))
+        if u.layer < cfg.early_layers:
+            floor = max(floor, cfg.min_bits_early)
+        floors.append(floor)
+    return torch.tensor(floors, dtype=torch.float64)
+
+
+def normalise(features: torch.Tensor) -> torch.Tensor:
+    """Z-score each column over the units (clipped to ±5): scale-free, so a policy transfers."""
+    mean, std = features.mean(0), features.std(0)
+    z = (features - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    return z.clamp(-5, 5)
+
+
+class AllocationEnv(gym.Env):
+    """Assign an action to every unit under ``target_bits`` (set per episode via ``reset``)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, problem: AllocationProblem, proxy: Callable[[list[float]], float], ppl_ref: float, cfg: PPOConfig):
+        if problem.features is None:
+            raise WindquantError("the ppo allocator needs unit features; run it through windquant.pipeline")
+        self.problem, self.proxy, self.ppl_ref, self.cfg = problem, proxy, ppl_ref, cfg
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+        self.action_space = gym.spaces.Discrete(N_ACTIONS)
+        self.bits = problem.bits.double()
+        self.n_weights = torch.tensor([u.n_weights for u in problem.units], dtype=torch.float64)
+        self.fp32_bits = FP32 * float(self.n_weights.sum())
+        floors = min_precision(problem, cfg)
+        self.allowed = torch.tensor(ACTIONS, dtype=torch.float64)[None, :] >= floors[:, None] - 1e-9  # [N, A]
+        self.min_col = self.allowed.sum(1) - 1  # ACTIONS run high -> low precision
+        cheapest = torch.where(self.allowed, self.bits, torch.full_like(self.bits, torch.inf)).min(1).values
+        self.suffix = torch.cat([cheapest.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+        self.remaining_weights = torch.cat([self.n_weights.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+        static = normalise(problem.features.double())
+        kinds = [[u.kind == "attention", u.kind == "mlp"] for u in problem.units]
+        # Static columns in Table 1 order: weights 0-4, calibration 9-11, structure 12-13.
+        self.static = torch.zeros(len(problem.units), OBS_DIM, dtype=torch.float64)
+        self.static[:, 0:5] = static[:, 0:5]
+        self.static[:, 9:12] = static[:, 5:8]
+        self.static[:, 12:14] = torch.tensor(kinds, dtype=torch.float64)
+        self.lam = cfg.reward.lambda_init
+        self.target_bits = problem.target_bits
+        self.t, self.used, self.cols = 0, 0.0, []
+
+    # -- budget ---------------------------------------------------------------
+    @property
+    def budget(self) -> float:
+        return self.target_bits * float(self.n_weights.sum())
+
+    def action_mask(self) -> np.ndarray:
+        """Actions that keep the rest of the episode feasible and respect the clamp."""
+        t = self.t
+        fits = self.used + self.bits[t] + self.suffix[t + 1] <= self.budget * (1 + 1e-12) + 1e-6
+        return (fits & self.allowed[t]).numpy()
+
+    def clamp(self, col: int) -> int:
+        """Raise an action below the unit's minimum precision to that minimum."""
+        return min(int(col), int(self.min_col[self.t]))
+
+    # -- gymnasium API ----------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.target_bits = float((options or {}).get("target_bits", self.problem.target_bits))
+        self.t, self.used, self.cols = 0, 0.0, []
+        if float(self.suffix[0]) > self.budget * (1 + 1e-12) + 1e-6:
+            floor = float(self.suffix[0]) / float(self.n_weights.sum())
+            raise WindquantError(
+                f"--target-bits {self.target_bits:g} is below the cheapest plan the PPO clamps allow "
+                f"({floor:.3f} {self.problem.accounting} bits); raise the target or lower the minimum precisions"
+            )
+        return self._obs(), {"action_mask": self.action_mask()}
+
+    def _obs(self) -> np.ndarray:
+        obs = torch.zeros(OBS_DIM, dtype=torch.float64)
+        n = len(self.problem.units)
+        if self.t < n:
+            obs[:] = self.static[self.t]
+        remaining = self.budget - self.used
+        obs[5] = self.t / n
+        obs[6] = self.used / self.fp32_bits
+        obs[7] = remaining / self.budget
+        n_r = float(self.remaining_weights[min(self.t, n)])
+        obs[8] = max(0.0, 1.0 - remaining / (self.target_bits * n_r)) if n_r > 0 else 0.0
+        obs[14] = self.target_bits / 8.0
+        return obs.float().numpy()
+
+    def step(self, action: int):
+        col = self.clamp(action)
+        if not self.action_mask()[col]:
+            raise ValueError(f"action {ACTIONS[col]:g} is masked at unit {self.t}: it would break the budget")
+        t = self.t
+        bits = float(self.bits[t, col])
+        self.used += bits
+        self.cols.append(col)
+        reward = rewards.step_reward(bits / float(self.n_weights[t]), self.target_bits, self.is_skip(t, col), self.cfg.reward)
+        self.t += 1
+        done = self.t == len(self.problem.units)
+        info: dict = {"applied_col": col}
+        if done:
+            info["final"] = self.final_terms()
+            reward += info["final"]["reward"]
+        else:
+            info["action_mask"] = self.action_mask()
+        return self._obs(), reward, done, False, info
+
+    def is_skip(self, t: int, col: int) -> bool:
+        """Whether the engine keeps unit ``t`` in fp16 (requested skip, or fallback up to it)."""
+        applied = self.problem.applied
+        return col == SKIP_COL or (applied is not None and float(applied[t, col]) == SKIP)
+
+    def requested(self) -> list[float]:
+        return [ACTIONS[c] for c in self.cols]
+
+    def final_terms(self) -> dict[str, float]:
+        """Episode-end reward terms of the finished plan (one proxy pass)."""
+        ppl = float(self.proxy(self.requested()))
+        n_units = len(self.cols)
+        skips = sum(self.is_skip(t, c) for t, c in enumerate(self.cols)) / n_units
+        avg = self.used / float(self.n_weights.sum())
+        terms = rewards.final_reward(
+            self.cfg.reward,
+            self.lam,
+            bits_used=self.used,
+            fp32_bits=self.fp32_bits,
+            floor_bits=float(self.suffix[0]),
+            avg_bits=avg,
+            target_bits=self.target_bits,
+            ppl_quant=ppl,
+            ppl_ref=self.ppl_ref,
+            skip_fraction=skips,
+        )
+        return {**terms, "proxy_ppl": ppl, "avg_bits": avg, "skip_fraction": skips}
