@@ -43,6 +43,22 @@ def _add_fit_flags(p, d) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_ppo_flags(p, d) -> None:
+    """Flags of the PPO allocator (paper defaults, smaller CPU proxy)."""
+    g = p.add_argument_group("ppo allocator (--allocator ppo)")
+    g.add_argument("--episodes", type=int, default=d.episodes, help="training episodes (default %(default)s, as the paper)")
+    g.add_argument(
+        "--proxy-samples",
+        type=int,
+        default=d.proxy_samples,
+        help="calibration windows scored per episode (default %(default)s; paper 64)",
+    )
+    g.add_argument("--proxy-len", type=int, default=d.proxy_len, help="tokens per proxy window (default %(default)s)")
+    g.add_argument("--ppo-dir", default=None, help="checkpoints + episode log (default: under the candidate cache)")
+    g.add_argument("--resume", action="store_true", help="continue a killed PPO run from its last checkpoint")
+    g.add_argument("--policy", default=None, help="reuse a trained policy.safetensors zero-shot (no training)")
+
+
 def _add_quantize(sub) -> None:
     from windquant.alloc import ALLOCATORS
     from windquant.config import QuantConfig
@@ -58,6 +74,7 @@ def _add_quantize(sub) -> None:
     )
     p.add_argument("--allocator", default=d.allocator, help=f"one of {', '.join(ALLOCATORS)} (default %(default)s)")
     p.add_argument("--uniform-action", type=float, default=None, help="with --allocator uniform: this action everywhere")
+    _add_ppo_flags(p, d)
     p.add_argument("--out", help="checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dry-run", action="store_true", help="print units and sizes, then stop")
@@ -68,6 +85,7 @@ def _add_sweep(sub) -> None:
 
     p = sub.add_parser("sweep", help="fit once, then plan and score every budget x allocator (Pareto table + PNG)")
     _add_fit_flags(p, QuantConfig())
+    _add_ppo_flags(p, QuantConfig())
     p.add_argument("--budgets", default="1.8,2.0,2.25,2.5,3,4", help="comma-separated targets (default %(default)s)")
     p.add_argument("--allocators", default="uniform,heuristic,ilp", help="comma-separated (default %(default)s)")
     p.add_argument("--corpus", default="builtin", help="evaluation corpus: builtin | wikitext2 | PATH (default %(default)s)")

@@ -33,6 +33,12 @@ def _config_from_args(args: argparse.Namespace):
         seed=args.seed,
         data_dir=args.data_dir,
         cache_dir=args.cache_dir,
+        episodes=args.episodes,
+        proxy_samples=args.proxy_samples,
+        proxy_len=args.proxy_len,
+        ppo_dir=args.ppo_dir,
+        resume=args.resume,
+        policy=args.policy,
     ).validate()
 
 
@@ -51,6 +57,16 @@ def _dry_run(model, config) -> int:
         s = summarize([u.shape for u in units], [a] * len(units), config.salient)
         print(f"  {fmt_action(a):>5} bit: true {s.true_bits:6.3f}  paper {s.paper_bits:6.3f}  {s.true_bytes / 2**20:8.1f} MiB")
     return 0
+
+
+def _allocator_files(plan) -> list[Path]:
+    """Files an allocator left that belong in the checkpoint (PPO: episode log, curve, policy)."""
+    from windquant.alloc.ppo.train import CURVE, EPISODES, POLICY
+
+    ppo = plan.info.get("ppo")
+    if not ppo:
+        return []
+    return [p for name in (EPISODES, CURVE, POLICY) if (p := Path(ppo["work_dir"]) / name).is_file()]
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -74,11 +90,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(model, config)
     prepared = prepare(model, tokenizer, config, timings, progress)
-    plan = make_plan(prepared, config, timings)
+    plan = make_plan(prepared, config, timings, progress)
     apply(model, prepared, plan, timings)
     with timings.stage("pack"):
         report = plan_report(plan, model)
-        out = save(model, tokenizer, plan, args.out, overwrite=args.overwrite)
+        out = save(model, tokenizer, plan, args.out, overwrite=args.overwrite, copy_files=_allocator_files(plan))
     report = {"model": args.model, **report, "timings": timings.report()}
     from windquant.cli import write_json
 

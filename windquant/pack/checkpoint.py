@@ -65,9 +65,18 @@ def quantized_bytes(model: nn.Module) -> int:
 
 
 def save(
-    model: nn.Module, tokenizer, plan: Plan, out: str | Path, overwrite: bool = False, extra_files: dict | None = None
+    model: nn.Module,
+    tokenizer,
+    plan: Plan,
+    out: str | Path,
+    overwrite: bool = False,
+    extra_files: dict | None = None,
+    copy_files: list[Path] | None = None,
 ) -> Path:
-    """Write the checkpoint folder atomically; returns its path."""
+    """Write the checkpoint folder atomically; returns its path.
+
+    ``extra_files`` maps names to JSON payloads; ``copy_files`` are copied in as they are.
+    """
     out = prepare_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -89,6 +98,8 @@ def save(
         (tmp / "quant_config.json").write_text(json.dumps(qconf, indent=1))
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=1))
+        for src in copy_files or []:
+            shutil.copy2(src, tmp / Path(src).name)
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
