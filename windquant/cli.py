@@ -95,13 +95,34 @@ def _add_sweep(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a checkpoint or model spec")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity and/or zero-shot accuracy of a checkpoint or model spec",
+        description="Perplexity on --corpus (default). With --tasks: zero-shot accuracy through lm-eval "
+        "instead; give --corpus too to get both.",
+    )
     p.add_argument("model", help="checkpoint folder or model spec")
-    p.add_argument("--corpus", default="wikitext2", help="builtin | wikitext2 | PATH (default %(default)s)")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="builtin | wikitext2 | PATH (default wikitext2; with --tasks, perplexity runs only if --corpus is given)",
+    )
     p.add_argument("--ctx", type=int, default=2048, help="context length (default %(default)s)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward (default %(default)s)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding wikitext-2-raw/ and, for --tasks, piqa/, arc_easy/, ... (directly or under zeroshot/); "
+        "without it zero-shot data comes from the Hugging Face Hub",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="zero-shot tasks through lm-eval, comma-separated: arc_easy,arc_challenge,boolq,piqa,hellaswag,winogrande",
+    )
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N examples of each task")
+    p.add_argument("--zs-batch-size", type=int, default=8, help="zero-shot: lm-eval batch size (default %(default)s)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the result to this JSON file")
     p.add_argument("--quiet", action="store_true")
 

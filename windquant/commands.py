@@ -114,23 +114,49 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from windquant.calib.corpus import corpus_tokens
+    """Perplexity on --corpus (default wikitext2); with --tasks zero-shot accuracy, plus perplexity if --corpus is given."""
     from windquant.eval.perplexity import model_max_context, perplexity
     from windquant.model.loading import load_model
 
+    tasks = None
+    if args.tasks is not None:
+        from windquant.eval.zeroshot import parse_tasks, resolve_data_dir
+
+        tasks = parse_tasks(args.tasks)
+        if args.data_dir is not None:
+            resolve_data_dir(args.data_dir, tasks)  # a missing file fails now, not after loading the model
+    corpus = args.corpus if args.corpus is not None or tasks is not None else "wikitext2"
     model, tokenizer = load_model(args.model)
-    ctx = args.ctx
-    limit = model_max_context(model)
-    if limit is not None and ctx > limit:
-        print(f"note: --ctx {ctx} is above the model's maximum; using {limit}")
-        ctx = limit
-    tokens = corpus_tokens(tokenizer, args.corpus, "eval", args.data_dir)
-    res = perplexity(model, tokens, ctx=ctx, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet)
-    print(f"{res.line()} corpus={args.corpus}")
+    payload: dict = {"model": args.model}
+    if corpus is not None:
+        from windquant.calib.corpus import corpus_tokens
+
+        ctx = args.ctx
+        limit = model_max_context(model)
+        if limit is not None and ctx > limit:
+            print(f"note: --ctx {ctx} is above the model's maximum; using {limit}")
+            ctx = limit
+        tokens = corpus_tokens(tokenizer, corpus, "eval", args.data_dir)
+        res = perplexity(
+            model, tokens, ctx=ctx, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet
+        )
+        print(f"{res.line()} corpus={corpus}")
+        payload.update({"corpus": corpus, **res.__dict__})
+    if tasks is not None:
+        from windquant.eval.zeroshot import evaluate_zeroshot, macro_average, result_line
+
+        zs = evaluate_zeroshot(
+            model, tokenizer, tasks, args.data_dir, limit=args.limit, batch_size=args.zs_batch_size, progress=not args.quiet
+        )
+        for task, r in zs.items():
+            print(result_line(task, r))
+        avg = macro_average(zs)
+        print(f"avg: acc={avg:.4f} tasks={len(zs)}")
+        payload.update({"zeroshot": zs, "zeroshot_avg_acc": avg, "zeroshot_limit": args.limit})
     if args.json_out:
         from windquant.cli import write_json
 
-        write_json(args.json_out, {"model": args.model, "corpus": args.corpus, **res.__dict__})
+        write_json(args.json_out, payload)
     return 0
 
 
