@@ -68,13 +68,12 @@ class Prepared:
             all_bits=tables,
         )
 
-    def ppo_dir(self, target_bits: float, accounting: str) -> Path:
+    def ppo_dir(self, c: QuantConfig, target_bits: float) -> Path:
         """Where a PPO run keeps checkpoints and logs: named by its settings, so re-running
         the same command with --resume finds them."""
-        c = self.config
         if c.ppo_dir:
             return Path(c.ppo_dir)
-        name = f"{accounting}-{target_bits:g}-seed{c.seed}-ep{c.episodes}-proxy{c.proxy_samples}x{c.proxy_len}"
+        name = f"{c.accounting}-{target_bits:g}-seed{c.seed}-ep{c.episodes}-proxy{c.proxy_samples}x{c.proxy_len}"
         return (self.folder if self.folder is not None else default_cache_dir()) / "ppo" / name
 
 
@@ -178,7 +177,7 @@ def allocator_kwargs(prepared: Prepared, config: QuantConfig, info: dict, progre
             "proxy": prepared.proxy,
             "ppl_ref": prepared.proxy_ref,
             "config": PPOConfig(episodes=config.episodes),
-            "work_dir": prepared.ppo_dir(target, config.accounting),
+            "work_dir": prepared.ppo_dir(config, target),
             "seed": config.seed,
             "resume": config.resume,
             "policy": config.policy,

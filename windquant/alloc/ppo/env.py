@@ -58,7 +58,8 @@ class AllocationEnv(gym.Env):
         if problem.features is None:
             raise WindquantError("the ppo allocator needs unit features; run it through windquant.pipeline")
         self.problem, self.proxy, self.ppl_ref, self.cfg = problem, proxy, ppl_ref, cfg
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+        # Static features are z-scores clipped to ±5; the budget features lie in [0, 2].
+        self.observation_space = gym.spaces.Box(-5.0, 5.0, (OBS_DIM,), np.float32)
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
         self.bits = problem.bits.double()
         self.n_weights = torch.tensor([u.n_weights for u in problem.units], dtype=torch.float64)

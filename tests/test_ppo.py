@@ -1,0 +1,306 @@
+"""The PPO allocator: reward terms, GAE, masking/clamps, state features, resume, pipeline + CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from windquant.alloc.ppo import PPOConfig, rewards, train_ppo
+from windquant.alloc.ppo.agent import gae
+from windquant.alloc.ppo.config import curriculum_target
+from windquant.alloc.ppo.env import AllocationEnv, min_precision
+from windquant.alloc.problem import AllocationProblem
+from windquant.model.units import Unit
+from windquant.quant.accounting import ACTIONS
+
+# -- reward terms ---------------------------------------------------------------------------
+
+
+def test_compression_gain_is_capped_by_the_cheapest_plan():
+    assert rewards.compression_gain(8.0, 32.0, 4.0) == pytest.approx(0.75)
+    assert rewards.compression_gain(2.0, 32.0, 4.0) == pytest.approx(1 - 4 / 32)  # capped
+
+
+def test_quality_penalty_and_lagrange_update():
+    assert rewards.quality_penalty(0.2, 0.3, 2.0) == 0.0
+    assert rewards.quality_penalty(0.5, 0.3, 2.0) == pytest.approx(0.4)
+    assert rewards.update_lagrange(1.0, 0.5, 0.3, 0.5, 10.0) == pytest.approx(1.1)  # violated: grows
+    assert rewards.update_lagrange(1.0, 0.1, 0.3, 0.5, 10.0) == pytest.approx(0.9)  # satisfied: relaxes
+    assert rewards.update_lagrange(0.05, -1.0, 0.3, 0.5, 10.0) == 0.0  # projected onto [0, max]
+    assert rewards.update_lagrange(9.9, 5.0, 0.3, 0.5, 10.0) == 10.0
+
+
+def test_budget_penalty_is_super_linear():
+    assert rewards.budget_penalty(2.0, 2.0, 10.0) == 0.0
+    assert rewards.budget_penalty(1.5, 2.0, 10.0) == 0.0
+    small, large = rewards.budget_penalty(2.2, 2.0, 10.0), rewards.budget_penalty(2.4, 2.0, 10.0)
+    assert small == pytest.approx(10 * (0.1 + 0.01))
+    assert large > 2 * small
+
+
+def test_ppl_penalty_piecewise_and_continuous():
+    f = lambda r: rewards.ppl_penalty(r, 3.0, 20.0, 1.0, 2.0)  # noqa: E731
+    assert f(2.9) == 0.0 and f(3.0) == 0.0
+    assert f(11.5) == pytest.approx(0.5)
+    assert f(20.0) == pytest.approx(1.0)
+    assert f(20.0 * math.e) == pytest.approx(3.0)
+    assert f(1000.0) > f(100.0) > f(20.0)
+
+
+def test_skip_penalty_bonus_and_step_reward():
+    cfg = rewards.RewardConfig()
+    assert rewards.skip_penalty(0.08, 0.1, 2.0) == 0.0
+    assert rewards.skip_penalty(0.2, 0.1, 2.0) == pytest.approx(0.2)
+    assert rewards.quality_bonus(1.9, 2.0, 1.0) == 1.0 and rewards.quality_bonus(2.0, 2.0, 1.0) == 0.0
+    assert rewards.step_reward(16.0, 2.5, True, cfg) == -cfg.step_skip_penalty
+    assert rewards.step_reward(2.0, 2.5, False, cfg) == pytest.approx(cfg.step_saved_coef * 0.2)
+    assert rewards.step_reward(4.0, 2.0, False, cfg) == pytest.approx(-cfg.step_over_coef * 1.0)
+
+
+def test_final_reward_combines_the_terms():
+    cfg = rewards.RewardConfig()
+    t = rewards.final_reward(cfg, 2.0, 60.0, 320.0, 20.0, 2.0, 2.0, math.e**3, math.e**2, 0.0)
+    assert t["rel_loss_increase"] == pytest.approx(0.5)
+    assert t["p_qual"] == pytest.approx(2.0 * 0.2)
+    assert t["ppl_ratio"] == pytest.approx(math.e)
+    assert t["p_ppl"] == 0.0 and t["bonus"] == 0.0 and t["p_budget"] == 0.0
+    assert t["reward"] == pytest.approx(t["gain"] - t["p_qual"])
+    assert t["gain"] == pytest.approx(1 - 60 / 320)
+
+
+# -- GAE --------------------------------------------------------------------------------------
+
+
+def test_gae_hand_computed_example():
+    # gamma 0.5, lambda 0.5, one terminal episode of 3 steps:
+    # deltas: 1 + .5*2 - 1 = 1;  0 + .5*3 - 2 = -0.5;  2 + 0 - 3 = -1
+    # A2 = -1; A1 = -0.5 + .25*(-1) = -0.75; A0 = 1 + .25*(-0.75) = 0.8125
+    adv, ret = gae(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 1.0]), 0.0, 0.5, 0.5)
+    assert adv.tolist() == pytest.approx([0.8125, -0.75, -1.0])
+    assert ret.tolist() == pytest.approx([1.8125, 1.25, 2.0])
+
+
+def test_gae_matches_the_discounted_sum_of_td_residuals():
+    g = torch.Generator().manual_seed(0)
+    T, gamma, lam = 40, 0.99, 0.95
+    r, v = torch.randn(T, generator=g, dtype=torch.float64), torch.randn(T, generator=g, dtype=torch.float64)
+    dones = torch.zeros(T, dtype=torch.float64)
+    dones[17] = dones[-1] = 1.0  # two episodes in one buffer
+    adv, _ = gae(r, v, dones, 0.0, gamma, lam)
+    ends = [17, T - 1]
+    for t in range(T):
+        end = next(e for e in ends if e >= t)
+        ref = 0.0
+        for k in range(t, end + 1):  # A_t = Σ_k (γλ)^(k-t) δ_k within the episode
+            nxt = 0.0 if k == end else float(v[k + 1])
+            ref += (gamma * lam) ** (k - t) * (float(r[k]) + gamma * nxt - float(v[k]))
+        assert float(adv[t]) == pytest.approx(ref, rel=1e-9, abs=1e-9)
+
+
+# -- environment --------------------------------------------------------------------------------
+
+
+def random_problem(seed: int, n_units: int = 12, target: float | None = None) -> AllocationProblem:
+    g = torch.Generator().manual_seed(seed)
+    units, layer = [], 0
+    for i in range(n_units):
+        kind = ("attention", "mlp")[i % 2]
+        layer = i // 4
+        cols = int(torch.randint(8, 64, (1,), generator=g))
+        units.append(Unit(i, layer, f"m{i}", f"{kind}.x", kind, 0, cols, 16))
+    n = torch.tensor([u.n_weights for u in units], dtype=torch.float64)
+    per_weight = torch.tensor(ACTIONS, dtype=torch.float64) + 0.3 * torch.rand(
+        len(units), len(ACTIONS), generator=g, dtype=torch.float64
+    )
+    bits = (per_weight * n[:, None]).round()
+    if target is None:
+        target = float(1.2 + 6 * torch.rand(1, generator=g))
+    features = torch.randn(len(units), 8, generator=g, dtype=torch.float64)
+    return AllocationProblem(units, bits, torch.rand(len(units), dtype=torch.float64), target, "true", features=features)
+
+
+def test_masking_never_lets_a_plan_exceed_the_budget():
+    """Property test: random problems, random targets, random (masked) policies."""
+    rng = np.random.default_rng(0)
+    cfg = PPOConfig(early_layers=1, min_bits_early=2.0, min_bits_attention=1.58, min_bits_mlp=1.0)
+    checked = 0
+    for seed in range(150):
+        problem = random_problem(seed)
+        env = AllocationEnv(problem, lambda actions: 10.0, 10.0, cfg)
+        try:
+            obs, info = env.reset(options={"target_bits": problem.target_bits})
+        except Exception as exc:  # infeasible under the clamps: must say so, not produce a plan
+            assert "below the cheapest plan" in str(exc)
+            continue
+        floors = min_precision(problem, cfg)
+        done = False
+        while not done:
+            mask = info["action_mask"]
+            assert mask.any()
+            action = int(rng.choice(np.flatnonzero(mask))) if rng.random() < 0.8 else int(rng.integers(len(ACTIONS)))
+            if not mask[env.clamp(action)]:
+                with pytest.raises(ValueError, match="masked"):
+                    env.step(action)
+                continue
+            obs, _r, done, _, info = env.step(action)
+        total = sum(float(problem.bits[t, c]) for t, c in enumerate(env.cols))
+        assert total <= problem.budget + 1e-6
+        assert all(ACTIONS[c] >= float(floors[t]) - 1e-9 for t, c in enumerate(env.cols))
+        checked += 1
+    assert checked > 50
+
+
+def test_mask_is_exactly_the_feasible_set_on_a_small_instance():
+    """Brute force: an action is allowed iff some completion of the plan fits the budget."""
+    import itertools
+
+    problem = random_problem(3, n_units=4, target=2.3)
+    cfg = PPOConfig(early_layers=0, min_bits_attention=1.0, min_bits_mlp=1.0)
+    env = AllocationEnv(problem, lambda a: 1.0, 1.0, cfg)
+    env.reset(options={"target_bits": 2.3})
+    mask = env.action_mask()
+    for a in range(len(ACTIONS)):
+        feasible = any(
+            float(problem.bits[0, a]) + sum(float(problem.bits[t + 1, c]) for t, c in enumerate(rest)) <= problem.budget
+            for rest in itertools.product(range(len(ACTIONS)), repeat=3)
+        )
+        assert bool(mask[a]) == feasible
+
+
+def test_observation_follows_table_1():
+    problem = random_problem(1, n_units=6, target=3.0)
+    cfg = PPOConfig(early_layers=0)
+    env = AllocationEnv(problem, lambda a: 1.0, 1.0, cfg)
+    obs, info = env.reset(options={"target_bits": 3.0})
+    assert obs.shape == (15,)
+    assert obs[5] == 0.0 and obs[6] == 0.0 and obs[7] == pytest.approx(1.0) and obs[8] == 0.0
+    assert obs[14] == pytest.approx(3.0 / 8)
+    assert obs[12] == 1.0 and obs[13] == 0.0  # unit 0 is attention
+    col = int(np.flatnonzero(info["action_mask"])[0])  # highest precision allowed
+    obs, *_ = env.step(col)
+    used, n = float(problem.bits[0, col]), problem.n_weights
+    assert obs[5] == pytest.approx(1 / 6)
+    assert obs[6] == pytest.approx(used / (32 * n), rel=1e-5)
+    assert obs[7] == pytest.approx((3.0 * n - used) / (3.0 * n), rel=1e-5)
+    n_r = n - problem.units[0].n_weights
+    assert obs[8] == pytest.approx(max(0.0, 1 - (3.0 * n - used) / (3.0 * n_r)), rel=1e-5, abs=1e-6)
+    assert obs[12] == 0.0 and obs[13] == 1.0
+
+
+def test_gymnasium_env_checker_accepts_the_env():
+    from gymnasium.utils.env_checker import check_env
+
+    problem = random_problem(2, n_units=6, target=4.0)
+    check_env(AllocationEnv(problem, lambda a: 1.0, 1.0, PPOConfig(early_layers=0)), skip_render_check=True)
+
+
+def test_curriculum_spreads_stages_and_ends_at_the_user_target():
+    stages = (3.0, 2.5, 2.0, 2.0)
+    got = [curriculum_target(e, 8, stages, 2.0) for e in range(8)]
+    assert got == [3.0, 3.0, 2.5, 2.5, 2.0, 2.0, 2.0, 2.0]
+    assert [curriculum_target(e, 4, stages, 2.5) for e in range(4)] == [3.0, 2.5, 2.5, 2.5]
+    assert {curriculum_target(e, 4, stages, 4.0) for e in range(4)} == {4.0}
+
+
+# -- training on a tiny model ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ppo_prepared(tiny_model, tokenizer, tiny_config):
+    from dataclasses import replace
+
+    from windquant.pipeline import prepare
+
+    config = replace(tiny_config, allocator="ppo", target_bits=4.0, proxy_samples=2, proxy_len=32)
+    return prepare(tiny_model, tokenizer, config, progress=False)
+
+
+def test_resume_reproduces_an_uninterrupted_run(ppo_prepared, tmp_path):
+    prep = ppo_prepared
+    problem = prep.problem(4.0, "true")
+    cfg = PPOConfig(episodes=5, checkpoint_every=2)
+    full = train_ppo(problem, prep.proxy, prep.proxy_ref, cfg, tmp_path / "full", seed=3, progress=False)
+
+    calls = {"n": 0}
+
+    def dying_proxy(actions):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed in episode 4, after the checkpoint at episode 2
+            raise KeyboardInterrupt
+        return prep.proxy(actions)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(problem, dying_proxy, prep.proxy_ref, cfg, tmp_path / "cut", seed=3, progress=False)
+    assert len((tmp_path / "cut" / "episodes.jsonl").read_text().splitlines()) == 3
+    resumed = train_ppo(problem, prep.proxy, prep.proxy_ref, cfg, tmp_path / "cut", seed=3, resume=True, progress=False)
+    assert resumed.requested == full.requested
+    assert resumed.info["best_sampled"] == full.info["best_sampled"]
+    full_log = (tmp_path / "full" / "episodes.jsonl").read_text()
+    assert (tmp_path / "cut" / "episodes.jsonl").read_text() == full_log
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "full" / "policy.safetensors")), load_file(str(tmp_path / "cut" / "policy.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(ppo_prepared, tmp_path):
+    prep = ppo_prepared
+    problem = prep.problem(4.0, "true")
+    train_ppo(problem, prep.proxy, prep.proxy_ref, PPOConfig(episodes=1), tmp_path, seed=0, progress=False)
+    with pytest.raises(Exception, match="other settings"):
+        train_ppo(problem, prep.proxy, prep.proxy_ref, PPOConfig(episodes=2), tmp_path, seed=0, resume=True, progress=False)
+
+
+def test_ppo_plan_meets_budget_and_reports(ppo_prepared, tmp_path):
+    from dataclasses import replace
+
+    from windquant.pipeline import make_plan
+
+    config = replace(ppo_prepared.config, episodes=3, ppo_dir=str(tmp_path / "run"))
+    plan = make_plan(ppo_prepared, config, progress=False)
+    assert plan.true_bits <= 4.0
+    info = plan.info["ppo"]
+    assert info["chosen"] in {"greedy", "best_sampled"}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "episodes.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in rows] == [0, 1, 2]
+    for key in ("target", "true_bits", "paper_bits", "proxy_ppl", "reward", "p_ppl", "lambda", "entropy", "actions"):
+        assert key in rows[0]
+    assert sum(rows[0]["actions"].values()) == pytest.approx(1.0)
+    assert (tmp_path / "run" / "training_curve.png").stat().st_size > 0
+    # the returned plan's proxy perplexity is the best of the sampled and greedy plans
+    assert ppo_prepared.proxy(plan.requested) == pytest.approx(
+        min(info["best_sampled"]["proxy_ppl"], info["greedy"]["proxy_ppl"])
+    )
+    # zero-shot reuse of the saved policy: no training, still within budget
+    reused = replace(config, policy=str(tmp_path / "run" / "policy.safetensors"), ppo_dir=str(tmp_path / "reuse"))
+    plan2 = make_plan(ppo_prepared, reused, progress=False)
+    assert plan2.true_bits <= 4.0 and plan2.info["ppo"]["episodes"] == 0
+
+
+def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path):
+    from windquant.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "ckpt"
+    argv = ["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--chunk", "32", "--calib", str(corpus)]
+    argv += [
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "32",
+        "--steps",
+        "2",
+        "--target-bits",
+        "4",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    argv += ["--allocator", "ppo", "--episodes", "2", "--proxy-samples", "2", "--proxy-len", "32", "--quiet"]
+    assert main(argv) == 0
+    assert len((out / "episodes.jsonl").read_text().splitlines()) == 2
+    assert (out / "policy.safetensors").is_file() and (out / "training_curve.png").is_file()
+    assert json.loads((out / "plan.json").read_text())["true_bits"] <= 4.0
+    assert main(argv[:-1] + ["--policy", str(tmp_path / "missing.safetensors"), "--overwrite", "--quiet"]) == 2
