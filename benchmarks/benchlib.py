@@ -1,0 +1,135 @@
+"""Shared helpers of the peers and report benchmarks: threads, atomic JSON rows with resume,
+peak RSS per phase, and one evaluation (WikiText-2 PPL + zero-shot) used for every row."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from windquant.calib.corpus import corpus_tokens
+from windquant.eval.perplexity import perplexity
+from windquant.runinfo import peak_rss_mib
+
+
+def set_threads(n: int | None) -> int:
+    """Torch threads (default ``$WINDQUANT_THREADS`` or 1): never oversubscribe a shared box."""
+    n = n or int(os.environ.get("WINDQUANT_THREADS", "1"))
+    torch.set_num_threads(n)
+    return n
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    """Rows of a results JSON keyed by ``key`` (empty when the file does not exist yet)."""
+    if not path.is_file():
+        return {}
+    return {r["key"]: r for r in json.loads(path.read_text())["rows"]}
+
+
+def save_rows(path: Path, rows: dict[str, dict], meta: dict) -> None:
+    atomic_write(path, json.dumps({**meta, "rows": list(rows.values())}, indent=1) + "\n")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) so the next reading covers one phase only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def phase_peak_rss_mib() -> float:
+    """Peak RSS since the last :func:`reset_peak_rss` (the process-lifetime peak where unsupported)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(peak_rss_mib(), 1)
+
+
+class Evaluator:
+    """WikiText-2 test PPL (non-overlapping ``ctx`` windows) and optional zero-shot accuracy."""
+
+    def __init__(self, tokenizer, args):
+        self.args = args
+        self.tasks = [t for t in (args.tasks or "").split(",") if t.strip()]
+        self.tokens = corpus_tokens(tokenizer, "wikitext2", "eval", args.data_dir)
+
+    def settings(self) -> dict:
+        a = self.args
+        return {"ctx": a.ctx, "max_windows": a.max_windows, "tasks": self.tasks, "limit": a.limit}
+
+    def missing(self, row: dict) -> list[str]:
+        """Which parts of ``row`` are absent or were computed under other settings."""
+        need = []
+        a = self.args
+        if row.get("wiki2") is None or row["wiki2"].get("ctx") != a.ctx or row["wiki2"].get("max_windows") != a.max_windows:
+            need.append("wiki2")
+        zs = row.get("zeroshot") or {}
+        for t in self.tasks:
+            if t not in zs or zs[t].get("limit") != a.limit:
+                need.append(t)
+        return need
+
+    def run(self, model, tokenizer, row: dict) -> dict:
+        """Fill the missing parts of ``row`` in place (and return it)."""
+        need = self.missing(row)
+        a = self.args
+        model.eval()
+        if "wiki2" in need:
+            start = time.perf_counter()
+            res = perplexity(model, self.tokens, ctx=a.ctx, max_windows=a.max_windows)
+            row["wiki2"] = {
+                "ppl": res.ppl,
+                "ctx": res.ctx,
+                "windows": res.windows,
+                "tokens": res.tokens,
+                "max_windows": a.max_windows,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            print(f"  wiki2 ppl={res.ppl:.3f} ({res.windows}x{res.ctx} tokens)", flush=True)
+        tasks = [t for t in self.tasks if t in need]
+        if tasks:
+            from windquant.eval.zeroshot import evaluate_zeroshot, macro_average, result_line
+
+            start = time.perf_counter()
+            with torch.no_grad():
+                results = evaluate_zeroshot(model, tokenizer, tasks, a.zeroshot_dir, a.limit)
+            seconds = round(time.perf_counter() - start, 1)
+            zs = row.setdefault("zeroshot", {})
+            for t, r in results.items():
+                zs[t] = {**r, "limit": a.limit, "seconds": seconds}
+                print("  " + result_line(t, r), flush=True)
+            row["zeroshot_avg"] = macro_average({t: zs[t] for t in self.tasks if t in zs})
+        return row
+
+
+def add_eval_args(ap) -> None:
+    ap.add_argument("--data-dir", default="/work/shared/data", help="folder holding WikiText-2 raw (default %(default)s)")
+    ap.add_argument("--ctx", type=int, default=2048, help="perplexity context (default %(default)s)")
+    ap.add_argument("--max-windows", type=int, default=8, help="WikiText-2 test windows of --ctx tokens (default %(default)s)")
+    ap.add_argument("--tasks", default="piqa,arc_easy", help="zero-shot tasks, comma-separated; '' skips zero-shot")
+    ap.add_argument("--zeroshot-dir", default="/work/shared/data/zeroshot", help="zero-shot data folder (default %(default)s)")
+    ap.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (default: the full set)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default $WINDQUANT_THREADS or 1)")
+
+
+def fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}" if abs(x) < 1e4 else f"{x:,.0f}"
+    return str(x)

