@@ -1,0 +1,133 @@
+"""Zero-shot accuracy through lm-eval on tiny local tasks in the benchmarks' original file formats."""
+
+import json
+
+import pytest
+import torch
+
+from windquant.cli import main
+from windquant.errors import WindquantError
+from windquant.eval.zeroshot import evaluate_zeroshot, macro_average
+
+PIQA = [
+    ("How do I boil water?", "Put it in a pot on the stove.", "Put it in the freezer overnight.", 0),
+    ("To dry wet shoes", "fill them with ice", "stuff them with newspaper", 1),
+    ("Make toast.", "Put bread in a toaster.", "Put bread in a bowl of soup for an hour.", 0),
+    ("Open a jar", "twist the lid", "bake the lid", 0),
+    ("Clean a window", "spray it with mud and wait", "wipe it with a damp cloth", 1),
+]
+ARC = [
+    ("Which is a liquid at room temperature?", [("water", "A"), ("iron", "B"), ("salt crystal", "C")], "A"),
+    ("What do plants need to make food?", [("sunlight", "1"), ("plastic", "2"), ("sand", "3"), ("glass", "4")], "1"),
+    ("Which animal can fly?", [("a cow", "A"), ("a small bird", "B"), ("a fish", "C"), ("a worm", "D")], "B"),
+    ("What makes a compass needle move?", [("magnetism", "A"), ("sound", "B")], "A"),
+]
+
+
+def write_tasks(root):
+    """piqa/ and arc_easy/ under ``root`` in the original release formats (labels in a separate file for PIQA)."""
+    (root / "piqa").mkdir(parents=True)
+    (root / "piqa" / "valid.jsonl").write_text(
+        "".join(json.dumps({"goal": g, "sol1": a, "sol2": b}) + "\n" for g, a, b, _ in PIQA)
+    )
+    (root / "piqa" / "valid-labels.lst").write_text("".join(f"{y}\n" for *_, y in PIQA))
+    (root / "arc_easy").mkdir()
+    rows = [
+        {"id": f"q{i}", "question": {"stem": q, "choices": [{"text": t, "label": lab} for t, lab in ch]}, "answerKey": key}
+        for i, (q, ch, key) in enumerate(ARC)
+    ]
+    (root / "arc_easy" / "ARC-Easy-Test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def reference_docs():
+    """(context, choices, gold) exactly as lm-eval's piqa / arc_easy prompts render them."""
+    piqa = [(f"Question: {g}\nAnswer:", [a, b], y) for g, a, b, y in PIQA]
+    arc = [(f"Question: {q}\nAnswer:", [t for t, _ in ch], [lab for _, lab in ch].index(key)) for q, ch, key in ARC]
+    return {"piqa": piqa, "arc_easy": arc}
+
+
+@torch.no_grad()
+def reference_accuracy(model, tokenizer, docs):
+    """acc / acc_norm computed directly: summed log-likelihood of " " + choice after the context."""
+    acc = norm = 0
+    for context, choices, gold in docs:
+        ctx_ids = tokenizer.encode(context)
+        lls = []
+        for choice in choices:
+            ids = tokenizer.encode(context + " " + choice)
+            assert ids[: len(ctx_ids)] == ctx_ids
+            logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            lls.append(sum(float(logp[i - 1, ids[i]]) for i in range(len(ctx_ids), len(ids))))
+        acc += max(range(len(lls)), key=lambda i: lls[i]) == gold
+        norm += max(range(len(lls)), key=lambda i: lls[i] / len(choices[i])) == gold
+    return acc / len(docs), norm / len(docs)
+
+
+def test_accuracy_matches_direct_loglikelihoods(tiny_model, tokenizer, tmp_path):
+    data = write_tasks(tmp_path / "zeroshot")
+    res = evaluate_zeroshot(tiny_model, tokenizer, ["piqa", "arc_easy"], data_dir=str(data), batch_size=3, progress=False)
+    for task, docs in reference_docs().items():
+        acc, acc_norm = reference_accuracy(tiny_model, tokenizer, docs)
+        assert res[task] == {"acc": pytest.approx(acc, abs=1e-12), "acc_norm": pytest.approx(acc_norm, abs=1e-12), "n": len(docs)}
+    assert macro_average(res) == pytest.approx((res["piqa"]["acc"] + res["arc_easy"]["acc"]) / 2)
+    # the parent folder (holding zeroshot/) is accepted too, and --limit scores the first N documents
+    limited = evaluate_zeroshot(tiny_model, tokenizer, ["arc_easy"], data_dir=str(tmp_path), limit=2, progress=False)
+    acc, acc_norm = reference_accuracy(tiny_model, tokenizer, reference_docs()["arc_easy"][:2])
+    assert limited["arc_easy"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 2}
+
+
+def test_saved_checkpoint_scores_like_the_in_memory_model(tiny_model, tokenizer, tiny_config, tmp_path):
+    from windquant import load, quantize_, save
+    from windquant.eval.perplexity import perplexity
+
+    data = write_tasks(tmp_path / "zs")
+    plan, _ = quantize_(tiny_model, tokenizer, tiny_config, progress=False)
+    loaded = load(save(tiny_model, tokenizer, plan, tmp_path / "ckpt"))
+    tokens = torch.randint(0, 256, (4 * 64,), generator=torch.Generator().manual_seed(0))
+    scores = [
+        (
+            evaluate_zeroshot(m, tokenizer, ["piqa", "arc_easy"], str(data), progress=False),
+            perplexity(m, tokens, 64, progress=False),
+        )
+        for m in (tiny_model, loaded)
+    ]
+    (zs_mem, ppl_mem), (zs_disk, ppl_disk) = scores
+    assert zs_disk == zs_mem
+    assert ppl_disk.ppl == pytest.approx(ppl_mem.ppl, rel=1e-6) and ppl_disk.tokens == ppl_mem.tokens
+
+
+def test_missing_file_and_unknown_task_are_clear_errors(tiny_model, tokenizer, tmp_path):
+    data = write_tasks(tmp_path)
+    (data / "piqa" / "valid-labels.lst").unlink()
+    with pytest.raises(WindquantError, match=r"zero-shot task piqa: missing .*piqa/valid-labels.lst"):
+        evaluate_zeroshot(tiny_model, tokenizer, ["piqa"], str(data), progress=False)
+    with pytest.raises(WindquantError, match=r"zero-shot task hellaswag: missing .*hellaswag/hellaswag_val.jsonl"):
+        evaluate_zeroshot(tiny_model, tokenizer, ["hellaswag"], str(data), progress=False)
+    with pytest.raises(WindquantError, match="unknown zero-shot task 'mmlu'"):
+        evaluate_zeroshot(tiny_model, tokenizer, ["mmlu"], str(data), progress=False)
+
+
+def test_cli_tasks_json_and_errors(tiny_model_dir, tmp_path, capsys):
+    data = write_tasks(tmp_path / "zs")
+    out = tmp_path / "r.json"
+    argv = ["eval", str(tiny_model_dir), "--tasks", "piqa,arc_easy", "--data-dir", str(data), "--limit", "3", "--quiet"]
+    assert main([*argv, "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["piqa", "arc_easy", "avg"]  # --tasks alone: no perplexity
+    assert lines[0].startswith("piqa: acc=") and "acc_norm=" in lines[0] and lines[0].endswith("n=3")
+    saved = json.loads(out.read_text())
+    assert set(saved["zeroshot"]) == {"piqa", "arc_easy"} and "ppl" not in saved
+    assert saved["zeroshot_avg_acc"] == pytest.approx(macro_average(saved["zeroshot"]))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    assert main([*argv, "--corpus", str(corpus), "--ctx", "64"]) == 0  # explicit --corpus: both
+    printed = capsys.readouterr().out
+    assert "ppl=" in printed and "avg: acc=" in printed
+    for bad, match in [
+        (["--tasks", "piqa,magic"], "unknown zero-shot task 'magic'"),
+        (["--tasks", "winogrande", "--data-dir", str(data)], "winogrande/dev.jsonl"),
+    ]:
+        assert main(["eval", str(tiny_model_dir), *bad]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "windquant" in line or "Traceback" in line]
+        assert len(err) == 1 and match in err[0], err
