@@ -46,6 +46,7 @@ class Prepared:
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
     proxy: Callable[[list[float]], float] | None = None  # requested actions -> proxy perplexity
     proxy_ref: float | None = None  # proxy perplexity of the unquantized model
+    proxy_windows: torch.Tensor | None = None  # [samples, len] tokens the proxy scores
 
     def problem(self, target_bits: float, accounting: str) -> AllocationProblem:
         threshold = self.config.fallback_threshold
@@ -158,6 +159,7 @@ def prepare(
             tokens = corpus_tokens(tokenizer, config.calib, "calib", config.data_dir)
             proxy_windows = sample_windows(tokens, config.proxy_samples, config.proxy_len, config.seed)
             prepared.proxy = proxy_evaluator(model, prepared, proxy_windows)
+            prepared.proxy_windows = proxy_windows
             with torch.no_grad():
                 prepared.proxy_ref = perplexity(
                     model, proxy_windows.reshape(-1), ctx=config.proxy_len, batch_size=8, progress=False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,7 +171,16 @@ def train_ppo(
     """Train (or, with ``policy``, reuse zero-shot) and return the best budget-meeting plan."""
     cfg.validate()
     work_dir.mkdir(parents=True, exist_ok=True)
-    env = AllocationEnv(problem, proxy, ppl_ref, cfg)
+    proxy_seconds = [0.0]
+
+    def timed_proxy(requested: list[float]) -> float:
+        start = time.perf_counter()
+        try:
+            return proxy(requested)
+        finally:
+            proxy_seconds[0] += time.perf_counter() - start
+
+    env = AllocationEnv(problem, timed_proxy, ppl_ref, cfg)
     final_target = problem.target_bits
     generator = torch.Generator().manual_seed(seed)
     agent = load_policy(policy, cfg) if policy else new_agent(cfg, seed)
@@ -190,14 +200,18 @@ def train_ppo(
         for episode in range(state.episode, episodes):
             target = curriculum_target(episode, episodes, cfg.curriculum, final_target)
             env.lam = state.lam
+            start, proxy_seconds[0] = time.perf_counter(), 0.0
             roll, terms = run_episode(env, agent, target, generator)
             stats = ppo_update(agent, optimizer, roll, cfg, generator)
+            timing = {"seconds": time.perf_counter() - start, "proxy_seconds": proxy_seconds[0]}
             cols = roll.actions.tolist()
             meets_final = env.used <= final_target * problem.n_weights * (1 + 1e-12) + 1e-6
             if meets_final and terms["proxy_ppl"] < state.best_ppl:
                 state.best_ppl, state.best_episode, state.best_requested = terms["proxy_ppl"], episode, env.requested()
             row = {"episode": episode, "target": target, "lambda": state.lam, **plan_bits(problem, cols), **terms, **stats}
             row["actions"] = action_histogram(problem, cols)
+            row["plan"] = "".join(map(str, cols))  # requested column per unit: any episode's plan can be rebuilt
+            row |= timing
             state.lam = rewards.update_lagrange(
                 state.lam, terms["rel_loss_increase"], cfg.reward.epsilon, cfg.reward.lambda_lr, cfg.reward.lambda_max
             )

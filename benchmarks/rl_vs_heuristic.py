@@ -1,0 +1,283 @@
+"""The paper's Table 8 experiment on our model: heuristic (B.3) vs PPO at the same final target,
+several seeds, plus the ilp allocator as a reference; and the paper's Table 7 check (proxy PPL vs
+WikiText-2 PPL along one PPO run) with the episode-time ratio.
+
+    python benchmarks/rl_vs_heuristic.py --target-bits 2.5 --episodes 50 --seeds 0,1,2 \
+        --corpus wikitext2 --data-dir ../shared/data --max-windows 8 \
+        --table7-run runs/ppo100 --out benchmarks/results/rl_vs_heuristic
+
+Everything shares one candidate fit (the cache), so allocators differ only in the plan.
+Rows already in ``results.json`` are not recomputed (the run resumes where it stopped).
+Writes results.json, results.md, curves.png and actions.png under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from scipy.stats import pearsonr, spearmanr
+
+from windquant.alloc.ppo.report import read_episodes
+from windquant.calib.corpus import corpus_tokens
+from windquant.config import QuantConfig
+from windquant.eval.perplexity import perplexity
+from windquant.model.loading import load_model
+from windquant.pack.apply import plan_weights
+from windquant.pipeline import make_plan, prepare
+from windquant.quant.accounting import ACTIONS
+from windquant.runinfo import Timings, peak_rss_mib
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--target-bits", type=float, default=2.5)
+    p.add_argument("--accounting", default="true", choices=["true", "paper"])
+    p.add_argument("--episodes", type=int, default=50, help="PPO episodes per seed (paper Table 8: 50)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--proxy-samples", type=int, default=QuantConfig.proxy_samples)
+    p.add_argument("--proxy-len", type=int, default=QuantConfig.proxy_len)
+    p.add_argument("--corpus", default="wikitext2")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=8)
+    p.add_argument("--table7-run", default=None, help="checkpoint or PPO folder with episodes.jsonl of a long run")
+    p.add_argument("--table7-every", type=int, default=10, help="episodes between Table-7 points")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default="benchmarks/results/rl_vs_heuristic")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args()
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(int(os.environ.get("WINDQUANT_THREADS", os.cpu_count() or 1)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}, "table7": []}
+    progress = not args.quiet
+
+    model, tok = load_model(args.model)
+    config = QuantConfig(
+        target_bits=args.target_bits,
+        accounting=args.accounting,
+        allocator="ppo",
+        episodes=args.episodes,
+        proxy_samples=args.proxy_samples,
+        proxy_len=args.proxy_len,
+        cache_dir=args.cache_dir,
+        data_dir=args.data_dir,
+    )
+    timings = Timings()
+    prepared = prepare(model, tok, config, timings, progress, need_scores=True)
+    eval_tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
+
+    def wiki_ppl(applied: list[float]) -> float:
+        with torch.no_grad(), plan_weights(model, prepared.units, prepared.cache.weights_of(applied)):
+            return perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress).ppl
+
+    # One bare proxy forward (reference weights, no assembly), median of 5, same process.
+    bare = []
+    for _ in range(5):
+        start = time.perf_counter()
+        with torch.no_grad():
+            perplexity(model, prepared.proxy_windows.reshape(-1), ctx=args.proxy_len, batch_size=8, progress=False)
+        bare.append(time.perf_counter() - start)
+    results["bare_proxy_seconds"] = statistics.median(bare)
+    if "reference" not in results["rows"]:
+        with torch.no_grad():
+            ref = perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress)
+        results["rows"]["reference"] = {"wiki2_ppl": ref.ppl, "proxy_ppl": prepared.proxy_ref, "eval_tokens": ref.tokens}
+
+    jobs = [("heuristic", None), ("ilp", None)] + [("ppo", int(s)) for s in args.seeds.split(",") if s.strip()]
+    for name, seed in jobs:
+        key = name if seed is None else f"ppo_seed{seed}"
+        if key in results["rows"]:
+            continue
+        cfg = replace(config, allocator=name, seed=seed if seed is not None else 0, ppo_dir=str(out / key))
+        start = time.perf_counter()
+        plan = make_plan(prepared, cfg, progress=progress)
+        seconds = time.perf_counter() - start
+        row = {
+            "allocator": name,
+            "seed": seed,
+            "true_bits": plan.true_bits,
+            "paper_bits": plan.paper_bits,
+            "proxy_ppl": prepared.proxy(plan.requested),
+            "wiki2_ppl": wiki_ppl(plan.applied),
+            "allocate_seconds": seconds,
+            "actions": plan.action_distribution(),
+        }
+        if name == "ppo":
+            row["chosen"] = plan.info["ppo"]["chosen"]
+            row["greedy_proxy_ppl"] = plan.info["ppo"]["greedy"]["proxy_ppl"]
+            episodes = read_episodes(out / key / "episodes.jsonl")
+            row["median_episode_seconds"] = statistics.median(r["seconds"] for r in episodes)
+        results["rows"][key] = row
+        write_json(results_path, results)
+
+    if args.table7_run:
+        results["table7"] = table7(Path(args.table7_run), prepared, wiki_ppl, args.table7_every, results.get("table7", []))
+        long_run = read_episodes(Path(args.table7_run) / "episodes.jsonl")
+        results["long_run"] = {
+            "episodes": len(long_run),
+            "median_episode_seconds": statistics.median(r["seconds"] for r in long_run),
+            "median_proxy_seconds": statistics.median(r["proxy_seconds"] for r in long_run),
+        }
+        report = Path(args.table7_run) / "run_report.json"
+        if report.is_file():
+            results["long_run"]["run_report_timings"] = json.loads(report.read_text())["timings"]
+    results["settings"] = {**vars(args), "peak_rss_mib": peak_rss_mib(), "stage_seconds": dict(timings)}
+    write_json(results_path, results)
+    write_markdown(results, out / "results.md")
+    plot(results, out)
+    print((out / "results.md").read_text())
+
+
+def table7(run: Path, prepared, wiki_ppl, every: int, done: list[dict]) -> list[dict]:
+    """Proxy vs Wiki2 PPL of the best budget-meeting plan so far, every ``every`` episodes."""
+    rows = read_episodes(run / "episodes.jsonl")
+    final = rows[-1]["target"]
+    known = {p["episode"]: p for p in done}
+    points, best = [], None
+    for r in rows:
+        if r["avg_bits"] <= final + 1e-9 and (best is None or r["proxy_ppl"] < best["proxy_ppl"]):
+            best = r
+        if (r["episode"] + 1) % every == 0 and best is not None:
+            if r["episode"] in known:
+                points.append(known[r["episode"]])
+                continue
+            requested = [ACTIONS[int(c)] for c in best["plan"]]
+            threshold = prepared.config.fallback_threshold
+            applied = [prepared.cache.applied(i, a, threshold) for i, a in enumerate(requested)]
+            points.append(
+                {
+                    "episode": r["episode"],
+                    "best_episode": best["episode"],
+                    "proxy_ppl": best["proxy_ppl"],
+                    "wiki2_ppl": wiki_ppl(applied),
+                }
+            )
+    return points
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    s = results["settings"]
+    rows = results["rows"]
+    lines = [
+        f"Target {s['target_bits']:g} {s['accounting']} bits; proxy = {s['proxy_samples']}×{s['proxy_len']} calibration tokens; "
+        f"Wiki2 = {s['corpus']} test, ctx {s['ctx']}, first {s['max_windows']} windows; PPO {s['episodes']} episodes per seed.",
+        "",
+        "| allocator | seeds | true bits | paper bits | proxy PPL | Wiki2 PPL | allocate s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ref = rows.get("reference")
+    if ref:
+        lines.append(f"| reference (fp) | | 32 | 32 | {ref['proxy_ppl']:.3f} | {ref['wiki2_ppl']:.3f} | |")
+    for name in ("heuristic", "ilp", "ppo"):
+        group = [r for r in rows.values() if r.get("allocator") == name]
+        if not group:
+            continue
+        col = lambda k, g=group: mean_std([r[k] for r in g])  # noqa: E731
+        seeds = ",".join(str(r["seed"]) for r in group) if name == "ppo" else ""
+        lines.append(
+            f"| {name} | {seeds} | {col('true_bits')} | {col('paper_bits')} | {col('proxy_ppl')} | {col('wiki2_ppl')} "
+            f"| {col('allocate_seconds')} |"
+        )
+    if "bare_proxy_seconds" in results:
+        lines += ["", f"Bare proxy forward (reference weights): {results['bare_proxy_seconds']:.2f} s (median of 5)."]
+    for key, r in rows.items():
+        if r.get("allocator") == "ppo":
+            lines.append(
+                f"- {key}: chosen plan = {r['chosen']}, greedy proxy {r['greedy_proxy_ppl']:.2f}, "
+                f"median episode {r['median_episode_seconds']:.2f} s "
+                f"(ratio {r['median_episode_seconds'] / results['bare_proxy_seconds']:.2f} to the bare forward)"
+            )
+    if results.get("table7"):
+        t7 = results["table7"]
+        lines += ["", "Table 7 check (best budget-meeting plan so far along one run):", ""]
+        lines += ["| episode | proxy PPL | Wiki2 PPL |", "|---|---|---|"]
+        lines += [f"| {p['episode'] + 1} | {p['proxy_ppl']:.3f} | {p['wiki2_ppl']:.3f} |" for p in t7]
+        xs, ys = [p["proxy_ppl"] for p in t7], [p["wiki2_ppl"] for p in t7]
+        if len(set(xs)) > 2:
+            lines += [
+                "",
+                f"Pearson r = {pearsonr(xs, ys)[0]:.3f}, Spearman ρ = {spearmanr(xs, ys)[0]:.3f} over {len(t7)} points.",
+            ]
+    if "long_run" in results:
+        lr = results["long_run"]
+        lines += [
+            "",
+            f"Long run: {lr['episodes']} episodes, median episode {lr['median_episode_seconds']:.2f} s, "
+            f"median proxy call {lr['median_proxy_seconds']:.2f} s, "
+            f"ratio episode / bare forward = {lr['median_episode_seconds'] / results['bare_proxy_seconds']:.2f}.",
+        ]
+        if "run_report_timings" in lr:
+            t = lr["run_report_timings"]
+            lines.append(
+                f"Whole `windquant quantize` run: {t['total_seconds']:.0f} s, peak RSS {t['peak_rss_mib']:.0f} MiB, stages {t['seconds']}."
+            )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, r in results["rows"].items():
+        if r.get("allocator") == "ppo" and (out / key / "episodes.jsonl").is_file():
+            eps = read_episodes(out / key / "episodes.jsonl")
+            ax.plot([e["episode"] for e in eps], [e["proxy_ppl"] for e in eps], marker=".", label=key)
+    for name, style in (("heuristic", ":"), ("ilp", "--")):
+        if name in results["rows"]:
+            ax.axhline(results["rows"][name]["proxy_ppl"], linestyle=style, color="k", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("episode")
+    ax.set_ylabel("proxy perplexity of the sampled plan")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+    labels = ["16", "8", "4", "3", "2", "1.58", "1"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = [k for k in results["rows"] if k != "reference"]
+    width = 0.8 / max(len(keys), 1)
+    for i, key in enumerate(keys):
+        dist = results["rows"][key]["actions"]
+        ax.bar([j + i * width for j in range(len(labels))], [dist.get(a, 0.0) for a in labels], width, label=key)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels)
+    ax.set_xlabel("applied action (bits)")
+    ax.set_ylabel("share of weights")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "actions.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
