@@ -241,6 +241,7 @@ def test_resume_reproduces_an_uninterrupted_run(ppo_prepared, tmp_path):
     resumed = train_ppo(problem, prep.proxy, prep.proxy_ref, cfg, tmp_path / "cut", seed=3, resume=True, progress=False)
     assert resumed.requested == full.requested
     assert resumed.info["best_sampled"] == full.info["best_sampled"]
+
     def log(run):  # wall-clock fields aside, every logged number must be identical
         rows = [json.loads(line) for line in (tmp_path / run / "episodes.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in ("seconds", "proxy_seconds")} for r in rows]
@@ -311,3 +312,23 @@ def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path)
     assert (out / "policy.safetensors").is_file() and (out / "training_curve.png").is_file()
     assert json.loads((out / "plan.json").read_text())["true_bits"] <= 4.0
     assert main(argv[:-1] + ["--policy", str(tmp_path / "missing.safetensors"), "--overwrite", "--quiet"]) == 2
+
+
+def test_unit_features_follow_the_paper_formulas(tiny_model):
+    from windquant.model.stats import unit_features
+    from windquant.model.units import enumerate_units
+
+    units = enumerate_units(tiny_model, 32)
+    u = units[0]
+    lin = tiny_model.get_submodule(u.module)
+    with torch.no_grad():
+        lin.weight[:5, u.col0 : u.col1] = 0.0  # exact zeros count as sparsity
+    scales = {name: torch.rand(tiny_model.get_submodule(name).in_features) + 0.5 for name in {x.module for x in units}}
+    f = unit_features(tiny_model, units[:1], scales)[0]
+    w = lin.weight[:, u.col0 : u.col1].detach().double().numpy().ravel()
+    a = np.sort(np.abs(w))
+    p99 = a[round(0.99 * a.size) - 1]
+    s = scales[u.module][u.col0 : u.col1].double().numpy()
+    expected = [w.mean(), w.std(ddof=1), a.mean(), (a < 1e-6).mean(), (a > 0.5 * p99).mean(), s.mean(), s.std(ddof=1), s.max()]
+    assert f.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert f[3] == pytest.approx(5 * u.columns / u.n_weights)
