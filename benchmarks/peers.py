@@ -46,8 +46,8 @@ HQQ_CONFIGS = "4g64,3g64,2g16,2g32,2g64"  # HQQ README: 4-bit g64, 3-bit g64, 2-
 AR_CONFIGS = "W2A16G64,W3A16,W4A16,auto2.0,auto2.5,auto3.0"  # uniform 2/3/4-bit + AutoScheme targets
 AR_OPTIONS = "W2A16G64,W3A16,W4A16"  # AutoScheme candidates (its avg_bits counts scales and zeros)
 LLAMACPP_NOTE = (
-    "not run here: llama-cpp-python is not installed (no prebuilt CPU wheel on PyPI; a source build of "
-    "llama.cpp is needed). SPEC.md records llama.cpp figures measured elsewhere (llama-perplexity, ctx 512, "
+    "not run here: PyPI has no binary wheel of llama-cpp-python (pip --only-binary :all: finds none), only "
+    "the 0.3.36 sdist, which compiles llama.cpp with CMake; not attempted on 2 saturated shared cores. SPEC.md records llama.cpp figures measured elsewhere (llama-perplexity, ctx 512, "
     "its own protocol); on this model's 576-wide tensors no llama.cpp type goes below ~3.8 bits per weight."
 )
 
@@ -179,6 +179,7 @@ def quantize_autoround(model, tokenizer, config: str, args, work: Path) -> dict:
         label = f"AutoScheme avg_bits {target:g} over {args.ar_options}"
     else:
         scheme, label = config, config
+    model.hf_quantizer = None  # the GGUF loader's marker (weights are dequantized); blocks save_pretrained
     ar = AutoRound(model, tokenizer, scheme=scheme, **common)
     ar.quantize()
     qmodel = ar.model

@@ -247,7 +247,7 @@ def table(rows: list[dict], tasks: list[str]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("error"):
-            out.append(f"| {r['method']} | {r.get('label', r['key'])} | " + " | ".join(["–"] * (len(head) - 2)) + " |")
+            out.append(f"| {r['method']} | not run (see notes) | " + " | ".join(["–"] * (len(head) - 2)) + " |")
             continue
         zs = r.get("zeroshot") or {}
         accs = [fmt(100 * zs[t]["acc"], 1) if t in zs else "–" for t in tasks]
@@ -320,8 +320,9 @@ counted. {ctx_line}. Machine: 2 shared CPU cores, {meta["threads"]} torch thread
 * **time** = wall seconds of the quantization run. windquant rows reuse the candidate cache
   (`~/.cache/windquant`), so their time is load + calibrate + cache read + allocate + pack; the
   one-off cold fit of all 4,320 (unit, action) candidates and the sensitivity scores is listed
-  below. **peak mem** = peak RSS of the quantizing process (windquant: whole CLI run; peers: the
-  quantize phase, the fp32 reference model included).
+  below. **peak mem** = peak RSS of the quantizing process (windquant: the report process up to
+  that row's pack, candidate cache in RAM included; peers: the quantize phase), the fp32
+  reference model included in both.
 
 {table(rows, tasks)}
 

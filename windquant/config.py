@@ -27,9 +27,9 @@ class QuantConfig:
     data_dir: str | None = None  # WikiText-2 folder
     cache_dir: str | None = None  # candidate cache root (default ~/.cache/windquant)
     # allocator "ppo" (paper: 100 episodes, proxy 64 x 256 tokens; the smaller proxy default
-    # keeps an episode at ~10 s on 2 CPU cores — use --proxy-samples 64 on a GPU)
+    # keeps an episode at ~10 s on one CPU core — use --proxy-samples 64 on a GPU)
     episodes: int = 100
-    proxy_samples: int = 16
+    proxy_samples: int = 8
     proxy_len: int = 256
     ppo_dir: str | None = None  # checkpoints + logs (default: under the candidate cache)
     resume: bool = False  # continue the run in ppo_dir from its last checkpoint
