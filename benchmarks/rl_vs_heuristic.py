@@ -30,7 +30,7 @@ from windquant.config import QuantConfig
 from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
 from windquant.pack.apply import plan_weights
-from windquant.pipeline import make_plan, prepare
+from windquant.pipeline import calibration_windows, compute_scores, make_plan, prepare
 from windquant.quant.accounting import ACTIONS
 from windquant.runinfo import Timings, peak_rss_mib
 
@@ -89,7 +89,7 @@ def main() -> None:
         data_dir=args.data_dir,
     )
     timings = Timings()
-    prepared = prepare(model, tok, config, timings, progress, need_scores=True)
+    prepared = prepare(model, tok, config, timings, progress, need_scores=False)
     eval_tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
 
     def wiki_ppl(applied: list[float]) -> float:
@@ -109,12 +109,15 @@ def main() -> None:
             ref = perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress)
         results["rows"]["reference"] = {"wiki2_ppl": ref.ppl, "proxy_ppl": prepared.proxy_ref, "eval_tokens": ref.tokens}
 
-    jobs = [("heuristic", None), ("ilp", None)] + [("ppo", int(s)) for s in args.seeds.split(",") if s.strip()]
+    # ilp last: its scores are computed (or loaded from the cache) only when it is reached.
+    jobs = [("heuristic", None)] + [("ppo", int(s)) for s in args.seeds.split(",") if s.strip()] + [("ilp", None)]
     for name, seed in jobs:
         key = name if seed is None else f"ppo_seed{seed}"
         if key in results["rows"]:
             continue
         cfg = replace(config, allocator=name, seed=seed if seed is not None else 0, ppo_dir=str(out / key))
+        if name == "ilp" and prepared.scores is None:
+            prepared.scores = compute_scores(model, calibration_windows(tok, config), prepared, prepared.folder, progress)
         start = time.perf_counter()
         plan = make_plan(prepared, cfg, progress=progress)
         seconds = time.perf_counter() - start
