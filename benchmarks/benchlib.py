@@ -36,7 +36,11 @@ def load_rows(path: Path) -> dict[str, dict]:
     return {r["key"]: r for r in json.loads(path.read_text())["rows"]}
 
 
-def save_rows(path: Path, rows: dict[str, dict], meta: dict) -> None:
+def save_rows(path: Path, rows: dict[str, dict], meta: dict, only: set[str] | None = None) -> None:
+    """Write ``rows``; with ``only``, merge just those keys into the file as it is now, so two
+    processes filling different rows of one file do not drop each other's rows."""
+    if only is not None:
+        rows = {**load_rows(path), **{k: rows[k] for k in only if k in rows}}
     atomic_write(path, json.dumps({**meta, "rows": list(rows.values())}, indent=1) + "\n")
 
 

@@ -277,6 +277,7 @@ def main() -> None:
             for _, name, _, lin in block_linears(reference):
                 lin.weight.copy_(original[name])
 
+    touched: set[str] = set()  # rows this run wrote (merged into the file, see save_rows)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     todo = []
     if "hqq" in methods:
@@ -285,6 +286,7 @@ def main() -> None:
         todo += [("autoround", c) for c in args.ar_configs.split(",") if c]
     if "llamacpp" in methods:
         rows["llamacpp"] = {"key": "llamacpp", "method": "llama.cpp", "error": LLAMACPP_NOTE}
+        touched.add("llamacpp")
 
     for method, config in todo:
         key = f"{method}:{config}"
@@ -293,6 +295,7 @@ def main() -> None:
             print(f"{key}: done, skipped", flush=True)
             continue
         print(f"{key}: quantizing", flush=True)
+        touched.add(key)
         reset_peak_rss()
         start = time.perf_counter()
         try:
@@ -305,7 +308,7 @@ def main() -> None:
             msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             print(f"{key}: FAILED {msg}", file=sys.stderr, flush=True)
             rows[key] = {"key": key, "method": method, "config": config, "error": msg}
-            save_rows(json_path, rows, meta)
+            save_rows(json_path, rows, meta, touched)
             restore()
             continue
         seconds = time.perf_counter() - start
@@ -315,14 +318,14 @@ def main() -> None:
         row.setdefault("peak_rss_mib", phase_peak_rss_mib())
         print(f"{key}: true bits {row['true_bits']:.3f} ({seconds:.0f}s)", flush=True)
         rows[key] = row
-        save_rows(json_path, rows, meta)
+        save_rows(json_path, rows, meta, touched)
         evaluator.run(model, tok, row)
-        save_rows(json_path, rows, meta)
+        save_rows(json_path, rows, meta, touched)
         del model
         restore()
 
-    save_rows(json_path, rows, meta)
-    write_markdown(out / "peers.md", list(rows.values()), meta)
+    save_rows(json_path, rows, meta, touched)
+    write_markdown(out / "peers.md", list(load_rows(json_path).values()), meta)
     print((out / "peers.md").read_text())
 
 

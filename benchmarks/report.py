@@ -165,7 +165,8 @@ def evaluate_rows(specs: list[dict], rows: dict, rows_path: Path, args) -> dict:
     evaluator = Evaluator(tok, args)
     quantizer = WindquantRows(reference, tok, args)
     meta = {**evaluator.settings(), "n_weights": sum(m.weight.numel() for *_, m in block_linears(reference))}
-    for spec in specs:
+    first = [k for k in args.first.split(",") if k]
+    for spec in sorted(specs, key=lambda sp: first.index(sp["key"]) if sp["key"] in first else len(first)):
         key = spec["key"]
         row = rows.get(key) or {k: v for k, v in spec.items() if k != "flags"}
         if row.get("wiki2") and not row.get("error") and not evaluator.missing(row):
@@ -352,6 +353,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/report", help="rows.json and ppl_vs_bits.png")
     ap.add_argument("--md", default="benchmarks/RESULTS.md")
     ap.add_argument("--notes", default="benchmarks/results/report/notes.md", help="markdown appended under the table, if present")
+    ap.add_argument(
+        "--first",
+        default="fp,ilp:true2.5,ilp:true2.0,ilp:true3.0,heuristic:true2.5,uniform:2,uniform:3,uniform:4",
+        help="row keys to compute first (the table order is unchanged; default %(default)s)",
+    )
     ap.add_argument("--only-table", action="store_true", help="no quantization or evaluation: rebuild from cached rows")
     ap.add_argument("--rerun", default="", help="comma-separated row keys to recompute")
     add_eval_args(ap)
