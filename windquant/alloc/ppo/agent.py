@@ -78,7 +78,12 @@ def act(
     with torch.no_grad():
         logits, value = agent(torch.from_numpy(obs)[None], torch.from_numpy(mask)[None])
         logp = torch.log_softmax(logits[0], -1)
-        action = int(logp.argmax()) if greedy else int(torch.multinomial(logp.exp(), 1, generator=generator))
+        if greedy:
+            action = int(logp.argmax())
+        else:  # inverse-CDF draw: one uniform from the seeded generator per step
+            cdf = logp.exp().cumsum(0)
+            u = torch.rand(1, generator=generator) * cdf[-1]
+            action = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)  # never a zero-probability action
     return action, float(logp[action]), float(value[0])
 
 

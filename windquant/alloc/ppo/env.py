@@ -77,6 +77,10 @@ class AllocationEnv(gym.Env):
         self.static[:, 0:5] = static[:, 0:5]
         self.static[:, 9:12] = static[:, 5:8]
         self.static[:, 12:14] = torch.tensor(kinds, dtype=torch.float64)
+        # The per-step work runs on numpy views: torch's per-call overhead dominates 7-element ops.
+        self._bits, self._allowed = self.bits.numpy(), self.allowed.numpy()
+        self._suffix, self._remaining = self.suffix.numpy(), self.remaining_weights.numpy()
+        self._static, self._n = self.static.numpy(), self.n_weights.numpy()
         self.lam = cfg.reward.lambda_init
         self.target_bits = problem.target_bits
         self.t, self.used, self.cols = 0, 0.0, []
@@ -89,8 +93,8 @@ class AllocationEnv(gym.Env):
     def action_mask(self) -> np.ndarray:
         """Actions that keep the rest of the episode feasible and respect the clamp."""
         t = self.t
-        fits = self.used + self.bits[t] + self.suffix[t + 1] <= self.budget * (1 + 1e-12) + 1e-6
-        return (fits & self.allowed[t]).numpy()
+        fits = self.used + self._bits[t] + self._suffix[t + 1] <= self.budget * (1 + 1e-12) + 1e-6
+        return fits & self._allowed[t]
 
     def clamp(self, col: int) -> int:
         """Raise an action below the unit's minimum precision to that minimum."""
@@ -110,28 +114,26 @@ class AllocationEnv(gym.Env):
         return self._obs(), {"action_mask": self.action_mask()}
 
     def _obs(self) -> np.ndarray:
-        obs = torch.zeros(OBS_DIM, dtype=torch.float64)
         n = len(self.problem.units)
-        if self.t < n:
-            obs[:] = self.static[self.t]
+        obs = self._static[self.t].copy() if self.t < n else np.zeros(OBS_DIM)
         remaining = self.budget - self.used
         obs[5] = self.t / n
         obs[6] = self.used / self.fp32_bits
         obs[7] = remaining / self.budget
-        n_r = float(self.remaining_weights[min(self.t, n)])
+        n_r = float(self._remaining[min(self.t, n)])
         obs[8] = max(0.0, 1.0 - remaining / (self.target_bits * n_r)) if n_r > 0 else 0.0
         obs[14] = self.target_bits / 8.0
-        return obs.float().numpy()
+        return obs.astype(np.float32)
 
     def step(self, action: int):
         col = self.clamp(action)
         if not self.action_mask()[col]:
             raise ValueError(f"action {ACTIONS[col]:g} is masked at unit {self.t}: it would break the budget")
         t = self.t
-        bits = float(self.bits[t, col])
+        bits = float(self._bits[t, col])
         self.used += bits
         self.cols.append(col)
-        reward = rewards.step_reward(bits / float(self.n_weights[t]), self.target_bits, self.is_skip(t, col), self.cfg.reward)
+        reward = rewards.step_reward(bits / float(self._n[t]), self.target_bits, self.is_skip(t, col), self.cfg.reward)
         self.t += 1
         done = self.t == len(self.problem.units)
         info: dict = {"applied_col": col}
