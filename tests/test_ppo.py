@@ -287,7 +287,7 @@ def test_ppo_plan_meets_budget_and_reports(ppo_prepared, tmp_path):
     assert plan2.true_bits <= 4.0 and plan2.info["ppo"]["episodes"] == 0
 
 
-def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path):
+def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path, capsys):
     from windquant.cli import main
 
     corpus = tmp_path / "corpus.txt"
@@ -311,6 +311,8 @@ def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path)
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 2
     assert (out / "policy.safetensors").is_file() and (out / "training_curve.png").is_file()
     assert json.loads((out / "plan.json").read_text())["true_bits"] <= 4.0
+    assert main(["inspect", str(out)]) == 0
+    assert "ppo: 2 episodes" in capsys.readouterr().out
     assert main(argv[:-1] + ["--policy", str(tmp_path / "missing.safetensors"), "--overwrite", "--quiet"]) == 2
 
 

@@ -108,6 +108,16 @@ def inspect_checkpoint(path: Path, png: str | None = None) -> str:
     if run_report.is_file():
         t = json.loads(run_report.read_text()).get("timings", {})
         lines.append(f"run: {t.get('total_seconds')} s, peak RSS {t.get('peak_rss_mib')} MiB")
+    ppo = plan.info.get("ppo")
+    if ppo:
+        best, greedy = ppo["best_sampled"], ppo["greedy"]
+        lines.append(
+            f"ppo: {ppo['episodes']} episodes (seed {ppo['seed']}), returned the {ppo['chosen']} plan; proxy PPL: "
+            f"reference {ppo['ppl_ref']:.2f}, best sampled {best['proxy_ppl']:.2f} (episode {best['episode']}), "
+            f"greedy {greedy['proxy_ppl']:.2f}"
+        )
+        if (path / "training_curve.png").is_file():
+            lines.append(f"training curve: {path / 'training_curve.png'}   episode log: {path / 'episodes.jsonl'}")
     png_path = Path(png) if png else path / "bitmap.png"
     save_bit_map(plan, png_path)
     lines.append(f"bit map: {png_path}")
