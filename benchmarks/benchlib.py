@@ -76,21 +76,23 @@ class Evaluator:
         a = self.args
         return {"ctx": a.ctx, "max_windows": a.max_windows, "tasks": self.tasks, "limit": a.limit}
 
-    def missing(self, row: dict) -> list[str]:
-        """Which parts of ``row`` are absent or were computed under other settings."""
+    def missing(self, row: dict, zeroshot: bool = True) -> list[str]:
+        """Which parts of ``row`` are absent or were computed under other settings
+        (zero-shot parts only when ``zeroshot``)."""
         need = []
         a = self.args
         if row.get("wiki2") is None or row["wiki2"].get("ctx") != a.ctx or row["wiki2"].get("max_windows") != a.max_windows:
             need.append("wiki2")
         zs = row.get("zeroshot") or {}
-        for t in self.tasks:
+        for t in self.tasks if zeroshot else []:
             if t not in zs or zs[t].get("limit") != a.limit:
                 need.append(t)
         return need
 
-    def run(self, model, tokenizer, row: dict) -> dict:
-        """Fill the missing parts of ``row`` in place (and return it)."""
-        need = self.missing(row)
+    def run(self, model, tokenizer, row: dict, zeroshot: bool = True, checkpoint=None) -> dict:
+        """Fill the missing parts of ``row`` in place (and return it); ``checkpoint()`` is
+        called after each part so a killed run keeps what it measured."""
+        need = self.missing(row, zeroshot)
         a = self.args
         model.eval()
         if "wiki2" in need:
@@ -105,6 +107,8 @@ class Evaluator:
                 "seconds": round(time.perf_counter() - start, 1),
             }
             print(f"  wiki2 ppl={res.ppl:.3f} ({res.windows}x{res.ctx} tokens)", flush=True)
+            if checkpoint is not None:
+                checkpoint()
         tasks = [t for t in self.tasks if t in need]
         if tasks:
             from windquant.eval.zeroshot import evaluate_zeroshot, macro_average, result_line

@@ -319,7 +319,7 @@ def main() -> None:
         print(f"{key}: true bits {row['true_bits']:.3f} ({seconds:.0f}s)", flush=True)
         rows[key] = row
         save_rows(json_path, rows, meta, touched)
-        evaluator.run(model, tok, row)
+        evaluator.run(model, tok, row, checkpoint=lambda: save_rows(json_path, rows, meta, touched))
         save_rows(json_path, rows, meta, touched)
         del model
         restore()

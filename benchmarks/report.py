@@ -166,10 +166,12 @@ def evaluate_rows(specs: list[dict], rows: dict, rows_path: Path, args) -> dict:
     quantizer = WindquantRows(reference, tok, args)
     meta = {**evaluator.settings(), "n_weights": sum(m.weight.numel() for *_, m in block_linears(reference))}
     first = [k for k in args.first.split(",") if k]
+    zs_keys = {k for k in args.zs_keys.split(",") if k}
     for spec in sorted(specs, key=lambda sp: first.index(sp["key"]) if sp["key"] in first else len(first)):
         key = spec["key"]
         row = rows.get(key) or {k: v for k, v in spec.items() if k != "flags"}
-        if row.get("wiki2") and not row.get("error") and not evaluator.missing(row):
+        zeroshot = not zs_keys or key in zs_keys
+        if row.get("wiki2") and not row.get("error") and not evaluator.missing(row, zeroshot):
             continue
         print(f"== {key}", flush=True)
         try:
@@ -190,7 +192,7 @@ def evaluate_rows(specs: list[dict], rows: dict, rows_path: Path, args) -> dict:
         rows[key] = row
         save_rows(rows_path, rows, meta)
         with torch.no_grad():
-            evaluator.run(model, tok, row)
+            evaluator.run(model, tok, row, zeroshot, checkpoint=lambda: save_rows(rows_path, rows, meta))
         save_rows(rows_path, rows, meta)
         del model
     return meta
@@ -358,6 +360,7 @@ def main() -> None:
         default="fp,ilp:true2.5,ilp:true2.0,ilp:true3.0,heuristic:true2.5,uniform:2,uniform:3,uniform:4",
         help="row keys to compute first (the table order is unchanged; default %(default)s)",
     )
+    ap.add_argument("--zs-keys", default="", help="run zero-shot only for these row keys (default: every row)")
     ap.add_argument("--only-table", action="store_true", help="no quantization or evaluation: rebuild from cached rows")
     ap.add_argument("--rerun", default="", help="comma-separated row keys to recompute")
     add_eval_args(ap)
