@@ -134,7 +134,7 @@ def test_masking_never_lets_a_plan_exceed_the_budget():
         except Exception as exc:  # infeasible under the clamps: must say so, not produce a plan
             assert "below the cheapest plan" in str(exc)
             continue
-        floors = min_precision(problem, cfg)
+        floors = min_precision(problem, cfg, env.relaxed)
         done = False
         while not done:
             mask = info["action_mask"]
@@ -150,6 +150,25 @@ def test_masking_never_lets_a_plan_exceed_the_budget():
         assert all(ACTIONS[c] >= float(floors[t]) - 1e-9 for t, c in enumerate(env.cols))
         checked += 1
     assert checked > 50
+
+
+def test_clamps_are_relaxed_only_when_the_target_needs_it():
+    from windquant.alloc.ppo.env import feasible_floors
+
+    problem = random_problem(5, n_units=8)
+    cfg = PPOConfig(early_layers=1, min_bits_early=2.0, min_bits_attention=1.58, min_bits_mlp=1.58)
+    values = torch.tensor(ACTIONS, dtype=torch.float64)
+
+    def cheapest(floors):
+        allowed = values[None, :] >= floors[:, None] - 1e-9
+        return float(torch.where(allowed, problem.bits, torch.inf).min(1).values.sum()) / problem.n_weights
+
+    clamped = cheapest(min_precision(problem, cfg))
+    floors, relaxed = feasible_floors(problem, cfg, clamped + 0.01)
+    assert relaxed == () and cheapest(floors) == pytest.approx(clamped)
+    floors, relaxed = feasible_floors(problem, cfg, clamped - 0.01)
+    assert relaxed[0] == "mlp" and cheapest(floors) <= clamped - 0.01
+    assert all(float(f) == 1.0 for f, u in zip(floors, problem.units) if u.kind == "mlp" and u.layer >= 1)
 
 
 def test_mask_is_exactly_the_feasible_set_on_a_small_instance():

@@ -31,15 +31,44 @@ FP32 = 32.0
 SKIP_COL = ACTIONS.index(SKIP)
 
 
-def min_precision(problem: AllocationProblem, cfg: PPOConfig) -> torch.Tensor:
-    """[N] lowest action each unit may take (the paper's minimum-precision clamps)."""
+# Clamps are relaxed in this order when the target is below what they allow.
+RELAX_ORDER = ("mlp", "attention", "early")
+
+
+def min_precision(problem: AllocationProblem, cfg: PPOConfig, relaxed: tuple[str, ...] = ()) -> torch.Tensor:
+    """[N] lowest action each unit may take (the paper's minimum-precision clamps).
+
+    A clamp named in ``relaxed`` is dropped (its units may go down to 1 bit).
+    """
+    lowest = min(ACTIONS)
     floors = []
     for u in problem.units:
-        floor = {"attention": cfg.min_bits_attention, "mlp": cfg.min_bits_mlp}.get(u.kind, min(ACTIONS))
-        if u.layer < cfg.early_layers:
+        floor = lowest
+        if u.kind in ("attention", "mlp") and u.kind not in relaxed:
+            floor = cfg.min_bits_attention if u.kind == "attention" else cfg.min_bits_mlp
+        if u.layer < cfg.early_layers and "early" not in relaxed:
             floor = max(floor, cfg.min_bits_early)
         floors.append(floor)
     return torch.tensor(floors, dtype=torch.float64)
+
+
+def feasible_floors(problem: AllocationProblem, cfg: PPOConfig, target_bits: float) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The clamps, relaxed one kind at a time (MLP, attention, early) until the target is reachable.
+
+    The floors exist to keep the policy away from 1-bit units, whose damage on small models is
+    catastrophic (uniform 1 bit: PPL ~1e5); a target that needs some 1-bit units still gets them.
+    """
+    budget = target_bits * problem.n_weights * (1 + 1e-12) + 1e-6
+    values = torch.tensor(ACTIONS, dtype=torch.float64)[None, :]
+    relaxed: tuple[str, ...] = ()
+    for step in range(len(RELAX_ORDER) + 1):
+        relaxed = RELAX_ORDER[:step]
+        floors = min_precision(problem, cfg, relaxed)
+        allowed = values >= floors[:, None] - 1e-9
+        cheapest = torch.where(allowed, problem.bits.double(), torch.inf).min(1).values.sum()
+        if float(cheapest) <= budget:
+            break
+    return floors, relaxed
 
 
 def normalise(features: torch.Tensor) -> torch.Tensor:
@@ -64,12 +93,9 @@ class AllocationEnv(gym.Env):
         self.bits = problem.bits.double()
         self.n_weights = torch.tensor([u.n_weights for u in problem.units], dtype=torch.float64)
         self.fp32_bits = FP32 * float(self.n_weights.sum())
-        floors = min_precision(problem, cfg)
-        self.allowed = torch.tensor(ACTIONS, dtype=torch.float64)[None, :] >= floors[:, None] - 1e-9  # [N, A]
-        self.min_col = self.allowed.sum(1) - 1  # ACTIONS run high -> low precision
-        cheapest = torch.where(self.allowed, self.bits, torch.full_like(self.bits, torch.inf)).min(1).values
-        self.suffix = torch.cat([cheapest.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
         self.remaining_weights = torch.cat([self.n_weights.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+        self.target_bits = problem.target_bits
+        self._set_floors(self.target_bits)
         static = normalise(problem.features.double())
         kinds = [[u.kind == "attention", u.kind == "mlp"] for u in problem.units]
         # Static columns in Table 1 order: weights 0-4, calibration 9-11, structure 12-13.
@@ -78,12 +104,19 @@ class AllocationEnv(gym.Env):
         self.static[:, 9:12] = static[:, 5:8]
         self.static[:, 12:14] = torch.tensor(kinds, dtype=torch.float64)
         # The per-step work runs on numpy views: torch's per-call overhead dominates 7-element ops.
-        self._bits, self._allowed = self.bits.numpy(), self.allowed.numpy()
-        self._suffix, self._remaining = self.suffix.numpy(), self.remaining_weights.numpy()
+        self._bits, self._remaining = self.bits.numpy(), self.remaining_weights.numpy()
         self._static, self._n = self.static.numpy(), self.n_weights.numpy()
         self.lam = cfg.reward.lambda_init
-        self.target_bits = problem.target_bits
         self.t, self.used, self.cols = 0, 0.0, []
+
+    def _set_floors(self, target_bits: float) -> None:
+        """Clamps for ``target_bits`` and the cheapest-completion suffix sums the mask needs."""
+        floors, self.relaxed = feasible_floors(self.problem, self.cfg, target_bits)
+        self.allowed = torch.tensor(ACTIONS, dtype=torch.float64)[None, :] >= floors[:, None] - 1e-9  # [N, A]
+        self.min_col = self.allowed.sum(1) - 1  # ACTIONS run high -> low precision
+        cheapest = torch.where(self.allowed, self.bits, torch.full_like(self.bits, torch.inf)).min(1).values
+        self.suffix = torch.cat([cheapest.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+        self._allowed, self._suffix = self.allowed.numpy(), self.suffix.numpy()
 
     # -- budget ---------------------------------------------------------------
     @property
@@ -104,14 +137,15 @@ class AllocationEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self.target_bits = float((options or {}).get("target_bits", self.problem.target_bits))
+        self._set_floors(self.target_bits)
         self.t, self.used, self.cols = 0, 0.0, []
         if float(self.suffix[0]) > self.budget * (1 + 1e-12) + 1e-6:
             floor = float(self.suffix[0]) / float(self.n_weights.sum())
             raise WindquantError(
                 f"--target-bits {self.target_bits:g} is below the cheapest plan the PPO clamps allow "
-                f"({floor:.3f} {self.problem.accounting} bits); raise the target or lower the minimum precisions"
+                f"({floor:.3f} {self.problem.accounting} bits); raise the target"
             )
-        return self._obs(), {"action_mask": self.action_mask()}
+        return self._obs(), {"action_mask": self.action_mask(), "relaxed_clamps": list(self.relaxed)}
 
     def _obs(self) -> np.ndarray:
         n = len(self.problem.units)
