@@ -42,6 +42,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--accounting", default="true", choices=["true", "paper"])
     p.add_argument("--episodes", type=int, default=50, help="PPO episodes per seed (paper Table 8: 50)")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rows", default="heuristic,ppo,ilp", help="allocators to compare ('' = only the Table-7 check)")
     p.add_argument("--proxy-samples", type=int, default=QuantConfig.proxy_samples)
     p.add_argument("--proxy-len", type=int, default=QuantConfig.proxy_len)
     p.add_argument("--corpus", default="wikitext2")
@@ -110,7 +111,9 @@ def main() -> None:
         results["rows"]["reference"] = {"wiki2_ppl": ref.ppl, "proxy_ppl": prepared.proxy_ref, "eval_tokens": ref.tokens}
 
     # ilp last: its scores are computed (or loaded from the cache) only when it is reached.
+    wanted = {r.strip() for r in args.rows.split(",") if r.strip()}
     jobs = [("heuristic", None)] + [("ppo", int(s)) for s in args.seeds.split(",") if s.strip()] + [("ilp", None)]
+    jobs = [(name, seed) for name, seed in jobs if name in wanted]
     for name, seed in jobs:
         key = name if seed is None else f"ppo_seed{seed}"
         if key in results["rows"]:
