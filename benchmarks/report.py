@@ -224,6 +224,32 @@ def ppo_rows(folder: Path) -> list[dict]:
     return found
 
 
+def attach_prior(rows: list[dict], specs: list[dict], path: Path) -> None:
+    """For windquant rows not measured from disk yet, attach the Pareto sweep's figure (same
+    Wiki2 protocol; weights assembled from the candidate cache, not reloaded from a checkpoint)."""
+    if not path.is_file():
+        return
+    sweep = json.loads(path.read_text())["rows"]
+    by_key = {(r["allocator"], r.get("accounting", "true"), r.get("budget")): r for r in sweep if "ppl" in r}
+    for spec in specs:
+        row = next((r for r in rows if r["key"] == spec["key"]), None)
+        if row is not None and (row.get("wiki2") or {}).get("ppl") is not None:
+            continue
+        flags = dict(zip(spec.get("flags", [])[::2], spec.get("flags", [])[1::2]))
+        hit = None
+        if spec["key"] == "fp":
+            hit = by_key.get(("reference", "true", None))
+        elif "--target-bits" in flags:
+            hit = by_key.get((flags["--allocator"], flags.get("--accounting", "true"), float(flags["--target-bits"])))
+        if hit is None:
+            continue
+        prior = {"ppl": hit["ppl"], "true_bits": hit["true_bits"], "paper_bits": hit["paper_bits"], "source": str(path)}
+        if row is None:
+            row = {k: v for k, v in spec.items() if k != "flags"}
+            rows.append(row)
+        row["prior"] = prior
+
+
 def peer_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -256,6 +282,10 @@ def table(rows: list[dict], tasks: list[str]) -> str:
         accs = [fmt(100 * zs[t]["acc"], 1) if t in zs else "–" for t in tasks]
         avg = fmt(100 * r["zeroshot_avg"], 1) if r.get("zeroshot_avg") is not None and all(t in zs for t in tasks) else "–"
         ppl = (r.get("wiki2") or {}).get("ppl")
+        prior = r.get("prior") if ppl is None else None
+        if prior:
+            r = {**r, "true_bits": r.get("true_bits", prior["true_bits"]), "paper_bits": r.get("paper_bits", prior["paper_bits"])}
+            ppl = f"{fmt(prior['ppl'])}†"
         out.append(
             f"| {r['method']} | {r.get('label', r['key'])} | {fmt(r.get('paper_bits'), 3)} | {fmt(r.get('true_bits'), 3)} | "
             + " | ".join(accs)
@@ -351,6 +381,9 @@ def main() -> None:
     ap.add_argument("--paper-targets", default="2.0", help="paper-bits budgets (default %(default)s)")
     ap.add_argument("--ckpt-dir", default="runs/report", help="checkpoint folders (git-ignored; default %(default)s)")
     ap.add_argument("--peers", default="benchmarks/results/peers/peers.json")
+    ap.add_argument(
+        "--prior", default="benchmarks/results/pareto/results.json", help="figures for rows not measured yet (marked †)"
+    )
     ap.add_argument("--rl-dir", default="benchmarks/results/rl_vs_heuristic")
     ap.add_argument("--out", default="benchmarks/results/report", help="rows.json and ppl_vs_bits.png")
     ap.add_argument("--md", default="benchmarks/RESULTS.md")
@@ -375,8 +408,17 @@ def main() -> None:
     specs = [{"key": "fp", "method": "FP reference", "label": "fp32 (dequantized GGUF)"}, *windquant_rows(args)]
     saved = json.loads(rows_path.read_text()) if rows_path.is_file() else {}
     settings = ("ctx", "max_windows", "tasks", "limit")
+    tasks = [t for t in args.tasks.split(",") if t]
     if args.only_table:
-        meta = {k: v for k, v in saved.items() if k != "rows"}
+        meta = {
+            "model": args.model,
+            "threads": threads,
+            "ctx": args.ctx,
+            "max_windows": args.max_windows,
+            "tasks": tasks,
+            "limit": args.limit,
+        }
+        meta |= {k: v for k, v in saved.items() if k != "rows"}
     else:
         meta = {"model": args.model, "threads": threads, **evaluate_rows(specs, rows, rows_path, args)}
     if not args.only_table:
@@ -393,7 +435,11 @@ def main() -> None:
             meta["notes"] += (
                 f"\n\n**Note:** the peer rows were evaluated with other {', '.join(differ)} than the windquant rows.\n"
             )
-    ordered = [rows[s["key"]] for s in specs if s["key"] in rows] + ppo_rows(Path(args.rl_dir)) + peers
+    ours = [rows[s["key"]] for s in specs if s["key"] in rows]
+    attach_prior(ours, specs, Path(args.prior))
+    order = {s["key"]: i for i, s in enumerate(specs)}
+    ours.sort(key=lambda r: order[r["key"]])
+    ordered = ours + ppo_rows(Path(args.rl_dir)) + peers
     png = out / "ppl_vs_bits.png"
     plot(ordered, rows.get("fp"), png)
     write_results(Path(args.md), ordered, meta, png)
