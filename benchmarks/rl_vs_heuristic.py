@@ -24,7 +24,11 @@ from pathlib import Path
 import torch
 from scipy.stats import pearsonr, spearmanr
 
+from windquant.alloc.ppo import PPOConfig
+from windquant.alloc.ppo.agent import ppo_update
+from windquant.alloc.ppo.env import AllocationEnv
 from windquant.alloc.ppo.report import read_episodes
+from windquant.alloc.ppo.train import new_agent, run_episode
 from windquant.calib.corpus import corpus_tokens
 from windquant.config import QuantConfig
 from windquant.eval.perplexity import perplexity
@@ -51,6 +55,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--table7-run", default=None, help="checkpoint or PPO folder with episodes.jsonl of a long run")
     p.add_argument("--table7-every", type=int, default=10, help="episodes between Table-7 points")
+    p.add_argument("--timing-episodes", type=int, default=0, help="alternate N bare proxy forwards and N episodes (ratio)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/rl_vs_heuristic")
     p.add_argument("--quiet", action="store_true")
@@ -142,6 +147,8 @@ def main() -> None:
         results["rows"][key] = row
         write_json(results_path, results)
 
+    if args.timing_episodes:
+        results["timing"] = episode_timing(model, prepared, config, args.timing_episodes)
     if args.table7_run:
         results["table7"] = table7(Path(args.table7_run), prepared, wiki_ppl, args.table7_every, results.get("table7", []))
         long_run = read_episodes(Path(args.table7_run) / "episodes.jsonl")
@@ -158,6 +165,28 @@ def main() -> None:
     write_markdown(results, out / "results.md")
     plot(results, out)
     print((out / "results.md").read_text())
+
+
+def episode_timing(model, prepared, config: QuantConfig, n: int) -> dict:
+    """Bare proxy forward and full PPO episode (roll-out, proxy, update), alternated ``n`` times so
+    both see the same machine load; medians and their ratio."""
+    problem = prepared.problem(config.target_bits, config.accounting)
+    cfg = PPOConfig()
+    env = AllocationEnv(problem, prepared.proxy, prepared.proxy_ref, cfg)
+    agent, generator = new_agent(cfg, 0), torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
+    bare, episode = [], []
+    for _ in range(n):
+        start = time.perf_counter()
+        with torch.no_grad():
+            perplexity(model, prepared.proxy_windows.reshape(-1), ctx=config.proxy_len, batch_size=8, progress=False)
+        mid = time.perf_counter()
+        roll, _ = run_episode(env, agent, config.target_bits, generator)
+        ppo_update(agent, optimizer, roll, cfg, generator)
+        bare.append(mid - start)
+        episode.append(time.perf_counter() - mid)
+    b, e = statistics.median(bare), statistics.median(episode)
+    return {"n": n, "median_bare_seconds": b, "median_episode_seconds": e, "ratio": e / b}
 
 
 def table7(run: Path, prepared, wiki_ppl, every: int, done: list[dict]) -> list[dict]:
@@ -230,6 +259,13 @@ def write_markdown(results: dict, path: Path) -> None:
                 "",
                 f"Pearson r = {pearsonr(xs, ys)[0]:.3f}, Spearman ρ = {spearmanr(xs, ys)[0]:.3f} over {len(t7)} points.",
             ]
+    if "timing" in results:
+        t = results["timing"]
+        lines += [
+            "",
+            f"Episode time vs one bare proxy forward, alternated {t['n']}×: median episode {t['median_episode_seconds']:.2f} s, "
+            f"median bare forward {t['median_bare_seconds']:.2f} s, ratio **{t['ratio']:.2f}**.",
+        ]
     if "long_run" in results:
         lr = results["long_run"]
         lines += [
