@@ -30,6 +30,7 @@ from windquant.alloc.ppo.env import AllocationEnv
 from windquant.alloc.ppo.report import read_episodes
 from windquant.alloc.ppo.train import new_agent, run_episode
 from windquant.calib.corpus import corpus_tokens
+from windquant.commands import parse_overrides
 from windquant.config import QuantConfig
 from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
@@ -47,6 +48,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=50, help="PPO episodes per seed (paper Table 8: 50)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rows", default="heuristic,ppo,ilp", help="allocators to compare ('' = only the Table-7 check)")
+    p.add_argument("--ppo-set", default=None, metavar="K=V,...", help="PPOConfig overrides for the ppo rows (ablations)")
     p.add_argument("--proxy-samples", type=int, default=QuantConfig.proxy_samples)
     p.add_argument("--proxy-len", type=int, default=QuantConfig.proxy_len)
     p.add_argument("--corpus", default="wikitext2")
@@ -93,6 +95,7 @@ def main() -> None:
         proxy_len=args.proxy_len,
         cache_dir=args.cache_dir,
         data_dir=args.data_dir,
+        ppo=parse_overrides(args.ppo_set),
     )
     timings = Timings()
     prepared = prepare(model, tok, config, timings, progress, need_scores=False)

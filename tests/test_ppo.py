@@ -333,6 +333,18 @@ def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path,
     assert main(["inspect", str(out)]) == 0
     assert "ppo: 2 episodes" in capsys.readouterr().out
     assert main(argv[:-1] + ["--policy", str(tmp_path / "missing.safetensors"), "--overwrite", "--quiet"]) == 2
+    assert main(argv + ["--ppo-set", "gama=1"]) == 2
+    assert "--ppo-set" in capsys.readouterr().err
+
+
+def test_ppo_overrides_parse_and_reach_the_config():
+    from windquant.alloc.ppo import PPOConfig
+    from windquant.commands import parse_overrides
+
+    got = parse_overrides("gamma=1.0,minibatches=2")
+    assert got == {"gamma": 1.0, "minibatches": 2} and isinstance(got["minibatches"], int)
+    cfg = PPOConfig.from_dict({**got, "episodes": 7})
+    assert (cfg.gamma, cfg.minibatches, cfg.episodes, cfg.lr) == (1.0, 2, 7, 5e-4)
 
 
 def test_unit_features_follow_the_paper_formulas(tiny_model):

@@ -57,6 +57,12 @@ def _add_ppo_flags(p, d) -> None:
     g.add_argument("--ppo-dir", default=None, help="checkpoints + episode log (default: under the candidate cache)")
     g.add_argument("--resume", action="store_true", help="continue a killed PPO run from its last checkpoint")
     g.add_argument("--policy", default=None, help="reuse a trained policy.safetensors zero-shot (no training)")
+    g.add_argument(
+        "--ppo-set",
+        default=None,
+        metavar="K=V,...",
+        help="override PPOConfig fields, e.g. gamma=1.0,entropy_coef=0.01 (defaults: the paper's values)",
+    )
 
 
 def _add_quantize(sub) -> None:

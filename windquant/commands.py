@@ -39,7 +39,31 @@ def _config_from_args(args: argparse.Namespace):
         ppo_dir=args.ppo_dir,
         resume=args.resume,
         policy=args.policy,
+        ppo=parse_overrides(getattr(args, "ppo_set", None)),
     ).validate()
+
+
+def parse_overrides(text: str | None) -> dict | None:
+    """``"gamma=1.0,episodes=5"`` -> {"gamma": 1.0, ...}, checked against PPOConfig's fields."""
+    if not text:
+        return None
+    from dataclasses import fields
+
+    from windquant.alloc.ppo import PPOConfig
+
+    known = {f.name: f for f in fields(PPOConfig)}
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in known or key in ("reward", "curriculum") or not value:
+            names = ", ".join(k for k in known if k not in ("reward", "curriculum"))
+            raise WindquantError(f"--ppo-set: {item!r} is not KEY=VALUE with KEY one of {names}")
+        try:
+            out[key] = int(value) if isinstance(getattr(PPOConfig(), key), int) else float(value)
+        except ValueError:
+            raise WindquantError(f"--ppo-set: {key} needs a number, got {value!r}") from None
+    return out
 
 
 def _dry_run(model, config) -> int:

@@ -34,6 +34,7 @@ class QuantConfig:
     ppo_dir: str | None = None  # checkpoints + logs (default: under the candidate cache)
     resume: bool = False  # continue the run in ppo_dir from its last checkpoint
     policy: str | None = None  # reuse a trained policy.safetensors zero-shot (no training)
+    ppo: dict | None = None  # overrides of PPOConfig fields, e.g. {"gamma": 1.0} (paper values otherwise)
 
     def validate(self) -> QuantConfig:
         if self.chunk <= 0:

@@ -75,6 +75,8 @@ class Prepared:
         if c.ppo_dir:
             return Path(c.ppo_dir)
         name = f"{c.accounting}-{target_bits:g}-seed{c.seed}-ep{c.episodes}-proxy{c.proxy_samples}x{c.proxy_len}"
+        if c.ppo:
+            name += "-" + "-".join(f"{k}{v:g}" for k, v in sorted(c.ppo.items()))
         return (self.folder if self.folder is not None else default_cache_dir()) / "ppo" / name
 
 
@@ -178,7 +180,7 @@ def allocator_kwargs(prepared: Prepared, config: QuantConfig, info: dict, progre
         return {
             "proxy": prepared.proxy,
             "ppl_ref": prepared.proxy_ref,
-            "config": PPOConfig(episodes=config.episodes),
+            "config": PPOConfig.from_dict({**(config.ppo or {}), "episodes": config.episodes}),
             "work_dir": prepared.ppo_dir(config, target),
             "seed": config.seed,
             "resume": config.resume,
