@@ -256,11 +256,17 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/peers", help="folder for peers.json / peers.md")
     ap.add_argument("--work", default="runs/peers", help="scratch folder for exports (git-ignored)")
     ap.add_argument("--rerun", default="", help="comma-separated row keys to recompute")
+    ap.add_argument("--only-table", action="store_true", help="rewrite peers.md from peers.json and stop")
     add_eval_args(ap)
     args = ap.parse_args()
     threads = set_threads(args.threads)
 
     out, work = Path(args.out), Path(args.work)
+    if args.only_table:
+        meta = {k: v for k, v in json.loads((out / "peers.json").read_text()).items() if k != "rows"}
+        write_markdown(out / "peers.md", list(load_rows(out / "peers.json").values()), meta)
+        print((out / "peers.md").read_text())
+        return
     work.mkdir(parents=True, exist_ok=True)
     json_path = out / "peers.json"
     rows = load_rows(json_path)

@@ -199,25 +199,27 @@ def evaluate_rows(specs: list[dict], rows: dict, rows_path: Path, args) -> dict:
 
 
 def ppo_rows(folder: Path) -> list[dict]:
-    """ppo rows of the RL benchmark's JSON files (any row or dict naming allocator/method 'ppo')."""
+    """ppo rows of the RL benchmark's JSON files (a list, or a name -> row dict, under "rows")."""
     found = []
     for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())
         items = data.get("rows", data) if isinstance(data, dict) else data
-        items = items if isinstance(items, list) else [items]
+        if isinstance(items, dict):
+            items = list(items.values()) if all(isinstance(v, dict) for v in items.values()) else [items]
         for r in items:
             if not isinstance(r, dict) or "ppo" not in str(r.get("allocator", r.get("method", ""))).lower():
                 continue
             ppl = r.get("ppl", r.get("wiki2_ppl"))
+            target = r.get("target_bits", r.get("budget", round(r.get("true_bits") or 0, 2)))
             found.append(
                 {
-                    "key": f"ppo:{path.stem}:{r.get('target_bits', r.get('budget'))}",
+                    "key": f"ppo:{path.stem}:{target}:{r.get('seed')}",
                     "method": "windquant ppo",
-                    "label": f"ppo @{r.get('target_bits', r.get('budget'))} ({path.name})",
+                    "label": f"ppo @{target} true bits, seed {r.get('seed')} ({path.parent.name}/{path.name})",
                     "true_bits": r.get("true_bits"),
                     "paper_bits": r.get("paper_bits"),
-                    "wiki2": {"ppl": ppl, "ctx": r.get("ctx"), "tokens": r.get("tokens")} if ppl is not None else None,
-                    "quantize_seconds": r.get("seconds", r.get("total_seconds")),
+                    "wiki2": {"ppl": ppl} if ppl is not None else None,
+                    "quantize_seconds": r.get("allocate_seconds", r.get("seconds")),
                     "source": str(path),
                 }
             )
@@ -421,8 +423,8 @@ def main() -> None:
         meta |= {k: v for k, v in saved.items() if k != "rows"}
     else:
         meta = {"model": args.model, "threads": threads, **evaluate_rows(specs, rows, rows_path, args)}
-    if not args.only_table:
-        meta["argv"] = shlex.join(sys.argv[1:])
+    if not args.only_table or "argv" not in meta:
+        meta["argv"] = shlex.join(a for a in sys.argv[1:] if a != "--only-table")
     save_rows(rows_path, rows, meta)
 
     peers = peer_rows(Path(args.peers))
