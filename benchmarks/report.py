@@ -243,13 +243,15 @@ def attach_prior(rows: list[dict], specs: list[dict], path: Path) -> None:
             hit = by_key.get(("reference", "true", None))
         elif "--target-bits" in flags:
             hit = by_key.get((flags["--allocator"], flags.get("--accounting", "true"), float(flags["--target-bits"])))
-        if hit is None:
-            continue
-        prior = {"ppl": hit["ppl"], "true_bits": hit["true_bits"], "paper_bits": hit["paper_bits"], "source": str(path)}
+        elif "--uniform-action" in flags:  # the sweep's "highest uniform action that fits" rows
+            want = {f"{float(flags['--uniform-action']):g}": 1.0}
+            hit = next((r for r in sweep if r["allocator"] == "uniform" and r.get("action_distribution") == want), None)
         if row is None:
             row = {k: v for k, v in spec.items() if k != "flags"}
             rows.append(row)
-        row["prior"] = prior
+        if hit is None:
+            continue
+        row["prior"] = {"ppl": hit["ppl"], "true_bits": hit["true_bits"], "paper_bits": hit["paper_bits"], "source": str(path)}
 
 
 def peer_rows(path: Path) -> list[dict]:
