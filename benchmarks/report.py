@@ -305,18 +305,27 @@ def plot(rows: list[dict], reference: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    series: dict[str, list[tuple[float, float]]] = {}
+    series: dict[str, list[tuple[float, float, str]]] = {}
     for r in rows:
         ppl = (r.get("wiki2") or {}).get("ppl")
-        if r.get("error") or ppl is None or r.get("true_bits") is None:
+        bits = r.get("true_bits")
+        if ppl is None and r.get("prior"):  # sweep figure, drawn the same way and marked † in the table
+            ppl, bits = r["prior"]["ppl"], r["prior"]["true_bits"]
+        if r.get("error") or ppl is None or bits is None or r["key"] == "fp":
             continue
         name = r["method"] + (" (paper-bits budget)" if ":paper" in r["key"] else "")
-        series.setdefault(name, []).append((r["true_bits"], ppl))
+        series.setdefault(name, []).append((bits, ppl, r["key"].split(":")[-1]))
     for name, pts in sorted(series.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    if reference and reference.get("wiki2"):
-        ax.axhline(reference["wiki2"]["ppl"], color="k", ls="--", lw=1, label="FP reference")
+        peer = not name.startswith("windquant")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if peer else "o", ls="none" if peer else "-", label=name)
+        if peer:
+            for x, y, tag in pts:
+                ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ref = reference or {}
+    ref_ppl = (ref.get("wiki2") or {}).get("ppl") or (ref.get("prior") or {}).get("ppl")
+    if ref_ppl:
+        ax.axhline(ref_ppl, color="k", ls="--", lw=1, label="FP reference")
     ax.set_yscale("log")
     ax.set_xlabel("true bits per block-linear weight")
     ax.set_ylabel("WikiText-2 PPL (log)")
@@ -445,7 +454,7 @@ def main() -> None:
     ours.sort(key=lambda r: order[r["key"]])
     ordered = ours + ppo_rows(Path(args.rl_dir)) + peers
     png = out / "ppl_vs_bits.png"
-    plot(ordered, rows.get("fp"), png)
+    plot(ordered, next((r for r in ours if r["key"] == "fp"), None), png)
     write_results(Path(args.md), ordered, meta, png)
     print(Path(args.md).read_text())
 
