@@ -307,32 +307,22 @@ def test_ppo_plan_meets_budget_and_reports(ppo_prepared, tmp_path):
 
 
 def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path, capsys):
+    from test_cli import quantize_args
+
     from windquant.cli import main
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "ckpt"
-    argv = ["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--chunk", "32", "--calib", str(corpus)]
-    argv += [
-        "--calib-samples",
-        "4",
-        "--calib-len",
-        "32",
-        "--steps",
-        "2",
-        "--target-bits",
-        "4",
-        "--cache-dir",
-        str(tmp_path / "c"),
-    ]
-    argv += ["--allocator", "ppo", "--episodes", "2", "--proxy-samples", "2", "--proxy-len", "32", "--quiet"]
+    ppo = ["--target-bits", "4", "--allocator", "ppo", "--episodes", "2", "--proxy-samples", "2", "--proxy-len", "32"]
+    argv = quantize_args(tiny_model_dir, out, corpus, tmp_path / "c", *ppo)
     assert main(argv) == 0
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 2
     assert (out / "policy.safetensors").is_file() and (out / "training_curve.png").is_file()
     assert json.loads((out / "plan.json").read_text())["true_bits"] <= 4.0
     assert main(["inspect", str(out)]) == 0
     assert "ppo: 2 episodes" in capsys.readouterr().out
-    assert main(argv[:-1] + ["--policy", str(tmp_path / "missing.safetensors"), "--overwrite", "--quiet"]) == 2
+    assert main(argv + ["--policy", str(tmp_path / "missing.safetensors"), "--overwrite"]) == 2
     assert main(argv + ["--ppo-set", "gama=1"]) == 2
     assert "--ppo-set" in capsys.readouterr().err
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
-from windquant.errors import WindquantError
+from windquant.errors import WindquantError, reject_unknown_fields
 from windquant.quant.accounting import ACCOUNTINGS, canonical_action
 
 
@@ -68,8 +68,5 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise WindquantError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        reject_unknown_fields(cls, d, "config")
         return cls(**d)

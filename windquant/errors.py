@@ -3,3 +3,12 @@
 
 class WindquantError(Exception):
     """A problem with the user's input, with the fix in the message."""
+
+
+def reject_unknown_fields(cls: type, d: dict, what: str) -> None:
+    """One-line error naming the keys of ``d`` that are not fields of dataclass ``cls``."""
+    from dataclasses import fields
+
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise WindquantError(f"unknown {what} fields: {', '.join(sorted(unknown))}")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from windquant.alloc.ppo.rewards import RewardConfig
-from windquant.errors import WindquantError
+from windquant.errors import WindquantError, reject_unknown_fields
 
 
 @dataclass
@@ -51,10 +51,7 @@ class PPOConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PPOConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise WindquantError(f"unknown PPO config fields: {', '.join(sorted(unknown))}")
+        reject_unknown_fields(cls, d, "PPO config")
         d = dict(d)
         if "reward" in d:
             d["reward"] = RewardConfig(**d["reward"])
