@@ -118,7 +118,7 @@ def compute_scores(
         return load_file(str(path))["scores"]
     moments, fisher = second_moments_and_fisher(model, windows, progress=progress)
     scores = sensitivity_scores(model, prepared.units, prepared.cache, moments, fisher)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent runs never share a temp file
     save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})
     os.replace(tmp, path)
     return scores

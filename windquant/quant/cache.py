@@ -118,7 +118,7 @@ class CandidateCache:
     def _save_shard(self, shard: Path, layer_units: list[Unit]) -> None:
         tensors = {f"u{u.index}/{a:g}/{k}": t for u in layer_units for a in ACTIONS for k, t in self.packed[(u.index, a)].items()}
         meta = {"errors": json.dumps({u.index: {f"{a:g}": e for a, e in self.errors[u.index].items()} for u in layer_units})}
-        tmp = shard.with_suffix(".tmp")
+        tmp = shard.with_suffix(f".tmp{os.getpid()}")  # two processes filling one cache never share a temp file
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, shard)
 
