@@ -35,7 +35,7 @@ from windquant.config import QuantConfig
 from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
 from windquant.pack.apply import plan_weights
-from windquant.pipeline import calibration_windows, compute_scores, make_plan, prepare
+from windquant.pipeline import calibration_windows, compute_scores, make_plan, prepare, proxy_perplexity
 from windquant.quant.accounting import ACTIONS
 from windquant.runinfo import Timings, peak_rss_mib
 
@@ -115,8 +115,7 @@ def main() -> None:
     bare = []
     for _ in range(5):
         start = time.perf_counter()
-        with torch.no_grad():
-            perplexity(model, prepared.proxy_windows.reshape(-1), ctx=args.proxy_len, batch_size=8, progress=False)
+        proxy_perplexity(model, prepared.proxy_windows)
         bare.append(time.perf_counter() - start)
     results["bare_proxy_seconds"] = statistics.median(bare)
     if "reference" not in results["rows"]:
@@ -189,8 +188,7 @@ def episode_timing(model, prepared, config: QuantConfig, n: int) -> dict:
     bare, episode = [], []
     for _ in range(n):
         start = time.perf_counter()
-        with torch.no_grad():
-            perplexity(model, prepared.proxy_windows.reshape(-1), ctx=config.proxy_len, batch_size=8, progress=False)
+        proxy_perplexity(model, prepared.proxy_windows)
         mid = time.perf_counter()
         roll, _ = run_episode(env, agent, config.target_bits, generator)
         ppo_update(agent, optimizer, roll, cfg, generator)

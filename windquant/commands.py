@@ -51,7 +51,7 @@ def parse_overrides(text: str | None) -> dict | None:
 
     from windquant.alloc.ppo import PPOConfig
 
-    known = {f.name: f for f in fields(PPOConfig)}
+    known = [f.name for f in fields(PPOConfig)]
     out = {}
     for item in text.split(","):
         key, _, value = item.partition("=")

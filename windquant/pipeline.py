@@ -93,6 +93,12 @@ def calibrate(model: nn.Module, tokenizer, config: QuantConfig, progress: bool =
     return activation_scales(model, calibration_windows(tokenizer, config), progress=progress)
 
 
+@torch.no_grad()
+def proxy_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """Perplexity of ``model`` (as it is now) on the proxy windows [samples, len]: the RL reward's pass."""
+    return perplexity(model, windows.reshape(-1), ctx=windows.shape[1], batch_size=8, progress=False).ppl
+
+
 def proxy_evaluator(model: nn.Module, prepared: Prepared, windows: torch.Tensor) -> Callable[[list[float]], float]:
     """Requested actions -> perplexity on ``windows``, assembled from the candidate cache.
 
@@ -103,8 +109,8 @@ def proxy_evaluator(model: nn.Module, prepared: Prepared, windows: torch.Tensor)
 
     def score(requested: list[float]) -> float:
         applied = [prepared.cache.applied(u.index, a, threshold) for u, a in zip(prepared.units, requested)]
-        with torch.no_grad(), plan_weights(model, prepared.units, prepared.cache.weights_of(applied)):
-            return perplexity(model, windows.reshape(-1), ctx=windows.shape[1], batch_size=8, progress=False).ppl
+        with plan_weights(model, prepared.units, prepared.cache.weights_of(applied)):
+            return proxy_perplexity(model, windows)
 
     return score
 
@@ -162,10 +168,7 @@ def prepare(
             proxy_windows = sample_windows(tokens, config.proxy_samples, config.proxy_len, config.seed)
             prepared.proxy = proxy_evaluator(model, prepared, proxy_windows)
             prepared.proxy_windows = proxy_windows
-            with torch.no_grad():
-                prepared.proxy_ref = perplexity(
-                    model, proxy_windows.reshape(-1), ctx=config.proxy_len, batch_size=8, progress=False
-                ).ppl
+            prepared.proxy_ref = proxy_perplexity(model, proxy_windows)
     return prepared
 
 
