@@ -135,19 +135,48 @@ class WindquantRows:
             }
             atomic_write(folder / "run_report.json", json.dumps(report, indent=1))
             del model
-        report = json.loads((folder / "run_report.json").read_text())
-        acc, t = report["accounting"], report["timings"]
-        return {
-            "command": shlex.join(cmd),
-            "checkpoint": str(folder),
-            "true_bits": acc["true_bits"],
-            "paper_bits": acc["paper_bits"],
-            "quantized_bytes": acc["quantized_bytes"],
-            "quantize_seconds": t["total_seconds"],
-            "stage_seconds": t["seconds"],
-            "peak_rss_mib": t["peak_rss_mib"],
-            "formula": "8*bytes of the packed block-linear tensors in model.safetensors / n (quant/accounting.py)",
-        }
+        return checkpoint_row(folder, shlex.join(cmd))
+
+
+def checkpoint_row(folder: Path, command: str) -> dict:
+    """Bits, bytes, stage times and peak memory of a windquant checkpoint, from its run_report.json."""
+    report = json.loads((Path(folder) / "run_report.json").read_text())
+    acc, t = report["accounting"], report["timings"]
+    return {
+        "command": command,
+        "checkpoint": str(folder),
+        "true_bits": acc["true_bits"],
+        "paper_bits": acc["paper_bits"],
+        "quantized_bytes": acc["quantized_bytes"],
+        "quantize_seconds": t["total_seconds"],
+        "stage_seconds": t["seconds"],
+        "peak_rss_mib": t["peak_rss_mib"],
+        "formula": "8*bytes of the packed block-linear tensors in model.safetensors / n (quant/accounting.py)",
+    }
+
+
+def checkpoint_specs(spec: str) -> list[dict]:
+    """``KEY=DIR,...`` -> rows for checkpoints the CLI already wrote (e.g. a long PPO run)."""
+    specs = []
+    for item in filter(None, spec.split(",")):
+        key, sep, folder = item.partition("=")
+        report_path = Path(folder) / "run_report.json"
+        if not sep or not report_path.is_file():
+            sys.exit(
+                f"--checkpoints {item!r}: expected KEY=DIR with DIR/run_report.json (a `windquant quantize --out DIR` folder)"
+            )
+        report = json.loads(report_path.read_text())
+        alloc, mode, target = report["allocator"], report.get("accounting_mode", "true"), report.get("target_bits")
+        budget = f" @{target:g} {mode} bits" if target is not None else ""
+        specs.append(
+            {
+                "key": key,
+                "method": f"windquant {alloc}",
+                "label": f"{alloc}{budget} ({folder})",
+                "existing": folder,
+            }
+        )
+    return specs
 
 
 def evaluate_rows(specs: list[dict], rows: dict, rows_path: Path, args) -> dict:
@@ -180,7 +209,10 @@ def evaluate_rows(specs: list[dict], rows: dict, rows_path: Path, args) -> dict:
                 row.update({"true_bits": 32.0, "paper_bits": 32.0, "quantize_seconds": 0.0, "load_seconds": load_seconds})
                 row["peak_rss_mib"] = phase_peak_rss_mib()
             else:
-                row.update(quantizer.quantize(spec))
+                if spec.get("existing"):
+                    row.update(checkpoint_row(Path(spec["existing"]), f"(checkpoint written earlier) {spec['existing']}"))
+                else:
+                    row.update(quantizer.quantize(spec))
                 model, tok = windquant.load(row["checkpoint"]), load_tokenizer(row["checkpoint"])
         except Exception as exc:  # one failed row must not lose the others
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -406,6 +438,11 @@ def main() -> None:
         default="fp,ilp:true2.5,ilp:true2.0,ilp:true3.0,heuristic:true2.5,uniform:2,uniform:3,uniform:4",
         help="row keys to compute first (the table order is unchanged; default %(default)s)",
     )
+    ap.add_argument(
+        "--checkpoints",
+        default="",
+        help="KEY=DIR,... windquant checkpoints written by `windquant quantize --out DIR` to evaluate as extra rows",
+    )
     ap.add_argument("--zs-keys", default="", help="run zero-shot only for these row keys (default: every row)")
     ap.add_argument("--only-table", action="store_true", help="no quantization or evaluation: rebuild from cached rows")
     ap.add_argument("--rerun", default="", help="comma-separated row keys to recompute")
@@ -418,7 +455,11 @@ def main() -> None:
     for key in filter(None, args.rerun.split(",")):
         rows.pop(key, None)
 
-    specs = [{"key": "fp", "method": "FP reference", "label": "fp32 (dequantized GGUF)"}, *windquant_rows(args)]
+    specs = [
+        {"key": "fp", "method": "FP reference", "label": "fp32 (dequantized GGUF)"},
+        *windquant_rows(args),
+        *checkpoint_specs(args.checkpoints),
+    ]
     saved = json.loads(rows_path.read_text()) if rows_path.is_file() else {}
     settings = ("ctx", "max_windows", "tasks", "limit")
     tasks = [t for t in args.tasks.split(",") if t]
