@@ -192,8 +192,8 @@ def quantize_autoround(model, tokenizer, config: str, args, work: Path) -> dict:
     code_bits = 0
     for name, mod in qmodel.named_modules():
         if name in names:
-            label = f"W{mod.bits}G{mod.group_size}"
-            layer_schemes[label] = layer_schemes.get(label, 0) + 1
+            layer_scheme = f"W{mod.bits}G{mod.group_size}"  # not `label`: that names the whole row
+            layer_schemes[layer_scheme] = layer_schemes.get(layer_scheme, 0) + 1
             code_bits += mod.bits * mod.weight.numel()
     shutil.rmtree(export, ignore_errors=True)
     n = n_block_weights(qmodel)
@@ -231,11 +231,9 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
         zs = r.get("zeroshot") or {}
         accs = [fmt(100 * zs[t]["acc"], 1) if t in zs else "–" for t in tasks]
         avg = fmt(100 * r["zeroshot_avg"], 1) if r.get("zeroshot_avg") is not None else "–"
-        lines.append(
-            f"| {r['method']} | {r['config']} | {r['true_bits']:.3f} | {fmt((r.get('wiki2') or {}).get('ppl'))} | "
-            + " | ".join(accs)
-            + f" | {avg} | {fmt(r.get('quantize_seconds'), 1)} | {fmt(r.get('peak_rss_mib'), 0)} | {r['formula']} |"
-        )
+        cells = [r["method"], r["config"], f"{r['true_bits']:.3f}", fmt((r.get("wiki2") or {}).get("ppl")), *accs, avg]
+        cells += [fmt(r.get("quantize_seconds"), 1), fmt(r.get("peak_rss_mib"), 0), r["formula"]]
+        lines.append("| " + " | ".join(cells) + " |")
     atomic_write(path, "\n".join(lines) + "\n")
 
 
