@@ -219,7 +219,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
     head = ["method", "config", "true bits", "Wiki2 PPL", *tasks, "avg", "quantize s", "peak RSS MiB", "true-bits formula"]
     lines = [
         f"Peers on {meta['model']}, block linears only; WikiText-2 test ctx {meta['ctx']}, "
-        f"first {meta['max_windows']} windows; zero-shot limit {meta['limit'] or 'full set'}.",
+        f"first {meta['max_windows']} windows; "
+        + (f"zero-shot limit {meta['limit'] or 'full set'}." if tasks else "no zero-shot in the last run."),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
