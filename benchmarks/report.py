@@ -294,10 +294,18 @@ def peer_rows(path: Path) -> list[dict]:
         label = r.get("config", r["key"])
         paper = r.get("paper_bits", (r.get("settings") or {}).get("nbits"))  # HQQ: the code width
         rows.append({**r, "label": label, "paper_bits": paper, "source": str(path)})
-    return rows
+    return sorted(rows, key=lambda r: (r["method"], -(r.get("true_bits") or 0)))
 
 
-def table(rows: list[dict], tasks: list[str]) -> str:
+def zs_cell(result: dict | None, limit: int | None) -> str:
+    """Accuracy in %, with its n when the row was scored on another subset than the table's."""
+    if result is None:
+        return "–"
+    other = f" (n={result['n']})" if result.get("limit") != limit else ""
+    return fmt(100 * result["acc"], 1) + other
+
+
+def table(rows: list[dict], tasks: list[str], limit: int | None) -> str:
     head = [
         "Method",
         "config",
@@ -315,7 +323,7 @@ def table(rows: list[dict], tasks: list[str]) -> str:
             out.append(f"| {r['method']} | not run (see notes) | " + " | ".join(["–"] * (len(head) - 2)) + " |")
             continue
         zs = r.get("zeroshot") or {}
-        accs = [fmt(100 * zs[t]["acc"], 1) if t in zs else "–" for t in tasks]
+        accs = [zs_cell(zs.get(t), limit) for t in tasks]
         avg = fmt(100 * r["zeroshot_avg"], 1) if r.get("zeroshot_avg") is not None and all(t in zs for t in tasks) else "–"
         ppl = (r.get("wiki2") or {}).get("ppl")
         prior = r.get("prior") if ppl is None else None
@@ -402,7 +410,7 @@ counted. {ctx_line}. Machine: 2 shared CPU cores, {meta["threads"]} torch thread
   that row's pack, candidate cache in RAM included; peers: the quantize phase), the fp32
   reference model included in both.
 
-{table(rows, tasks)}
+{table(rows, tasks, meta["limit"])}
 
 ![PPL vs true bits]({os.path.relpath(png, md.parent)})
 
