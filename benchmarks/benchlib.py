@@ -141,3 +141,11 @@ def fmt(x, digits: int = 2) -> str:
     if isinstance(x, float):
         return f"{x:,.{digits}f}" if abs(x) < 1e4 else f"{x:,.0f}"
     return str(x)
+
+
+def zs_cell(result: dict | None, limit: int | None) -> str:
+    """Accuracy in %, with its n when the row was scored on another subset than the table's."""
+    if result is None:
+        return "–"
+    other = f" (n={result['n']})" if result.get("limit") != limit else ""
+    return fmt(100 * result["acc"], 1) + other

@@ -36,6 +36,7 @@ from benchlib import (
     reset_peak_rss,
     save_rows,
     set_threads,
+    zs_cell,
 )
 from tqdm.auto import tqdm
 
@@ -230,7 +231,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
             lines.append(f"| {r['method']} | {r['key']} | – | – |" + " – |" * (len(tasks) + 3) + f" {r['error']} |")
             continue
         zs = r.get("zeroshot") or {}
-        accs = [fmt(100 * zs[t]["acc"], 1) if t in zs else "–" for t in tasks]
+        accs = [zs_cell(zs.get(t), meta["limit"]) for t in tasks]
         avg = fmt(100 * r["zeroshot_avg"], 1) if r.get("zeroshot_avg") is not None else "–"
         cells = [r["method"], r["config"], f"{r['true_bits']:.3f}", fmt((r.get("wiki2") or {}).get("ppl")), *accs, avg]
         cells += [fmt(r.get("quantize_seconds"), 1), fmt(r.get("peak_rss_mib"), 0), r["formula"]]

@@ -33,6 +33,7 @@ from benchlib import (
     reset_peak_rss,
     save_rows,
     set_threads,
+    zs_cell,
 )
 
 TASK_NAMES = {
@@ -295,14 +296,6 @@ def peer_rows(path: Path) -> list[dict]:
         paper = r.get("paper_bits", (r.get("settings") or {}).get("nbits"))  # HQQ: the code width
         rows.append({**r, "label": label, "paper_bits": paper, "source": str(path)})
     return sorted(rows, key=lambda r: (r["method"], -(r.get("true_bits") or 0)))
-
-
-def zs_cell(result: dict | None, limit: int | None) -> str:
-    """Accuracy in %, with its n when the row was scored on another subset than the table's."""
-    if result is None:
-        return "–"
-    other = f" (n={result['n']})" if result.get("limit") != limit else ""
-    return fmt(100 * result["acc"], 1) + other
 
 
 def table(rows: list[dict], tasks: list[str], limit: int | None) -> str:
