@@ -1,10 +1,10 @@
-"""Shared helpers of the peers and report benchmarks: threads, atomic JSON rows with resume,
-peak RSS per phase, and one evaluation (WikiText-2 PPL + zero-shot) used for every row."""
+"""Shared helpers of the peers and report benchmarks: JSON rows with resume, peak RSS per phase,
+and one evaluation (WikiText-2 PPL + zero-shot) used for every row. Threads and atomic writes
+come from the library (``windquant.runinfo.set_threads``, ``windquant.files``)."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -12,21 +12,8 @@ import torch
 
 from windquant.calib.corpus import corpus_tokens
 from windquant.eval.perplexity import perplexity
+from windquant.files import atomic_write_json
 from windquant.runinfo import peak_rss_mib
-
-
-def set_threads(n: int | None) -> int:
-    """Torch threads (default ``$WINDQUANT_THREADS`` or 1): never oversubscribe a shared box."""
-    n = n or int(os.environ.get("WINDQUANT_THREADS", "1"))
-    torch.set_num_threads(n)
-    return n
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_rows(path: Path) -> dict[str, dict]:
@@ -41,7 +28,7 @@ def save_rows(path: Path, rows: dict[str, dict], meta: dict, only: set[str] | No
     processes filling different rows of one file do not drop each other's rows."""
     if only is not None:
         rows = {**load_rows(path), **{k: rows[k] for k in only if k in rows}}
-    atomic_write(path, json.dumps({**meta, "rows": list(rows.values())}, indent=1) + "\n")
+    atomic_write_json(path, {**meta, "rows": list(rows.values())})
 
 
 def reset_peak_rss() -> bool:
@@ -132,7 +119,7 @@ def add_eval_args(ap) -> None:
     ap.add_argument("--tasks", default="piqa,arc_easy", help="zero-shot tasks, comma-separated; '' skips zero-shot")
     ap.add_argument("--zeroshot-dir", default="/work/shared/data/zeroshot", help="zero-shot data folder (default %(default)s)")
     ap.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (default: the full set)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default $WINDQUANT_THREADS or 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default $WINDQUANT_THREADS or every core)")
 
 
 def fmt(x, digits: int = 2) -> str:

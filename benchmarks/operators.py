@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from windquant.calib.corpus import corpus_tokens
-from windquant.config import QuantConfig
+from windquant.config import FitConfig
 from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
 from windquant.model.units import enumerate_units
@@ -96,10 +96,10 @@ def main() -> None:
     torch.manual_seed(0)
 
     model, tok = load_model(args.model)
-    config = QuantConfig(cache_dir=args.cache_dir, data_dir=args.data_dir)
+    config = FitConfig(cache_dir=args.cache_dir, data_dir=args.data_dir)
     units = enumerate_units(model, config.chunk)
     prepared = prepare(model, tok, config)
-    scales = prepared.act_scales
+    scales = prepared.stats.act_scales
     errors = error_table(model, units, scales, args.sample_units)
     tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
     modules = dict(model.named_modules())

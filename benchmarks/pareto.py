@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from windquant.actions import ACTIONS
 from windquant.alloc.ilp import solve
-from windquant.config import QuantConfig
+from windquant.config import FitConfig
 from windquant.eval.perplexity import perplexity
+from windquant.files import atomic_write_json
 from windquant.model.loading import load_model
-from windquant.pack.apply import plan_weights
-from windquant.pipeline import calibration_windows, prepare
-from windquant.quant.accounting import ACTIONS
+from windquant.pipeline import Prepared, calibration_windows, prepare
 from windquant.runinfo import Timings
 from windquant.sweep import run_sweep
 
@@ -47,31 +47,27 @@ def synthetic_solve_seconds(units: int = 3584, repeats: int = 3, seed: int = 0) 
     return {"units": units, "actions": 7, "median_seconds": statistics.median(times), "seconds": times, "methods": methods}
 
 
-def validate(model, tok, prepared, config: QuantConfig, plans: int, target: float, samples: int, seed: int) -> dict:
+def validate(prepared: Prepared, accounting: str, plans: int, target: float, samples: int, seed: int) -> dict:
     """Predicted total score vs measured calibration-loss increase for random plans near ``target``."""
     gen = np.random.default_rng(seed)
-    windows = calibration_windows(tok, QuantConfig(**{**config.to_dict(), "calib_samples": samples, "seed": seed + 1}))
+    windows = calibration_windows(prepared.tokenizer, prepared.fit, samples, seed=seed + 1)
     tokens = windows.flatten()
     ctx = windows.shape[1]
 
-    def nll(weight_of=None) -> float:
+    def nll() -> float:
         with torch.no_grad():
-            if weight_of is None:
-                return perplexity(model, tokens, ctx, progress=False).nll
-            with plan_weights(model, prepared.units, weight_of):
-                return perplexity(model, tokens, ctx, progress=False).nll
+            return perplexity(prepared.model, tokens, ctx, progress=False).nll
 
     base = nll()
-    problem = prepared.problem(target, config.accounting)
+    problem = prepared.problem(target, accounting)
     predicted, measured = [], []
     choices = [ACTIONS.index(a) for a in (4.0, 3.0, 2.0, 1.58)]
     for _ in range(plans):
         probs = gen.dirichlet(np.ones(len(choices)))
         cols = gen.choice(choices, size=len(prepared.units), p=probs)
-        actions = [ACTIONS[c] for c in cols]
         predicted.append(float(sum(problem.costs[i, c] for i, c in enumerate(cols))))
-        applied = [prepared.cache.applied(u.index, a, config.fallback_threshold) for u, a in zip(prepared.units, actions)]
-        measured.append(nll(prepared.cache.weights_of(applied)) - base)
+        with prepared.plan_weights([ACTIONS[c] for c in cols]):
+            measured.append(nll() - base)
     rho = spearmanr(predicted, measured).statistic
     return {
         "plans": plans,
@@ -104,22 +100,20 @@ def main() -> None:
     print(f"synthetic 8B-sized instance: median solve {solver['synthetic_8b']['median_seconds']:.2f}s")
     if not args.synthetic_only:
         model, tok = load_model(args.model)
-        config = QuantConfig(accounting=args.accounting, data_dir=args.data_dir, cache_dir=args.cache_dir)
         budgets = [float(b) for b in args.budgets.split(",")]
         timings = Timings()
         # Scores always: the validation below needs them even when ilp is not swept.
-        prepared = prepare(model, tok, config, timings, need_scores=True)
-        rows = run_sweep(
-            model, tok, prepared, budgets, args.allocators.split(","), args.corpus, args.ctx, args.max_windows, out, timings
-        )
+        prepared = prepare(model, tok, FitConfig(data_dir=args.data_dir, cache_dir=args.cache_dir), {"scores"}, timings)
+        allocators = dict.fromkeys(args.allocators.split(","))
+        rows = run_sweep(prepared, budgets, allocators, args.accounting, args.corpus, args.ctx, args.max_windows, out, timings)
         ilp_times = [r["solve_seconds"] for r in rows if r["allocator"] == "ilp" and "solve_seconds" in r]
         solver["default_model_ilp_median_seconds"] = statistics.median(ilp_times) if ilp_times else None
         print((out / "results.md").read_text())
         if args.validate:
-            result = validate(model, tok, prepared, config, args.validate, 2.5, samples=16, seed=0)
-            (out / "validation.json").write_text(json.dumps(result, indent=1))
+            result = validate(prepared, args.accounting, args.validate, 2.5, samples=16, seed=0)
+            atomic_write_json(out / "validation.json", result)
             print(f"score validation: Spearman {result['spearman']:.3f} over {args.validate} random plans")
-    (out / "solver.json").write_text(json.dumps(solver, indent=1))
+    atomic_write_json(out / "solver.json", solver)
     print(
         json.dumps(
             {k: v for k, v in solver.items() if k != "synthetic_8b"}

@@ -26,22 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import (
-    Evaluator,
-    add_eval_args,
-    atomic_write,
-    fmt,
-    load_rows,
-    phase_peak_rss_mib,
-    reset_peak_rss,
-    save_rows,
-    set_threads,
-    zs_cell,
-)
+from benchlib import Evaluator, add_eval_args, fmt, load_rows, phase_peak_rss_mib, reset_peak_rss, save_rows, zs_cell
 from tqdm.auto import tqdm
 
+from windquant.files import atomic_write_json, atomic_write_text
 from windquant.model.loading import load_model
 from windquant.model.units import block_linears
+from windquant.runinfo import set_threads
 
 HQQ_CONFIGS = "4g64,3g64,2g16,2g32,2g64"  # HQQ README: 4-bit g64, 3-bit g64, 2-bit g16/g32 (g64 extra)
 AR_CONFIGS = "W2A16G64,W3A16,W4A16,auto2.0,auto2.5,auto3.0"  # uniform 2/3/4-bit + AutoScheme targets
@@ -111,12 +102,12 @@ def quantize_hqq(model, config: str) -> dict:
 def calib_json(tokenizer, args, folder: Path) -> str:
     """windquant's default calibration windows (builtin corpus, 64 x 256, seed 0) as a JSON list
     of texts, so AutoRound sees the same data (AutoScheme only accepts a dataset path)."""
-    from windquant.config import QuantConfig
+    from windquant.config import FitConfig
     from windquant.pipeline import calibration_windows
 
-    windows = calibration_windows(tokenizer, QuantConfig(calib=args.ar_calib, data_dir=args.data_dir))
+    windows = calibration_windows(tokenizer, FitConfig(calib=args.ar_calib, data_dir=args.data_dir))
     path = folder / f"calib_{args.ar_calib}.json"
-    atomic_write(path, json.dumps([tokenizer.decode(w) for w in windows]))
+    atomic_write_json(path, [tokenizer.decode(w) for w in windows])
     return str(path)
 
 
@@ -236,7 +227,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
         cells = [r["method"], r["config"], f"{r['true_bits']:.3f}", fmt((r.get("wiki2") or {}).get("ppl")), *accs, avg]
         cells += [fmt(r.get("quantize_seconds"), 1), fmt(r.get("peak_rss_mib"), 0), r["formula"]]
         lines.append("| " + " | ".join(cells) + " |")
-    atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -23,18 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (
-    Evaluator,
-    add_eval_args,
-    atomic_write,
-    fmt,
-    load_rows,
-    phase_peak_rss_mib,
-    reset_peak_rss,
-    save_rows,
-    set_threads,
-    zs_cell,
-)
+from benchlib import Evaluator, add_eval_args, fmt, load_rows, phase_peak_rss_mib, reset_peak_rss, save_rows, zs_cell
+
+from windquant.files import atomic_write_text
+from windquant.runinfo import set_threads
 
 TASK_NAMES = {
     "piqa": "PIQA",
@@ -74,8 +66,9 @@ def windquant_rows(args) -> list[dict]:
 
 class WindquantRows:
     """Quantize windquant rows in this process: one ``prepare`` (calibration + candidate cache +
-    sensitivity scores) serves every row, then per row allocate, apply to a fresh copy, pack
-    to ``--ckpt-dir``/KEY. Same config -> same plan as the CLI command recorded in the row."""
+    sensitivity scores) serves every row, then per row allocate and ``write_checkpoint`` a fresh
+    copy of the reference to ``--ckpt-dir``/KEY. Same config -> same plan as the CLI command
+    recorded in the row."""
 
     def __init__(self, reference, tokenizer, args):
         self.reference, self.tokenizer, self.args = reference, tokenizer, args
@@ -83,23 +76,20 @@ class WindquantRows:
         self.prepare_seconds: dict = {}
 
     def _prepare(self):
-        from windquant.config import QuantConfig
         from windquant.pipeline import prepare
         from windquant.runinfo import Timings
 
         if self.prepared is None:
             timings = Timings()
-            self.prepared = prepare(self.reference, self.tokenizer, QuantConfig(), timings, need_scores=True)
+            self.prepared = prepare(self.reference, self.tokenizer, needs={"scores"}, timings=timings)
             self.prepare_seconds = {k: round(v, 1) for k, v in timings.items()}
         return self.prepared
 
     def quantize(self, spec: dict) -> dict:
         import copy
-        from dataclasses import replace
 
-        from windquant.inspect import plan_report
-        from windquant.pack.checkpoint import save
-        from windquant.pipeline import apply, make_plan
+        from windquant.config import PlanConfig
+        from windquant.pipeline import make_plan, write_checkpoint
         from windquant.runinfo import Timings
 
         folder = Path(self.args.ckpt_dir) / spec["key"].replace(":", "_")
@@ -109,33 +99,15 @@ class WindquantRows:
             print("$ " + shlex.join(cmd) + "   (equivalent; run in-process)", flush=True)
             prepared = self._prepare()
             action = flags.get("--uniform-action")
-            config = replace(
-                prepared.config,
-                allocator=flags["--allocator"],
+            config = PlanConfig(
                 target_bits=float(flags["--target-bits"]) if "--target-bits" in flags else None,
                 accounting=flags.get("--accounting", "true"),
-                uniform_action=float(action) if action else None,
-            ).validate()
-            timings = Timings()
+                allocator=flags["--allocator"],
+                allocator_config={"action": float(action)} if action else None,
+            )
+            timings = Timings(self.prepare_seconds)  # prepare stages shared by every row of the report run
             plan = make_plan(prepared, config, timings, progress=False)
-            model = copy.deepcopy(self.reference)
-            apply(model, prepared, plan, timings)
-            with timings.stage("pack"):
-                report = plan_report(plan, model)
-                save(model, self.tokenizer, plan, folder, overwrite=True)
-            seconds = {**self.prepare_seconds, **{k: round(v, 2) for k, v in timings.items()}}
-            report = {
-                "model": self.args.model,
-                **report,
-                "timings": {
-                    "seconds": seconds,
-                    "total_seconds": round(sum(seconds.values()), 1),
-                    "peak_rss_mib": phase_peak_rss_mib(),
-                },
-                "note": "prepare stages (calibrate, fit = candidate-cache read, scores) shared by every row of the report run",
-            }
-            atomic_write(folder / "run_report.json", json.dumps(report, indent=1))
-            del model
+            write_checkpoint(prepared, plan, folder, overwrite=True, model=copy.deepcopy(self.reference), model_name=self.args.model, timings=timings)
         return checkpoint_row(folder, shlex.join(cmd))
 
 
@@ -415,7 +387,7 @@ counted. {ctx_line}. Machine: 2 shared CPU cores, {meta["threads"]} torch thread
 * each windquant row (the report runs it, then `windquant.load(DIR)` and evaluates):
 {commands}
 """
-    atomic_write(md, text)
+    atomic_write_text(md, text)
 
 
 def main() -> None:

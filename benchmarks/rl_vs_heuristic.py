@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from dataclasses import replace
@@ -24,20 +23,20 @@ from pathlib import Path
 import torch
 from scipy.stats import pearsonr, spearmanr
 
+from windquant.actions import ACTIONS, fmt_action
 from windquant.alloc.ppo import PPOConfig
 from windquant.alloc.ppo.agent import ppo_update
 from windquant.alloc.ppo.env import AllocationEnv
 from windquant.alloc.ppo.report import read_episodes
-from windquant.alloc.ppo.train import new_agent, run_episode
+from windquant.alloc.ppo.train import new_agent, new_optimizer, run_episode
 from windquant.calib.corpus import corpus_tokens
-from windquant.commands import parse_overrides
-from windquant.config import QuantConfig
+from windquant.cliflags import parse_overrides
+from windquant.config import FitConfig, PlanConfig
 from windquant.eval.perplexity import perplexity
+from windquant.files import atomic_write_json
 from windquant.model.loading import load_model
-from windquant.pack.apply import plan_weights
-from windquant.pipeline import calibration_windows, compute_scores, make_plan, prepare, proxy_perplexity
-from windquant.quant.accounting import ACTIONS
-from windquant.runinfo import Timings, peak_rss_mib
+from windquant.pipeline import make_plan, prepare, proxy_perplexity
+from windquant.runinfo import Timings, peak_rss_mib, set_threads
 
 
 def parse() -> argparse.Namespace:
@@ -49,8 +48,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rows", default="heuristic,ppo,ilp", help="allocators to compare ('' = only the Table-7 check)")
     p.add_argument("--ppo-set", default=None, metavar="K=V,...", help="PPOConfig overrides for the ppo rows (ablations)")
-    p.add_argument("--proxy-samples", type=int, default=QuantConfig.proxy_samples)
-    p.add_argument("--proxy-len", type=int, default=QuantConfig.proxy_len)
+    p.add_argument("--proxy-samples", type=int, default=PPOConfig.proxy_samples)
+    p.add_argument("--proxy-len", type=int, default=PPOConfig.proxy_len)
     p.add_argument("--corpus", default="wikitext2")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--ctx", type=int, default=2048)
@@ -70,12 +69,6 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4g}"
@@ -84,7 +77,7 @@ def mean_std(values: list[float]) -> str:
 
 def main() -> None:
     args = parse()
-    torch.set_num_threads(int(os.environ.get("WINDQUANT_THREADS", os.cpu_count() or 1)))
+    set_threads()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -92,36 +85,32 @@ def main() -> None:
     progress = not args.quiet
 
     model, tok = load_model(args.model)
-    config = QuantConfig(
-        target_bits=args.target_bits,
-        accounting=args.accounting,
-        allocator="ppo",
+    ppo = PPOConfig(
         episodes=args.episodes,
         proxy_samples=args.proxy_samples,
         proxy_len=args.proxy_len,
-        cache_dir=args.cache_dir,
-        data_dir=args.data_dir,
-        ppo=parse_overrides(args.ppo_set),
+        **parse_overrides(PPOConfig, args.ppo_set, "--ppo-set"),
     )
     timings = Timings()
-    prepared = prepare(model, tok, config, timings, progress, need_scores=False)
+    prepared = prepare(model, tok, FitConfig(cache_dir=args.cache_dir, data_dir=args.data_dir), {"features"}, timings, progress)
+    proxy = prepared.proxy(ppo.proxy_samples, ppo.proxy_len)
     eval_tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
 
-    def wiki_ppl(applied: list[float]) -> float:
-        with torch.no_grad(), plan_weights(model, prepared.units, prepared.cache.weights_of(applied)):
+    def wiki_ppl(requested: list[float]) -> float:
+        with torch.no_grad(), prepared.plan_weights(requested):
             return perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress).ppl
 
     # One bare proxy forward (reference weights, no assembly), median of 5, same process.
     bare = []
     for _ in range(5):
         start = time.perf_counter()
-        proxy_perplexity(model, prepared.proxy_windows)
+        proxy_perplexity(model, proxy.windows)
         bare.append(time.perf_counter() - start)
     results["bare_proxy_seconds"] = statistics.median(bare)
     if "reference" not in results["rows"]:
         with torch.no_grad():
             ref = perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress)
-        results["rows"]["reference"] = {"wiki2_ppl": ref.ppl, "proxy_ppl": prepared.proxy_ref, "eval_tokens": ref.tokens}
+        results["rows"]["reference"] = {"wiki2_ppl": ref.ppl, "proxy_ppl": proxy.reference, "eval_tokens": ref.tokens}
 
     # ilp last: its scores are computed (or loaded from the cache) only when it is reached.
     wanted = {r.strip() for r in args.rows.split(",") if r.strip()}
@@ -131,9 +120,9 @@ def main() -> None:
         key = name if seed is None else f"ppo_seed{seed}"
         if key in results["rows"]:
             continue
-        cfg = replace(config, allocator=name, seed=seed if seed is not None else 0, ppo_dir=str(out / key))
-        if name == "ilp" and prepared.scores is None:
-            prepared.scores = compute_scores(model, calibration_windows(tok, config), prepared, prepared.folder, progress)
+        allocator_config = replace(ppo, work_dir=str(out / key)) if name == "ppo" else None
+        cfg = PlanConfig(args.target_bits, args.accounting, name, seed=seed or 0, allocator_config=allocator_config)
+        prepared.ensure({"scores"} if name == "ilp" else (), timings, progress)  # ilp's scores: computed or loaded only now
         start = time.perf_counter()
         plan = make_plan(prepared, cfg, progress=progress)
         seconds = time.perf_counter() - start
@@ -142,8 +131,8 @@ def main() -> None:
             "seed": seed,
             "true_bits": plan.true_bits,
             "paper_bits": plan.paper_bits,
-            "proxy_ppl": prepared.proxy(plan.requested),
-            "wiki2_ppl": wiki_ppl(plan.applied),
+            "proxy_ppl": proxy(plan.requested),
+            "wiki2_ppl": wiki_ppl(plan.requested),
             "allocate_seconds": seconds,
             "actions": plan.action_distribution(),
         }
@@ -153,10 +142,10 @@ def main() -> None:
             episodes = read_episodes(out / key / "episodes.jsonl")
             row["median_episode_seconds"] = statistics.median(r["seconds"] for r in episodes)
         results["rows"][key] = row
-        write_json(results_path, results)
+        atomic_write_json(results_path, results)
 
     if args.timing_episodes:
-        results["timing"] = episode_timing(model, prepared, config, args.timing_episodes)
+        results["timing"] = episode_timing(prepared, proxy, args.target_bits, args.accounting, args.timing_episodes)
     if args.table7_run:
         results["table7"] = table7(
             Path(args.table7_run), prepared, wiki_ppl, args.table7_every, args.table7_plans, results.get("table7", [])
@@ -171,26 +160,26 @@ def main() -> None:
         if report.is_file():
             results["long_run"]["run_report_timings"] = json.loads(report.read_text())["timings"]
     results["settings"] = {**vars(args), "peak_rss_mib": peak_rss_mib(), "stage_seconds": dict(timings)}
-    write_json(results_path, results)
+    atomic_write_json(results_path, results)
     write_markdown(results, out / "results.md")
     plot(results, out)
     print((out / "results.md").read_text())
 
 
-def episode_timing(model, prepared, config: QuantConfig, n: int) -> dict:
+def episode_timing(prepared, proxy, target_bits: float, accounting: str, n: int) -> dict:
     """Bare proxy forward and full PPO episode (roll-out, proxy, update), alternated ``n`` times so
     both see the same machine load; medians and their ratio."""
-    problem = prepared.problem(config.target_bits, config.accounting)
+    problem = prepared.problem(target_bits, accounting)
     cfg = PPOConfig()
-    env = AllocationEnv(problem, prepared.proxy, prepared.proxy_ref, cfg)
+    env = AllocationEnv(problem, proxy, proxy.reference, cfg)
     agent, generator = new_agent(cfg, 0), torch.Generator().manual_seed(0)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
+    optimizer = new_optimizer(agent, cfg)
     bare, episode = [], []
     for _ in range(n):
         start = time.perf_counter()
-        proxy_perplexity(model, prepared.proxy_windows)
+        proxy_perplexity(prepared.model, proxy.windows)
         mid = time.perf_counter()
-        roll, _ = run_episode(env, agent, config.target_bits, generator)
+        roll, _ = run_episode(env, agent, target_bits, generator)
         ppo_update(agent, optimizer, roll, cfg, generator)
         bare.append(mid - start)
         episode.append(time.perf_counter() - mid)
@@ -215,15 +204,13 @@ def table7(run: Path, prepared, wiki_ppl, every: int, which: str, done: list[dic
                 points.append(known[r["episode"]])
                 continue
             requested = [ACTIONS[int(c)] for c in pick["plan"]]
-            threshold = prepared.config.fallback_threshold
-            applied = [prepared.cache.applied(i, a, threshold) for i, a in enumerate(requested)]
             points.append(
                 {
                     "episode": r["episode"],
                     "plan_episode": pick["episode"],
                     "true_bits": pick["true_bits"],
                     "proxy_ppl": pick["proxy_ppl"],
-                    "wiki2_ppl": wiki_ppl(applied),
+                    "wiki2_ppl": wiki_ppl(requested),
                 }
             )
     return points
@@ -321,7 +308,7 @@ def plot(results: dict, out: Path) -> None:
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
 
-    labels = ["16", "8", "4", "3", "2", "1.58", "1"]
+    labels = [fmt_action(a) for a in ACTIONS]
     fig, ax = plt.subplots(figsize=(7, 4))
     keys = [k for k in results["rows"] if k != "reference"]
     width = 0.8 / max(len(keys), 1)

@@ -48,10 +48,26 @@ def tiny_model():
 
 
 @pytest.fixture
-def tiny_config(tmp_path):
-    from windquant.config import QuantConfig
+def tiny_fit(tmp_path):
+    from windquant.config import FitConfig
 
-    return QuantConfig(target_bits=3.0, chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(tmp_path / "cache"))
+    return FitConfig(chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_plan():
+    from windquant.config import PlanConfig
+
+    return PlanConfig(target_bits=3.0)
+
+
+def run_allocator(name, problem, work_dir=".", **config):
+    """Requested actions of allocator ``name`` on ``problem`` (its config from ``config``)."""
+    from windquant.alloc import AllocationContext, get_allocator
+    from windquant.config import PlanConfig
+
+    resolved = PlanConfig(allocator=name, allocator_config=config).validate().allocator_config
+    return get_allocator(name).allocate(problem, resolved, AllocationContext(work_dir)).requested
 
 
 @pytest.fixture

@@ -114,7 +114,7 @@ def test_target_below_cheapest_plan(tiny_model_dir, corpus_file, tmp_path, capsy
 
 
 def test_chunk_zero(tmp_path, capsys):
-    expect_error(["quantize", "--chunk", "0", "--out", str(tmp_path / "o")], capsys, "--chunk must be a positive")
+    expect_error(["quantize", "--chunk", "0", "--out", str(tmp_path / "o")], capsys, "chunk must be a positive number of columns, got 0 (set with --chunk)")
 
 
 def test_empty_calibration_file(tiny_model_dir, tmp_path, capsys):
@@ -155,7 +155,7 @@ def test_uniform_action_needs_no_target(tiny_model_dir, corpus_file, tmp_path, c
     assert main([*args, "--allocator", "uniform", "--uniform-action", "8"]) == 0
     plan = json.loads((out / "plan.json").read_text())
     assert {u["applied"] for u in plan["units"]} == {8.0} and plan["target_bits"] is None
-    expect_error([*args, "--uniform-action", "8", "--overwrite"], capsys, "only applies to --allocator uniform")
+    expect_error([*args, "--uniform-action", "8", "--overwrite"], capsys, "--uniform-action is a setting of the uniform allocator")
 
 
 def test_sweep_writes_rows_table_and_plot(tiny_model_dir, corpus_file, tmp_path, capsys):

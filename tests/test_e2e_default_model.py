@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from windquant import QuantConfig, load, save
+from windquant import FitConfig, PlanConfig, load, save
 from windquant.calib.corpus import corpus_tokens
 from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
@@ -22,10 +22,8 @@ def test_default_model_quantize_pack_reload(tmp_path):
     torch.set_num_threads(2)
     model, tok = load_model("smollm2-135m")
     assert model.config.num_hidden_layers == 30
-    config = QuantConfig(
-        target_bits=2.5, allocator="heuristic", calib_samples=8, calib_len=128, steps=2, cache_dir=str(tmp_path / "cache")
-    )
-    prepared = prepare(model, tok, config, progress=False)
+    fit = FitConfig(calib_samples=8, calib_len=128, steps=2, cache_dir=str(tmp_path / "cache"))
+    prepared = prepare(model, tok, fit, progress=False)
     assert len(prepared.units) == 720  # 30 layers x (6 linears x 3 chunks + down_proj x 6)
     tokens = corpus_tokens(tok, "builtin", "eval")
 
@@ -42,7 +40,7 @@ def test_default_model_quantize_pack_reload(tmp_path):
     assert abs(uniform8 / reference - 1) < 0.02
     assert reference < uniform4 < 1.5 * reference
 
-    plan = make_plan(prepared, config)
+    plan = make_plan(prepared, PlanConfig(target_bits=2.5, allocator="heuristic"))
     assert 2.45 < plan.true_bits <= 2.5 and plan.paper_bits < plan.true_bits
     apply_plan(model, plan, lambda i, a: prepared.cache.packed[(i, a)])
     quantized = perplexity(model, tokens, ctx=256, max_windows=4, progress=False).ppl

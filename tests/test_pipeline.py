@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 
-from windquant import Plan, QuantConfig, load, quantize_, save
+from windquant import Plan, PlanConfig, load, quantize_, save
 from windquant.pipeline import make_plan, prepare
 
 
@@ -17,9 +17,9 @@ def data_bytes_by_tensor(path):
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
 
 
-def test_quantize_save_load_roundtrip(tiny_model, tokenizer, tiny_config, tmp_path):
-    plan, timings = quantize_(tiny_model, tokenizer, tiny_config, progress=False)
-    assert plan.true_bits <= tiny_config.target_bits
+def test_quantize_save_load_roundtrip(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
+    plan, timings = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
+    assert plan.true_bits <= tiny_plan.target_bits
     assert set(timings) == {"calibrate", "fit", "scores", "allocate", "apply"}  # ilp (default) needs scores
     out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
     loaded = load(out)
@@ -36,12 +36,12 @@ def test_quantize_save_load_roundtrip(tiny_model, tokenizer, tiny_config, tmp_pa
     assert loaded.generate(x[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
-def test_quantized_model_differs_from_reference_but_stays_close(tiny_model, tokenizer, tiny_config):
+def test_quantized_model_differs_from_reference_but_stays_close(tiny_model, tokenizer, tiny_plan, tiny_fit):
     from conftest import make_model
 
     ref = make_model()
-    tiny_config.target_bits = 9.0  # mostly 8 bit
-    quantize_(tiny_model, tokenizer, tiny_config, progress=False)
+    tiny_plan.target_bits = 9.0  # mostly 8 bit
+    quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
     x = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         a, b = ref(x).logits, tiny_model(x).logits
@@ -49,39 +49,40 @@ def test_quantized_model_differs_from_reference_but_stays_close(tiny_model, toke
     assert (a - b).abs().max() < 0.05 * a.abs().max()
 
 
-def test_plan_json_roundtrip_and_applied_actions(tiny_model, tokenizer, tiny_config, tmp_path):
-    prepared = prepare(tiny_model, tokenizer, tiny_config, progress=False)
-    plan = make_plan(prepared, tiny_config)
+def test_plan_json_roundtrip_and_applied_actions(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
+    from dataclasses import replace
+
+    prepared = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
+    plan = make_plan(prepared, tiny_plan)
     # threshold 0: every low-bit request falls back to 8 bit, and the Plan records it
-    strict = QuantConfig(
-        **{**tiny_config.to_dict(), "target_bits": 16.0, "fallback_threshold": 0.0, "allocator": "uniform", "uniform_action": 2.0}
-    )
-    plan2 = make_plan(prepared, strict)
+    strict = prepare(tiny_model, tokenizer, replace(tiny_fit, fallback_threshold=0.0), progress=False)
+    plan2 = make_plan(strict, PlanConfig(target_bits=16.0, allocator="uniform", allocator_config={"action": 2.0}))
     assert set(plan2.requested) == {2.0} and set(plan2.applied) == {8.0}
     plan2.save(tmp_path / "p.json")
     back = Plan.load(tmp_path / "p.json")
     assert back.applied == plan2.applied and back.requested == plan2.requested and back.units == plan2.units
     assert back.true_bits == pytest.approx(plan2.true_bits)
-    assert plan.true_bits <= tiny_config.target_bits
+    assert plan.true_bits <= tiny_plan.target_bits
+    assert plan2.fallback_threshold == 0.0 and plan.fallback_threshold == tiny_fit.fallback_threshold
 
 
-def test_candidate_cache_is_reused_from_disk(tiny_model, tokenizer, tiny_config):
-    first = prepare(tiny_model, tokenizer, tiny_config, progress=False)
-    second = prepare(tiny_model, tokenizer, tiny_config, progress=False)
+def test_candidate_cache_is_reused_from_disk(tiny_model, tokenizer, tiny_fit):
+    first = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
+    second = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
     for key, packed in first.cache.packed.items():
         for field, t in packed.items():
             assert torch.equal(t, second.cache.packed[key][field])
     assert first.cache.errors == second.cache.errors
 
 
-def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny_config):
+def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny_plan, tiny_fit):
     """Scoring a plan from the dense cache gives the same logits as the packed model."""
     from conftest import make_model
 
     from windquant.pack.apply import apply_plan, plan_weights
 
-    prepared = prepare(tiny_model, tokenizer, tiny_config, progress=False)
-    plan = make_plan(prepared, tiny_config)
+    prepared = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
+    plan = make_plan(prepared, tiny_plan)
     x = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         before = tiny_model(x).logits

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from windquant.alloc.ppo import PPOConfig, rewards, train_ppo
+from windquant.actions import ACTIONS
+from windquant.alloc.ppo import PPOConfig, rewards
 from windquant.alloc.ppo.agent import gae
 from windquant.alloc.ppo.config import curriculum_target
 from windquant.alloc.ppo.env import AllocationEnv, min_precision
+from windquant.alloc.ppo.train import train_ppo
 from windquant.alloc.problem import AllocationProblem
 from windquant.model.units import Unit
-from windquant.quant.accounting import ACTIONS
 
 # -- reward terms ---------------------------------------------------------------------------
 
@@ -231,20 +232,26 @@ def ppo_prepared(tmp_path_factory):
     """One fitted tiny model shared by the training tests (they only read it)."""
     from conftest import make_model, make_tokenizer
 
-    from windquant.config import QuantConfig
+    from windquant.config import FitConfig
     from windquant.pipeline import prepare
 
     cache = tmp_path_factory.mktemp("cache")
-    config = QuantConfig(target_bits=4.0, chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(cache))
-    config.allocator, config.proxy_samples, config.proxy_len = "ppo", 2, 32
-    return prepare(make_model(), make_tokenizer(), config, progress=False)
+    fit = FitConfig(chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(cache))
+    return prepare(make_model(), make_tokenizer(), fit, needs={"features", "proxy"}, progress=False)
+
+
+def tiny_ppo(**kw) -> PPOConfig:
+    return PPOConfig(proxy_samples=2, proxy_len=32, **kw)
 
 
 def test_resume_reproduces_an_uninterrupted_run(ppo_prepared, tmp_path):
+    from dataclasses import replace
+
     prep = ppo_prepared
     problem = prep.problem(4.0, "true")
-    cfg = PPOConfig(episodes=5, checkpoint_every=2)
-    full = train_ppo(problem, prep.proxy, prep.proxy_ref, cfg, tmp_path / "full", seed=3, progress=False)
+    cfg = tiny_ppo(episodes=5, checkpoint_every=2)
+    proxy = prep.proxy(cfg.proxy_samples, cfg.proxy_len)
+    full = train_ppo(problem, proxy, cfg, tmp_path / "full", seed=3, progress=False)
 
     calls = {"n": 0}
 
@@ -252,12 +259,13 @@ def test_resume_reproduces_an_uninterrupted_run(ppo_prepared, tmp_path):
         calls["n"] += 1
         if calls["n"] == 4:  # killed in episode 4, after the checkpoint at episode 2
             raise KeyboardInterrupt
-        return prep.proxy(actions)
+        return proxy(actions)
 
+    dying_proxy.reference = proxy.reference
     with pytest.raises(KeyboardInterrupt):
-        train_ppo(problem, dying_proxy, prep.proxy_ref, cfg, tmp_path / "cut", seed=3, progress=False)
+        train_ppo(problem, dying_proxy, cfg, tmp_path / "cut", seed=3, progress=False)
     assert len((tmp_path / "cut" / "episodes.jsonl").read_text().splitlines()) == 3
-    resumed = train_ppo(problem, prep.proxy, prep.proxy_ref, cfg, tmp_path / "cut", seed=3, resume=True, progress=False)
+    resumed = train_ppo(problem, proxy, replace(cfg, resume=True), tmp_path / "cut", seed=3, progress=False)
     assert resumed.requested == full.requested
     assert resumed.info["best_sampled"] == full.info["best_sampled"]
 
@@ -275,17 +283,17 @@ def test_resume_reproduces_an_uninterrupted_run(ppo_prepared, tmp_path):
 def test_resume_with_other_settings_is_refused(ppo_prepared, tmp_path):
     prep = ppo_prepared
     problem = prep.problem(4.0, "true")
-    train_ppo(problem, prep.proxy, prep.proxy_ref, PPOConfig(episodes=1), tmp_path, seed=0, progress=False)
+    proxy = prep.proxy(2, 32)
+    train_ppo(problem, proxy, tiny_ppo(episodes=1), tmp_path, seed=0, progress=False)
     with pytest.raises(Exception, match="other settings"):
-        train_ppo(problem, prep.proxy, prep.proxy_ref, PPOConfig(episodes=2), tmp_path, seed=0, resume=True, progress=False)
+        train_ppo(problem, proxy, tiny_ppo(episodes=2, resume=True), tmp_path, seed=0, progress=False)
 
 
 def test_ppo_plan_meets_budget_and_reports(ppo_prepared, tmp_path):
-    from dataclasses import replace
-
+    from windquant.config import PlanConfig
     from windquant.pipeline import make_plan
 
-    config = replace(ppo_prepared.config, episodes=3, ppo_dir=str(tmp_path / "run"))
+    config = PlanConfig(target_bits=4.0, allocator="ppo", allocator_config=tiny_ppo(episodes=3, work_dir=str(tmp_path / "run")))
     plan = make_plan(ppo_prepared, config, progress=False)
     assert plan.true_bits <= 4.0
     info = plan.info["ppo"]
@@ -297,11 +305,12 @@ def test_ppo_plan_meets_budget_and_reports(ppo_prepared, tmp_path):
     assert sum(rows[0]["actions"].values()) == pytest.approx(1.0)
     assert (tmp_path / "run" / "training_curve.png").stat().st_size > 0
     # the returned plan's proxy perplexity is the best of the sampled and greedy plans
-    assert ppo_prepared.proxy(plan.requested) == pytest.approx(
+    assert ppo_prepared.proxy(2, 32)(plan.requested) == pytest.approx(
         min(info["best_sampled"]["proxy_ppl"], info["greedy"]["proxy_ppl"])
     )
     # zero-shot reuse of the saved policy: no training, still within budget
-    reused = replace(config, policy=str(tmp_path / "run" / "policy.safetensors"), ppo_dir=str(tmp_path / "reuse"))
+    policy = str(tmp_path / "run" / "policy.safetensors")
+    reused = PlanConfig(target_bits=4.0, allocator="ppo", allocator_config=tiny_ppo(policy=policy, work_dir=str(tmp_path / "reuse")))
     plan2 = make_plan(ppo_prepared, reused, progress=False)
     assert plan2.true_bits <= 4.0 and plan2.info["ppo"]["episodes"] == 0
 
@@ -328,12 +337,13 @@ def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path,
 
 
 def test_ppo_overrides_parse_and_reach_the_config():
-    from windquant.alloc.ppo import PPOConfig
-    from windquant.commands import parse_overrides
+    from windquant.cliflags import parse_overrides
+    from windquant.config import config_from_dict, config_to_dict
 
-    got = parse_overrides("gamma=1.0,minibatches=2")
+    got = parse_overrides(PPOConfig, "gamma=1.0,minibatches=2", "--ppo-set")
     assert got == {"gamma": 1.0, "minibatches": 2} and isinstance(got["minibatches"], int)
-    cfg = PPOConfig.from_dict({**got, "episodes": 7})
+    cfg = config_from_dict(PPOConfig, {**got, "episodes": 7})
+    assert config_from_dict(PPOConfig, config_to_dict(cfg)) == cfg  # JSON round trip, nested reward config included
     assert (cfg.gamma, cfg.minibatches, cfg.episodes, cfg.lr) == (1.0, 2, 7, 5e-4)
 
 

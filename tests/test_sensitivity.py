@@ -1,17 +1,15 @@
 import pytest
 import torch
+from conftest import run_allocator
 
-from windquant.alloc.heuristic import allocate_heuristic
-from windquant.alloc.ilp import allocate_ilp
-from windquant.alloc.sensitivity import second_moments_and_fisher
+from windquant.actions import ACTIONS
+from windquant.calib.statistics import second_moments_and_fisher
 from windquant.pipeline import calibration_windows, make_plan, prepare
-from windquant.quant.accounting import ACTIONS
 
 
-def test_scores_equal_fisher_times_output_error_over_tokens(tiny_model, tokenizer, tiny_config):
-    tiny_config.allocator = "ilp"
-    prepared = prepare(tiny_model, tokenizer, tiny_config, progress=False)
-    windows = calibration_windows(tokenizer, tiny_config)
+def test_scores_equal_fisher_times_output_error_over_tokens(tiny_model, tokenizer, tiny_fit):
+    prepared = prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)
+    windows = calibration_windows(tokenizer, tiny_fit)
     moments, fisher = second_moments_and_fisher(tiny_model, windows, progress=False)
     # independent computation for one unit: mean over tokens of ||ΔW x_t||², times F
     u = next(u for u in prepared.units if u.proj == "mlp.down_proj" and u.col0 > 0)
@@ -32,18 +30,18 @@ def test_scores_equal_fisher_times_output_error_over_tokens(tiny_model, tokenize
     assert (prepared.scores[:, ACTIONS.index(1.0)] >= prepared.scores[:, ACTIONS.index(4.0)]).float().mean() > 0.9
 
 
-def test_ilp_plan_meets_budget_and_beats_heuristic_on_its_objective(tiny_model, tokenizer, tiny_config):
-    tiny_config.allocator = "ilp"
-    prepared = prepare(tiny_model, tokenizer, tiny_config, progress=False)
-    problem = prepared.problem(tiny_config.target_bits, "true")
-    ilp, heur = allocate_ilp(problem), allocate_heuristic(problem)
+def test_ilp_plan_meets_budget_and_beats_heuristic_on_its_objective(tiny_model, tokenizer, tiny_plan, tiny_fit):
+    prepared = prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)
+    problem = prepared.problem(tiny_plan.target_bits, "true")
+    ilp, heur = run_allocator("ilp", problem), run_allocator("heuristic", problem)
 
     def cost(actions):
         return float(sum(problem.costs[i, ACTIONS.index(a)] for i, a in enumerate(actions)))
 
-    assert problem.average_bits(ilp) <= tiny_config.target_bits
+    assert problem.average_bits(ilp) <= tiny_plan.target_bits
     assert cost(ilp) <= cost(heur) + 1e-12
-    plan = make_plan(prepared, tiny_config)
-    assert plan.allocator == "ilp" and plan.true_bits <= tiny_config.target_bits
-    again = prepare(tiny_model, tokenizer, tiny_config, progress=False)  # scores from disk
+    plan = make_plan(prepared, tiny_plan)
+    assert plan.allocator == "ilp" and plan.true_bits <= tiny_plan.target_bits
+    assert plan.requested == ilp
+    again = prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)  # scores from disk
     assert torch.equal(again.scores, prepared.scores)

@@ -77,12 +77,12 @@ def test_accuracy_matches_direct_loglikelihoods(tiny_model, tokenizer, tmp_path)
     assert limited["arc_easy"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 2}
 
 
-def test_saved_checkpoint_scores_like_the_in_memory_model(tiny_model, tokenizer, tiny_config, tmp_path):
+def test_saved_checkpoint_scores_like_the_in_memory_model(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
     from windquant import load, quantize_, save
     from windquant.eval.perplexity import perplexity
 
     data = write_tasks(tmp_path / "zs")
-    plan, _ = quantize_(tiny_model, tokenizer, tiny_config, progress=False)
+    plan, _ = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
     loaded = load(save(tiny_model, tokenizer, plan, tmp_path / "ckpt"))
     tokens = torch.randint(0, 256, (4 * 64,), generator=torch.Generator().manual_seed(0))
     scores = [

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 from windquant.errors import WindquantError
 
@@ -14,90 +12,47 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _threads() -> None:
-    # Never oversubscribe: OpenMP spin on busy cores slows small ops by >10x.
-    import torch
+def _add_fit_flags(p) -> dict[str, str]:
+    """Flags shared by quantize and sweep: the model, what is fitted and calibrated, the accounting."""
+    from windquant.cliflags import add_config_flags
+    from windquant.config import FitConfig, PlanConfig
 
-    torch.set_num_threads(int(os.environ.get("WINDQUANT_THREADS", os.cpu_count() or 1)))
-
-
-def _add_fit_flags(p, d) -> None:
-    """Flags shared by quantize and sweep: what is fitted and calibrated."""
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file, an HF folder or a Hub id")
-    p.add_argument("--accounting", choices=["true", "paper"], default=d.accounting, help="which bits the budget counts")
-    p.add_argument("--chunk", type=int, default=d.chunk, help="columns per unit (default %(default)s)")
-    p.add_argument("--salient", type=float, default=d.salient, help="INT8-protected fraction per unit (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per operator fit (default %(default)s)")
-    p.add_argument(
-        "--fallback-threshold",
-        type=float,
-        default=d.fallback_threshold,
-        help="relative error above which a unit moves to the next precision (default %(default)s)",
-    )
-    p.add_argument("--calib", default=d.calib, help="builtin | wikitext2 | PATH to .txt/.jsonl (default %(default)s)")
-    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="calibration windows (default %(default)s)")
-    p.add_argument("--calib-len", type=int, default=d.calib_len, help="tokens per window (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--data-dir", default=None, help="folder holding WikiText-2 (else $WINDQUANT_DATA)")
-    p.add_argument("--cache-dir", default=None, help="candidate cache root (default ~/.cache/windquant)")
+    flags = add_config_flags(p, FitConfig, "fit.")
+    flags |= add_config_flags(p, PlanConfig, "plan.", exclude=("target_bits", "allocator"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return flags
 
 
-def _add_ppo_flags(p, d) -> None:
-    """Flags of the PPO allocator (paper defaults, smaller CPU proxy)."""
-    g = p.add_argument_group("ppo allocator (--allocator ppo)")
-    g.add_argument("--episodes", type=int, default=d.episodes, help="training episodes (default %(default)s, as the paper)")
-    g.add_argument(
-        "--proxy-samples",
-        type=int,
-        default=d.proxy_samples,
-        help="calibration windows scored per episode (default %(default)s; paper 64)",
-    )
-    g.add_argument("--proxy-len", type=int, default=d.proxy_len, help="tokens per proxy window (default %(default)s)")
-    g.add_argument("--ppo-dir", default=None, help="checkpoints + episode log (default: under the candidate cache)")
-    g.add_argument("--resume", action="store_true", help="continue a killed PPO run from its last checkpoint")
-    g.add_argument("--policy", default=None, help="reuse a trained policy.safetensors zero-shot (no training)")
-    g.add_argument(
-        "--ppo-set",
-        default=None,
-        metavar="K=V,...",
-        help="override PPOConfig fields, e.g. gamma=1.0,entropy_coef=0.01 (defaults: the paper's values)",
-    )
-
-
-def _add_quantize(sub) -> None:
+def _add_quantize(sub) -> dict[str, str]:
     from windquant.alloc import ALLOCATORS
-    from windquant.config import QuantConfig
+    from windquant.cliflags import add_allocator_flags, add_config_flags
+    from windquant.config import PlanConfig
 
-    d = QuantConfig()
     p = sub.add_parser("quantize", help="quantize a model to a mixed-precision packed checkpoint")
-    _add_fit_flags(p, d)
-    p.add_argument(
-        "--target-bits",
-        type=float,
-        default=None,
-        help=f"average bits per weight on --accounting (default {d.target_bits}; none with --uniform-action)",
-    )
-    p.add_argument("--allocator", default=d.allocator, help=f"one of {', '.join(ALLOCATORS)} (default %(default)s)")
-    p.add_argument("--uniform-action", type=float, default=None, help="with --allocator uniform: this action everywhere")
-    _add_ppo_flags(p, d)
+    flags = _add_fit_flags(p)
+    flags |= add_config_flags(p, PlanConfig, "plan.", exclude=("accounting", "seed"))
+    p.epilog = "allocators: " + "; ".join(f"{s.name}: {s.help}" for s in ALLOCATORS.values())
+    flags |= add_allocator_flags(p)
     p.add_argument("--out", help="checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dry-run", action="store_true", help="print units and sizes, then stop")
+    return flags
 
 
-def _add_sweep(sub) -> None:
-    from windquant.config import QuantConfig
+def _add_sweep(sub) -> dict[str, str]:
+    from windquant.cliflags import add_allocator_flags
 
     p = sub.add_parser("sweep", help="fit once, then plan and score every budget x allocator (Pareto table + PNG)")
-    _add_fit_flags(p, QuantConfig())
-    _add_ppo_flags(p, QuantConfig())
+    flags = _add_fit_flags(p)
+    flags |= add_allocator_flags(p)
     p.add_argument("--budgets", default="1.8,2.0,2.25,2.5,3,4", help="comma-separated targets (default %(default)s)")
     p.add_argument("--allocators", default="uniform,heuristic,ilp", help="comma-separated (default %(default)s)")
     p.add_argument("--corpus", default="builtin", help="evaluation corpus: builtin | wikitext2 | PATH (default %(default)s)")
     p.add_argument("--ctx", type=int, default=2048, help="evaluation context (default %(default)s)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--out", required=True, help="folder for plans, results.json, results.md, pareto.png")
+    return flags
 
 
 def _add_eval(sub) -> None:
@@ -130,7 +85,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N examples of each task")
     p.add_argument("--zs-batch-size", type=int, default=8, help="zero-shot: lm-eval batch size (default %(default)s)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the result to this JSON file")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="SPEC",
+        help="also evaluate this model (e.g. the unquantized one) on the same span and end with a side-by-side summary",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_inspect(sub) -> None:
@@ -147,41 +108,36 @@ def _add_generate(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser and, for error messages, the flag that sets each library setting."""
     parser = argparse.ArgumentParser(prog="windquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_quantize(sub)
-    _add_sweep(sub)
+    flags = _add_quantize(sub)
+    flags |= _add_sweep(sub)
     _add_eval(sub)
     _add_inspect(sub)
     _add_generate(sub)
-    return parser
+    return parser, flags
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, flags = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is first imported: silences the GGUF conversion bar too
     try:
-        _threads()
-        if getattr(args, "quiet", False):
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
         from windquant import commands
+        from windquant.runinfo import set_threads
 
+        set_threads()
         return getattr(commands, f"cmd_{args.command}")(args)
     except WindquantError as exc:
-        print(f"windquant: error: {exc}", file=sys.stderr)
+        hint = f" (set with {flags[exc.setting]})" if exc.setting in flags else ""
+        print(f"windquant: error: {exc}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("windquant: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,108 +1,61 @@
-"""What each CLI sub-command does (argument parsing lives in cli.py)."""
+"""What each CLI sub-command does (argument parsing lives in cli.py and cliflags.py)."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from windquant.errors import WindquantError
 
 
-def _config_from_args(args: argparse.Namespace):
-    from windquant.config import QuantConfig
+def fit_config_from_args(args: argparse.Namespace):
+    from windquant.cliflags import config_from_args
+    from windquant.config import FitConfig
 
-    allocator = getattr(args, "allocator", QuantConfig.allocator)
-    uniform_action = getattr(args, "uniform_action", None)
-    if uniform_action is not None and allocator != "uniform":
-        raise WindquantError("--uniform-action only applies to --allocator uniform")
-    target = getattr(args, "target_bits", None)
-    if target is None and uniform_action is None:
-        target = QuantConfig.target_bits
-    return QuantConfig(
-        target_bits=target,
-        accounting=args.accounting,
-        allocator=allocator,
-        uniform_action=uniform_action,
-        chunk=args.chunk,
-        salient=args.salient,
-        steps=args.steps,
-        fallback_threshold=args.fallback_threshold,
-        calib=args.calib,
-        calib_samples=args.calib_samples,
-        calib_len=args.calib_len,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        cache_dir=args.cache_dir,
-        episodes=args.episodes,
-        proxy_samples=args.proxy_samples,
-        proxy_len=args.proxy_len,
-        ppo_dir=args.ppo_dir,
-        resume=args.resume,
-        policy=args.policy,
-        ppo=parse_overrides(getattr(args, "ppo_set", None)),
-    ).validate()
+    return config_from_args(args, FitConfig, "fit.").validate()
 
 
-def parse_overrides(text: str | None) -> dict | None:
-    """``"gamma=1.0,episodes=5"`` -> {"gamma": 1.0, ...}, checked against PPOConfig's fields."""
-    if not text:
-        return None
-    from dataclasses import fields
+def plan_config_from_args(args: argparse.Namespace):
+    """The plan config of ``quantize``: target, accounting, allocator and its flags."""
+    from windquant.alloc import get_allocator
+    from windquant.cliflags import allocator_configs, given
+    from windquant.config import PlanConfig
 
-    from windquant.alloc.ppo import PPOConfig
-
-    known = [f.name for f in fields(PPOConfig)]
-    out = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        key = key.strip()
-        if key not in known or key in ("reward", "curriculum") or not value:
-            names = ", ".join(k for k in known if k not in ("reward", "curriculum"))
-            raise WindquantError(f"--ppo-set: {item!r} is not KEY=VALUE with KEY one of {names}")
-        try:
-            out[key] = int(value) if isinstance(getattr(PPOConfig(), key), int) else float(value)
-        except ValueError:
-            raise WindquantError(f"--ppo-set: {key} needs a number, got {value!r}") from None
-    return out
+    values = given(args, PlanConfig, "plan.")
+    name = get_allocator(values.get("allocator", PlanConfig.allocator)).name
+    allocator_config = allocator_configs(args, [name])[name]
+    if "target_bits" not in values and getattr(allocator_config, "fixes_plan", False):
+        values["target_bits"] = None  # a fixed plan (e.g. uniform --uniform-action 4) needs no budget
+    return PlanConfig(**values, allocator_config=allocator_config).validate()
 
 
-def _dry_run(model, config) -> int:
-    from windquant.inspect import untouched_bytes
+def _dry_run(model, fit) -> int:
+    from windquant.actions import ACTIONS, fmt_action
     from windquant.model.units import enumerate_units
-    from windquant.quant.accounting import ACTIONS, fmt_action, summarize
+    from windquant.quant.accounting import summarize
+    from windquant.reports import untouched_bytes
 
-    units = enumerate_units(model, config.chunk)
+    units = enumerate_units(model, fit.chunk)
     n = sum(u.n_weights for u in units)
-    print(f"units: {len(units)} column chunks of <= {config.chunk} columns over {len({u.module for u in units})} linears")
+    print(f"units: {len(units)} column chunks of <= {fit.chunk} columns over {len({u.module for u in units})} linears")
     print(f"quantized weights: {n:,}   untouched tensors: {untouched_bytes(model) / 2**20:.1f} MiB in fp16")
     print(f"candidate cache in RAM: ~{n * (12 + 20 / 8) / 2**30:.2f} GiB (dense fp16 + packed, 6 low-bit actions)")
     print("uniform plans (before operator fallback):")
     for a in ACTIONS:
-        s = summarize([u.shape for u in units], [a] * len(units), config.salient)
+        s = summarize([u.shape for u in units], [a] * len(units), fit.salient)
         print(f"  {fmt_action(a):>5} bit: true {s.true_bits:6.3f}  paper {s.paper_bits:6.3f}  {s.true_bytes / 2**20:8.1f} MiB")
     return 0
 
 
-def _allocator_files(plan) -> list[Path]:
-    """Files an allocator left that belong in the checkpoint (PPO: episode log, curve, policy)."""
-    from windquant.alloc.ppo.train import CURVE, EPISODES, POLICY
-
-    ppo = plan.info.get("ppo")
-    if not ppo:
-        return []
-    return [p for name in (EPISODES, CURVE, POLICY) if (p := Path(ppo["work_dir"]) / name).is_file()]
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from windquant.alloc import get_allocator
-    from windquant.inspect import plan_report
     from windquant.model.loading import load_model
-    from windquant.pack.checkpoint import prepare_out_dir, save
-    from windquant.pipeline import apply, make_plan, prepare
+    from windquant.pack.checkpoint import prepare_out_dir
+    from windquant.pipeline import make_plan, prepare, write_checkpoint
     from windquant.runinfo import Timings
 
-    config = _config_from_args(args)
-    get_allocator(config.allocator)
+    fit, plan_config = fit_config_from_args(args), plan_config_from_args(args)
     if not args.dry_run:
         if not args.out:
             raise WindquantError("give --out DIR for the checkpoint (or --dry-run)")
@@ -112,17 +65,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with timings.stage("load"):
         model, tokenizer = load_model(args.model)
     if args.dry_run:
-        return _dry_run(model, config)
-    prepared = prepare(model, tokenizer, config, timings, progress)
-    plan = make_plan(prepared, config, timings, progress)
-    apply(model, prepared, plan, timings)
-    with timings.stage("pack"):
-        report = plan_report(plan, model)
-        out = save(model, tokenizer, plan, args.out, overwrite=args.overwrite, copy_files=_allocator_files(plan))
-    report = {"model": args.model, **report, "timings": timings.report()}
-    from windquant.cli import write_json
-
-    write_json(out / "run_report.json", report)
+        return _dry_run(model, fit)
+    prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
+    plan = make_plan(prepared, plan_config, timings, progress)
+    out, report = write_checkpoint(prepared, plan, args.out, args.overwrite, model_name=args.model, timings=timings)
     acc = report["accounting"]
     print(f"wrote {out}")
     print(
@@ -137,21 +83,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity on --corpus (default wikitext2); with --tasks zero-shot accuracy, plus perplexity if --corpus is given."""
+def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: list[str] | None) -> dict:
+    """Perplexity on ``corpus`` and/or zero-shot ``tasks`` of one model spec; prints each result."""
     from windquant.eval.perplexity import model_max_context, perplexity
     from windquant.model.loading import load_model
 
-    tasks = None
-    if args.tasks is not None:
-        from windquant.eval.zeroshot import parse_tasks, resolve_data_dir
-
-        tasks = parse_tasks(args.tasks)
-        if args.data_dir is not None:
-            resolve_data_dir(args.data_dir, tasks)  # a missing file fails now, not after loading the model
-    corpus = args.corpus if args.corpus is not None or tasks is not None else "wikitext2"
-    model, tokenizer = load_model(args.model)
-    payload: dict = {"model": args.model}
+    start = time.perf_counter()
+    model, tokenizer = load_model(spec)
+    payload: dict = {"model": spec}
     if corpus is not None:
         from windquant.calib.corpus import corpus_tokens
 
@@ -161,9 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"note: --ctx {ctx} is above the model's maximum; using {limit}")
             ctx = limit
         tokens = corpus_tokens(tokenizer, corpus, "eval", args.data_dir)
-        res = perplexity(
-            model, tokens, ctx=ctx, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet
-        )
+        res = perplexity(model, tokens, ctx=ctx, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet)
         print(f"{res.line()} corpus={corpus}")
         payload.update({"corpus": corpus, **res.__dict__})
     if tasks is not None:
@@ -177,15 +114,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         avg = macro_average(zs)
         print(f"avg: acc={avg:.4f} tasks={len(zs)}")
         payload.update({"zeroshot": zs, "zeroshot_avg_acc": avg, "zeroshot_limit": args.limit})
-    if args.json_out:
-        from windquant.cli import write_json
+    payload["eval_seconds"] = round(time.perf_counter() - start, 1)
+    return payload
 
-        write_json(args.json_out, payload)
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity on --corpus (default wikitext2); with --tasks zero-shot accuracy, plus perplexity if --corpus is given;
+    with --reference the same for a second model and a side-by-side summary."""
+    tasks = None
+    if args.tasks is not None:
+        from windquant.eval.zeroshot import parse_tasks, resolve_data_dir
+
+        tasks = parse_tasks(args.tasks)
+        if args.data_dir is not None:
+            resolve_data_dir(args.data_dir, tasks)  # a missing file fails now, not after loading the model
+    corpus = args.corpus if args.corpus is not None or tasks is not None else "wikitext2"
+    payload = _evaluate(args.model, args, corpus, tasks)
+    if args.reference:
+        from windquant.reports import side_by_side
+        from windquant.runinfo import peak_rss_mib
+
+        print(f"reference: {args.reference}")
+        payload["reference"] = _evaluate(args.reference, args, corpus, tasks)
+        payload["peak_rss_mib"] = round(peak_rss_mib(), 1)
+        print(side_by_side(payload["reference"], payload))
+    if args.json_out:
+        from windquant.files import atomic_write_json
+
+        atomic_write_json(args.json_out, payload)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from windquant.inspect import inspect_checkpoint
+    from windquant.reports import inspect_checkpoint
 
     print(inspect_checkpoint(Path(args.checkpoint), args.png))
     return 0
@@ -209,33 +170,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from windquant.alloc import get_allocator
+    from windquant.cliflags import allocator_configs, config_from_args
+    from windquant.config import PlanConfig
     from windquant.model.loading import load_model
+    from windquant.pipeline import needs_of, prepare
     from windquant.runinfo import Timings
-    from windquant.sweep import prepare_sweep, run_sweep
+    from windquant.sweep import run_sweep
 
-    config = _config_from_args(args)
-    allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
-    for name in allocators:
-        get_allocator(name)
+    fit = fit_config_from_args(args)
+    accounting = config_from_args(args, PlanConfig, "plan.").validate().accounting
+    names = [get_allocator(a.strip()).name for a in args.allocators.split(",") if a.strip()]
+    configs = allocator_configs(args, names)
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
         raise WindquantError(f"--budgets must be comma-separated numbers, got {args.budgets!r}") from None
     model, tokenizer = load_model(args.model)
     timings = Timings()
-    prepared = prepare_sweep(model, tokenizer, config, allocators, timings, progress=not args.quiet)
-    run_sweep(
-        model,
-        tokenizer,
-        prepared,
-        budgets,
-        allocators,
-        args.corpus,
-        args.ctx,
-        args.max_windows,
-        Path(args.out),
-        timings,
-        progress=not args.quiet,
-    )
+    progress = not args.quiet
+    prepared = prepare(model, tokenizer, fit, needs_of(names), timings, progress)
+    run_sweep(prepared, budgets, configs, accounting, args.corpus, args.ctx, args.max_windows, Path(args.out), timings, progress)
     print((Path(args.out) / "results.md").read_text())
     return 0

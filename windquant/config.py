@@ -1,72 +1,167 @@
-"""QuantConfig: every setting of a quantization run, round-tripping through JSON."""
+"""Settings of a quantization run, split by who owns them, each round-tripping through JSON.
+
+* :class:`FitConfig`: what is calibrated and fitted. Owned by ``pipeline.prepare`` and kept in
+  its result, so a plan is always checked and applied under the settings its candidates were
+  fitted with. The candidate-cache fingerprint depends on it.
+* :class:`PlanConfig`: which plan is wanted: target, accounting, allocator name and that
+  allocator's own config dataclass (declared where the allocator is, in ``alloc/``).
+
+Every field is declared with :func:`setting`: its help text (and flag name, where the CLI keeps
+an older one) lives in the field's metadata, and the CLI generates its flags from them, so a new
+setting is one edit. This module imports nothing heavy (``windquant --help`` reads it).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
 
+from windquant.actions import ACCOUNTINGS
 from windquant.errors import WindquantError, reject_unknown_fields
-from windquant.quant.accounting import ACCOUNTINGS, canonical_action
+
+MAX_TARGET = 16.0  # bits per weight of an all-fp16 plan: "no budget"
+
+
+def setting(default: Any = None, help: str | None = None, *, flag: str | None = None, run: bool = False, factory=None):
+    """A config field. ``help`` makes it a CLI flag (``--field-name`` unless ``flag`` says
+    otherwise; fields without help are set with ``--<allocator>-set``); ``run=True`` marks how
+    to run rather than what to compute (paths, resume), left out of :func:`settings_digest`."""
+    meta = {"help": help, "flag": flag, "run": run}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_types(cls: type) -> dict[str, type]:
+    """Field name -> its plain type (``float | None`` -> ``float``)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    return out
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """JSON-ready dict of a config dataclass (nested configs as dicts, tuples as lists)."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return config_to_dict(v)
+        return list(v) if isinstance(v, tuple) else v
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in fields(cfg)}
+
+
+def config_from_dict(cls: type, d: dict, what: str | None = None) -> Any:
+    """Inverse of :func:`config_to_dict`; unknown keys are a one-line error."""
+    reject_unknown_fields(cls, d, what or cls.__name__)
+    types = field_types(cls)
+    kwargs = {}
+    for k, v in d.items():
+        t = types[k]
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = config_from_dict(t, v)
+        elif typing.get_origin(t) is tuple and isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def settings_digest(cfg: Any, extra: dict | None = None) -> str:
+    """Digest of what ``cfg`` computes (fields marked ``run`` left out), plus ``extra``."""
+    run = {f.name for f in fields(cfg) if f.metadata.get("run")}
+    payload = {k: v for k, v in config_to_dict(cfg).items() if k not in run} | (extra or {})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def require(cfg: Any, checks: tuple[tuple[str, bool, str], ...], what: str = "") -> None:
+    """Raise a one-line error naming the first setting of ``cfg`` whose check failed."""
+    for name, ok, want in checks:
+        if not ok:
+            raise WindquantError(f"{what}{name} must be {want}, got {getattr(cfg, name)}", setting=name)
 
 
 @dataclass
-class QuantConfig:
-    target_bits: float | None = 2.5  # average bits per quantized weight, on `accounting`
-    accounting: str = "true"  # "true" (everything stored) or "paper" (Eq. 6)
-    allocator: str = "ilp"  # measured best at 2.0-4.0 true bits (benchmarks/results/pareto)
-    uniform_action: float | None = None  # for allocator "uniform": force this action
-    chunk: int = 256  # columns per unit (G)
-    salient: float = 0.03  # fraction of each unit's weights kept in INT8
-    steps: int = 10  # Adam steps per operator fit
-    lr: float = 0.02  # Adam lr on the log-scale
-    fallback_threshold: float = 0.5  # max relative weighted error before moving up
-    calib: str = "builtin"  # builtin | wikitext2 | PATH
-    calib_samples: int = 64
-    calib_len: int = 256
-    seed: int = 0
-    data_dir: str | None = None  # WikiText-2 folder
-    cache_dir: str | None = None  # candidate cache root (default ~/.cache/windquant)
-    # allocator "ppo" (paper: 100 episodes, proxy 64 x 256 tokens; the smaller proxy default
-    # keeps an episode at ~10 s on one CPU core — use --proxy-samples 64 on a GPU)
-    episodes: int = 100
-    proxy_samples: int = 8
-    proxy_len: int = 256
-    ppo_dir: str | None = None  # checkpoints + logs (default: under the candidate cache)
-    resume: bool = False  # continue the run in ppo_dir from its last checkpoint
-    policy: str | None = None  # reuse a trained policy.safetensors zero-shot (no training)
-    ppo: dict | None = None  # overrides of PPOConfig fields, e.g. {"gamma": 1.0} (paper values otherwise)
+class FitConfig:
+    """Calibration and candidate fitting (the candidate cache's fingerprint)."""
 
-    def validate(self) -> QuantConfig:
-        if self.chunk <= 0:
-            raise WindquantError(f"--chunk must be a positive number of columns, got {self.chunk}")
-        if not 0.0 <= self.salient < 1.0:
-            raise WindquantError(f"--salient must be in [0, 1), got {self.salient}")
-        if self.accounting not in ACCOUNTINGS:
-            raise WindquantError(f"--accounting must be one of {', '.join(ACCOUNTINGS)}, got {self.accounting!r}")
-        if self.target_bits is not None and not 0.0 < self.target_bits <= 16.0:
-            raise WindquantError(f"--target-bits must be in (0, 16], got {self.target_bits:g}")
-        if self.target_bits is None and self.uniform_action is None:
-            raise WindquantError("give --target-bits (or --uniform-action with --allocator uniform)")
-        if self.uniform_action is not None:
-            try:
-                self.uniform_action = canonical_action(self.uniform_action)
-            except ValueError as exc:
-                raise WindquantError(f"--uniform-action: {exc}") from None
-        if self.steps < 0:
-            raise WindquantError(f"--steps must be >= 0, got {self.steps}")
-        if self.episodes < 0 or self.proxy_samples <= 0 or self.proxy_len <= 1:
-            raise WindquantError("--episodes must be >= 0, --proxy-samples >= 1 and --proxy-len >= 2")
-        if self.calib_samples <= 0 or self.calib_len <= 1:
-            raise WindquantError("--calib-samples must be >= 1 and --calib-len >= 2")
+    chunk: int = setting(256, "columns per unit (G)")
+    salient: float = setting(0.03, "fraction of each unit's weights kept in INT8")
+    steps: int = setting(10, "Adam steps per operator fit")
+    fit_lr: float = setting(0.02, "Adam learning rate on an operator's log-scale")
+    fallback_threshold: float = setting(0.5, "relative weighted error above which a unit moves to the next precision")
+    calib: str = setting("builtin", "calibration corpus: builtin | wikitext2 | PATH to .txt/.jsonl")
+    calib_samples: int = setting(64, "calibration windows")
+    calib_len: int = setting(256, "tokens per calibration window")
+    seed: int = setting(0, "seed of the calibration windows and of allocators that sample")
+    data_dir: str | None = setting(None, "folder holding WikiText-2 (else $WINDQUANT_DATA)", run=True)
+    cache_dir: str | None = setting(None, "candidate cache root (default ~/.cache/windquant)", run=True)
+
+    def validate(self) -> FitConfig:
+        checks = (
+            ("chunk", self.chunk > 0, "a positive number of columns"),
+            ("salient", 0.0 <= self.salient < 1.0, "in [0, 1)"),
+            ("steps", self.steps >= 0, ">= 0"),
+            ("calib_samples", self.calib_samples >= 1, ">= 1"),
+            ("calib_len", self.calib_len >= 2, ">= 2"),
+        )
+        require(self, checks)
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> QuantConfig:
-        reject_unknown_fields(cls, d, "config")
-        return cls(**d)
+    def from_dict(cls, d: dict) -> FitConfig:
+        return config_from_dict(cls, d, "fit config")
+
+
+@dataclass
+class PlanConfig:
+    """Which plan: the budget and the allocator that meets it."""
+
+    target_bits: float | None = setting(2.5, "average bits per weight on --accounting (none: no budget)")
+    accounting: str = setting("true", "which bits the budget counts: true (everything stored) or paper (Eq. 6)")
+    allocator: str = setting("ilp", "the allocator (measured best at 2.0-4.0 true bits: ilp)")
+    seed: int | None = setting(None, "seed of allocators that sample (default: --seed)", flag="--allocator-seed")
+    # The allocator's own config dataclass, or a dict of its fields; None = its defaults.
+    allocator_config: Any = None
+
+    @property
+    def budget_bits(self) -> float:
+        """Average bits per weight the plan may use (no target: an all-fp16 plan)."""
+        return MAX_TARGET if self.target_bits is None else self.target_bits
+
+    def validate(self) -> PlanConfig:
+        """Check the budget and resolve ``allocator_config`` to the allocator's config class."""
+        from windquant.alloc import get_allocator
+
+        if self.accounting not in ACCOUNTINGS:
+            raise WindquantError(f"accounting must be one of {', '.join(ACCOUNTINGS)}, got {self.accounting!r}", setting="accounting")
+        if self.target_bits is not None and not 0.0 < self.target_bits <= MAX_TARGET:
+            raise WindquantError(f"target_bits must be in (0, {MAX_TARGET:g}], got {self.target_bits:g}", setting="target_bits")
+        spec = get_allocator(self.allocator)
+        cfg = self.allocator_config
+        if cfg is None:
+            cfg = spec.config()
+        elif isinstance(cfg, dict):
+            cfg = config_from_dict(spec.config, cfg, f"{spec.name} allocator config")
+        elif not isinstance(cfg, spec.config):
+            raise WindquantError(f"allocator_config of {spec.name!r} must be a {spec.config.__name__}, got {type(cfg).__name__}")
+        self.allocator_config = cfg.validate() if hasattr(cfg, "validate") else cfg
+        return self
+
+    def to_dict(self) -> dict:
+        d = config_to_dict(self)
+        if dataclasses.is_dataclass(self.allocator_config):
+            d["allocator_config"] = config_to_dict(self.allocator_config)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PlanConfig:
+        return config_from_dict(cls, d, "plan config").validate()

@@ -2,7 +2,15 @@
 
 
 class WindquantError(Exception):
-    """A problem with the user's input, with the fix in the message."""
+    """A problem with the user's input, with the fix in the message.
+
+    ``setting`` names the library setting at fault (e.g. ``"target_bits"``); the CLI adds
+    the flag that sets it.
+    """
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
 
 
 def reject_unknown_fields(cls: type, d: dict, what: str) -> None:

@@ -1,55 +1,131 @@
-"""The pipeline: calibrate -> fit candidates -> allocate -> apply. One direction only."""
+"""The pipeline: calibrate -> fit candidates -> allocate -> apply -> pack. One direction only.
+
+It never names an allocator: it reads what the chosen one declares it needs (``alloc.base``)
+and provides exactly that. Library entry points: :func:`prepare`, :func:`make_plan`,
+:func:`write_checkpoint` and, torchao-style, :func:`quantize_`.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from windquant.alloc import AllocationProblem, get_allocator
-from windquant.alloc.plan import Plan
-from windquant.alloc.ppo import PPOConfig
-from windquant.alloc.sensitivity import second_moments_and_fisher, sensitivity_scores
-from windquant.calib.activations import activation_scales
+from windquant.actions import ACCOUNTINGS, ACTIONS
+from windquant.alloc import AllocationContext, get_allocator
+from windquant.alloc.problem import AllocationProblem
 from windquant.calib.corpus import corpus_tokens, sample_windows
-from windquant.config import QuantConfig
-from windquant.errors import WindquantError
+from windquant.calib.statistics import CalibrationStats, activation_scales, second_moments_and_fisher
+from windquant.config import FitConfig, PlanConfig, settings_digest
 from windquant.eval.perplexity import perplexity
+from windquant.files import atomic_write_json
 from windquant.model.stats import unit_features, unit_saliency
 from windquant.model.units import Unit, enumerate_units
 from windquant.pack.apply import apply_plan, plan_weights
-from windquant.quant.accounting import ACCOUNTINGS, ACTIONS
+from windquant.pack.checkpoint import save
+from windquant.plan import Plan
 from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, tensor_digest, weights_digest
+from windquant.quant.sensitivity import sensitivity_scores
 from windquant.quant.unit import FitSettings
+from windquant.reports import plan_report
 from windquant.runinfo import Timings
 
-NEEDS_SCORES = {"ilp"}
-NEEDS_PROXY = {"ppo"}
+
+def fit_settings(fit: FitConfig) -> FitSettings:
+    return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr)
+
+
+def calibration_windows(tokenizer, fit: FitConfig, samples: int | None = None, length: int | None = None, seed: int | None = None) -> torch.Tensor:
+    """[samples, length] token windows of the calibration corpus (``fit``'s numbers unless given)."""
+    tokens = corpus_tokens(tokenizer, fit.calib, "calib", fit.data_dir)
+    return sample_windows(tokens, samples or fit.calib_samples, length or fit.calib_len, fit.seed if seed is None else seed)
+
+
+@torch.no_grad()
+def proxy_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """Perplexity of ``model`` (as it is now) on the proxy windows [samples, len]: the RL reward's pass."""
+    return perplexity(model, windows.reshape(-1), ctx=windows.shape[1], batch_size=8, progress=False).ppl
+
+
+@dataclass
+class PlanProxy:
+    """Requested actions -> perplexity on fixed calibration windows (``alloc.base.Proxy``).
+
+    Nothing is refitted or packed: every unit's dequantized weights are already in the
+    candidate cache, so scoring a plan costs one forward pass over the proxy tokens.
+    """
+
+    prepared: Prepared
+    windows: torch.Tensor  # [samples, len]
+    reference: float  # perplexity of the unquantized model on ``windows``
+
+    def __call__(self, requested: list[float]) -> float:
+        with self.prepared.plan_weights(requested):
+            return proxy_perplexity(self.prepared.model, self.windows)
 
 
 @dataclass
 class Prepared:
-    """Everything allocators need, computed once per model and settings."""
+    """The model with everything allocators may need, computed once per model and fit settings."""
 
+    model: nn.Module
+    tokenizer: object
+    fit: FitConfig
     units: list[Unit]
-    act_scales: dict[str, torch.Tensor]
-    saliency: torch.Tensor
+    stats: CalibrationStats
+    saliency: torch.Tensor  # [N] mean |w|·s_act
     cache: CandidateCache
-    config: QuantConfig
-    folder: Path | None = None  # this model + settings' folder in the candidate cache
+    folder: Path  # this model + settings' folder in the candidate cache
     scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
-    proxy: Callable[[list[float]], float] | None = None  # requested actions -> proxy perplexity
-    proxy_ref: float | None = None  # proxy perplexity of the unquantized model
-    proxy_windows: torch.Tensor | None = None  # [samples, len] tokens the proxy scores
+    proxies: dict[tuple[int, int], PlanProxy] = field(default_factory=dict)
+
+    def applied(self, requested: list[float]) -> list[float]:
+        """The action the engine applies for each requested one (operator fallback)."""
+        return [self.cache.applied(u.index, a, self.fit.fallback_threshold) for u, a in zip(self.units, requested)]
+
+    def plan_weights(self, requested: list[float]):
+        """Context: the model computes with the plan's dequantized weights (from the cache)."""
+        return plan_weights(self.model, self.units, self.cache.weights_of(self.applied(requested)))
+
+    def ensure(self, needs: Iterable[str], timings: Timings | None = None, progress: bool = True) -> Prepared:
+        """Compute what ``needs`` asks for and is not there yet ("proxy" is built on demand)."""
+        timings = timings if timings is not None else Timings()
+        if "scores" in needs and self.scores is None:
+            with timings.stage("scores"):
+                self.scores = self._scores(progress)
+        if "features" in needs and self.features is None:
+            with timings.stage("features"):
+                self.features = unit_features(self.model, self.units, self.stats.act_scales)
+        return self
+
+    def _scores(self, progress: bool) -> torch.Tensor:
+        """Sensitivity table (loaded from the cache folder when already computed)."""
+        path = self.folder / "scores.safetensors"
+        if path.is_file():
+            return load_file(str(path))["scores"]
+        moments, fisher = second_moments_and_fisher(self.model, self.stats.windows, progress=progress)
+        self.stats.moments, self.stats.fisher = moments, fisher
+        scores = sensitivity_scores(self.model, self.units, self.cache, moments, fisher)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent runs never share a temp file
+        save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})
+        os.replace(tmp, path)
+        return scores
+
+    def proxy(self, samples: int, length: int) -> PlanProxy:
+        """The proxy on ``samples`` calibration windows of ``length`` tokens (built once)."""
+        if (samples, length) not in self.proxies:
+            windows = calibration_windows(self.tokenizer, self.fit, samples, length)
+            self.proxies[(samples, length)] = PlanProxy(self, windows, proxy_perplexity(self.model, windows))
+        return self.proxies[(samples, length)]
 
     def problem(self, target_bits: float, accounting: str) -> AllocationProblem:
-        threshold = self.config.fallback_threshold
+        threshold = self.fit.fallback_threshold
         tables = {acc: self.cache.bits_table(acc, threshold) for acc in ACCOUNTINGS}
         applied = [[self.cache.applied(u.index, a, threshold) for a in ACTIONS] for u in self.units]
         costs = None
@@ -69,167 +145,118 @@ class Prepared:
             all_bits=tables,
         )
 
-    def ppo_dir(self, c: QuantConfig, target_bits: float) -> Path:
-        """Where a PPO run keeps checkpoints and logs: named by its settings, so re-running
-        the same command with --resume finds them."""
-        if c.ppo_dir:
-            return Path(c.ppo_dir)
-        name = f"{c.accounting}-{target_bits:g}-seed{c.seed}-ep{c.episodes}-proxy{c.proxy_samples}x{c.proxy_len}"
-        if c.ppo:
-            name += "-" + "-".join(f"{k}{v:g}" for k, v in sorted(c.ppo.items()))
-        return (self.folder if self.folder is not None else default_cache_dir()) / "ppo" / name
+    def work_dir(self, plan: PlanConfig) -> Path:
+        """Where an allocator run keeps its files: named by its settings, so re-running the
+        same command (e.g. to resume) finds them."""
+        digest = settings_digest(plan.allocator_config)
+        return self.folder / plan.allocator / f"{plan.accounting}-{plan.budget_bits:g}-seed{self.allocator_seed(plan)}-{digest}"
+
+    def allocator_seed(self, plan: PlanConfig) -> int:
+        return self.fit.seed if plan.seed is None else plan.seed
 
 
-def fit_settings(config: QuantConfig) -> FitSettings:
-    return FitSettings(salient_rate=config.salient, steps=config.steps, lr=config.lr)
-
-
-def calibration_windows(tokenizer, config: QuantConfig) -> torch.Tensor:
-    tokens = corpus_tokens(tokenizer, config.calib, "calib", config.data_dir)
-    return sample_windows(tokens, config.calib_samples, config.calib_len, config.seed)
-
-
-def calibrate(model: nn.Module, tokenizer, config: QuantConfig, progress: bool = True) -> dict[str, torch.Tensor]:
-    return activation_scales(model, calibration_windows(tokenizer, config), progress=progress)
-
-
-@torch.no_grad()
-def proxy_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
-    """Perplexity of ``model`` (as it is now) on the proxy windows [samples, len]: the RL reward's pass."""
-    return perplexity(model, windows.reshape(-1), ctx=windows.shape[1], batch_size=8, progress=False).ppl
-
-
-def proxy_evaluator(model: nn.Module, prepared: Prepared, windows: torch.Tensor) -> Callable[[list[float]], float]:
-    """Requested actions -> perplexity on ``windows``, assembled from the candidate cache.
-
-    Nothing is refitted or packed: every unit's dequantized weights are already cached,
-    so an RL episode costs one forward pass over the proxy tokens.
-    """
-    threshold = prepared.config.fallback_threshold
-
-    def score(requested: list[float]) -> float:
-        applied = [prepared.cache.applied(u.index, a, threshold) for u, a in zip(prepared.units, requested)]
-        with plan_weights(model, prepared.units, prepared.cache.weights_of(applied)):
-            return proxy_perplexity(model, windows)
-
-    return score
-
-
-def compute_scores(
-    model: nn.Module, windows: torch.Tensor, prepared: Prepared, folder: Path, progress: bool = True
-) -> torch.Tensor:
-    """Sensitivity table for ``prepared`` (loaded from ``folder`` when already computed)."""
-    path = folder / "scores.safetensors"
-    if path.is_file():
-        return load_file(str(path))["scores"]
-    moments, fisher = second_moments_and_fisher(model, windows, progress=progress)
-    scores = sensitivity_scores(model, prepared.units, prepared.cache, moments, fisher)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent runs never share a temp file
-    save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})
-    os.replace(tmp, path)
-    return scores
+def needs_of(allocators: Iterable[str]) -> set[str]:
+    """Everything the named allocators need together."""
+    return set().union(*(get_allocator(a).needs for a in allocators))
 
 
 def prepare(
     model: nn.Module,
     tokenizer,
-    config: QuantConfig,
+    fit: FitConfig | None = None,
+    needs: Iterable[str] = (),
     timings: Timings | None = None,
     progress: bool = True,
-    need_scores: bool | None = None,
-    need_proxy: bool | None = None,
 ) -> Prepared:
-    """Calibrate and fit (or load) every candidate; sensitivity scores too when ``need_scores``
-    and the proxy evaluator when ``need_proxy`` (default: when ``config.allocator`` uses
-    them). The model is left untouched."""
-    config.validate()
+    """Calibrate and fit (or load) every candidate, plus whatever ``needs`` names (see
+    ``alloc.base``). The model is left untouched."""
+    fit = (fit or FitConfig()).validate()
     timings = timings if timings is not None else Timings()
-    units = enumerate_units(model, config.chunk)
+    units = enumerate_units(model, fit.chunk)
     with timings.stage("calibrate"):
-        windows = calibration_windows(tokenizer, config)
-        scales = activation_scales(model, windows, progress=progress)
+        windows = calibration_windows(tokenizer, fit)
+        stats = CalibrationStats(windows, activation_scales(model, windows, progress=progress))
     with timings.stage("fit"):
-        settings = fit_settings(config)
-        cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-        calib_key = tensor_digest([scales[k] for k in sorted(scales)])
-        key = fingerprint(weights_digest(model), calib_key, config.chunk, settings)
+        settings = fit_settings(fit)
+        cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
+        scales = stats.act_scales
+        key = fingerprint(weights_digest(model), tensor_digest([scales[k] for k in sorted(scales)]), fit.chunk, settings)
         cache = CandidateCache.build(model, units, scales, settings, cache_root, key, progress)
     folder = cache_root / "candidates" / key
-    prepared = Prepared(units, scales, unit_saliency(model, units, scales), cache, config, folder)
-    if need_scores is None:
-        need_scores = config.allocator in NEEDS_SCORES
-    if need_scores:
-        with timings.stage("scores"):
-            prepared.scores = compute_scores(model, windows, prepared, folder, progress)
-    if need_proxy if need_proxy is not None else config.allocator in NEEDS_PROXY:
-        with timings.stage("proxy"):
-            prepared.features = unit_features(model, units, scales)
-            tokens = corpus_tokens(tokenizer, config.calib, "calib", config.data_dir)
-            proxy_windows = sample_windows(tokens, config.proxy_samples, config.proxy_len, config.seed)
-            prepared.proxy = proxy_evaluator(model, prepared, proxy_windows)
-            prepared.proxy_windows = proxy_windows
-            prepared.proxy_ref = proxy_perplexity(model, proxy_windows)
-    return prepared
+    prepared = Prepared(model, tokenizer, fit, units, stats, unit_saliency(model, units, scales), cache, folder)
+    return prepared.ensure(needs, timings, progress)
 
 
-def allocator_kwargs(prepared: Prepared, config: QuantConfig, info: dict, progress: bool = True) -> dict:
-    """Extra arguments of the configured allocator (the PPO run needs its proxy and folders)."""
-    if config.allocator == "uniform":
-        return {"action": config.uniform_action}
-    if config.allocator in NEEDS_PROXY:
-        if prepared.proxy is None:
-            raise WindquantError("the ppo allocator needs a proxy evaluator: prepare() with allocator='ppo'")
-        target = config.target_bits if config.target_bits is not None else 16.0
-        return {
-            "proxy": prepared.proxy,
-            "ppl_ref": prepared.proxy_ref,
-            "config": PPOConfig.from_dict({**(config.ppo or {}), "episodes": config.episodes}),
-            "work_dir": prepared.ppo_dir(config, target),
-            "seed": config.seed,
-            "resume": config.resume,
-            "policy": config.policy,
-            "progress": progress,
-            "info": info,
-        }
-    return {}
-
-
-def make_plan(prepared: Prepared, config: QuantConfig, timings: Timings | None = None, progress: bool = True) -> Plan:
+def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = None, progress: bool = True) -> Plan:
     """Run the configured allocator; the Plan records requested and applied actions."""
+    config.validate()
+    spec = get_allocator(config.allocator)
     timings = timings if timings is not None else Timings()
-    allocator_info: dict = {}
+    prepared.ensure(spec.needs, timings, progress)
     with timings.stage("allocate"):
-        allocate = get_allocator(config.allocator)
-        target = config.target_bits if config.target_bits is not None else 16.0
-        problem = prepared.problem(target, config.accounting)
-        if config.uniform_action is None:
-            problem.check_feasible()
-        requested = allocate(problem, **allocator_kwargs(prepared, config, allocator_info, progress))
-        applied = [prepared.cache.applied(u.index, a, config.fallback_threshold) for u, a in zip(prepared.units, requested)]
+        problem = prepared.problem(config.budget_bits, config.accounting)
+        problem.check_feasible()
+        proxy = prepared.proxy if "proxy" in spec.needs else None
+        ctx = AllocationContext(prepared.work_dir(config), prepared.allocator_seed(config), progress, proxy)
+        allocation = spec.allocate(problem, config.allocator_config, ctx)
+        problem.check_plan(allocation.requested, spec.name)
+        applied = prepared.applied(allocation.requested)
+    info = {"config": {**prepared.fit.to_dict(), **config.to_dict()}}
+    if allocation.files:
+        allocation.info["attached"] = [f.name for f in allocation.files]
+    if allocation.info:
+        info[config.allocator] = allocation.info
     return Plan(
         allocator=config.allocator,
         accounting=config.accounting,
         target_bits=config.target_bits,
-        chunk=config.chunk,
-        salient_rate=config.salient,
-        fallback_threshold=config.fallback_threshold,
+        chunk=prepared.fit.chunk,
+        salient_rate=prepared.fit.salient,
+        fallback_threshold=prepared.fit.fallback_threshold,
         units=prepared.units,
-        requested=requested,
+        requested=allocation.requested,
         applied=applied,
-        info={"config": asdict(config), **({config.allocator: allocator_info} if allocator_info else {})},
+        info=info,
+        attachments=allocation.files,
     )
 
 
-def apply(model: nn.Module, prepared: Prepared, plan: Plan, timings: Timings | None = None) -> nn.Module:
+def apply(prepared: Prepared, plan: Plan, model: nn.Module | None = None, timings: Timings | None = None) -> nn.Module:
+    """Quantize ``model`` (default: the prepared model) in place with ``plan``'s packed candidates."""
     timings = timings if timings is not None else Timings()
     with timings.stage("apply"):
-        return apply_plan(model, plan, lambda i, a: prepared.cache.packed[(i, a)])
+        return apply_plan(prepared.model if model is None else model, plan, lambda i, a: prepared.cache.packed[(i, a)])
 
 
-def quantize_(model: nn.Module, tokenizer, config: QuantConfig, progress: bool = True) -> tuple[Plan, Timings]:
-    """Quantize ``model`` in place under ``config``; returns the Plan and stage timings."""
+def write_checkpoint(
+    prepared: Prepared,
+    plan: Plan,
+    out: str | Path,
+    overwrite: bool = False,
+    model: nn.Module | None = None,
+    model_name: str | None = None,
+    timings: Timings | None = None,
+) -> tuple[Path, dict]:
+    """Apply ``plan`` to ``model`` (default: the prepared model, in place), pack it into the
+    checkpoint folder ``out`` with the allocator's attached files and ``run_report.json``
+    (accounting, per-layer bit map, stage timings, peak RSS). Returns the folder and the report."""
+    timings = timings if timings is not None else Timings()
+    model = apply(prepared, plan, model, timings)
+    with timings.stage("pack"):
+        report = plan_report(plan, model)
+        out = save(model, prepared.tokenizer, plan, out, overwrite=overwrite, copy_files=plan.attachments)
+    report = {"model": model_name, **report, "timings": timings.report()}
+    atomic_write_json(out / "run_report.json", report)
+    return out, report
+
+
+def quantize_(
+    model: nn.Module, tokenizer, plan: PlanConfig | None = None, fit: FitConfig | None = None, progress: bool = True
+) -> tuple[Plan, Timings]:
+    """Quantize ``model`` in place; returns the Plan and stage timings."""
+    plan_config = (plan or PlanConfig()).validate()
     timings = Timings()
-    prepared = prepare(model, tokenizer, config, timings, progress)
-    plan = make_plan(prepared, config, timings, progress)
-    apply(model, prepared, plan, timings)
-    return plan, timings
+    prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
+    result = make_plan(prepared, plan_config, timings, progress)
+    apply(prepared, result, timings=timings)
+    return result, timings

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
 from contextlib import contextmanager
 
 import torch
+
+
+def set_threads(n: int | None = None) -> int:
+    """Torch threads: ``n``, else ``$WINDQUANT_THREADS``, else every core. Never more than the
+    cores: OpenMP spin on busy cores slows small ops by >10x."""
+    n = n or int(os.environ.get("WINDQUANT_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(n)
+    return n
 
 
 def peak_rss_mib() -> float:

@@ -3,29 +3,26 @@
 
 from __future__ import annotations
 
-import json
+import copy
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from windquant.calib.corpus import corpus_tokens
-from windquant.config import QuantConfig
+from windquant.config import PlanConfig
 from windquant.errors import WindquantError
 from windquant.eval.perplexity import perplexity
-from windquant.pack.apply import plan_weights
-from windquant.pipeline import NEEDS_PROXY, NEEDS_SCORES, Prepared, make_plan, prepare
+from windquant.files import atomic_write_json
+from windquant.pipeline import Prepared, make_plan
 from windquant.runinfo import Timings
 
 
 def run_sweep(
-    model: nn.Module,
-    tokenizer,
     prepared: Prepared,
     budgets: list[float],
-    allocators: list[str],
+    allocators: dict[str, object | None],
+    accounting: str,
     corpus: str,
     ctx: int,
     max_windows: int | None,
@@ -33,30 +30,30 @@ def run_sweep(
     timings: Timings,
     progress: bool = True,
 ) -> list[dict]:
-    """``prepared`` must hold scores if an allocator needs them (see :func:`prepare_sweep`)."""
+    """One row per (budget, allocator); ``allocators`` maps names to their configs (None = defaults).
+    Whatever an allocator needs is computed on first use (``Prepared.ensure``)."""
     out.mkdir(parents=True, exist_ok=True)
-    config = prepared.config
-    tokens = corpus_tokens(tokenizer, corpus, "eval", config.data_dir)
+    model = prepared.model
+    tokens = corpus_tokens(prepared.tokenizer, corpus, "eval", prepared.fit.data_dir)
 
-    def ppl() -> float:
+    def ppl():
         return perplexity(model, tokens, ctx=ctx, max_windows=max_windows, progress=progress)
 
     with torch.no_grad(), timings.stage("eval"):
         reference = ppl()
     rows = [{"allocator": "reference", "budget": None, "true_bits": 32.0, "paper_bits": 32.0, "ppl": reference.ppl}]
     for budget in budgets:
-        for name in allocators:
-            cfg = replace(config, allocator=name, target_bits=budget, uniform_action=None)
-            row = {"allocator": name, "budget": budget, "accounting": config.accounting}
+        for name, allocator_config in allocators.items():
+            cfg = PlanConfig(target_bits=budget, accounting=accounting, allocator=name, allocator_config=copy.deepcopy(allocator_config))
+            row = {"allocator": name, "budget": budget, "accounting": accounting}
             start = time.perf_counter()
             try:
-                plan = make_plan(prepared, cfg, progress=progress)
+                plan = make_plan(prepared, cfg, timings, progress=progress)
             except WindquantError as exc:
                 rows.append({**row, "error": str(exc)})
                 continue
             row["solve_seconds"] = time.perf_counter() - start
-            weights = prepared.cache.weights_of(plan.applied)
-            with torch.no_grad(), timings.stage("eval"), plan_weights(model, plan.units, weights):
+            with torch.no_grad(), timings.stage("eval"), prepared.plan_weights(plan.requested):
                 res = ppl()
             plan.save(out / f"plan_{name}_{budget:g}.json")
             rows.append(
@@ -70,25 +67,10 @@ def run_sweep(
             )
     for r in rows:
         r |= {"corpus": corpus, "ctx": ctx, "eval_tokens": reference.tokens}
-    (out / "results.json").write_text(json.dumps({"rows": rows, "timings": timings.report()}, indent=1))
+    atomic_write_json(out / "results.json", {"rows": rows, "timings": timings.report()})
     write_table(rows, out / "results.md")
     plot(rows, out / "pareto.png")
     return rows
-
-
-def prepare_sweep(
-    model: nn.Module, tokenizer, config: QuantConfig, allocators: list[str], timings: Timings, progress: bool = True
-) -> Prepared:
-    """Fit once for every allocator of the sweep (with scores if any of them needs them)."""
-    return prepare(
-        model,
-        tokenizer,
-        config,
-        timings,
-        progress,
-        need_scores=any(a in NEEDS_SCORES for a in allocators),
-        need_proxy=any(a in NEEDS_PROXY for a in allocators),
-    )
 
 
 def write_table(rows: list[dict], path: Path) -> None:

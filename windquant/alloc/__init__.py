@@ -1,29 +1,12 @@
 """Allocators: AllocationProblem -> requested action per unit. They never touch the model."""
 
-from __future__ import annotations
+# The built-in allocators register themselves on import (one line per allocator).
+from windquant.alloc import (
+    heuristic,  # noqa: E402, F401
+    ilp,  # noqa: E402, F401
+    ppo,  # noqa: E402, F401
+    uniform,  # noqa: E402, F401, I001
+)
+from windquant.alloc.base import ALLOCATORS, Allocation, AllocationContext, AllocatorSpec, get_allocator, register_allocator
 
-from collections.abc import Callable
-
-from windquant.alloc.heuristic import allocate_heuristic
-from windquant.alloc.ilp import allocate_ilp
-from windquant.alloc.ppo import allocate_ppo
-from windquant.alloc.problem import AllocationProblem
-from windquant.alloc.uniform import allocate_uniform
-from windquant.errors import WindquantError
-
-ALLOCATORS: dict[str, Callable[..., list[float]]] = {
-    "uniform": allocate_uniform,
-    "heuristic": allocate_heuristic,
-    "ilp": allocate_ilp,
-    "ppo": allocate_ppo,
-}
-
-
-def get_allocator(name: str) -> Callable[..., list[float]]:
-    try:
-        return ALLOCATORS[name]
-    except KeyError:
-        raise WindquantError(f"unknown allocator {name!r}; choose one of: {', '.join(ALLOCATORS)}") from None
-
-
-__all__ = ["ALLOCATORS", "AllocationProblem", "get_allocator"]
+__all__ = ["ALLOCATORS", "Allocation", "AllocationContext", "AllocatorSpec", "get_allocator", "register_allocator"]

@@ -8,41 +8,48 @@ with budget left, the most salient units are promoted to 3 then 4 bit (and on to
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from windquant.alloc.problem import AllocationProblem
-from windquant.errors import WindquantError
-from windquant.quant.accounting import ACTIONS
+from windquant.actions import ACTIONS, below_floor_error
+from windquant.alloc.base import Allocation, AllocationContext, register_allocator
+
+if TYPE_CHECKING:
+    from windquant.alloc.problem import AllocationProblem
 
 START = 2.0
 DEMOTIONS = (1.58, 1.0)
 PROMOTIONS = (3.0, 4.0, 8.0, 16.0)
 
 
-def allocate_heuristic(problem: AllocationProblem) -> list[float]:
+@dataclass
+class HeuristicConfig:
+    """The paper's rule has no free parameters (B.3)."""
+
+
+@register_allocator("heuristic", HeuristicConfig, help="paper B.3: rank units by saliency, demote the least, promote the most")
+def allocate(problem: AllocationProblem, config: HeuristicConfig, ctx: AllocationContext) -> Allocation:
+    import torch
+
     bits = problem.bits
     col = {a: ACTIONS.index(a) for a in ACTIONS}
     actions = [START] * len(problem.units)
     total = problem.total_bits(actions)
-    budget = problem.budget + 1e-6
     ascending = torch.argsort(problem.saliency, stable=True).tolist()
     for level in DEMOTIONS:
         for i in ascending:
-            if total <= budget:
+            if problem.fits(total):
                 break
             if actions[i] > level:
                 total += float(bits[i, col[level]] - bits[i, col[actions[i]]])
                 actions[i] = level
-    if total > budget:
-        raise WindquantError(
-            f"the heuristic cannot reach --target-bits {problem.target_bits:g} even with every unit at 1 bit "
-            f"({problem.average_bits(actions):.3f} {problem.accounting} bits); raise the target"
-        )
+    if not problem.fits(total):
+        raise below_floor_error(problem.target_bits, problem.average_bits(actions), problem.accounting, "the heuristic's all-1-bit plan")
     for level in PROMOTIONS:
         for i in reversed(ascending):
             if actions[i] < level:
                 delta = float(bits[i, col[level]] - bits[i, col[actions[i]]])
-                if total + delta <= budget:
+                if problem.fits(total + delta):
                     total += delta
                     actions[i] = level
-    return actions
+    return Allocation(actions)

@@ -9,15 +9,19 @@ whenever HiGHS hits its time limit without a better feasible solution.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import csr_matrix
 
-from windquant.alloc.problem import AllocationProblem
+from windquant.actions import ACTIONS, within_budget
+from windquant.alloc.base import Allocation, AllocationContext, register_allocator
+from windquant.config import setting
 from windquant.errors import WindquantError
-from windquant.quant.accounting import ACTIONS
+
+if TYPE_CHECKING:
+    import torch
+
+    from windquant.alloc.problem import AllocationProblem
 
 
 @dataclass
@@ -36,7 +40,7 @@ def lagrangian(cost: np.ndarray, bits: np.ndarray, allowed: np.ndarray, budget: 
     """Feasible plan by bisection on the price of a bit, then greedy use of leftover bits."""
     rows = np.arange(len(cost))
     cheapest = np.where(allowed, bits, np.inf).min(axis=1)
-    if cheapest.sum() > budget + 1e-6:
+    if not within_budget(cheapest.sum(), budget):
         raise WindquantError(f"budget {budget:.0f} bits is below the cheapest allowed plan ({cheapest.sum():.0f} bits)")
     lo, hi = 0.0, 1.0
     while bits[rows, _pick(cost, bits, allowed, hi)].sum() > budget and hi < 1e30:
@@ -48,14 +52,14 @@ def lagrangian(cost: np.ndarray, bits: np.ndarray, allowed: np.ndarray, budget: 
         else:
             hi = mid
     choice = _pick(cost, bits, allowed, hi)
-    if bits[rows, choice].sum() > budget + 1e-6:  # price so high that ties remain: take cheapest
+    if not within_budget(bits[rows, choice].sum(), budget):  # price so high that ties remain: take cheapest
         choice = np.where(allowed, bits, np.inf).argmin(axis=1)
     # Greedy fill: best cost decrease per extra bit that still fits.
     total = bits[rows, choice].sum()
     while True:
         gain = cost[rows, choice][:, None] - cost
         extra = bits - bits[rows, choice][:, None]
-        ok = allowed & (gain > 0) & (total + extra <= budget + 1e-6)
+        ok = allowed & (gain > 0) & within_budget(total + extra, budget)
         if not ok.any():
             break
         ratio = np.where(ok, gain / np.maximum(extra, 1e-9), -np.inf)
@@ -69,6 +73,9 @@ def solve(
     cost: torch.Tensor, bits: torch.Tensor, budget: float, allowed: torch.Tensor | None = None, time_limit: float = 30.0
 ) -> Solution:
     """Minimum-cost choice of one column per row with total bits ≤ ``budget``."""
+    from scipy.optimize import Bounds, LinearConstraint, milp  # deferred: scipy.optimize is slow to import
+    from scipy.sparse import csr_matrix
+
     c = cost.double().numpy()
     b = bits.double().numpy()
     ok = np.ones_like(c, dtype=bool) if allowed is None else allowed.numpy().astype(bool)
@@ -94,14 +101,18 @@ def solve(
     rows = np.arange(n)
     sol_bits = float(b[rows, choice].sum())
     sol_cost = float(c[rows, choice].sum())
-    if sol_bits > budget + 1e-6 or sol_cost > warm.cost:
+    if not within_budget(sol_bits, budget) or sol_cost > warm.cost:
         return warm
     return Solution(choice, sol_cost, sol_bits, "milp-optimal" if res.status == 0 else "milp-time-limit")
 
 
-def allocate_ilp(problem: AllocationProblem, time_limit: float = 30.0) -> list[float]:
-    """Minimum total sensitivity under the bit budget (needs ``problem.costs``)."""
-    if problem.costs is None:
-        raise WindquantError("the ilp allocator needs sensitivity scores; run it through windquant.pipeline")
-    sol = solve(problem.costs, problem.bits, problem.budget, time_limit=time_limit)
-    return [ACTIONS[j] for j in sol.choice]
+@dataclass
+class ILPConfig:
+    time_limit: float = setting(30.0, "seconds HiGHS may search before the Lagrangian plan is used")
+
+
+@register_allocator("ilp", ILPConfig, needs=("scores",), help="exact knapsack on per-unit sensitivity scores (default, best measured)")
+def allocate(problem: AllocationProblem, config: ILPConfig, ctx: AllocationContext) -> Allocation:
+    """Minimum total sensitivity under the bit budget."""
+    sol = solve(problem.costs, problem.bits, problem.budget, time_limit=config.time_limit)
+    return Allocation([ACTIONS[j] for j in sol.choice], {"method": sol.method})

@@ -6,11 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from windquant.actions import ACTIONS, below_floor_error, within_budget
 from windquant.errors import WindquantError
 from windquant.model.units import Unit
-from windquant.quant.accounting import ACTIONS
-
-MAX_TARGET = 16.0
 
 
 @dataclass
@@ -41,17 +39,24 @@ class AllocationProblem:
     def average_bits(self, actions: list[float]) -> float:
         return self.total_bits(actions) / self.n_weights
 
+    def fits(self, total_bits: float) -> bool:
+        return within_budget(total_bits, self.budget)
+
     def cheapest_average(self) -> float:
         return float(self.bits.min(dim=1).values.sum()) / self.n_weights
 
+    def check_plan(self, requested: list[float], allocator: str) -> None:
+        """Every allocator's answer passes here: one valid action per unit, within the budget."""
+        if len(requested) != len(self.units) or any(a not in ACTIONS for a in requested):
+            raise WindquantError(f"the {allocator} allocator returned {len(requested)} actions for {len(self.units)} units (or unknown actions)")
+        if not self.fits(self.total_bits(requested)):
+            raise WindquantError(
+                f"the {allocator} allocator's plan needs {self.average_bits(requested):.3f} {self.accounting} bits per weight, "
+                f"above target_bits {self.target_bits:g}",
+                setting="target_bits",
+            )
+
     def check_feasible(self) -> None:
         lo = self.cheapest_average()
-        if not (0 < self.target_bits <= MAX_TARGET):
-            raise WindquantError(
-                f"--target-bits {self.target_bits:g} is out of range; give a value between {lo:.3f} and {MAX_TARGET:g}"
-            )
-        if self.target_bits < lo - 1e-9:
-            raise WindquantError(
-                f"--target-bits {self.target_bits:g} is below the cheapest possible plan ({lo:.3f} {self.accounting} bits "
-                f"per weight at this chunk and salient rate); raise it to at least {lo:.3f}"
-            )
+        if not self.fits(lo * self.n_weights):
+            raise below_floor_error(self.target_bits, lo, self.accounting, "the cheapest possible plan at this chunk and salient rate")

@@ -19,10 +19,6 @@ def unit_saliency(model: nn.Module, units: list[Unit], act_scales: dict[str, tor
     return torch.tensor(out, dtype=torch.float64)
 
 
-# Column order of :func:`unit_features` (the static part of the PPO state, paper Table 1).
-FEATURE_NAMES = ("mean", "std", "abs_mean", "sparsity", "outlier_frac", "calib_mean", "calib_std", "calib_max")
-
-
 @torch.no_grad()
 def unit_features(model: nn.Module, units: list[Unit], act_scales: dict[str, torch.Tensor]) -> torch.Tensor:
     """Raw static statistics of each unit (paper Table 1, dims 0-4 and 9-11), float64 [N, 8].

@@ -6,9 +6,11 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from windquant.errors import WindquantError
 
-class UnsupportedModelError(ValueError):
-    pass
+
+class UnsupportedModelError(WindquantError):
+    """The model has no decoder blocks or linears windquant knows how to split into units."""
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from windquant.alloc.plan import Plan
 from windquant.model.units import Unit
 from windquant.pack.qlinear import QuantLinear
+from windquant.plan import Plan
 
 PackedLookup = Callable[[int, float], dict[str, torch.Tensor]]
 

@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from windquant.alloc.plan import Plan
 from windquant.errors import WindquantError
 from windquant.pack.apply import build_quant_linears
 from windquant.pack.qlinear import QuantLinear
+from windquant.plan import Plan
 
 FORMAT = "windquant-packed"
 FORMAT_VERSION = 1

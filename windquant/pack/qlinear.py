@@ -15,8 +15,7 @@ Chunk = tuple[int, int, float]  # (col0, col1, applied action)
 class QuantLinear(nn.Module):
     """Holds each chunk's packed tensors as buffers named ``c{k}_{field}``.
 
-    The dense weight is rebuilt on first use and kept (``cache=True``), so inference
-    pays the unpacking once; ``drop_cache()`` frees it.
+    The dense weight is rebuilt on first use and kept, so inference pays the unpacking once.
     """
 
     def __init__(self, in_features: int, out_features: int, chunks: list[Chunk], salient_rate: float, bias: bool = False):
@@ -45,9 +44,6 @@ class QuantLinear(nn.Module):
             for k, (col0, col1, action) in enumerate(self.chunks)
         ]
         return torch.cat(parts, dim=1)
-
-    def drop_cache(self) -> None:
-        self._weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight is None or self._weight.device != x.device:

@@ -13,23 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from windquant.actions import ACCOUNTINGS, SKIP, canonical_action
 from windquant.quant import salient
 from windquant.quant.codes import packed_code_bytes
-from windquant.quant.ops import SKIP, grid_for
-
-ACTIONS: tuple[float, ...] = (16.0, 8.0, 4.0, 3.0, 2.0, 1.58, 1.0)
-ACCOUNTINGS = ("true", "paper")
-
-
-def canonical_action(action: float) -> float:
-    for a in ACTIONS:
-        if abs(a - float(action)) < 1e-6:
-            return a
-    raise ValueError(f"unknown action {action!r}; choose one of {', '.join(map(fmt_action, ACTIONS))}")
-
-
-def fmt_action(action: float) -> str:
-    return f"{action:g}"
+from windquant.quant.ops import grid_for
 
 
 def unit_layout(action: float, out_features: int, columns: int, rate: float) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -66,12 +53,12 @@ def layout_bytes(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
     return total
 
 
-def true_bits(action: float, out_features: int, columns: int, rate: float) -> int:
+def unit_true_bits(action: float, out_features: int, columns: int, rate: float) -> int:
     """Total stored bits of one unit (not per weight)."""
     return 8 * layout_bytes(unit_layout(action, out_features, columns, rate))
 
 
-def paper_bits(action: float, out_features: int, columns: int, rate: float) -> float:
+def unit_paper_bits(action: float, out_features: int, columns: int, rate: float) -> float:
     """Paper Eq. 6 bits of one unit (not per weight)."""
     action = canonical_action(action)
     n = out_features * columns
@@ -84,9 +71,9 @@ def paper_bits(action: float, out_features: int, columns: int, rate: float) -> f
 
 def unit_bits(action: float, out_features: int, columns: int, rate: float, accounting: str) -> float:
     if accounting == "true":
-        return float(true_bits(action, out_features, columns, rate))
+        return float(unit_true_bits(action, out_features, columns, rate))
     if accounting == "paper":
-        return paper_bits(action, out_features, columns, rate)
+        return unit_paper_bits(action, out_features, columns, rate)
     raise ValueError(f"unknown accounting {accounting!r}; use one of {ACCOUNTINGS}")
 
 
@@ -120,6 +107,6 @@ class Summary:
 def summarize(shapes: list[tuple[int, int]], actions: list[float], rate: float) -> Summary:
     """Accounting of a whole plan: ``shapes[i] = (out, columns)`` of unit i."""
     n = sum(o * c for o, c in shapes)
-    tb = sum(true_bits(a, o, c, rate) for (o, c), a in zip(shapes, actions))
-    pb = sum(paper_bits(a, o, c, rate) for (o, c), a in zip(shapes, actions))
+    tb = sum(unit_true_bits(a, o, c, rate) for (o, c), a in zip(shapes, actions))
+    pb = sum(unit_paper_bits(a, o, c, rate) for (o, c), a in zip(shapes, actions))
     return Summary(n_weights=n, true_bits_total=tb, paper_bits_total=pb)

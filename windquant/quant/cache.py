@@ -24,15 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from windquant.actions import ACTIONS, INT8, LADDER, LOW_BIT_ACTIONS, SKIP
 from windquant.model.units import Unit, block_linears
-from windquant.quant.accounting import ACTIONS, unit_bits
-from windquant.quant.ops import SKIP
+from windquant.quant.accounting import unit_bits
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit, relative_error
 
 CACHE_VERSION = 1
-LOW_BIT_ACTIONS = tuple(a for a in ACTIONS if a != SKIP)
-# Fallback order: a unit whose error is too high at an action moves to the next one up.
-LADDER = tuple(sorted(ACTIONS))
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +50,7 @@ def weights_digest(model: nn.Module) -> str:
 def fallback_action(errors: dict[float, float], action: float, threshold: float) -> float:
     """The action actually applied: ``action`` or the next higher one under ``threshold``."""
     for a in LADDER[LADDER.index(action) :]:
-        if a >= 8.0 or errors.get(a, float("inf")) <= threshold:
+        if a >= INT8 or errors.get(a, float("inf")) <= threshold:
             return a
     return SKIP
 

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 
 import torch
 
-SKIP = 16.0
-
 
 @dataclass(frozen=True)
 class Grid:

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from windquant.actions import SKIP, canonical_action
 from windquant.quant import salient
-from windquant.quant.accounting import canonical_action, unit_layout
+from windquant.quant.accounting import unit_layout
 from windquant.quant.codes import pack_codes, unpack_codes
-from windquant.quant.ops import SKIP, decode, fit, grid_for
+from windquant.quant.ops import decode, fit, grid_for
 
 
 @dataclass(frozen=True)

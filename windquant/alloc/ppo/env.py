@@ -18,12 +18,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from windquant.actions import ACTIONS, SKIP, below_floor_error, within_budget
 from windquant.alloc.ppo import rewards
 from windquant.alloc.ppo.config import PPOConfig
 from windquant.alloc.problem import AllocationProblem
 from windquant.errors import WindquantError
-from windquant.quant.accounting import ACTIONS
-from windquant.quant.ops import SKIP
 
 OBS_DIM = 15
 N_ACTIONS = len(ACTIONS)
@@ -58,7 +57,7 @@ def feasible_floors(problem: AllocationProblem, cfg: PPOConfig, target_bits: flo
     The floors exist to keep the policy away from 1-bit units, whose damage on small models is
     catastrophic (uniform 1 bit: PPL ~1e5); a target that needs some 1-bit units still gets them.
     """
-    budget = target_bits * problem.n_weights * (1 + 1e-12) + 1e-6
+    budget = target_bits * problem.n_weights
     values = torch.tensor(ACTIONS, dtype=torch.float64)[None, :]
     relaxed: tuple[str, ...] = ()
     for step in range(len(RELAX_ORDER) + 1):
@@ -66,7 +65,7 @@ def feasible_floors(problem: AllocationProblem, cfg: PPOConfig, target_bits: flo
         floors = min_precision(problem, cfg, relaxed)
         allowed = values >= floors[:, None] - 1e-9
         cheapest = torch.where(allowed, problem.bits.double(), torch.inf).min(1).values.sum()
-        if float(cheapest) <= budget:
+        if within_budget(float(cheapest), budget):
             break
     return floors, relaxed
 
@@ -83,10 +82,10 @@ class AllocationEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, problem: AllocationProblem, proxy: Callable[[list[float]], float], ppl_ref: float, cfg: PPOConfig):
+    def __init__(self, problem: AllocationProblem, proxy: Callable[[list[float]], float], reference_ppl: float, cfg: PPOConfig):
         if problem.features is None:
             raise WindquantError("the ppo allocator needs unit features; run it through windquant.pipeline")
-        self.problem, self.proxy, self.ppl_ref, self.cfg = problem, proxy, ppl_ref, cfg
+        self.problem, self.proxy, self.reference_ppl, self.cfg = problem, proxy, reference_ppl, cfg
         # Static features are z-scores clipped to ±5; the budget features lie in [0, 2].
         self.observation_space = gym.spaces.Box(-5.0, 5.0, (OBS_DIM,), np.float32)
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
@@ -126,7 +125,7 @@ class AllocationEnv(gym.Env):
     def action_mask(self) -> np.ndarray:
         """Actions that keep the rest of the episode feasible and respect the clamp."""
         t = self.t
-        fits = self.used + self._bits[t] + self._suffix[t + 1] <= self.budget * (1 + 1e-12) + 1e-6
+        fits = within_budget(self.used + self._bits[t] + self._suffix[t + 1], self.budget)
         return fits & self._allowed[t]
 
     def clamp(self, col: int) -> int:
@@ -139,12 +138,9 @@ class AllocationEnv(gym.Env):
         self.target_bits = float((options or {}).get("target_bits", self.problem.target_bits))
         self._set_floors(self.target_bits)
         self.t, self.used, self.cols = 0, 0.0, []
-        if float(self.suffix[0]) > self.budget * (1 + 1e-12) + 1e-6:
+        if not within_budget(float(self.suffix[0]), self.budget):
             floor = float(self.suffix[0]) / float(self.n_weights.sum())
-            raise WindquantError(
-                f"--target-bits {self.target_bits:g} is below the cheapest plan the PPO clamps allow "
-                f"({floor:.3f} {self.problem.accounting} bits); raise the target"
-            )
+            raise below_floor_error(self.target_bits, floor, self.problem.accounting, "the cheapest plan the PPO clamps allow")
         return self._obs(), {"action_mask": self.action_mask(), "relaxed_clamps": list(self.relaxed)}
 
     def _obs(self) -> np.ndarray:
@@ -201,7 +197,7 @@ class AllocationEnv(gym.Env):
             avg_bits=avg,
             target_bits=self.target_bits,
             ppl_quant=ppl,
-            ppl_ref=self.ppl_ref,
+            ppl_ref=self.reference_ppl,
             skip_fraction=skips,
         )
         return {**terms, "proxy_ppl": ppl, "avg_bits": avg, "skip_fraction": skips}

@@ -1,22 +1,15 @@
-"""The training run: curriculum, roll-outs, PPO updates, λ, best plan, checkpoints, per-episode log.
+"""The training run, CleanRL style: curriculum, roll-outs, PPO updates, λ, best plan.
 
-Files in ``work_dir``: ``checkpoint.safetensors`` (agent, optimiser, sampler RNG; the
-scalars and best plan as JSON metadata — no pickle), ``episodes.jsonl`` (one line per
-episode), ``policy.safetensors`` (final weights, reusable with ``--policy``) and
-``training_curve.png``. A killed run resumed with ``resume=True`` reproduces the
-uninterrupted run exactly: everything random flows from one seeded generator whose
-state is checkpointed, and episodes after the last checkpoint are replayed.
+:func:`train_ppo` reads top to bottom as the loop; checkpoints (:class:`Checkpointer`), the
+episode log (:class:`EpisodeLog`) and the episode row are small helpers beside it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,13 +17,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from windquant.actions import ACTIONS, within_budget
+from windquant.alloc.base import Allocation, Proxy
 from windquant.alloc.ppo import rewards
 from windquant.alloc.ppo.agent import ActorCritic, Rollout, act, ppo_update
 from windquant.alloc.ppo.config import PPOConfig, curriculum_target
 from windquant.alloc.ppo.env import N_ACTIONS, OBS_DIM, AllocationEnv
 from windquant.alloc.problem import AllocationProblem
+from windquant.config import config_to_dict, settings_digest
 from windquant.errors import WindquantError
-from windquant.quant.accounting import ACTIONS, fmt_action
+from windquant.plan import action_distribution
 
 CHECKPOINT = "checkpoint.safetensors"
 EPISODES = "episodes.jsonl"
@@ -45,12 +41,6 @@ class TrainState:
     best_ppl: float = float("inf")
     best_episode: int | None = None
     best_requested: list[float] | None = None
-
-
-@dataclass
-class PPOResult:
-    requested: list[float]
-    info: dict = field(default_factory=dict)
 
 
 def run_episode(
@@ -93,53 +83,83 @@ def plan_bits(problem: AllocationProblem, cols: list[int]) -> dict[str, float]:
 
 def action_histogram(problem: AllocationProblem, cols: list[int]) -> dict[str, float]:
     """Share of weights at each applied action (paper Fig. 2)."""
-    counts: Counter = Counter()
-    for u, c in zip(problem.units, cols):
-        applied = float(problem.applied[u.index, c]) if problem.applied is not None else ACTIONS[c]
-        counts[fmt_action(applied)] += u.n_weights
-    return {k: v / problem.n_weights for k, v in sorted(counts.items(), key=lambda kv: -float(kv[0]))}
+    applied = [float(problem.applied[i, c]) if problem.applied is not None else ACTIONS[c] for i, c in enumerate(cols)]
+    return action_distribution(problem.units, applied)
 
 
-def settings_digest(problem: AllocationProblem, cfg: PPOConfig, seed: int) -> str:
-    payload = json.dumps(
-        {
-            "bits": float(problem.bits.sum()),
-            "n": len(problem.units),
-            "target": problem.target_bits,
-            "seed": seed,
-            **cfg.to_dict(),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def run_digest(problem: AllocationProblem, cfg: PPOConfig, seed: int) -> str:
+    """What a checkpoint must match to be resumed: the problem, the settings and the seed."""
+    return settings_digest(cfg, {"bits": float(problem.bits.sum()), "n": len(problem.units), "target": problem.target_bits, "seed": seed})
 
 
-def save_checkpoint(path: Path, agent, optimizer, generator: torch.Generator, state: TrainState, digest: str) -> None:
-    opt = optimizer.state_dict()
-    tensors = {f"agent.{k}": v.detach().clone() for k, v in agent.state_dict().items()}
-    tensors |= {f"opt.{pid}.{k}": v.clone() for pid, s in opt["state"].items() for k, v in s.items()}
-    tensors["rng.sampler"] = generator.get_state()
-    meta = {"settings": digest, "state": json.dumps(state.__dict__), "param_groups": json.dumps(opt["param_groups"])}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+class Checkpointer:
+    """Agent, optimiser and sampler RNG as safetensors; the scalars and best plan as JSON metadata (no pickle)."""
+
+    def __init__(self, path: Path, digest: str):
+        self.path, self.digest = path, digest
+
+    def save(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, generator: torch.Generator, state: TrainState) -> None:
+        opt = optimizer.state_dict()
+        tensors = {f"agent.{k}": v.detach().clone() for k, v in agent.state_dict().items()}
+        tensors |= {f"opt.{pid}.{k}": v.clone() for pid, s in opt["state"].items() for k, v in s.items()}
+        tensors["rng.sampler"] = generator.get_state()
+        meta = {"settings": self.digest, "state": json.dumps(state.__dict__), "param_groups": json.dumps(opt["param_groups"])}
+        tmp = self.path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, self.path)
+
+    def load(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> TrainState:
+        with safe_open(str(self.path), "pt") as f:
+            meta = f.metadata()
+        if meta.get("settings") != self.digest:
+            raise WindquantError(
+                f"{self.path} was written with other settings; delete {self.path.parent} or run without resume", setting="resume"
+            )
+        tensors = load_file(str(self.path))
+        agent.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("agent.")})
+        opt_state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                opt_state.setdefault(int(pid), {})[name] = v
+        optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+        generator.set_state(tensors["rng.sampler"])
+        return TrainState(**json.loads(meta["state"]))
 
 
-def load_checkpoint(path: Path, agent, optimizer, generator: torch.Generator, digest: str) -> TrainState:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    if meta.get("settings") != digest:
-        raise WindquantError(f"{path} was written with other settings; delete {path.parent} or run without --resume")
-    tensors = load_file(str(path))
-    agent.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("agent.")})
-    opt_state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
-    generator.set_state(tensors["rng.sampler"])
-    return TrainState(**json.loads(meta["state"]))
+class EpisodeLog:
+    """``episodes.jsonl``, one line per episode, kept to the first ``keep`` lines (a resumed run
+    replays the episodes after its last checkpoint, so their old lines go)."""
+
+    def __init__(self, path: Path, keep: int = 0):
+        lines = path.read_text().splitlines()[:keep] if keep and path.is_file() else []
+        path.write_text("".join(line + "\n" for line in lines))
+        self.path = path
+
+    def __enter__(self) -> EpisodeLog:
+        self.file = self.path.open("a")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+
+class TimedProxy:
+    """The proxy, with the seconds spent in it since the last reset (episode timing in the log)."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy, self.reference, self.seconds = proxy, proxy.reference, 0.0
+
+    def __call__(self, requested: list[float]) -> float:
+        start = time.perf_counter()
+        try:
+            return self.proxy(requested)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def new_agent(cfg: PPOConfig, seed: int) -> ActorCritic:
@@ -157,69 +177,60 @@ def load_policy(path: str | Path, cfg: PPOConfig) -> ActorCritic:
     return agent
 
 
+def new_optimizer(agent: ActorCritic, cfg: PPOConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)  # eps as CleanRL
+
+
+def episode_row(episode: int, target: float, state: TrainState, problem: AllocationProblem, roll: Rollout, terms: dict, stats: dict) -> dict:
+    """One line of ``episodes.jsonl``: bits, reward terms, update statistics and the plan itself."""
+    cols = roll.actions.tolist()
+    row = {"episode": episode, "target": target, "lambda": state.lam, **plan_bits(problem, cols), **terms, **stats}
+    row["actions"] = action_histogram(problem, cols)
+    row["plan"] = "".join(map(str, cols))  # requested column per unit: any episode's plan can be rebuilt
+    return row
+
+
 def train_ppo(
-    problem: AllocationProblem,
-    proxy: Callable[[list[float]], float],
-    ppl_ref: float,
-    cfg: PPOConfig,
-    work_dir: Path,
-    seed: int = 0,
-    resume: bool = False,
-    policy: str | Path | None = None,
-    progress: bool = True,
-) -> PPOResult:
-    """Train (or, with ``policy``, reuse zero-shot) and return the best budget-meeting plan."""
+    problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_dir: Path, seed: int = 0, progress: bool = True
+) -> Allocation:
+    """Train (or, with ``cfg.policy``, reuse zero-shot) and return the best budget-meeting plan.
+
+    Files in ``work_dir``: ``checkpoint.safetensors``, ``episodes.jsonl``, ``policy.safetensors``
+    (reusable with ``policy``) and ``training_curve.png``. A killed run resumed with
+    ``cfg.resume`` reproduces the uninterrupted run exactly: everything random flows from one
+    seeded generator whose state is checkpointed, and episodes after the last checkpoint are replayed.
+    """
     cfg.validate()
     work_dir.mkdir(parents=True, exist_ok=True)
-    proxy_seconds = [0.0]
-
-    def timed_proxy(requested: list[float]) -> float:
-        start = time.perf_counter()
-        try:
-            return proxy(requested)
-        finally:
-            proxy_seconds[0] += time.perf_counter() - start
-
-    env = AllocationEnv(problem, timed_proxy, ppl_ref, cfg)
+    proxy = TimedProxy(proxy)
+    env = AllocationEnv(problem, proxy, proxy.reference, cfg)
     final_target = problem.target_bits
     generator = torch.Generator().manual_seed(seed)
-    agent = load_policy(policy, cfg) if policy else new_agent(cfg, seed)
-    episodes = 0 if policy else cfg.episodes
-    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
-    digest = settings_digest(problem, cfg, seed)
+    agent = load_policy(cfg.policy, cfg) if cfg.policy else new_agent(cfg, seed)
+    episodes = 0 if cfg.policy else cfg.episodes
+    optimizer = new_optimizer(agent, cfg)
+    checkpoints = Checkpointer(work_dir / CHECKPOINT, run_digest(problem, cfg, seed))
     state = TrainState(lam=cfg.reward.lambda_init)
-    log_path, ckpt_path = work_dir / EPISODES, work_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, agent, optimizer, generator, digest)
-        lines = log_path.read_text().splitlines()[: state.episode] if log_path.is_file() else []
-        log_path.write_text("".join(line + "\n" for line in lines))
-    else:
-        log_path.write_text("")
+    if cfg.resume and checkpoints.path.is_file():
+        state = checkpoints.load(agent, optimizer, generator)
     bar = tqdm(total=episodes, initial=state.episode, desc="ppo episodes", disable=not progress, unit="ep")
-    with log_path.open("a") as log:
+    with EpisodeLog(work_dir / EPISODES, keep=state.episode) as log:
         for episode in range(state.episode, episodes):
             target = curriculum_target(episode, episodes, cfg.curriculum, final_target)
             env.lam = state.lam
-            start, proxy_seconds[0] = time.perf_counter(), 0.0
+            start, proxy.seconds = time.perf_counter(), 0.0
             roll, terms = run_episode(env, agent, target, generator)
             stats = ppo_update(agent, optimizer, roll, cfg, generator)
-            timing = {"seconds": time.perf_counter() - start, "proxy_seconds": proxy_seconds[0]}
-            cols = roll.actions.tolist()
-            meets_final = env.used <= final_target * problem.n_weights * (1 + 1e-12) + 1e-6
-            if meets_final and terms["proxy_ppl"] < state.best_ppl:
+            timing = {"seconds": time.perf_counter() - start, "proxy_seconds": proxy.seconds}
+            if within_budget(env.used, final_target * problem.n_weights) and terms["proxy_ppl"] < state.best_ppl:
                 state.best_ppl, state.best_episode, state.best_requested = terms["proxy_ppl"], episode, env.requested()
-            row = {"episode": episode, "target": target, "lambda": state.lam, **plan_bits(problem, cols), **terms, **stats}
-            row["actions"] = action_histogram(problem, cols)
-            row["plan"] = "".join(map(str, cols))  # requested column per unit: any episode's plan can be rebuilt
-            row |= timing
+            log.write(episode_row(episode, target, state, problem, roll, terms, stats) | timing)
             state.lam = rewards.update_lagrange(
                 state.lam, terms["rel_loss_increase"], cfg.reward.epsilon, cfg.reward.lambda_lr, cfg.reward.lambda_max
             )
             state.episode = episode + 1
-            log.write(json.dumps(row) + "\n")
-            log.flush()
             if state.episode % cfg.checkpoint_every == 0 or state.episode == episodes:
-                save_checkpoint(ckpt_path, agent, optimizer, generator, state, digest)
+                checkpoints.save(agent, optimizer, generator, state)
             bar.set_postfix(ppl=f"{terms['proxy_ppl']:.1f}", bits=f"{terms['avg_bits']:.3f}", best=f"{state.best_ppl:.1f}")
             bar.update(1)
     bar.close()
@@ -227,18 +238,22 @@ def train_ppo(
     greedy = {"proxy_ppl": greedy_terms["proxy_ppl"], "requested": env.requested(), **plan_bits(problem, env.cols)}
     save_file({k: v.contiguous() for k, v in agent.state_dict().items()}, str(work_dir / POLICY))
     use_greedy = state.best_requested is None or greedy["proxy_ppl"] <= state.best_ppl
-    chosen = greedy["requested"] if use_greedy else state.best_requested
     info = {
         "chosen": "greedy" if use_greedy else "best_sampled",
-        "ppl_ref": ppl_ref,
+        "reference_ppl": proxy.reference,
         "best_sampled": {"episode": state.best_episode, "proxy_ppl": state.best_ppl},
         "greedy": {k: v for k, v in greedy.items() if k != "requested"},
         "episodes": episodes,
         "seed": seed,
         "work_dir": str(work_dir),
-        "config": cfg.to_dict(),
+        "config": config_to_dict(cfg),
     }
+    info["summary"] = (
+        f"{episodes} episodes (seed {seed}), returned the {info['chosen']} plan; proxy PPL: reference "
+        f"{proxy.reference:.2f}, best sampled {state.best_ppl:.2f} (episode {state.best_episode}), greedy {greedy['proxy_ppl']:.2f}"
+    )
     from windquant.alloc.ppo.report import plot_training_curve
 
-    plot_training_curve(log_path, work_dir / CURVE)
-    return PPOResult(chosen, info)
+    plot_training_curve(work_dir / EPISODES, work_dir / CURVE)
+    files = [p for name in (EPISODES, CURVE, POLICY) if (p := work_dir / name).is_file()]
+    return Allocation(greedy["requested"] if use_greedy else state.best_requested, info, files)

@@ -1,4 +1,4 @@
-"""Reports on a Plan / checkpoint: accounting, action distribution (paper Fig. 2), bit map."""
+"""Reports on a Plan / checkpoint: accounting, action distribution (paper Fig. 2), bit map (``windquant inspect``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 from torch import nn
 
-from windquant.alloc.plan import Plan
 from windquant.errors import WindquantError
 from windquant.model.units import decoder_blocks
-from windquant.quant.accounting import true_bits
+from windquant.plan import Plan
+from windquant.quant.accounting import unit_true_bits
 
 
 def untouched_bytes(model: nn.Module) -> int:
@@ -37,7 +37,7 @@ def layer_bit_map(plan: Plan) -> tuple[list[int], list[str], list[list[float]]]:
     bits: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     for u, a in zip(plan.units, plan.applied):
         acc = bits[(u.layer, u.proj)]
-        acc[0] += true_bits(a, *u.shape, plan.salient_rate)
+        acc[0] += unit_true_bits(a, *u.shape, plan.salient_rate)
         acc[1] += u.n_weights
     layers = sorted({k[0] for k in bits})
     projs = list(dict.fromkeys(u.proj for u in plan.units))
@@ -108,17 +108,50 @@ def inspect_checkpoint(path: Path, png: str | None = None) -> str:
     if run_report.is_file():
         t = json.loads(run_report.read_text()).get("timings", {})
         lines.append(f"run: {t.get('total_seconds')} s, peak RSS {t.get('peak_rss_mib')} MiB")
-    ppo = plan.info.get("ppo")
-    if ppo:
-        best, greedy = ppo["best_sampled"], ppo["greedy"]
-        lines.append(
-            f"ppo: {ppo['episodes']} episodes (seed {ppo['seed']}), returned the {ppo['chosen']} plan; proxy PPL: "
-            f"reference {ppo['ppl_ref']:.2f}, best sampled {best['proxy_ppl']:.2f} (episode {best['episode']}), "
-            f"greedy {greedy['proxy_ppl']:.2f}"
-        )
-        if (path / "training_curve.png").is_file():
-            lines.append(f"training curve: {path / 'training_curve.png'}   episode log: {path / 'episodes.jsonl'}")
+    info = plan.info.get(plan.allocator) or {}
+    if "summary" in info:
+        lines.append(f"{plan.allocator}: {info['summary']}")
+    attached = [path / name for name in info.get("attached", []) if (path / name).is_file()]
+    if attached:
+        lines.append(f"{plan.allocator} files: " + "   ".join(map(str, attached)))
     png_path = Path(png) if png else path / "bitmap.png"
     save_bit_map(plan, png_path)
     lines.append(f"bit map: {png_path}")
     return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def side_by_side(reference: dict, quantized: dict) -> str:
+    """Reference vs quantized (``windquant eval --reference`` payloads): bits, size, quality, cost."""
+    folder = Path(quantized["model"])
+    plan, run = _read_json(folder / "plan.json"), _read_json(folder / "run_report.json")
+    rows = [("", "reference", "quantized"), ("model", reference["model"], quantized["model"])]
+    if plan:
+        fp16_bytes = 2 * plan["n_weights"]
+        rows += [
+            ("true bits per block-linear weight", "16 (fp16)", f"{plan['true_bits']:.3f}"),
+            ("paper bits (Eq. 6)", "16", f"{plan['paper_bits']:.3f}"),
+            (
+                "block linears (MiB)",
+                f"{fp16_bytes / 2**20:.1f}",
+                f"{plan['quantized_bytes'] / 2**20:.1f} ({fp16_bytes / plan['quantized_bytes']:.1f}x smaller)",
+            ),
+        ]
+    if "ppl" in reference and "ppl" in quantized:
+        q = quantized
+        span = f"{q['corpus']}, {q['windows']} windows x {q['ctx']} = {q['tokens']:,} tokens"
+        rows.append((f"perplexity ({span})", f"{reference['ppl']:.2f}", f"{q['ppl']:.2f} (x{q['ppl'] / reference['ppl']:.2f})"))
+    if "zeroshot_avg_acc" in reference and "zeroshot_avg_acc" in quantized:
+        tasks = ",".join(quantized["zeroshot"])
+        rows.append((f"zero-shot avg acc ({tasks})", f"{reference['zeroshot_avg_acc']:.4f}", f"{quantized['zeroshot_avg_acc']:.4f}"))
+    t = run.get("timings")
+    if t:
+        rows.append(("quantize: wall time / peak RSS", "-", f"{t['total_seconds']:.0f} s / {t['peak_rss_mib']:.0f} MiB"))
+    rows.append(("eval wall time (load + score)", f"{reference['eval_seconds']:.0f} s", f"{quantized['eval_seconds']:.0f} s"))
+    if "peak_rss_mib" in quantized:
+        rows.append(("eval process peak RSS", "", f"{quantized['peak_rss_mib']:.0f} MiB (both models, one after the other)"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -1,4 +1,7 @@
-"""The Plan: one action per unit plus its accounting — plain JSON, allocator-agnostic."""
+"""The Plan: one action per unit plus its accounting — plain JSON, allocator-agnostic.
+
+Allocators produce it, the engine (``pack/``) applies it; neither imports the other.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,22 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from windquant.actions import canonical_action, fmt_action
 from windquant.errors import WindquantError
+from windquant.files import atomic_write_json
 from windquant.model.units import Unit
-from windquant.quant.accounting import canonical_action, fmt_action, summarize
+from windquant.quant.accounting import summarize
 
 PLAN_VERSION = 1
+
+
+def action_distribution(units: list[Unit], applied: list[float]) -> dict[str, float]:
+    """Fraction of weights at each applied action, highest action first (paper Fig. 2)."""
+    counts: Counter = Counter()
+    for u, a in zip(units, applied):
+        counts[fmt_action(a)] += u.n_weights
+    n = sum(counts.values())
+    return {k: v / n for k, v in sorted(counts.items(), key=lambda kv: -float(kv[0]))}
 
 
 @dataclass
@@ -26,6 +40,8 @@ class Plan:
     requested: list[float]  # what the allocator asked for
     applied: list[float]  # what the engine applied (after operator fallback)
     info: dict = field(default_factory=dict)  # allocator-specific extras
+    # Files the allocator wrote that belong in the checkpoint (e.g. PPO's episode log); not in plan.json.
+    attachments: list[Path] = field(default_factory=list, repr=False, compare=False)
 
     def summary(self):
         return summarize([u.shape for u in self.units], self.applied, self.salient_rate)
@@ -40,11 +56,7 @@ class Plan:
 
     def action_distribution(self) -> dict[str, float]:
         """Fraction of weights at each applied action (paper Fig. 2)."""
-        counts: Counter = Counter()
-        for u, a in zip(self.units, self.applied):
-            counts[fmt_action(a)] += u.n_weights
-        n = sum(counts.values())
-        return {k: v / n for k, v in sorted(counts.items(), key=lambda kv: -float(kv[0]))}
+        return action_distribution(self.units, self.applied)
 
     def to_dict(self) -> dict:
         s = self.summary()
@@ -85,7 +97,7 @@ class Plan:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -1,0 +1,93 @@
+"""The allocator protocol: one module per allocator, one config, one signature, declared needs.
+
+An allocator is a function registered with its config dataclass and what it needs::
+
+    @register_allocator("heuristic", HeuristicConfig, help="...")
+    def allocate(problem: AllocationProblem, config: HeuristicConfig, ctx: AllocationContext) -> Allocation:
+        ...
+
+``needs`` names what the pipeline must provide beyond bits and saliency: ``"scores"``
+(``problem.costs``, the per-unit sensitivity table), ``"features"`` (``problem.features``, static
+unit statistics) and ``"proxy"`` (``ctx.proxy``, a callable scoring a plan on the real model).
+The pipeline reads ``needs`` and never switches on an allocator's name; an allocator never sees
+the model. Adding one = one module + one import line in ``alloc/__init__.py`` + its tests.
+
+This module imports nothing heavy: the CLI reads the registry to build its flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from windquant.errors import WindquantError
+
+if TYPE_CHECKING:
+    from windquant.alloc.problem import AllocationProblem
+
+NEEDS = frozenset({"scores", "features", "proxy"})
+
+
+@dataclass
+class Allocation:
+    """What an allocator returns."""
+
+    requested: list[float]  # one action per unit, in model order
+    info: dict = field(default_factory=dict)  # run summary, stored in plan.json under the allocator's name
+    files: list[Path] = field(default_factory=list)  # files it wrote that belong in the checkpoint
+
+
+class Proxy(Protocol):
+    """Scores a plan on the real model (built by the pipeline from the candidate cache)."""
+
+    reference: float  # perplexity of the unquantized model on the same tokens
+
+    def __call__(self, requested: list[float]) -> float:  # requested actions -> perplexity
+        ...
+
+
+@dataclass
+class AllocationContext:
+    """What the pipeline gives an allocator besides the problem."""
+
+    work_dir: Path  # a folder for its files (checkpoints, logs), named by the run's settings
+    seed: int = 0
+    progress: bool = True
+    proxy: Callable[[int, int], Proxy] | None = None  # (samples, tokens per sample) -> Proxy, with need "proxy"
+
+
+AllocateFn = Callable[["AllocationProblem", Any, AllocationContext], Allocation]
+
+
+@dataclass(frozen=True)
+class AllocatorSpec:
+    name: str
+    allocate: AllocateFn
+    config: type  # its config dataclass (paper values as defaults)
+    needs: frozenset[str]
+    help: str
+
+
+ALLOCATORS: dict[str, AllocatorSpec] = {}
+
+
+def register_allocator(name: str, config: type, needs: tuple[str, ...] = (), help: str = "") -> Callable[[AllocateFn], AllocateFn]:
+    """Decorator registering ``allocate`` under ``name``."""
+    unknown = set(needs) - NEEDS
+    if unknown:
+        raise ValueError(f"allocator {name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+
+    def register(allocate: AllocateFn) -> AllocateFn:
+        ALLOCATORS[name] = AllocatorSpec(name, allocate, config, frozenset(needs), help)
+        return allocate
+
+    return register
+
+
+def get_allocator(name: str) -> AllocatorSpec:
+    try:
+        return ALLOCATORS[name]
+    except KeyError:
+        raise WindquantError(f"unknown allocator {name!r}; choose one of: {', '.join(ALLOCATORS)}", setting="allocator") from None

@@ -1,0 +1,122 @@
+"""CLI flags generated from config dataclasses, and configs read back from parsed flags.
+
+A config field with help text in its metadata (``config.setting``) becomes a flag (``--field-name``
+unless the field names another); allocator fields without help are set with ``--<allocator>-set
+KEY=VALUE,...``. Flags default to None so that only what the user typed overrides a config's
+own defaults. Imports nothing heavy: ``windquant --help`` builds every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields, is_dataclass
+from typing import Any
+
+from windquant.config import field_types
+from windquant.errors import WindquantError
+
+SCALARS = (int, float, str, bool)
+
+
+def flag_of(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_config_flags(parser, cls: type, prefix: str, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """Add a flag for every field of ``cls`` with help; returns setting name -> flag."""
+    types = field_types(cls)
+    made = {}
+    for f in fields(cls):
+        text = f.metadata.get("help")
+        if not text or f.name in exclude:
+            continue
+        flag, dest = flag_of(f), prefix + f.name
+        if types[f.name] is bool:
+            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+        else:
+            default = "" if f.default is MISSING or f.default is None else f" (default {f.default})"
+            parser.add_argument(flag, dest=dest, type=types[f.name], default=None, metavar=f.name.upper(), help=text + default)
+        made[f.name] = flag
+    return made
+
+
+def override_fields(cls: type) -> list[str]:
+    """Fields of ``cls`` settable with ``--<allocator>-set``: scalars without a flag of their own."""
+    types = field_types(cls)
+    return [f.name for f in fields(cls) if not f.metadata.get("help") and types[f.name] in SCALARS]
+
+
+def parse_overrides(cls: type, text: str | None, flag: str) -> dict:
+    """``"gamma=1.0,minibatches=2"`` -> {"gamma": 1.0, "minibatches": 2}, typed by ``cls``'s fields."""
+    if not text:
+        return {}
+    known, types = override_fields(cls), field_types(cls)
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in known or not value:
+            raise WindquantError(f"{flag}: {item!r} is not KEY=VALUE with KEY one of {', '.join(known)}")
+        try:
+            if types[key] is bool:
+                out[key] = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            else:
+                out[key] = types[key](value)
+        except (KeyError, ValueError):
+            raise WindquantError(f"{flag}: {key} needs a {types[key].__name__}, got {value!r}") from None
+    return out
+
+
+def given(args: argparse.Namespace, cls: type, prefix: str) -> dict:
+    """The fields of ``cls`` the user set on the command line."""
+    return {f.name: v for f in fields(cls) if (v := getattr(args, prefix + f.name, None)) is not None}
+
+
+def config_from_args(args: argparse.Namespace, cls: type, prefix: str, base: dict | None = None) -> Any:
+    """``cls`` with its defaults, then ``base``, then the flags the user gave."""
+    return cls(**{**(base or {}), **given(args, cls, prefix)})
+
+
+def set_flag(name: str) -> str:
+    return f"--{name}-set"
+
+
+def add_allocator_flags(parser) -> dict[str, str]:
+    """One argument group per registered allocator with settings; returns setting name -> flag."""
+    from windquant.alloc import ALLOCATORS
+
+    made = {}
+    for spec in ALLOCATORS.values():
+        if not is_dataclass(spec.config) or not fields(spec.config):
+            continue
+        group = parser.add_argument_group(f"{spec.name} allocator (--allocator {spec.name})")
+        made |= add_config_flags(group, spec.config, f"{spec.name}.")
+        extra = override_fields(spec.config)
+        if extra:
+            group.add_argument(
+                set_flag(spec.name),
+                dest=f"{spec.name}.set",
+                default=None,
+                metavar="K=V,...",
+                help=f"other {spec.name} settings, e.g. {extra[0]}=... (any of: {', '.join(extra)})",
+            )
+    return made
+
+
+def allocator_configs(args: argparse.Namespace, chosen: list[str]) -> dict[str, Any]:
+    """Config of each chosen allocator from its flags; a flag of an allocator not chosen is an error."""
+    from windquant.alloc import ALLOCATORS
+
+    for spec in ALLOCATORS.values():
+        if spec.name in chosen or not is_dataclass(spec.config):
+            continue
+        stray = [flag_of(f) for f in fields(spec.config) if getattr(args, f"{spec.name}.{f.name}", None) is not None]
+        stray += [set_flag(spec.name)] if getattr(args, f"{spec.name}.set", None) else []
+        if stray:
+            raise WindquantError(f"{stray[0]} is a setting of the {spec.name} allocator; add --allocator {spec.name} or drop it")
+    out = {}
+    for name in chosen:
+        cls = ALLOCATORS[name].config
+        base = parse_overrides(cls, getattr(args, f"{name}.set", None), set_flag(name))
+        out[name] = config_from_args(args, cls, f"{name}.", base)
+    return out

@@ -1,0 +1,20 @@
+"""Atomic file writes: a reader never sees a half-written file, a crash leaves the old one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # concurrent writers never share a temp file
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(path: str | Path, payload) -> Path:
+    return atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
