@@ -81,9 +81,9 @@ def test_unknown_allocator():
 
 
 def test_every_plan_is_checked_against_the_budget():
-    p = problem(3.0)
+    p = problem(4.0)
     p.check_plan([2.0] * 40, "toy")
-    with pytest.raises(WindquantError, match="the toy allocator's plan needs .* above target_bits 3"):
+    with pytest.raises(WindquantError, match="the toy allocator's plan needs .* above target_bits 4"):
         p.check_plan([8.0] * 40, "toy")
     with pytest.raises(WindquantError, match="returned 39 actions for 40 units"):
         p.check_plan([2.0] * 39, "toy")
