@@ -178,7 +178,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from windquant.sweep import run_sweep
 
     fit = fit_config_from_args(args)
-    accounting = config_from_args(args, PlanConfig, "plan.").validate().accounting
+    base = config_from_args(args, PlanConfig, "plan.")  # accounting and allocator seed of every row
     names = [get_allocator(a.strip()).name for a in args.allocators.split(",") if a.strip()]
     configs = allocator_configs(args, names)
     try:
@@ -189,6 +189,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     timings = Timings()
     progress = not args.quiet
     prepared = prepare(model, tokenizer, fit, needs_of(names), timings, progress)
-    run_sweep(prepared, budgets, configs, accounting, args.corpus, args.ctx, args.max_windows, Path(args.out), timings, progress)
+    run_sweep(prepared, budgets, configs, base, args.corpus, args.ctx, args.max_windows, Path(args.out), timings, progress)
     print((Path(args.out) / "results.md").read_text())
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ def run_sweep(
     prepared: Prepared,
     budgets: list[float],
     allocators: dict[str, object | None],
-    accounting: str,
+    base: PlanConfig,
     corpus: str,
     ctx: int,
     max_windows: int | None,
@@ -30,8 +31,9 @@ def run_sweep(
     timings: Timings,
     progress: bool = True,
 ) -> list[dict]:
-    """One row per (budget, allocator); ``allocators`` maps names to their configs (None = defaults).
-    Whatever an allocator needs is computed on first use (``Prepared.ensure``)."""
+    """One row per (budget, allocator); ``allocators`` maps names to their configs (None = defaults),
+    ``base`` gives the rest of each row's plan config (accounting, seed). Whatever an allocator
+    needs is computed on first use (``Prepared.ensure``)."""
     out.mkdir(parents=True, exist_ok=True)
     model = prepared.model
     tokens = corpus_tokens(prepared.tokenizer, corpus, "eval", prepared.fit.data_dir)
@@ -44,8 +46,8 @@ def run_sweep(
     rows = [{"allocator": "reference", "budget": None, "true_bits": 32.0, "paper_bits": 32.0, "ppl": reference.ppl}]
     for budget in budgets:
         for name, allocator_config in allocators.items():
-            cfg = PlanConfig(target_bits=budget, accounting=accounting, allocator=name, allocator_config=copy.deepcopy(allocator_config))
-            row = {"allocator": name, "budget": budget, "accounting": accounting}
+            cfg = replace(base, target_bits=budget, allocator=name, allocator_config=copy.deepcopy(allocator_config))
+            row = {"allocator": name, "budget": budget, "accounting": base.accounting}
             start = time.perf_counter()
             try:
                 plan = make_plan(prepared, cfg, timings, progress=progress)
