@@ -95,3 +95,25 @@ def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny
     # apply_plan also rounds embeddings/norms to fp16; tolerance covers that alone
     assert torch.allclose(assembled, reference, atol=1e-2, rtol=1e-3)
     assert not torch.allclose(assembled, before, atol=1e-3)
+
+
+def test_error_feedback_candidates_cut_the_output_error(tiny_model, tokenizer, tiny_fit):
+    from dataclasses import replace
+
+    plain = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
+    fed = prepare(tiny_model, tokenizer, replace(tiny_fit, feedback=True), progress=False)
+    assert fed.folder != plain.folder and plain.stats.moments is None
+    # the scales come from the same pass either way: the feedback run only adds the moments
+    assert all(torch.equal(plain.stats.act_scales[k], fed.stats.act_scales[k]) for k in plain.stats.act_scales)
+
+    def output_error(prepared, action):
+        total = 0.0
+        for u in prepared.units:
+            w = tiny_model.get_submodule(u.module).weight.detach()[:, u.col0 : u.col1].double()
+            h = fed.stats.moments[u.module][u.col0 : u.col1, u.col0 : u.col1].double()
+            d = w - prepared.cache.dense[(u.index, action)].double()
+            total += float(((d @ h) * d).sum())
+        return total
+
+    for action in (4.0, 2.0):
+        assert output_error(fed, action) < output_error(plain, action)

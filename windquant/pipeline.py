@@ -20,7 +20,7 @@ from windquant.actions import ACCOUNTINGS, ACTIONS
 from windquant.alloc import AllocationContext, get_allocator
 from windquant.alloc.problem import AllocationProblem
 from windquant.calib.corpus import corpus_tokens, sample_windows
-from windquant.calib.statistics import CalibrationStats, activation_scales, second_moments_and_fisher
+from windquant.calib.statistics import CalibrationStats, calibrate, second_moments_and_fisher
 from windquant.config import FitConfig, PlanConfig, settings_digest
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
@@ -37,7 +37,7 @@ from windquant.runinfo import Timings
 
 
 def fit_settings(fit: FitConfig) -> FitSettings:
-    return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr)
+    return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr, feedback=fit.feedback)
 
 
 def calibration_windows(tokenizer, fit: FitConfig, samples: int | None = None, length: int | None = None, seed: int | None = None) -> torch.Tensor:
@@ -110,7 +110,6 @@ class Prepared:
         if path.is_file():
             return load_file(str(path))["scores"]
         moments, fisher = second_moments_and_fisher(self.model, self.stats.windows, progress=progress)
-        self.stats.moments, self.stats.fisher = moments, fisher
         scores = sensitivity_scores(self.model, self.units, self.cache, moments, fisher)
         tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent runs never share a temp file
         save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})
@@ -174,14 +173,13 @@ def prepare(
     timings = timings if timings is not None else Timings()
     units = enumerate_units(model, fit.chunk)
     with timings.stage("calibrate"):
-        windows = calibration_windows(tokenizer, fit)
-        stats = CalibrationStats(windows, activation_scales(model, windows, progress=progress))
+        stats = calibrate(model, calibration_windows(tokenizer, fit), moments=fit.feedback, progress=progress)
     with timings.stage("fit"):
         settings = fit_settings(fit)
         cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
         scales = stats.act_scales
         key = fingerprint(weights_digest(model), tensor_digest([scales[k] for k in sorted(scales)]), fit.chunk, settings)
-        cache = CandidateCache.build(model, units, scales, settings, cache_root, key, progress)
+        cache = CandidateCache.build(model, units, scales, settings, cache_root, key, progress, stats.moments)
     folder = cache_root / "candidates" / key
     prepared = Prepared(model, tokenizer, fit, units, stats, unit_saliency(model, units, scales), cache, folder)
     return prepared.ensure(needs, timings, progress)

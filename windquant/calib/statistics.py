@@ -1,8 +1,9 @@
 """Calibration statistics of every block linear, gathered by hooks on the model's own forward.
 
-* activation scales: per-input-channel RMS (forward only, the candidates' weighting);
-* input second moments ``E[x xᵀ]`` and the per-layer Fisher (mean squared output gradient,
-  one backward pass): what the sensitivity scores need.
+* activation scales: per-input-channel RMS (forward only, the candidates' weighting), and
+  from the same pass, when error feedback asks for them, the input second moments ``E[x xᵀ]``;
+* input second moments and the per-layer Fisher (mean squared output gradient, one backward
+  pass): what the sensitivity scores need.
 
 Only this module registers hooks or runs the model for statistics; allocators receive the
 results (through the pipeline), never the model. The two passes stay separate because the
@@ -28,8 +29,7 @@ from windquant.model.units import block_linears
 class CalibrationStats:
     windows: torch.Tensor  # [samples, len] calibration tokens
     act_scales: dict[str, torch.Tensor]  # linear name -> [in] RMS of each input channel
-    moments: dict[str, torch.Tensor] | None = None  # linear name -> [in, in] E[x xᵀ]
-    fisher: dict[str, float] | None = None  # linear name -> mean squared output gradient
+    moments: dict[str, torch.Tensor] | None = None  # linear name -> [in, in] E[x xᵀ] (error feedback)
 
 
 @contextmanager
@@ -53,13 +53,15 @@ def _inputs(inputs: tuple) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_scales(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
-    """RMS of each input channel of every block linear over the calibration windows.
+def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, batch_size: int = 8, progress: bool = True) -> CalibrationStats:
+    """Activation scales (RMS of each input channel of every block linear) over ``windows``, and
+    with ``moments`` each linear's input second moment ``E[x xᵀ]`` from the same forward pass.
 
-    The RMS squared is the diagonal of the layer's input second moment, so
-    ``Σ_j rms_j² (w_ij − ŵ_ij)²`` is the diagonal estimate of the output error.
+    The RMS squared is the diagonal of the input second moment, so ``Σ_j rms_j² (w_ij − ŵ_ij)²``
+    is the diagonal estimate of the output error; error feedback uses the full matrix.
     """
     sums: dict[str, torch.Tensor] = {}
+    second: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def forward(name):
@@ -67,13 +69,16 @@ def activation_scales(model: nn.Module, windows: torch.Tensor, batch_size: int =
             x = _inputs(inputs)
             sums[name] = sums.get(name, 0) + (x * x).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
+            if moments:
+                second[name] = second.get(name, 0) + x.T @ x
 
         return fn
 
     with hooked(model, forward):
         for i in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress, unit="batch"):
             model(input_ids=windows[i : i + batch_size], use_cache=False)
-    return {name: (sums[name] / counts[name]).sqrt() for name in sums}
+    scales = {name: (sums[name] / counts[name]).sqrt() for name in sums}
+    return CalibrationStats(windows, scales, {name: second[name] / counts[name] for name in second} if moments else None)
 
 
 def second_moments_and_fisher(

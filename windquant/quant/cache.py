@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -76,8 +75,10 @@ class CandidateCache:
         cache_dir: Path | None = None,
         fingerprint: str | None = None,
         progress: bool = True,
+        moments: dict[str, torch.Tensor] | None = None,
     ) -> CandidateCache:
-        """Fit (or load from ``cache_dir/fingerprint``) every candidate, block by block."""
+        """Fit (or load from ``cache_dir/fingerprint``) every candidate, block by block
+        (``moments``: each linear's ``E[x xᵀ]``, for error feedback)."""
         cache = cls(units, settings)
         modules = dict(model.named_modules())
         folder = None
@@ -95,9 +96,10 @@ class CandidateCache:
                 for u in layer_units:
                     w = modules[u.module].weight.detach()[:, u.col0 : u.col1].float()
                     s = act_scales[u.module][u.col0 : u.col1]
+                    h = moments[u.module][u.col0 : u.col1, u.col0 : u.col1] if moments is not None else None
                     cache._add(u, SKIP, quantize_unit(w, s, SKIP, settings), w, s)
                     for a in LOW_BIT_ACTIONS:
-                        cache._add(u, a, quantize_unit(w, s, a, settings), w, s)
+                        cache._add(u, a, quantize_unit(w, s, a, settings, h), w, s)
                         bar.update(1)
                 if shard is not None:
                     cache._save_shard(shard, layer_units)
@@ -152,7 +154,7 @@ class CandidateCache:
 
 def fingerprint(model_digest: str, calib_digest: str, chunk: int, settings: FitSettings) -> str:
     payload = json.dumps(
-        {"v": CACHE_VERSION, "model": model_digest, "calib": calib_digest, "chunk": chunk, **asdict(settings)},
+        {"v": CACHE_VERSION, "model": model_digest, "calib": calib_digest, "chunk": chunk, **settings.fingerprint_fields()},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

@@ -57,12 +57,23 @@ class SalientSet:
         return {"sal_val": self.values, "sal_col": self.columns, "sal_cnt": self.counts, "sal_scale": self.scale}
 
 
-def pack(w: torch.Tensor, mask: torch.Tensor) -> SalientSet:
-    """INT8-quantize the salient weights of ``w`` selected by ``mask``."""
-    vals = w.float()[mask]  # row-major order
+def int8_scale(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The unit's one fp16 INT8 scale: absmax of its salient weights / 127."""
+    vals = w.float()[mask]
     absmax = vals.abs().max() if vals.numel() else torch.tensor(1.0)
-    scale = (absmax / 127.0).clamp_min(1e-8).half()
-    q = (vals / scale.float()).round().clamp(-127, 127).to(torch.int8)
+    return (absmax / 127.0).clamp_min(1e-8).half()
+
+
+def int8_round(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (values.float() / scale.float()).round().clamp(-127, 127)
+
+
+def pack(w: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor | None = None) -> SalientSet:
+    """INT8-quantize the salient weights of ``w`` selected by ``mask`` (with ``scale``, else
+    :func:`int8_scale` of them)."""
+    vals = w.float()[mask]  # row-major order
+    scale = int8_scale(w, mask) if scale is None else scale
+    q = int8_round(vals, scale).to(torch.int8)
     cols = mask.nonzero()[:, 1].to(column_index_dtype(w.shape[1]))
     counts = mask.sum(dim=1).to(torch.uint8)
     return SalientSet(values=q, columns=cols, counts=counts, scale=scale.reshape(1))

@@ -1,0 +1,86 @@
+"""Error feedback inside a unit: equals a slow OBQ reference, never worse than plain rounding."""
+
+import pytest
+import torch
+
+from windquant.quant import salient
+from windquant.quant.accounting import unit_true_bits
+from windquant.quant.feedback import damped, error_feedback
+from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit
+
+
+def correlated_inputs(g: int, n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation scales and second moment of inputs with correlated channels and a few loud ones."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(g, g, generator=gen) / g**0.5 + torch.eye(g)
+    x = torch.randn(n, g, generator=gen) @ mix * (1 + 4 * (torch.rand(g, generator=gen) > 0.9))
+    h = x.T @ x / n
+    return h.diagonal().sqrt(), h
+
+
+def obq_reference(w: torch.Tensor, h: torch.Tensor, quantize_column) -> torch.Tensor:
+    """OBQ as written: explicit inverse of H over the columns not quantized yet, updated by the
+    Schur complement after every column (no Cholesky trick)."""
+    w, hinv = w.clone(), torch.linalg.inv(damped(h))
+    q = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        q[:, j] = quantize_column(w[:, j], j)
+        err = (w[:, j] - q[:, j]) / hinv[j, j]
+        w[:, j + 1 :] -= err[:, None] * hinv[j, j + 1 :][None, :]
+        hinv = hinv - hinv[:, j : j + 1] @ hinv[j : j + 1, :] / hinv[j, j]
+    return q
+
+
+def test_feedback_equals_slow_obq_reference():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 12, generator=gen, dtype=torch.float64)
+    _, h = correlated_inputs(12)
+    h = h.double()
+    h[3, :], h[:, 3] = 0.0, 0.0  # a dead input channel
+
+    def on_grid(col, j):  # any per-column quantizer: here a 0.25 grid, offset per column
+        return ((col - 0.01 * j) / 0.25).round() * 0.25 + 0.01 * j
+
+    fast, slow = error_feedback(w, h, on_grid), obq_reference(w, h, on_grid)
+    assert torch.allclose(fast, slow, atol=1e-10)
+    assert not torch.allclose(fast, on_grid(w, 0), atol=1e-3)  # the feedback changed the rounding
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    d = (w - w_hat).double()
+    return float(((d @ h.double()) * d).sum())
+
+
+@pytest.mark.parametrize("action", [4.0, 3.0, 2.0, 1.58, 1.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_feedback_never_worse_than_rounding_on_the_output_error(action, seed):
+    gen = torch.Generator().manual_seed(10 + seed)
+    w = torch.randn(24, 64, generator=gen) * 0.05
+    s, h = correlated_inputs(64, seed=seed)
+    plain = FitSettings(steps=3)
+    fed = FitSettings(steps=3, feedback=True)
+    rtn = dequantize_unit(quantize_unit(w, s, action, plain), action, *w.shape)
+    packed = quantize_unit(w, s, action, fed, h)
+    obq = dequantize_unit(packed, action, *w.shape)
+    assert output_error(w, obq, h) <= output_error(w, rtn, h)
+    # same layout, same bits
+    assert 8 * sum(t.numel() * t.element_size() for t in packed.values()) == unit_true_bits(action, *w.shape, 0.03)
+    # salient positions hold INT8 values of the unit's fixed INT8 scale
+    mask = salient.select(w, s, 0.03)
+    scale = salient.int8_scale(w, mask).float()
+    levels = (obq[mask] / scale).round()
+    assert torch.equal(obq[mask], (levels * scale).half().float()) and levels.abs().max() <= 127
+
+
+def test_feedback_without_moments_is_a_clear_error():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="needs the unit's input second moment"):
+        quantize_unit(w, torch.ones(8), 4.0, FitSettings(feedback=True))
+
+
+def test_fingerprint_unchanged_without_feedback():
+    from windquant.quant.cache import fingerprint
+
+    # the value every cache written before the feedback option was hashed with
+    assert FitSettings().fingerprint_fields() == {"salient_rate": 0.03, "steps": 10, "lr": 0.02}
+    assert fingerprint("m", "c", 256, FitSettings()) != fingerprint("m", "c", 256, FitSettings(feedback=True))
