@@ -87,3 +87,8 @@ def test_every_plan_is_checked_against_the_budget():
         p.check_plan([8.0] * 40, "toy")
     with pytest.raises(WindquantError, match="returned 39 actions for 40 units"):
         p.check_plan([2.0] * 39, "toy")
+
+
+def test_ilp_without_scores_is_a_clear_error():
+    with pytest.raises(WindquantError, match="needs sensitivity scores"):
+        run_allocator("ilp", problem(3.0))

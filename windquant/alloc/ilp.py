@@ -114,5 +114,7 @@ class ILPConfig:
 @register_allocator("ilp", ILPConfig, needs=("scores",), help="exact knapsack on per-unit sensitivity scores (default, best measured)")
 def allocate(problem: AllocationProblem, config: ILPConfig, ctx: AllocationContext) -> Allocation:
     """Minimum total sensitivity under the bit budget."""
+    if problem.costs is None:
+        raise WindquantError("the ilp allocator needs sensitivity scores: build the problem after prepare(..., needs={'scores'})")
     sol = solve(problem.costs, problem.bits, problem.budget, time_limit=config.time_limit)
     return Allocation([ACTIONS[j] for j in sol.choice], {"method": sol.method})
