@@ -41,9 +41,32 @@ def test_feedback_equals_slow_obq_reference():
     def on_grid(col, j):  # any per-column quantizer: here a 0.25 grid, offset per column
         return ((col - 0.01 * j) / 0.25).round() * 0.25 + 0.01 * j
 
-    fast, slow = error_feedback(w, h, on_grid), obq_reference(w, h, on_grid)
+    fast, slow = error_feedback(w, h, [(0, 12)], lambda _k, _w: on_grid), obq_reference(w, h, on_grid)
     assert torch.allclose(fast, slow, atol=1e-10)
     assert not torch.allclose(fast, on_grid(w, 0), atol=1e-3)  # the feedback changed the rounding
+
+
+def test_chunks_carry_their_error_into_later_chunks():
+    """Split into chunks, the loop is still OBQ over the whole row: each chunk's quantizer is
+    asked for when the chunk starts, with the chunk's columns as the earlier errors left them."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    h = correlated_inputs(12)[1].double()
+    grids = {0: 0.25, 1: 0.5, 2: 0.1}  # a different grid per chunk
+    chunks = [(0, 4), (4, 9), (9, 12)]
+    seen = []
+
+    def start(k, wk):
+        seen.append(wk.clone())
+        return lambda col, _j: (col / grids[k]).round() * grids[k]
+
+    def by_column(col, j):
+        step = grids[next(k for k, (a, b) in enumerate(chunks) if a <= j < b)]
+        return (col / step).round() * step
+
+    fast = error_feedback(w, h, chunks, start)
+    assert torch.allclose(fast, obq_reference(w, h, by_column), atol=1e-10)
+    assert [s.shape[1] for s in seen] == [4, 5, 3] and not torch.allclose(seen[1], w[:, 4:9])
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -74,8 +97,10 @@ def test_feedback_never_worse_than_rounding_on_the_output_error(action, seed):
 
 def test_feedback_without_moments_is_a_clear_error():
     w = torch.randn(4, 8)
-    with pytest.raises(ValueError, match="needs the unit's input second moment"):
+    with pytest.raises(ValueError, match="the unit.s input second moment"):
         quantize_unit(w, torch.ones(8), 4.0, FitSettings(feedback=True))
+    with pytest.raises(ValueError, match="the unit.s input second moment"):
+        quantize_unit(w, torch.ones(8), 4.0, FitSettings(rotate=True))
 
 
 def test_fingerprint_unchanged_without_feedback():
@@ -83,4 +108,5 @@ def test_fingerprint_unchanged_without_feedback():
 
     # the value every cache written before the feedback option was hashed with
     assert FitSettings().fingerprint_fields() == {"salient_rate": 0.03, "steps": 10, "lr": 0.02}
-    assert fingerprint("m", "c", 256, FitSettings()) != fingerprint("m", "c", 256, FitSettings(feedback=True))
+    keys = {fingerprint("m", "c", 256, s) for s in (FitSettings(), FitSettings(feedback=True), FitSettings(rotate=True))}
+    assert len(keys) == 3

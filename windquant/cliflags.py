@@ -32,7 +32,7 @@ def add_config_flags(parser, cls: type, prefix: str, exclude: tuple[str, ...] = 
             continue
         flag, dest = flag_of(f), prefix + f.name
         if types[f.name] is bool:
-            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             default = "" if f.default is MISSING or f.default is None else f" (default {f.default})"
             parser.add_argument(flag, dest=dest, type=types[f.name], default=None, metavar=f.name.upper(), help=text + default)

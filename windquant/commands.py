@@ -43,7 +43,7 @@ def _dry_run(model, fit) -> int:
     print(f"candidate cache in RAM: ~{n * (12 + 20 / 8) / 2**30:.2f} GiB (dense fp16 + packed, 6 low-bit actions)")
     print("uniform plans (before operator fallback):")
     for a in ACTIONS:
-        s = summarize([u.shape for u in units], [a] * len(units), fit.salient)
+        s = summarize([u.shape for u in units], [a] * len(units), fit.salient, fit.rotate)
         print(f"  {fmt_action(a):>5} bit: true {s.true_bits:6.3f}  paper {s.paper_bits:6.3f}  {s.true_bytes / 2**20:8.1f} MiB")
     return 0
 

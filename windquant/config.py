@@ -96,6 +96,8 @@ class FitConfig:
     fit_lr: float = setting(0.02, "Adam learning rate on an operator's log-scale")
     fallback_threshold: float = setting(0.5, "relative weighted error above which a unit moves to the next precision")
     feedback: bool = setting(False, "OBQ/GPTQ error feedback along each unit's columns (needs one more statistic, same bits)")
+    rotate: bool = setting(False, "store power-of-two-wide units rotated (random signs x Hadamard) instead of with INT8 salient weights")
+    carry: bool = setting(False, "after allocation, re-quantize each linear chunk by chunk carrying every chunk's error into later columns")
     calib: str = setting("builtin", "calibration corpus: builtin | wikitext2 | PATH to .txt/.jsonl")
     calib_samples: int = setting(64, "calibration windows")
     calib_len: int = setting(256, "tokens per calibration window")

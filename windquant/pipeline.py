@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from windquant.actions import ACCOUNTINGS, ACTIONS
 from windquant.alloc import AllocationContext, get_allocator
@@ -22,22 +23,23 @@ from windquant.alloc.problem import AllocationProblem
 from windquant.calib.corpus import corpus_tokens, sample_windows
 from windquant.calib.statistics import CalibrationStats, calibrate, second_moments_and_fisher
 from windquant.config import FitConfig, PlanConfig, settings_digest
+from windquant.errors import WindquantError
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
 from windquant.model.stats import unit_features, unit_saliency
 from windquant.model.units import Unit, enumerate_units
-from windquant.pack.apply import apply_plan, plan_weights
+from windquant.pack.apply import apply_plan, module_chunks, plan_weights
 from windquant.pack.checkpoint import save
 from windquant.plan import Plan
 from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, tensor_digest, weights_digest
 from windquant.quant.sensitivity import sensitivity_scores
-from windquant.quant.unit import FitSettings
+from windquant.quant.unit import FitSettings, quantize_linear
 from windquant.reports import plan_report
 from windquant.runinfo import Timings
 
 
 def fit_settings(fit: FitConfig) -> FitSettings:
-    return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr, feedback=fit.feedback)
+    return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr, feedback=fit.feedback, rotate=fit.rotate)
 
 
 def calibration_windows(tokenizer, fit: FitConfig, samples: int | None = None, length: int | None = None, seed: int | None = None) -> torch.Tensor:
@@ -173,9 +175,9 @@ def prepare(
     timings = timings if timings is not None else Timings()
     units = enumerate_units(model, fit.chunk)
     with timings.stage("calibrate"):
-        stats = calibrate(model, calibration_windows(tokenizer, fit), moments=fit.feedback, progress=progress)
-    with timings.stage("fit"):
         settings = fit_settings(fit)
+        stats = calibrate(model, calibration_windows(tokenizer, fit), moments=settings.needs_moments or fit.carry, progress=progress)
+    with timings.stage("fit"):
         cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
         scales = stats.act_scales
         key = fingerprint(weights_digest(model), tensor_digest([scales[k] for k in sorted(scales)]), fit.chunk, settings)
@@ -216,14 +218,36 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
         applied=applied,
         info=info,
         attachments=allocation.files,
+        rotate=prepared.fit.rotate,
+        carried=prepared.fit.carry,
     )
 
 
-def apply(prepared: Prepared, plan: Plan, model: nn.Module | None = None, timings: Timings | None = None) -> nn.Module:
-    """Quantize ``model`` (default: the prepared model) in place with ``plan``'s packed candidates."""
+def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
+    """(unit, applied action) -> packed tensors re-quantized linear by linear with each chunk's
+    error carried into the later chunks (``quantize_linear``): same actions, same bytes."""
+    moments = prepared.stats.moments
+    if moments is None:
+        raise WindquantError("carrying errors across units needs the input second moments; prepare with carry on", setting="carry")
+    settings = fit_settings(prepared.fit)
+    packed = {}
+    for name, chunks in tqdm(module_chunks(plan).items(), desc="carry errors", disable=not progress, unit="linear"):
+        weight = prepared.model.get_submodule(name).weight.detach()
+        spec = [(col0, col1, action, index) for col0, col1, action, index in chunks]
+        for (_c0, _c1, action, index), p in zip(chunks, quantize_linear(weight, moments[name], spec, settings)):
+            packed[(index, action)] = p
+    return packed
+
+
+def apply(
+    prepared: Prepared, plan: Plan, model: nn.Module | None = None, timings: Timings | None = None, progress: bool = True
+) -> nn.Module:
+    """Quantize ``model`` (default: the prepared model) in place with ``plan``'s packed candidates,
+    or, when the plan says ``carried``, with its chunks re-quantized carrying errors across units."""
     timings = timings if timings is not None else Timings()
     with timings.stage("apply"):
-        return apply_plan(prepared.model if model is None else model, plan, lambda i, a: prepared.cache.packed[(i, a)])
+        lookup = carried_candidates(prepared, plan, progress) if plan.carried else prepared.cache.packed
+        return apply_plan(prepared.model if model is None else model, plan, lambda i, a: lookup[(i, a)])
 
 
 def write_checkpoint(

@@ -40,11 +40,13 @@ class Plan:
     requested: list[float]  # what the allocator asked for
     applied: list[float]  # what the engine applied (after operator fallback)
     info: dict = field(default_factory=dict)  # allocator-specific extras
+    rotate: bool = False  # power-of-two-wide units are stored rotated (quant.rotation)
+    carried: bool = False  # chunks re-quantized with error carried across units (pipeline.apply)
     # Files the allocator wrote that belong in the checkpoint (e.g. PPO's episode log); not in plan.json.
     attachments: list[Path] = field(default_factory=list, repr=False, compare=False)
 
     def summary(self):
-        return summarize([u.shape for u in self.units], self.applied, self.salient_rate)
+        return summarize([u.shape for u in self.units], self.applied, self.salient_rate, self.rotate)
 
     @property
     def true_bits(self) -> float:
@@ -71,6 +73,8 @@ class Plan:
             "quantized_bytes": s.true_bytes,
             "chunk": self.chunk,
             "salient_rate": self.salient_rate,
+            "rotate": self.rotate,
+            "carried": self.carried,
             "fallback_threshold": self.fallback_threshold,
             "action_distribution": self.action_distribution(),
             "info": self.info,
@@ -94,6 +98,8 @@ class Plan:
             requested=[canonical_action(r["requested"]) for r in d["units"]],
             applied=[canonical_action(r["applied"]) for r in d["units"]],
             info=d.get("info", {}),
+            rotate=d.get("rotate", False),  # absent from plans written before rotation existed
+            carried=d.get("carried", False),
         )
 
     def save(self, path: str | Path) -> None:

@@ -37,7 +37,7 @@ def layer_bit_map(plan: Plan) -> tuple[list[int], list[str], list[list[float]]]:
     bits: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     for u, a in zip(plan.units, plan.applied):
         acc = bits[(u.layer, u.proj)]
-        acc[0] += unit_true_bits(a, *u.shape, plan.salient_rate)
+        acc[0] += unit_true_bits(a, *u.shape, plan.salient_rate, plan.rotate)
         acc[1] += u.n_weights
     layers = sorted({k[0] for k in bits})
     projs = list(dict.fromkeys(u.proj for u in plan.units))

@@ -34,7 +34,7 @@ def build_quant_linears(model: nn.Module, plan: Plan) -> dict[str, QuantLinear]:
     made = {}
     for name, chunks in module_chunks(plan).items():
         old = model.get_submodule(name)
-        q = QuantLinear(old.in_features, old.out_features, [c[:3] for c in chunks], plan.salient_rate, bias=old.bias is not None)
+        q = QuantLinear(old.in_features, old.out_features, [c[:3] for c in chunks], plan.salient_rate, bias=old.bias is not None, rotate=plan.rotate)
         set_submodule(model, name, q)
         made[name] = q
     return made

@@ -23,7 +23,7 @@ from windquant.pack.qlinear import QuantLinear
 from windquant.plan import Plan
 
 FORMAT = "windquant-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: units may be stored rotated (rot_signs); version 1 folders load unchanged
 WEIGHTS = "model.safetensors"
 
 
@@ -92,6 +92,7 @@ def save(
             "version": FORMAT_VERSION,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "salient_rate": plan.salient_rate,
+            "rotate": plan.rotate,
             "quantized_bytes": quantized_bytes(model),
             "modules": {n: m.chunks for n, m in model.named_modules() if isinstance(m, QuantLinear)},
         }
@@ -133,6 +134,11 @@ def load(path: str | Path) -> nn.Module:
     qconf = _read_json(path / "quant_config.json")
     if qconf.get("format") != FORMAT:
         raise WindquantError(f"{path}/quant_config.json is not a {FORMAT} config")
+    if qconf.get("version", 1) > FORMAT_VERSION:
+        raise WindquantError(
+            f"{path} uses checkpoint format version {qconf['version']}, newer than this windquant reads "
+            f"({FORMAT_VERSION}); upgrade windquant"
+        )
     plan = Plan.load(path / "plan.json")
     try:
         state = load_file(str(path / WEIGHTS))

@@ -18,13 +18,15 @@ class QuantLinear(nn.Module):
     The dense weight is rebuilt on first use and kept, so inference pays the unpacking once.
     """
 
-    def __init__(self, in_features: int, out_features: int, chunks: list[Chunk], salient_rate: float, bias: bool = False):
+    def __init__(
+        self, in_features: int, out_features: int, chunks: list[Chunk], salient_rate: float, bias: bool = False, rotate: bool = False
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.chunks = [(int(a), int(b), float(c)) for a, b, c in chunks]
         self.salient_rate = salient_rate
         for k, (col0, col1, action) in enumerate(self.chunks):
-            for field, (dtype, shape) in unit_layout(action, out_features, col1 - col0, salient_rate).items():
+            for field, (dtype, shape) in unit_layout(action, out_features, col1 - col0, salient_rate, rotate).items():
                 self.register_buffer(f"c{k}_{field}", torch.zeros(shape, dtype=dtype))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._weight: torch.Tensor | None = None

@@ -3,7 +3,7 @@
 * **paper bits** (paper Eq. 6): ``16·n`` for skip, else ``b·n_q + 8·n_p``.
 * **true bits**: 8 × the bytes of every tensor the packed checkpoint stores for the unit
   (codes as packed, scales, shifts, salient values, their column indices, per-row counts
-  and scale). :func:`unit_layout` is the single source of truth: the packer builds
+  and scale, the signs of a rotated unit). :func:`unit_layout` is the single source of truth: the packer builds
   exactly these tensors and asserts their sizes, so "bytes on disk == true bits".
 """
 
@@ -17,15 +17,26 @@ from windquant.actions import ACCOUNTINGS, SKIP, canonical_action
 from windquant.quant import salient
 from windquant.quant.codes import packed_code_bytes
 from windquant.quant.ops import grid_for
+from windquant.quant.rotation import rotates, sign_bytes
 
 
-def unit_layout(action: float, out_features: int, columns: int, rate: float) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def n_protected(action: float, out_features: int, columns: int, rate: float, rotate: bool = False) -> int:
+    """INT8 salient weights of a unit: none for 8-bit, skipped or rotated units."""
+    action = canonical_action(action)
+    if action == SKIP or not grid_for(action).protect or rotates(action, columns, rotate):
+        return 0
+    return salient.n_salient(out_features, columns, rate)
+
+
+def unit_layout(
+    action: float, out_features: int, columns: int, rate: float, rotate: bool = False
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Field name -> (dtype, shape) of every tensor stored for one unit."""
     action = canonical_action(action)
     if action == SKIP:
         return {"weight": (torch.float16, (out_features, columns))}
     grid = grid_for(action)
-    n_p = salient.n_salient(out_features, columns, rate) if grid.protect else 0
+    n_p = n_protected(action, out_features, columns, rate, rotate)
     n_q = out_features * columns - n_p
     layout = {
         "codes": (torch.uint8, (packed_code_bytes(grid.levels, n_q),)),
@@ -33,6 +44,8 @@ def unit_layout(action: float, out_features: int, columns: int, rate: float) -> 
     }
     if grid.learn_shift:
         layout["shift"] = (torch.float16, (out_features,))
+    if rotates(action, columns, rotate):
+        layout["rot_signs"] = (torch.uint8, (sign_bytes(columns),))
     if n_p > 0:
         layout |= {
             "sal_val": (torch.int8, (n_p,)),
@@ -53,27 +66,26 @@ def layout_bytes(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
     return total
 
 
-def unit_true_bits(action: float, out_features: int, columns: int, rate: float) -> int:
+def unit_true_bits(action: float, out_features: int, columns: int, rate: float, rotate: bool = False) -> int:
     """Total stored bits of one unit (not per weight)."""
-    return 8 * layout_bytes(unit_layout(action, out_features, columns, rate))
+    return 8 * layout_bytes(unit_layout(action, out_features, columns, rate, rotate))
 
 
-def unit_paper_bits(action: float, out_features: int, columns: int, rate: float) -> float:
+def unit_paper_bits(action: float, out_features: int, columns: int, rate: float, rotate: bool = False) -> float:
     """Paper Eq. 6 bits of one unit (not per weight)."""
     action = canonical_action(action)
     n = out_features * columns
     if action == SKIP:
         return 16.0 * n
-    grid = grid_for(action)
-    n_p = salient.n_salient(out_features, columns, rate) if grid.protect else 0
+    n_p = n_protected(action, out_features, columns, rate, rotate)
     return action * (n - n_p) + 8.0 * n_p
 
 
-def unit_bits(action: float, out_features: int, columns: int, rate: float, accounting: str) -> float:
+def unit_bits(action: float, out_features: int, columns: int, rate: float, accounting: str, rotate: bool = False) -> float:
     if accounting == "true":
-        return float(unit_true_bits(action, out_features, columns, rate))
+        return float(unit_true_bits(action, out_features, columns, rate, rotate))
     if accounting == "paper":
-        return unit_paper_bits(action, out_features, columns, rate)
+        return unit_paper_bits(action, out_features, columns, rate, rotate)
     raise ValueError(f"unknown accounting {accounting!r}; use one of {ACCOUNTINGS}")
 
 
@@ -104,9 +116,9 @@ class Summary:
         }
 
 
-def summarize(shapes: list[tuple[int, int]], actions: list[float], rate: float) -> Summary:
+def summarize(shapes: list[tuple[int, int]], actions: list[float], rate: float, rotate: bool = False) -> Summary:
     """Accounting of a whole plan: ``shapes[i] = (out, columns)`` of unit i."""
     n = sum(o * c for o, c in shapes)
-    tb = sum(unit_true_bits(a, o, c, rate) for (o, c), a in zip(shapes, actions))
-    pb = sum(unit_paper_bits(a, o, c, rate) for (o, c), a in zip(shapes, actions))
+    tb = sum(unit_true_bits(a, o, c, rate, rotate) for (o, c), a in zip(shapes, actions))
+    pb = sum(unit_paper_bits(a, o, c, rate, rotate) for (o, c), a in zip(shapes, actions))
     return Summary(n_weights=n, true_bits_total=tb, paper_bits_total=pb)

@@ -78,7 +78,7 @@ class CandidateCache:
         moments: dict[str, torch.Tensor] | None = None,
     ) -> CandidateCache:
         """Fit (or load from ``cache_dir/fingerprint``) every candidate, block by block
-        (``moments``: each linear's ``E[x xᵀ]``, for error feedback)."""
+        (``moments``: each linear's ``E[x xᵀ]``, for error feedback and rotation)."""
         cache = cls(units, settings)
         modules = dict(model.named_modules())
         folder = None
@@ -99,7 +99,7 @@ class CandidateCache:
                     h = moments[u.module][u.col0 : u.col1, u.col0 : u.col1] if moments is not None else None
                     cache._add(u, SKIP, quantize_unit(w, s, SKIP, settings), w, s)
                     for a in LOW_BIT_ACTIONS:
-                        cache._add(u, a, quantize_unit(w, s, a, settings, h), w, s)
+                        cache._add(u, a, quantize_unit(w, s, a, settings, h, seed=u.index), w, s)
                         bar.update(1)
                 if shard is not None:
                     cache._save_shard(shard, layer_units)
@@ -145,10 +145,10 @@ class CandidateCache:
 
     def bits_table(self, accounting: str, threshold: float) -> torch.Tensor:
         """[N, len(ACTIONS)] bits of each unit at each *requested* action (after fallback)."""
-        rate = self.settings.salient_rate
+        rate, rotate = self.settings.salient_rate, self.settings.rotate
         rows = []
         for u in self.units:
-            rows.append([unit_bits(self.applied(u.index, a, threshold), *u.shape, rate, accounting) for a in ACTIONS])
+            rows.append([unit_bits(self.applied(u.index, a, threshold), *u.shape, rate, accounting, rotate) for a in ACTIONS])
         return torch.tensor(rows, dtype=torch.float64)
 
 

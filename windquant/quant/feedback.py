@@ -29,17 +29,33 @@ def damped(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return h
 
 
+ColumnQuantizer = Callable[[torch.Tensor, int], torch.Tensor]  # (column, index in its chunk) -> quantized
+
+
 def error_feedback(
-    w: torch.Tensor, h: torch.Tensor, quantize_column: Callable[[torch.Tensor, int], torch.Tensor], damp: float = DAMP
+    w: torch.Tensor,
+    h: torch.Tensor,
+    chunks: list[tuple[int, int]],
+    start: Callable[[int, torch.Tensor], ColumnQuantizer],
+    damp: float = DAMP,
 ) -> torch.Tensor:
-    """Quantized ``w`` [out, g]: column ``j`` is ``quantize_column(w'_j, j)`` where ``w'`` carries
-    the compensation of every earlier column's error. Computed in ``w``'s float dtype."""
-    w = w.clone()
+    """Quantized ``w`` [out, n], columns left to right, each column's error pushed onto every
+    later column of ``w`` (not only its own chunk's).
+
+    ``chunks`` [(col0, col1)] cover ``w`` in order; ``start(k, w_k)`` is called when chunk ``k``
+    begins, with its columns as they are then (carrying the compensation of every earlier
+    chunk), and returns that chunk's column quantizer, so a chunk's grid is fitted to what it
+    will really quantize. One chunk spanning ``w`` is GPTQ on one unit. Computed in float32
+    (float64 if ``w`` is).
+    """
+    w = w.to(torch.promote_types(w.dtype, torch.float32)).clone()
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(damped(h.to(w.dtype), damp)))
     u = torch.linalg.cholesky(hinv, upper=True)
     q = torch.empty_like(w)
-    for j in range(w.shape[1]):
-        q[:, j] = quantize_column(w[:, j], j)
-        err = (w[:, j] - q[:, j]) / u[j, j]
-        w[:, j + 1 :] -= err[:, None] * u[j, j + 1 :][None, :]
+    for k, (col0, col1) in enumerate(chunks):
+        quantize_column = start(k, w[:, col0:col1])
+        for j in range(col0, col1):
+            q[:, j] = quantize_column(w[:, j], j - col0)
+            err = (w[:, j] - q[:, j]) / u[j, j]
+            w[:, j + 1 :] -= err[:, None] * u[j, j + 1 :][None, :]
     return q

@@ -11,7 +11,8 @@ from windquant.quant import salient
 from windquant.quant.accounting import unit_layout
 from windquant.quant.codes import pack_codes, unpack_codes
 from windquant.quant.feedback import error_feedback
-from windquant.quant.ops import FitResult, decode, encode, fit, grid_for
+from windquant.quant.ops import FitResult, Grid, decode, encode, fit, grid_for
+from windquant.quant.rotation import pack_signs, random_signs, rotates, rotation, unpack_signs
 
 
 @dataclass(frozen=True)
@@ -22,64 +23,130 @@ class FitSettings:
     steps: int = 10
     lr: float = 0.02
     feedback: bool = False  # OBQ/GPTQ error feedback along the unit's columns (needs H)
+    rotate: bool = False  # incoherence rotation of power-of-two-wide units (needs H; no salient weights)
+
+    @property
+    def needs_moments(self) -> bool:
+        return self.feedback or self.rotate
 
     def fingerprint_fields(self) -> dict:
         """What the candidate-cache fingerprint hashes: fields added after cache v1 only when
         set, so caches written before them stay valid."""
         d = {"salient_rate": self.salient_rate, "steps": self.steps, "lr": self.lr}
-        return d | ({"feedback": True} if self.feedback else {})
+        return d | {k: True for k in ("feedback", "rotate") if getattr(self, k)}
+
+
+@dataclass
+class UnitQuantizer:
+    """One unit's fitted quantizer, in the basis its codes live in (rotated or not)."""
+
+    action: float
+    grid: Grid
+    res: FitResult
+    mask: torch.Tensor  # salient positions [out, g]
+    sal_scale: torch.Tensor
+    signs: torch.Tensor | None  # rotation signs, None when the unit is stored unrotated
+
+    def column(self, col: torch.Tensor, j: int) -> torch.Tensor:
+        """Column ``j`` on the fitted grid, INT8 (on the unit's one scale) at salient positions."""
+        scale, shift = self.res.scale.float(), self.res.shift.float()
+        q = decode(encode(col[:, None], scale, shift, self.grid), scale, shift, self.grid)[:, 0]
+        sal = self.mask[:, j]
+        if sal.any():
+            q[sal] = salient.int8_round(col[sal], self.sal_scale) * self.sal_scale.float()
+        return q
+
+    def pack(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Packed tensors of ``w`` (this basis) rounded to this quantizer."""
+        codes = encode(w, self.res.scale.float(), self.res.shift.float(), self.grid)
+        packed = {"codes": pack_codes(codes[~self.mask], self.grid.levels), "scale": self.res.scale}
+        if self.grid.learn_shift:
+            packed["shift"] = self.res.shift
+        if self.signs is not None:
+            packed["rot_signs"] = pack_signs(self.signs)
+        if self.mask.any():
+            packed |= salient.pack(w, self.mask, self.sal_scale).tensors()
+        return packed
+
+
+def fit_quantizer(
+    w: torch.Tensor, act_scale: torch.Tensor, action: float, settings: FitSettings, signs: torch.Tensor | None = None
+) -> UnitQuantizer:
+    """Fit ``action``'s grid to ``w`` [out, g] (already rotated when ``signs`` is given)."""
+    grid = grid_for(action)
+    rate = settings.salient_rate if grid.protect and signs is None else 0.0
+    mask = salient.select(w, act_scale, rate)
+    res = fit(w, act_scale.float() ** 2, grid, keep=~mask, steps=settings.steps, lr=settings.lr)
+    return UnitQuantizer(action, grid, res, mask, salient.int8_scale(w, mask), signs)
 
 
 def quantize_unit(
-    w: torch.Tensor, act_scale: torch.Tensor, action: float, settings: FitSettings, h: torch.Tensor | None = None
+    w: torch.Tensor,
+    act_scale: torch.Tensor,
+    action: float,
+    settings: FitSettings,
+    h: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Packed tensors of unit ``w`` [out, g] at ``action``, exactly as :func:`unit_layout` says.
 
-    With ``settings.feedback``, ``h`` [g, g] (the unit's block of ``E[x xᵀ]``) drives error
-    feedback on the fitted grid; the layout, hence the bits, are the same either way.
+    ``h`` [g, g] is the unit's block of ``E[x xᵀ]``: error feedback and rotation need it.
+    ``seed`` draws the rotation's signs. The layout, hence the bits, never depend on ``h``.
     """
     action = canonical_action(action)
     out_features, columns = w.shape
     if action == SKIP:
         packed = {"weight": w.detach().to(torch.float16).contiguous()}
     else:
-        grid = grid_for(action)
-        rate = settings.salient_rate if grid.protect else 0.0
-        mask = salient.select(w, act_scale, rate)
-        res = fit(w, act_scale.float() ** 2, grid, keep=~mask, steps=settings.steps, lr=settings.lr)
-        sal_scale = salient.int8_scale(w, mask)
+        w = w.float()
+        if settings.needs_moments and h is None:
+            raise ValueError("error feedback and rotation need the unit's input second moment h")
+        signs = random_signs(columns, seed) if rotates(action, columns, settings.rotate) else None
+        if signs is not None:
+            r = rotation(signs)
+            w, h = w @ r, r.T @ h.float() @ r
+            act_scale = h.diagonal().clamp_min(0).sqrt()
+        quantizer = fit_quantizer(w, act_scale, action, settings, signs)
         if settings.feedback:
-            if h is None:
-                raise ValueError("error feedback needs the unit's input second moment h")
-            w = feedback_weights(w, h, mask, grid, res, sal_scale)
-            res.codes = encode(w, res.scale.float(), res.shift.float(), grid)
-        packed = {"codes": pack_codes(res.codes[~mask], grid.levels), "scale": res.scale}
-        if grid.learn_shift:
-            packed["shift"] = res.shift
-        if mask.any():
-            packed |= salient.pack(w, mask, sal_scale).tensors()
-    layout = unit_layout(action, out_features, columns, settings.salient_rate)
+            w = error_feedback(w, h, [(0, columns)], lambda _k, _w: quantizer.column)
+        packed = quantizer.pack(w)
+    layout = unit_layout(action, out_features, columns, settings.salient_rate, settings.rotate)
     assert set(packed) == set(layout), (sorted(packed), sorted(layout))
     for field, (dtype, shape) in layout.items():
         assert packed[field].dtype == dtype and tuple(packed[field].shape) == shape, field
     return packed
 
 
-def feedback_weights(
-    w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, grid, res: FitResult, sal_scale: torch.Tensor
-) -> torch.Tensor:
-    """``w`` quantized column by column with error feedback: grid values on the fitted per-row
-    scale/shift, INT8 values at the salient positions (the unit's fixed INT8 scale)."""
-    scale, shift = res.scale.float(), res.shift.float()
+def quantize_linear(
+    w: torch.Tensor, h: torch.Tensor, chunks: list[tuple[int, int, float, int]], settings: FitSettings
+) -> list[dict[str, torch.Tensor]]:
+    """Packed tensors of every chunk (col0, col1, action, seed) of one linear ``w`` [out, in],
+    quantized left to right with each chunk's error carried into all later columns (full-layer
+    ``h`` [in, in]); each chunk's grid is fitted when it is reached. Same layout as
+    :func:`quantize_unit` chunk by chunk; a skipped chunk stores its compensated weights."""
+    basis = torch.eye(w.shape[1])
+    signs = []
+    for col0, col1, action, seed in chunks:
+        s = random_signs(col1 - col0, seed) if rotates(action, col1 - col0, settings.rotate) else None
+        if s is not None:
+            basis[col0:col1, col0:col1] = rotation(s)
+        signs.append(s)
+    w, h = w.float() @ basis, basis.T @ h.float() @ basis
+    rms = h.diagonal().clamp_min(0).sqrt()
+    quantizers: dict[int, UnitQuantizer] = {}
 
-    def quantize_column(col: torch.Tensor, j: int) -> torch.Tensor:
-        q = decode(encode(col[:, None], scale, shift, grid), scale, shift, grid)[:, 0]
-        sal = mask[:, j]
-        if sal.any():
-            q[sal] = salient.int8_round(col[sal], sal_scale) * sal_scale.float()
-        return q
+    def start(k: int, wk: torch.Tensor):
+        col0, col1, action, _seed = chunks[k]
+        if canonical_action(action) == SKIP:
+            return lambda col, _j: col.half().float()
+        quantizers[k] = fit_quantizer(wk, rms[col0:col1], canonical_action(action), settings, signs[k])
+        return quantizers[k].column
 
-    return error_feedback(w.float(), h.float(), quantize_column)
+    q = error_feedback(w, h, [(c[0], c[1]) for c in chunks], start)
+    return [
+        quantizers[k].pack(q[:, col0:col1]) if k in quantizers else {"weight": q[:, col0:col1].half().contiguous()}
+        for k, (col0, col1, _a, _s) in enumerate(chunks)
+    ]
 
 
 def dequantize_unit(packed: dict[str, torch.Tensor], action: float, out_features: int, columns: int) -> torch.Tensor:
@@ -103,6 +170,8 @@ def dequantize_unit(packed: dict[str, torch.Tensor], action: float, out_features
     w_hat = decode(codes.view(out_features, columns), scale, shift, grid)
     if sal is not None:
         w_hat = salient.scatter(w_hat, sal)
+    if "rot_signs" in packed:
+        w_hat = w_hat @ rotation(unpack_signs(packed["rot_signs"], columns)).T
     # Values are those an fp16 kernel would see, whichever path built them.
     return w_hat.half().float()
 
