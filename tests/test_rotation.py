@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 from scipy.linalg import hadamard as scipy_hadamard
-
 from test_feedback import correlated_inputs, output_error
+
 from windquant.quant.accounting import unit_layout, unit_true_bits
 from windquant.quant.codes import unpack_codes
 from windquant.quant.ops import decode, grid_for
@@ -85,8 +85,13 @@ def test_carried_linear_never_worse_than_independent_rounding(rotate, seed):
     s, h = correlated_inputs(96, seed=seed)
     chunks = [(0, 32, 3.0, 0), (32, 64, 2.0, 1), (64, 80, 16.0, 2), (80, 96, 4.0, 3)]
     plain = FitSettings(steps=2, rotate=rotate)
-    rtn = torch.cat([dequantize_unit(quantize_unit(w[:, a:b], s[a:b], act, plain, h[a:b, a:b], seed=k), act, 24, b - a)
-                     for a, b, act, k in chunks], 1)
+    rtn = torch.cat(
+        [
+            dequantize_unit(quantize_unit(w[:, a:b], s[a:b], act, plain, h[a:b, a:b], seed=k), act, 24, b - a)
+            for a, b, act, k in chunks
+        ],
+        1,
+    )
     packed = quantize_linear(w, h, chunks, plain)
     carried = torch.cat([dequantize_unit(p, act, 24, b - a) for p, (a, b, act, _k) in zip(packed, chunks)], 1)
     assert output_error(w, carried, h) < output_error(w, rtn, h)

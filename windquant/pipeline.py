@@ -42,7 +42,9 @@ def fit_settings(fit: FitConfig) -> FitSettings:
     return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr, feedback=fit.feedback, rotate=fit.rotate)
 
 
-def calibration_windows(tokenizer, fit: FitConfig, samples: int | None = None, length: int | None = None, seed: int | None = None) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, fit: FitConfig, samples: int | None = None, length: int | None = None, seed: int | None = None
+) -> torch.Tensor:
     """[samples, length] token windows of the calibration corpus (``fit``'s numbers unless given)."""
     tokens = corpus_tokens(tokenizer, fit.calib, "calib", fit.data_dir)
     return sample_windows(tokens, samples or fit.calib_samples, length or fit.calib_len, fit.seed if seed is None else seed)
@@ -176,7 +178,9 @@ def prepare(
     units = enumerate_units(model, fit.chunk)
     with timings.stage("calibrate"):
         settings = fit_settings(fit)
-        stats = calibrate(model, calibration_windows(tokenizer, fit), moments=settings.needs_moments or fit.carry, progress=progress)
+        stats = calibrate(
+            model, calibration_windows(tokenizer, fit), moments=settings.needs_moments or fit.carry, progress=progress
+        )
     with timings.stage("fit"):
         cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
         scales = stats.act_scales
@@ -228,7 +232,9 @@ def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) ->
     error carried into the later chunks (``quantize_linear``): same actions, same bytes."""
     moments = prepared.stats.moments
     if moments is None:
-        raise WindquantError("carrying errors across units needs the input second moments; prepare with carry on", setting="carry")
+        raise WindquantError(
+            "carrying errors across units needs the input second moments; prepare with carry on", setting="carry"
+        )
     settings = fit_settings(prepared.fit)
     packed = {}
     for name, chunks in tqdm(module_chunks(plan).items(), desc="carry errors", disable=not progress, unit="linear"):
