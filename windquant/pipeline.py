@@ -33,7 +33,7 @@ from windquant.pack.checkpoint import save
 from windquant.plan import Plan
 from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, tensor_digest, weights_digest
 from windquant.quant.sensitivity import sensitivity_scores
-from windquant.quant.unit import FitSettings, quantize_linear
+from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
 from windquant.reports import plan_report
 from windquant.runinfo import Timings
 
@@ -96,6 +96,15 @@ class Prepared:
     def plan_weights(self, requested: list[float]):
         """Context: the model computes with the plan's dequantized weights (from the cache)."""
         return plan_weights(self.model, self.units, self.cache.weights_of(self.applied(requested)))
+
+    def plan_model(self, plan: Plan, progress: bool = False):
+        """Context: the model computes with exactly the weights :func:`apply` stores for ``plan``
+        (the cache's candidates, or the carried re-quantization when the plan says so)."""
+        if not plan.carried:
+            return self.plan_weights(plan.requested)
+        packed = carried_candidates(self, plan, progress)
+        dense = {u.index: dequantize_unit(packed[(u.index, a)], a, *u.shape) for u, a in zip(plan.units, plan.applied)}
+        return plan_weights(self.model, self.units, lambda u: dense[u.index])
 
     def ensure(self, needs: Iterable[str], timings: Timings | None = None, progress: bool = True) -> Prepared:
         """Compute what ``needs`` asks for and is not there yet ("proxy" is built on demand)."""

@@ -55,7 +55,7 @@ def run_sweep(
                 rows.append({**row, "error": str(exc)})
                 continue
             row["solve_seconds"] = time.perf_counter() - start
-            with torch.no_grad(), timings.stage("eval"), prepared.plan_weights(plan.requested):
+            with torch.no_grad(), timings.stage("eval"), prepared.plan_model(plan):
                 res = ppl()
             plan.save(out / f"plan_{name}_{budget:g}.json")
             rows.append(
