@@ -3,12 +3,17 @@
 1. Per operator and bit-width: activation-weighted relative reconstruction error and fit
    time per unit (median over a sample of units), against plain round-to-nearest (RTN:
    asymmetric per-row min-max with fp16 scale + zero, no salient weights) in the same run.
-2. Perplexity of uniform plans with our operators at 8/4/3/2 bits (3% salient) and of
+2. Per lever (issue 11) and bit-width: the output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (``H`` the
+   input second moment) and fit time per unit of the fitted grid with 3% salient weights,
+   + error feedback, + rotation (no salient weights), + both, and + errors carried across the
+   chunks of each linear (whole linears of the sampled units' layers), with true bits per weight.
+3. Perplexity of uniform plans with our operators at 8/4/3/2 bits (3% salient) and of
    LSQ-4 without salient weights, against RTN at 4/3/2 bits with 256- and 64-column
    groups, each with its true bits.
 
     python benchmarks/operators.py --out benchmarks/results            # built-in corpus
     python benchmarks/operators.py --corpus wikitext2 --data-dir ../shared/data
+    python benchmarks/operators.py --levers-only --out benchmarks/results/candidates
 
 Writes ``operators.json`` and ``operators.md`` under ``--out``.
 """
@@ -24,14 +29,15 @@ from pathlib import Path
 import torch
 
 from windquant.calib.corpus import corpus_tokens
+from windquant.calib.statistics import calibrate
 from windquant.config import FitConfig
 from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
 from windquant.model.units import enumerate_units
 from windquant.pack.apply import plan_weights
-from windquant.pipeline import prepare
+from windquant.pipeline import calibration_windows, prepare
 from windquant.quant.accounting import summarize
-from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit, relative_error
+from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear, quantize_unit, relative_error
 from windquant.runinfo import peak_rss_mib
 
 RTN_SCALE_ZERO_BITS = 32  # fp16 scale + fp16 zero per row and group
@@ -82,6 +88,88 @@ def error_table(model, units, scales, sample: int) -> list[dict]:
     return rows
 
 
+LEVERS = {
+    "fitted grid, 3% salient": FitSettings(),
+    "+ feedback": FitSettings(feedback=True),
+    "rotation (no salient)": FitSettings(rotate=True),
+    "rotation + feedback": FitSettings(rotate=True, feedback=True),
+}
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> tuple[float, float]:
+    d = w.double() - w_hat.double()
+    return float(((d @ h.double()) * d).sum()), float(((w.double() @ h.double()) * w.double()).sum())
+
+
+def lever_table(model, units, scales, moments, sample: int) -> list[dict]:
+    """Output error and fit time of each lever at 4/3/2 bits (see the module docstring)."""
+    modules = dict(model.named_modules())
+    picked = units[:: max(1, len(units) // sample)][:sample]
+    layers = sorted({u.layer for u in picked})[:: max(1, len({u.layer for u in picked}) // 3)][:3]
+    rows = []
+    for action in (4.0, 3.0, 2.0):
+        for name, settings in LEVERS.items():
+            num = den = 0.0
+            times, bits = [], []
+            for u in picked:
+                w = modules[u.module].weight.detach()[:, u.col0 : u.col1].float()
+                h = moments[u.module][u.col0 : u.col1, u.col0 : u.col1]
+                t0 = time.perf_counter()
+                packed = quantize_unit(w, scales[u.module][u.col0 : u.col1], action, settings, h, seed=u.index)
+                times.append(time.perf_counter() - t0)
+                e, n = output_error(w, dequantize_unit(packed, action, *w.shape), h)
+                num, den = num + e, den + n
+                bits.append(summarize([u.shape], [action], settings.salient_rate, settings.rotate).true_bits)
+            rows.append(
+                {
+                    "bits": action,
+                    "lever": name,
+                    "output_error": num / den,
+                    "fit_ms": 1e3 * statistics.median(times),
+                    "true_bits": statistics.mean(bits),
+                    "units": len(picked),
+                }
+            )
+        settings = LEVERS["rotation + feedback"]
+        num = den = 0.0
+        start, linears = time.perf_counter(), sorted({u.module for u in units if u.layer in layers})
+        for name in linears:
+            chunks = [(u.col0, u.col1, action, u.index) for u in units if u.module == name]
+            w, h = modules[name].weight.detach().float(), moments[name]
+            packed = quantize_linear(w, h, chunks, settings)
+            w_hat = torch.cat([dequantize_unit(p, action, w.shape[0], c1 - c0) for p, (c0, c1, _a, _i) in zip(packed, chunks)], 1)
+            e, n = output_error(w, w_hat, h)
+            num, den = num + e, den + n
+        n_chunks = sum(1 for u in units if u.layer in layers)
+        rows.append(
+            {
+                "bits": action,
+                "lever": f"rotation + feedback + carry (layers {layers})",
+                "output_error": num / den,
+                "fit_ms": 1e3 * (time.perf_counter() - start) / n_chunks,
+                "true_bits": rows[-1]["true_bits"],
+                "units": n_chunks,
+            }
+        )
+    return rows
+
+
+def lever_markdown(rows: list[dict], command: str) -> list[str]:
+    md = [
+        "## Levers: output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) and fit time per unit",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| bits | lever | true bits | output error | fit ms/unit | units |",
+        "|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['bits']:g} | {r['lever']} | {r['true_bits']:.3f} | {r['output_error']:.5f} | {r['fit_ms']:.1f} | {r['units']} |"
+        for r in rows
+    ]
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -92,12 +180,23 @@ def main() -> None:
     ap.add_argument("--sample-units", type=int, default=48)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--levers-only", action="store_true", help="only the lever table (no perplexity runs) -> levers.md/json")
     args = ap.parse_args()
     torch.manual_seed(0)
 
     model, tok = load_model(args.model)
     config = FitConfig(cache_dir=args.cache_dir, data_dir=args.data_dir)
     units = enumerate_units(model, config.chunk)
+    if args.levers_only:
+        stats = calibrate(model, calibration_windows(tok, config), moments=True)
+        rows = lever_table(model, units, stats.act_scales, stats.moments, args.sample_units)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "levers.json").write_text(json.dumps({"model": args.model, "calib": config.calib, "rows": rows}, indent=1))
+        md = lever_markdown(rows, f"python benchmarks/operators.py --levers-only --out {args.out}")
+        (out / "levers.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+        return
     prepared = prepare(model, tok, config)
     scales = prepared.stats.act_scales
     errors = error_table(model, units, scales, args.sample_units)

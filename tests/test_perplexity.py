@@ -50,3 +50,23 @@ def test_real_model_ppl_matches_manual_loss(tiny_model):
     with torch.no_grad():
         losses = [tiny_model(tokens[i : i + 32][None], labels=tokens[i : i + 32][None]).loss for i in (0, 32)]
     assert res.ppl == pytest.approx(math.exp(float(sum(losses) / 2)), rel=1e-5)
+
+
+def test_llamacpp_protocol_scores_the_second_half_after_bos(tiny_model):
+    """llama-perplexity: each chunk starts with BOS (when the tokenizer adds one) and only the
+    predictions from position ctx/2 on count; checked against per-token losses by hand."""
+    import torch.nn.functional as F
+
+    tokens = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(1))
+    res = perplexity(tiny_model, tokens, ctx=32, progress=False, first=16, bos_id=7)
+    nll = []
+    with torch.no_grad():
+        for i in (0, 32):
+            chunk = tokens[i : i + 32].clone()
+            chunk[0] = 7
+            logits = tiny_model(chunk[None]).logits[0]
+            nll += F.cross_entropy(logits[:-1], chunk[1:], reduction="none")[16:].tolist()
+    assert len(nll) == 2 * 15 and res.first == 16 and "scored_from=16" in res.line()
+    assert res.nll == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    with pytest.raises(WindquantError, match="first scored position"):
+        perplexity(tiny_model, tokens, ctx=32, progress=False, first=31)

@@ -133,3 +133,19 @@ def test_version_1_checkpoint_still_loads(tiny_model, tokenizer, tiny_plan, tiny
     x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(tiny_model(x).logits, load(out)(x).logits)
+
+
+def test_scored_plan_equals_the_applied_model_when_carried(tiny_model, tokenizer, tiny_plan, tiny_fit):
+    """The sweep scores a carried plan (under no_grad) with exactly the weights apply stores."""
+    from dataclasses import replace
+
+    from windquant.pipeline import apply, make_plan, prepare
+
+    prepared = prepare(tiny_model, tokenizer, replace(tiny_fit, rotate=True, feedback=True, carry=True), ["scores"], progress=False)
+    plan = make_plan(prepared, tiny_plan, progress=False)
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), prepared.plan_model(plan):
+        scored = tiny_model(x).logits
+    apply(prepared, plan, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(scored, tiny_model(x).logits, atol=1e-2, rtol=1e-3)  # apply also rounds norms to fp16

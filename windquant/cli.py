@@ -68,8 +68,15 @@ def _add_eval(sub) -> None:
         default=None,
         help="builtin | wikitext2 | PATH (default wikitext2; with --tasks, perplexity runs only if --corpus is given)",
     )
-    p.add_argument("--ctx", type=int, default=2048, help="context length (default %(default)s)")
-    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default 2048; llamacpp protocol 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows (llamacpp protocol: 100)")
+    p.add_argument(
+        "--protocol",
+        choices=("windows", "llamacpp"),
+        default="windows",
+        help="windows: every prediction of non-overlapping windows (GPTQ/AWQ); llamacpp: llama-perplexity's "
+        "(ctx 512, first 100 chunks of the raw file, second half of each chunk scored) (default %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward (default %(default)s)")
     p.add_argument(
         "--data-dir",

@@ -85,7 +85,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: list[str] | None) -> dict:
     """Perplexity on ``corpus`` and/or zero-shot ``tasks`` of one model spec; prints each result."""
-    from windquant.eval.perplexity import model_max_context, perplexity
+    from windquant.eval.perplexity import PROTOCOLS, model_max_context, perplexity
     from windquant.model.loading import load_model
 
     start = time.perf_counter()
@@ -94,15 +94,26 @@ def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: li
     if corpus is not None:
         from windquant.calib.corpus import corpus_tokens
 
-        ctx = args.ctx
+        protocol = PROTOCOLS[args.protocol]
+        ctx = args.ctx or protocol.ctx
         limit = model_max_context(model)
         if limit is not None and ctx > limit:
             print(f"note: --ctx {ctx} is above the model's maximum; using {limit}")
             ctx = limit
-        tokens = corpus_tokens(tokenizer, corpus, "eval", args.data_dir)
-        res = perplexity(model, tokens, ctx=ctx, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet)
-        print(f"{res.line()} corpus={corpus}")
-        payload.update({"corpus": corpus, **res.__dict__})
+        tokens = corpus_tokens(tokenizer, corpus, "eval", args.data_dir, raw=protocol.raw_text)
+        adds_bos = protocol.second_half and getattr(tokenizer, "add_bos_token", False)
+        res = perplexity(
+            model,
+            tokens,
+            ctx=ctx,
+            max_windows=args.max_windows or protocol.max_windows,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            first=ctx // 2 if protocol.second_half else 0,
+            bos_id=tokenizer.bos_token_id if adds_bos else None,
+        )
+        print(f"{res.line()} corpus={corpus} protocol={args.protocol}")
+        payload.update({"corpus": corpus, "protocol": args.protocol, **res.__dict__})
     if tasks is not None:
         from windquant.eval.zeroshot import evaluate_zeroshot, macro_average, result_line
 

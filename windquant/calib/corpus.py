@@ -59,7 +59,7 @@ def _wiki_file(data_dir: str | None, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _wiki_from_datasets(split: str) -> str:
+def _wiki_from_datasets(split: str, raw: bool) -> str:
     try:
         import datasets
     except ImportError:
@@ -67,33 +67,36 @@ def _wiki_from_datasets(split: str) -> str:
             "WikiText-2 not found: pass --data-dir (a folder with wiki.test.raw) or set WINDQUANT_DATA"
         ) from None
     ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
-    return "\n\n".join(ds["text"])
+    return "".join(ds["text"]) if raw else "\n\n".join(ds["text"])
 
 
-def wikitext2(split: str, data_dir: str | None = None) -> str:
-    """``split`` is ``test`` (evaluation) or ``calib`` (train, else valid)."""
+def wikitext2(split: str, data_dir: str | None = None, raw: bool = False) -> str:
+    """``split`` is ``test`` (evaluation) or ``calib`` (train, else valid); ``raw``: the file's
+    text exactly (llama.cpp's protocol) instead of its lines joined by blank lines."""
     names = ("wiki.test.raw",) if split == "test" else ("wiki.train.raw", "wiki.valid.raw", "wiki.valid.tokens")
     path = _wiki_file(data_dir, names)
     if path is None:
         if data_dir or os.environ.get("WINDQUANT_DATA"):
             raise WindquantError(f"no {' or '.join(names)} under {data_dir or os.environ['WINDQUANT_DATA']}")
-        return _wiki_from_datasets("test" if split == "test" else "train")
+        return _wiki_from_datasets("test" if split == "test" else "train", raw)
+    if raw:
+        return path.read_text(encoding="utf-8")
     lines = path.read_text(encoding="utf-8").splitlines()
     # GPTQ/AWQ protocol: the dataset's lines joined by blank lines.
     return "\n\n".join(lines)
 
 
-def corpus_text(corpus: str, role: str, data_dir: str | None = None) -> tuple[str, bool]:
+def corpus_text(corpus: str, role: str, data_dir: str | None = None, raw: bool = False) -> tuple[str, bool]:
     """Text for ``role`` in {"calib", "eval"}; the bool says whether it must be split."""
     if corpus == "wikitext2":
-        return wikitext2("test" if role == "eval" else "calib", data_dir), False
+        return wikitext2("test" if role == "eval" else "calib", data_dir, raw), False
     text = builtin_text() if corpus == "builtin" else _read_text_file(Path(corpus).expanduser())
     return text, True
 
 
-def corpus_tokens(tokenizer, corpus: str, role: str, data_dir: str | None = None) -> torch.Tensor:
-    """1-D token ids of the calibration or evaluation span of a corpus."""
-    text, split = corpus_text(corpus, role, data_dir)
+def corpus_tokens(tokenizer, corpus: str, role: str, data_dir: str | None = None, raw: bool = False) -> torch.Tensor:
+    """1-D token ids of the calibration or evaluation span of a corpus (``raw``: see :func:`wikitext2`)."""
+    text, split = corpus_text(corpus, role, data_dir, raw)
     ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
     if split:
         cut = int(len(ids) * (1 - HOLDOUT))

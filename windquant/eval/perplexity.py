@@ -1,4 +1,7 @@
-"""Perplexity over non-overlapping windows (the GPTQ/AWQ WikiText-2 protocol)."""
+"""Perplexity over non-overlapping windows: the GPTQ/AWQ WikiText-2 protocol (every prediction of
+every window scored) and llama.cpp's ``llama-perplexity`` protocol (:data:`LLAMACPP`: ctx 512, the
+first 100 chunks of the raw file, BOS at each chunk's start when the tokenizer adds one, only the
+second half of each chunk scored, so every scored token sees at least 256 tokens of context)."""
 
 from __future__ import annotations
 
@@ -19,10 +22,27 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per predicted token
     ctx: int
     windows: int
-    tokens: int  # tokens scored (windows × ctx)
+    tokens: int  # tokens in the windows (windows × ctx); scored: windows × (ctx − 1 − first)
+    first: int = 0  # position of the first scored prediction in each window
 
     def line(self) -> str:
-        return f"ppl={self.ppl:.4f} ctx={self.ctx} windows={self.windows} tokens={self.tokens}"
+        scored = "" if self.first == 0 else f" scored_from={self.first}"
+        return f"ppl={self.ppl:.4f} ctx={self.ctx} windows={self.windows} tokens={self.tokens}{scored}"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    ctx: int
+    max_windows: int | None
+    second_half: bool  # score only predictions from position ctx/2 on
+    raw_text: bool  # the corpus file as it is (not the dataset's lines re-joined)
+
+
+PROTOCOLS = {
+    "windows": Protocol(ctx=2048, max_windows=None, second_half=False, raw_text=False),
+    "llamacpp": Protocol(ctx=512, max_windows=100, second_half=True, raw_text=True),
+}
+LLAMACPP = PROTOCOLS["llamacpp"]
 
 
 def model_max_context(model: nn.Module) -> int | None:
@@ -37,11 +57,15 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    first: int = 0,
+    bos_id: int | None = None,
 ) -> PerplexityResult:
     """exp(mean NLL) over ``len(tokens) // ctx`` windows of ``ctx`` tokens, no overlap.
 
-    Every window is scored on its ``ctx − 1`` next-token predictions; windows have
-    equal length so the mean over windows equals the mean over tokens.
+    Every window is scored on its next-token predictions from position ``first`` on
+    (``ctx − 1 − first`` of them); windows have equal length so the mean over windows equals
+    the mean over tokens. ``bos_id`` replaces each window's first token (llama.cpp does this
+    when the model's tokenizer adds a BOS).
     """
     limit = model_max_context(model)
     if limit is not None and ctx > limit:
@@ -51,13 +75,17 @@ def perplexity(
         n = min(n, max_windows)
     if n == 0:
         raise WindquantError(f"the corpus has {tokens.numel()} tokens, fewer than one window of --ctx {ctx}")
-    windows = tokens[: n * ctx].view(n, ctx)
+    if not 0 <= first < ctx - 1:
+        raise WindquantError(f"the first scored position {first} must lie in [0, ctx - 1) for ctx {ctx}")
+    windows = tokens[: n * ctx].view(n, ctx).clone()
+    if bos_id is not None:
+        windows[:, 0] = bos_id
     device = next(model.parameters()).device
     total = 0.0
     for i in tqdm(range(0, n, batch_size), desc=f"perplexity ctx={ctx}", disable=not progress, unit="batch"):
         batch = windows[i : i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total += float(loss)
-    nll = total / (n * (ctx - 1))
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, ctx=ctx, windows=n, tokens=n * ctx)
+        pred, target = logits[:, first:-1], batch[:, first + 1 :]
+        total += float(F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"))
+    nll = total / (n * (ctx - 1 - first))
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, ctx=ctx, windows=n, tokens=n * ctx, first=first)

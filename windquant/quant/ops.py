@@ -136,26 +136,28 @@ def fit(
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
     best_shift = shift0.clone()
+    # Callers may hold no_grad (re-quantizing while a plan is scored): the fit needs autograd.
     if steps > 0:
-        log_scale = torch.zeros_like(best_scale, requires_grad=True)
-        shift_delta = torch.zeros_like(best_scale, requires_grad=grid.learn_shift)
-        params = [log_scale] + ([shift_delta] if grid.learn_shift else [])
-        opt = torch.optim.Adam(params, lr=lr)
-        scale0, unit_shift = best_scale.clone(), best_scale.clone()
-        # Normalise by the row's weighted energy so the lr is scale-free.
-        norm = ((w**2) * dk).sum(1).clamp_min(1e-12)
-        for _ in range(steps):
-            scale = scale0 * log_scale.exp()
-            shift = shift0 + unit_shift * shift_delta
-            row_err = weighted_row_error(w, _fake_quant(w, scale, shift, grid), d, keep_f)
-            with torch.no_grad():
-                better = row_err < best_err
-                best_err = torch.where(better, row_err, best_err)
-                best_scale = torch.where(better, scale, best_scale)
-                best_shift = torch.where(better, shift, best_shift)
-            opt.zero_grad()
-            (row_err / norm).sum().backward()
-            opt.step()
+        with torch.enable_grad():
+            log_scale = torch.zeros_like(best_scale, requires_grad=True)
+            shift_delta = torch.zeros_like(best_scale, requires_grad=grid.learn_shift)
+            params = [log_scale] + ([shift_delta] if grid.learn_shift else [])
+            opt = torch.optim.Adam(params, lr=lr)
+            scale0, unit_shift = best_scale.clone(), best_scale.clone()
+            # Normalise by the row's weighted energy so the lr is scale-free.
+            norm = ((w**2) * dk).sum(1).clamp_min(1e-12)
+            for _ in range(steps):
+                scale = scale0 * log_scale.exp()
+                shift = shift0 + unit_shift * shift_delta
+                row_err = weighted_row_error(w, _fake_quant(w, scale, shift, grid), d, keep_f)
+                with torch.no_grad():
+                    better = row_err < best_err
+                    best_err = torch.where(better, row_err, best_err)
+                    best_scale = torch.where(better, scale, best_scale)
+                    best_shift = torch.where(better, shift, best_shift)
+                opt.zero_grad()
+                (row_err / norm).sum().backward()
+                opt.step()
     scale = best_scale.detach().half()
     shift = best_shift.detach().half()
     # Codes are taken with the fp16 scale/shift that are actually stored.
