@@ -100,8 +100,8 @@ def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny
 def test_error_feedback_candidates_cut_the_output_error(tiny_model, tokenizer, tiny_fit):
     from dataclasses import replace
 
-    plain = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
-    fed = prepare(tiny_model, tokenizer, replace(tiny_fit, feedback=True), progress=False)
+    plain = prepare(tiny_model, tokenizer, replace(tiny_fit, feedback=False, rotate=False, carry=False), progress=False)
+    fed = prepare(tiny_model, tokenizer, replace(tiny_fit, feedback=True, rotate=False, carry=False), progress=False)
     assert fed.folder != plain.folder and plain.stats.moments is None
     # the scales come from the same pass either way: the feedback run only adds the moments
     assert all(torch.equal(plain.stats.act_scales[k], fed.stats.act_scales[k]) for k in plain.stats.act_scales)
