@@ -122,9 +122,12 @@ def test_rotated_carried_checkpoint_round_trips_and_old_formats_load(tiny_model,
 
 def test_version_1_checkpoint_still_loads(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
     """A folder as windquant wrote it before rotation: version 1, no rotate/carried keys."""
+    from dataclasses import replace
+
     from windquant import load, quantize_, save
 
-    plan, _ = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
+    paper = replace(tiny_fit, rotate=False, feedback=False, carry=False)  # what version 1 could store
+    plan, _ = quantize_(tiny_model, tokenizer, tiny_plan, paper, progress=False)
     out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
     for name, drop in (("quant_config.json", ("rotate",)), ("plan.json", ("rotate", "carried"))):
         d = json.loads((out / name).read_text())
