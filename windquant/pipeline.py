@@ -248,8 +248,7 @@ def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) ->
     packed = {}
     for name, chunks in tqdm(module_chunks(plan).items(), desc="carry errors", disable=not progress, unit="linear"):
         weight = prepared.model.get_submodule(name).weight.detach()
-        spec = [(col0, col1, action, index) for col0, col1, action, index in chunks]
-        for (_c0, _c1, action, index), p in zip(chunks, quantize_linear(weight, moments[name], spec, settings)):
+        for (_c0, _c1, action, index), p in zip(chunks, quantize_linear(weight, moments[name], chunks, settings)):
             packed[(index, action)] = p
     return packed
 
