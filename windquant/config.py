@@ -98,6 +98,8 @@ class FitConfig:
     feedback: bool = setting(True, "OBQ/GPTQ error feedback along each unit's columns (needs one more statistic, same bits)")
     rotate: bool = setting(True, "store power-of-two-wide units rotated (random signs x Hadamard) instead of with INT8 salient weights")
     carry: bool = setting(True, "after allocation, re-quantize each linear chunk by chunk carrying every chunk's error into later columns")
+    tune_steps: int = setting(0, "after allocation, tune the stored fp16 scales (codes frozen) for at most this many Adam steps on KL to the unquantized model over the calibration windows; 0 = off")
+    tune_lr: float = setting(1e-3, "Adam learning rate of scale tuning (relative change of each scale)")
     calib: str = setting("builtin", "calibration corpus: builtin | wikitext2 | PATH to .txt/.jsonl")
     calib_samples: int = setting(64, "calibration windows")
     calib_len: int = setting(256, "tokens per calibration window")
@@ -110,6 +112,8 @@ class FitConfig:
             ("chunk", self.chunk > 0, "a positive number of columns"),
             ("salient", 0.0 <= self.salient < 1.0, "in [0, 1)"),
             ("steps", self.steps >= 0, ">= 0"),
+            ("tune_steps", self.tune_steps >= 0, ">= 0"),
+            ("tune_lr", self.tune_lr > 0, "> 0"),
             ("calib_samples", self.calib_samples >= 1, ">= 1"),
             ("calib_len", self.calib_len >= 2, ">= 2"),
         )

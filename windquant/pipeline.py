@@ -30,12 +30,15 @@ from windquant.model.stats import unit_features, unit_saliency
 from windquant.model.units import Unit, enumerate_units
 from windquant.pack.apply import apply_plan, module_chunks, plan_weights
 from windquant.pack.checkpoint import save
+from windquant.pack.tune import TuneSettings, tune_scales
 from windquant.plan import Plan
 from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, tensor_digest, weights_digest
 from windquant.quant.sensitivity import sensitivity_scores
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
 from windquant.reports import plan_report
 from windquant.runinfo import Timings
+
+TUNE_HELDOUT_WINDOWS = 4  # calibration-corpus windows (another seed) that stop scale tuning
 
 
 def fit_settings(fit: FitConfig) -> FitSettings:
@@ -99,10 +102,10 @@ class Prepared:
 
     def plan_model(self, plan: Plan, progress: bool = False):
         """Context: the model computes with exactly the weights :func:`apply` stores for ``plan``
-        (the cache's candidates, or the carried re-quantization when the plan says so)."""
-        if not plan.carried:
+        (the cache's candidates, or their carried / tuned versions when the plan says so)."""
+        if not (plan.carried or plan.tune_steps):
             return self.plan_weights(plan.requested)
-        packed = carried_candidates(self, plan, progress)
+        packed = plan_candidates(self, plan, progress)
         dense = {u.index: dequantize_unit(packed[(u.index, a)], a, *u.shape) for u, a in zip(plan.units, plan.applied)}
         return plan_weights(self.model, self.units, lambda u: dense[u.index])
 
@@ -233,6 +236,7 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
         attachments=allocation.files,
         rotate=prepared.fit.rotate,
         carried=prepared.fit.carry,
+        tune_steps=prepared.fit.tune_steps,
     )
 
 
@@ -253,15 +257,31 @@ def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) ->
     return packed
 
 
+def plan_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
+    """(unit, applied action) -> the packed tensors :func:`apply` stores for ``plan``: the cache's
+    candidates, or carried across units, then, when the plan asks, with tuned scales (the
+    tuning report goes to ``plan.info["tune"]``). ``prepared.model`` must still be unquantized."""
+    if plan.carried:
+        packed = carried_candidates(prepared, plan, progress)
+    else:
+        packed = {(u.index, a): prepared.cache.packed[(u.index, a)] for u, a in zip(plan.units, plan.applied)}
+    if plan.tune_steps:
+        fit = prepared.fit
+        heldout = calibration_windows(prepared.tokenizer, fit, TUNE_HELDOUT_WINDOWS, seed=fit.seed + 1)
+        settings = TuneSettings(steps=plan.tune_steps, lr=fit.tune_lr)
+        packed, plan.info["tune"] = tune_scales(prepared.model, module_chunks(plan), packed, prepared.stats.windows, heldout, settings, progress)
+    return packed
+
+
 def apply(
     prepared: Prepared, plan: Plan, model: nn.Module | None = None, timings: Timings | None = None, progress: bool = True
 ) -> nn.Module:
-    """Quantize ``model`` (default: the prepared model) in place with ``plan``'s packed candidates,
-    or, when the plan says ``carried``, with its chunks re-quantized carrying errors across units."""
+    """Quantize ``model`` (default: the prepared model) in place with ``plan``'s packed tensors
+    (:func:`plan_candidates`)."""
     timings = timings if timings is not None else Timings()
     with timings.stage("apply"):
-        lookup = carried_candidates(prepared, plan, progress) if plan.carried else prepared.cache.packed
-        return apply_plan(prepared.model if model is None else model, plan, lambda i, a: lookup[(i, a)])
+        packed = plan_candidates(prepared, plan, progress)
+        return apply_plan(prepared.model if model is None else model, plan, lambda i, a: packed[(i, a)])
 
 
 def write_checkpoint(

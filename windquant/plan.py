@@ -42,6 +42,7 @@ class Plan:
     info: dict = field(default_factory=dict)  # allocator-specific extras
     rotate: bool = False  # power-of-two-wide units are stored rotated (quant.rotation)
     carried: bool = False  # chunks re-quantized with error carried across units (pipeline.apply)
+    tune_steps: int = 0  # at most this many steps of end-to-end scale tuning at apply (pack.tune)
     # Files the allocator wrote that belong in the checkpoint (e.g. PPO's episode log); not in plan.json.
     attachments: list[Path] = field(default_factory=list, repr=False, compare=False)
 
@@ -75,6 +76,7 @@ class Plan:
             "salient_rate": self.salient_rate,
             "rotate": self.rotate,
             "carried": self.carried,
+            "tune_steps": self.tune_steps,
             "fallback_threshold": self.fallback_threshold,
             "action_distribution": self.action_distribution(),
             "info": self.info,
@@ -100,6 +102,7 @@ class Plan:
             info=d.get("info", {}),
             rotate=d.get("rotate", False),  # absent from plans written before rotation existed
             carried=d.get("carried", False),
+            tune_steps=d.get("tune_steps", 0),
         )
 
     def save(self, path: str | Path) -> None:

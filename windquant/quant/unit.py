@@ -149,12 +149,8 @@ def quantize_linear(
     ]
 
 
-def dequantize_unit(packed: dict[str, torch.Tensor], action: float, out_features: int, columns: int) -> torch.Tensor:
-    """Dense fp32 weights (holding fp16-representable values) of a packed unit."""
-    action = canonical_action(action)
-    if action == SKIP:
-        return packed["weight"].float()
-    grid = grid_for(action)
+def _unpacked(packed: dict[str, torch.Tensor], grid: Grid, out_features: int, columns: int):
+    """Codes [out, g] and, when the unit stores them, the salient mask and :class:`SalientSet`."""
     n = out_features * columns
     mask = torch.zeros(n, dtype=torch.bool)
     sal = None
@@ -165,15 +161,65 @@ def dequantize_unit(packed: dict[str, torch.Tensor], action: float, out_features
         mask[rows * columns + cols] = True
     codes = torch.zeros(n, dtype=torch.long)
     codes[~mask] = unpack_codes(packed["codes"], grid.levels, int((~mask).sum()))
+    return codes.view(out_features, columns), mask.view(out_features, columns), sal
+
+
+def dequantize_unit(packed: dict[str, torch.Tensor], action: float, out_features: int, columns: int) -> torch.Tensor:
+    """Dense fp32 weights (holding fp16-representable values) of a packed unit."""
+    action = canonical_action(action)
+    if action == SKIP:
+        return packed["weight"].float()
+    grid = grid_for(action)
+    codes, _mask, sal = _unpacked(packed, grid, out_features, columns)
     scale = packed["scale"]
     shift = packed.get("shift", torch.zeros_like(scale))
-    w_hat = decode(codes.view(out_features, columns), scale, shift, grid)
+    w_hat = decode(codes, scale, shift, grid)
     if sal is not None:
         w_hat = salient.scatter(w_hat, sal)
     if "rot_signs" in packed:
         w_hat = w_hat @ rotation(unpack_signs(packed["rot_signs"], columns)).T
     # Values are those an fp16 kernel would see, whichever path built them.
     return w_hat.half().float()
+
+
+@dataclass
+class AffineUnit:
+    """A packed unit's weights as an affine function of its per-row scale and shift, with the
+    codes, salient values and rotation frozen::
+
+        w_hat(scale, shift) = where(fixed_mask, fixed, scale ⊙ base + shift ⊙ offset)
+
+    (rotation already folded into ``base`` and ``offset``; a rotated unit has no fixed part).
+    This is what end-to-end scale tuning differentiates through.
+    """
+
+    base: torch.Tensor  # [out, g]
+    offset: torch.Tensor  # [g] (or [out, g] when salient positions are excluded)
+    fixed_mask: torch.Tensor | None  # [out, g] salient positions
+    fixed: torch.Tensor | None  # [out, g] their INT8 values (zero elsewhere)
+
+    def weight(self, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        w = scale[:, None] * self.base
+        if shift is not None:
+            w = w + shift[:, None] * self.offset
+        return w if self.fixed_mask is None else torch.where(self.fixed_mask, self.fixed, w)
+
+
+def affine_unit(packed: dict[str, torch.Tensor], action: float, out_features: int, columns: int) -> AffineUnit:
+    """The :class:`AffineUnit` of a quantized (non-skip) packed unit; with its stored scale and
+    shift, ``weight`` equals :func:`dequantize_unit` up to float rounding."""
+    grid = grid_for(canonical_action(action))
+    codes, mask, sal = _unpacked(packed, grid, out_features, columns)
+    base = grid.step * (codes.float() - grid.center)
+    offset = torch.ones(columns)
+    fixed_mask = fixed = None
+    if sal is not None:
+        fixed_mask = mask
+        fixed = salient.scatter(torch.zeros(out_features, columns), sal)
+    if "rot_signs" in packed:
+        r_t = rotation(unpack_signs(packed["rot_signs"], columns)).T
+        base, offset = base @ r_t, offset @ r_t
+    return AffineUnit(base, offset, fixed_mask, fixed)
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor, act_scale: torch.Tensor) -> float:

@@ -1,0 +1,65 @@
+"""End-to-end scale tuning: the affine form of a packed unit equals its dequantization, tuning
+changes nothing but scales and shifts, and what it reports is what the stored model computes."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from test_feedback import correlated_inputs
+
+from windquant.quant.unit import FitSettings, affine_unit, dequantize_unit, quantize_unit
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("action", [8.0, 4.0, 3.0, 2.0, 1.58, 1.0])
+def test_affine_unit_at_stored_scales_equals_dequantize(action, rotate):
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(2)) * 0.1
+    s, h = correlated_inputs(32)
+    packed = quantize_unit(w, s, action, FitSettings(steps=3, rotate=rotate), h, seed=5)
+    shift = packed["shift"].float() if "shift" in packed else None
+    by_affine = affine_unit(packed, action, 12, 32).weight(packed["scale"].float(), shift)
+    assert torch.allclose(by_affine, dequantize_unit(packed, action, 12, 32), atol=1e-3 * w.abs().max(), rtol=1e-3)
+    # Doubling every scale (and shift) doubles the grid part and leaves the salient values alone.
+    unit = affine_unit(packed, action, 12, 32)
+    doubled = unit.weight(2 * packed["scale"].float(), None if shift is None else 2 * shift)
+    expected = 2 * by_affine if unit.fixed_mask is None else torch.where(unit.fixed_mask, by_affine, 2 * by_affine)
+    assert torch.allclose(doubled, expected, atol=1e-5)
+
+def kl_of(model, ref_model, windows):
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        q = F.log_softmax(model(windows).logits[:, :-1].float(), -1).flatten(0, 1)
+        p = F.log_softmax(ref_model(windows).logits[:, :-1].float(), -1).flatten(0, 1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_tuning_lowers_heldout_kl_changes_only_scales_and_is_what_is_stored(tokenizer, tiny_fit):
+    from conftest import make_model
+
+    from windquant.config import PlanConfig
+    from windquant.pipeline import TUNE_HELDOUT_WINDOWS, apply, calibration_windows, make_plan, plan_candidates, prepare
+
+    model, reference = make_model(), make_model()
+    fit = replace(tiny_fit, calib_samples=8, tune_steps=40, tune_lr=5e-3, carry=False)
+    prepared = prepare(model, tokenizer, fit, progress=False)
+    plan = make_plan(prepared, PlanConfig(target_bits=2.2), progress=False)
+    assert plan.tune_steps == 40
+    tuned = plan_candidates(prepared, plan, progress=False)
+    report = plan.info["tune"]
+    assert report["heldout_kl_after"] < report["heldout_kl_before"]
+    changed = 0
+    for u, a in zip(plan.units, plan.applied):
+        before, after = prepared.cache.packed[(u.index, a)], tuned[(u.index, a)]
+        assert set(before) == set(after)
+        for field, t in before.items():
+            assert after[field].dtype == t.dtype and after[field].shape == t.shape
+            if field not in ("scale", "shift"):
+                assert torch.equal(after[field], t), field
+        changed += not torch.equal(after["scale"], before["scale"]) if "scale" in before else 0
+    assert changed > 0
+    # The stored model's KL to the reference on the held-out windows is the one the report gives.
+    apply(prepared, plan, progress=False)
+    heldout = calibration_windows(tokenizer, fit, TUNE_HELDOUT_WINDOWS, seed=fit.seed + 1)
+    stored = sum(kl_of(model, reference, w[None]) for w in heldout) / len(heldout)
+    assert stored == pytest.approx(report["heldout_kl_after"], rel=0.05)

@@ -1,0 +1,180 @@
+"""End-to-end scale tuning: after allocation, codes frozen, tune only the fp16 scales and shifts.
+
+Every quantized chunk's weights are an affine function of its per-row scale and shift
+(:class:`windquant.quant.unit.AffineUnit`). With the codes fixed, the whole quantized model is
+a differentiable function of ~2 numbers per row per chunk, and those are tuned with Adam so the
+quantized model's next-token distribution matches the reference model's (KL(p_ref ‖ p_q), mean
+over tokens) on the calibration windows. Nothing else changes: same codes, same layout, same
+bytes; the tuned values are rounded to the fp16 the checkpoint stores.
+
+The reference distribution is computed on the fly from the model's own (unquantized) weights, so
+no logits are held; a held-out set of windows is scored every ``check_every`` steps and tuning
+stops after ``patience`` checks without improvement, keeping the best values seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from windquant.actions import SKIP
+from windquant.pack.apply import set_submodule
+from windquant.quant.unit import affine_unit, dequantize_unit
+
+Packed = dict[str, torch.Tensor]
+ChunkKey = tuple[int, float]  # (unit index, applied action)
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    steps: int = 0  # Adam steps at most (0 = off)
+    lr: float = 1e-3  # on the relative change of each scale (and shift, in units of its scale)
+    batch: int = 2  # calibration windows per step
+    check_every: int = 10  # steps between held-out checks
+    patience: int = 2  # checks without held-out improvement before stopping
+
+
+class TunableLinear(nn.Module):
+    """A block linear whose quantized chunks compute from trainable scale/shift deltas, or, in
+    reference mode, from the original dense weight."""
+
+    def __init__(self, original: nn.Linear, chunks: list[tuple[int, int, float, int]], packed: dict[ChunkKey, Packed]):
+        super().__init__()
+        self.original = original
+        self.reference = False
+        self.keys: list[ChunkKey] = []
+        self.parts, self.scales, self.shifts = [], [], []
+        self.d_scale, self.d_shift = nn.ParameterList(), nn.ParameterList()
+        for col0, col1, action, index in chunks:
+            p = packed[(index, action)]
+            out, cols = original.out_features, col1 - col0
+            self.keys.append((index, action))
+            if action == SKIP:
+                self.parts.append(dequantize_unit(p, action, out, cols))
+                self.scales.append(None)
+                self.shifts.append(None)
+                continue
+            self.parts.append(affine_unit(p, action, out, cols))
+            self.scales.append(p["scale"].float())
+            self.shifts.append(p["shift"].float() if "shift" in p else None)
+            self.d_scale.append(nn.Parameter(torch.zeros(out)))
+            self.d_shift.append(nn.Parameter(torch.zeros(out if "shift" in p else 0)))
+
+    def tuned(self) -> Iterator[tuple[ChunkKey, torch.Tensor, torch.Tensor | None]]:
+        """(key, scale, shift) of every quantized chunk at the current deltas."""
+        k = 0
+        for key, s0, m0 in zip(self.keys, self.scales, self.shifts):
+            if s0 is None:
+                continue
+            scale = s0 * (1 + self.d_scale[k])
+            yield key, scale, None if m0 is None else m0 + s0 * self.d_shift[k]
+            k += 1
+
+    def weight(self) -> torch.Tensor:
+        tuned = {key: (scale, shift) for key, scale, shift in self.tuned()}
+        parts = [part.weight(*tuned[key]) if key in tuned else part for key, part in zip(self.keys, self.parts)]
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reference:
+            return self.original(x)
+        bias = self.original.bias
+        return F.linear(x, self.weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@contextmanager
+def tunable(model: nn.Module, modules: dict[str, list], packed: dict[ChunkKey, Packed]) -> Iterator[dict[str, TunableLinear]]:
+    """Swap the named linears for :class:`TunableLinear` (restored on exit)."""
+    originals = {name: model.get_submodule(name) for name in modules}
+    swapped = {name: TunableLinear(originals[name], chunks, packed) for name, chunks in modules.items()}
+    for name, mod in swapped.items():
+        set_submodule(model, name, mod)
+    try:
+        yield swapped
+    finally:
+        for name, mod in originals.items():
+            set_submodule(model, name, mod)
+
+
+def kl_to_reference(model: nn.Module, linears: dict[str, TunableLinear], windows: torch.Tensor) -> torch.Tensor:
+    """Mean over predicted tokens of KL(p_ref ‖ p_q) on ``windows`` [b, len] (differentiable in q)."""
+    with torch.no_grad():
+        for lin in linears.values():
+            lin.reference = True
+        ref = F.log_softmax(model(windows).logits[:, :-1].float(), dim=-1)
+        for lin in linears.values():
+            lin.reference = False
+    q = F.log_softmax(model(windows).logits[:, :-1].float(), dim=-1)
+    return F.kl_div(q.flatten(0, 1), ref.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def heldout_kl(model: nn.Module, linears: dict[str, TunableLinear], windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        return sum(float(kl_to_reference(model, linears, w[None])) for w in windows) / len(windows)
+
+
+def tune_scales(
+    model: nn.Module,
+    modules: dict[str, list[tuple[int, int, float, int]]],
+    packed: dict[ChunkKey, Packed],
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    settings: TuneSettings,
+    progress: bool = True,
+    log: Callable[[dict], None] | None = None,
+) -> tuple[dict[ChunkKey, Packed], dict]:
+    """Tuned copies of ``packed`` (new fp16 ``scale``/``shift`` only) for the linears in ``modules``
+    (name -> [(col0, col1, applied action, unit index)]), and a report. ``model`` holds the
+    reference weights and is left as it was."""
+    params_frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in params_frozen:
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    curve = []
+    try:
+        with tunable(model, modules, packed) as linears, torch.enable_grad():  # callers may hold no_grad
+            params = [p for lin in linears.values() for p in lin.parameters() if p.numel()]
+            opt = torch.optim.Adam(params, lr=settings.lr)
+            best = heldout_kl(model, linears, heldout)
+            start, best_state, best_step, stale, step = best, [p.detach().clone() for p in params], 0, 0, 0
+            curve.append({"step": 0, "heldout_kl": best})
+            bar = tqdm(range(1, settings.steps + 1), desc="tune scales", disable=not progress, unit="step")
+            for step in bar:
+                batch = train[torch.randint(len(train), (settings.batch,), generator=gen)]
+                loss = kl_to_reference(model, linears, batch)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step % settings.check_every and step != settings.steps:
+                    continue
+                kl = heldout_kl(model, linears, heldout)
+                curve.append({"step": step, "train_kl": float(loss.detach()), "heldout_kl": kl})
+                bar.set_postfix(heldout_kl=f"{kl:.4f}")
+                if log is not None:
+                    log(curve[-1])
+                if kl < best:
+                    best, best_state, best_step, stale = kl, [p.detach().clone() for p in params], step, 0
+                else:
+                    stale += 1
+                    if stale >= settings.patience:
+                        break
+            with torch.no_grad():
+                for p, b in zip(params, best_state):
+                    p.copy_(b)
+                tuned = {}
+                for lin in linears.values():
+                    for key, scale, shift in lin.tuned():
+                        tuned[key] = dict(packed[key], scale=scale.half())
+                        if shift is not None:
+                            tuned[key]["shift"] = shift.half()
+    finally:
+        for p in params_frozen:
+            p.requires_grad_(True)
+    report = {"steps_run": step, "best_step": best_step, "heldout_kl_before": start, "heldout_kl_after": best, "curve": curve}
+    return {**packed, **tuned}, report
