@@ -33,6 +33,7 @@ from windquant.pack.checkpoint import save
 from windquant.pack.tune import TuneSettings, tune_scales
 from windquant.plan import Plan
 from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, tensor_digest, weights_digest
+from windquant.quant.fold_search import fold_model
 from windquant.quant.sensitivity import sensitivity_scores
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
 from windquant.reports import plan_report
@@ -88,6 +89,7 @@ class Prepared:
     saliency: torch.Tensor  # [N] mean |w|·s_act
     cache: CandidateCache
     folder: Path  # this model + settings' folder in the candidate cache
+    folded: dict[str, float]  # fold producer -> its α (empty: not folded)
     scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
     proxies: dict[tuple[int, int], PlanProxy] = field(default_factory=dict)
@@ -183,23 +185,28 @@ def prepare(
     timings: Timings | None = None,
     progress: bool = True,
 ) -> Prepared:
-    """Calibrate and fit (or load) every candidate, plus whatever ``needs`` names (see
-    ``alloc.base``). The model is left untouched."""
+    """Calibrate, fold scales (when ``fit.fold``), and fit (or load) every candidate, plus whatever
+    ``needs`` names (see ``alloc.base``). Only folding changes the model's weights, and it leaves
+    the function the model computes unchanged."""
     fit = (fit or FitConfig()).validate()
     timings = timings if timings is not None else Timings()
     units = enumerate_units(model, fit.chunk)
     with timings.stage("calibrate"):
         settings = fit_settings(fit)
         stats = calibrate(
-            model, calibration_windows(tokenizer, fit), moments=settings.needs_moments or fit.carry, progress=progress
+            model, calibration_windows(tokenizer, fit), moments=settings.needs_moments or fit.carry or fit.fold, progress=progress
         )
+    folded = {}
+    if fit.fold:
+        with timings.stage("fold"):
+            folded = fold_model(model, stats.act_scales, stats.moments, fit.chunk, settings, progress)
     with timings.stage("fit"):
         cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
         scales = stats.act_scales
         key = fingerprint(weights_digest(model), tensor_digest([scales[k] for k in sorted(scales)]), fit.chunk, settings)
         cache = CandidateCache.build(model, units, scales, settings, cache_root, key, progress, stats.moments)
     folder = cache_root / "candidates" / key
-    prepared = Prepared(model, tokenizer, fit, units, stats, unit_saliency(model, units, scales), cache, folder)
+    prepared = Prepared(model, tokenizer, fit, units, stats, unit_saliency(model, units, scales), cache, folder, folded)
     return prepared.ensure(needs, timings, progress)
 
 
@@ -218,6 +225,8 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
         problem.check_plan(allocation.requested, spec.name)
         applied = prepared.applied(allocation.requested)
     info = {"config": {**prepared.fit.to_dict(), **config.to_dict()}}
+    if prepared.folded:
+        info["fold_alphas"] = prepared.folded
     if allocation.files:
         allocation.info["attached"] = [f.name for f in allocation.files]
     if allocation.info:
