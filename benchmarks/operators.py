@@ -5,8 +5,9 @@
    asymmetric per-row min-max with fp16 scale + zero, no salient weights) in the same run.
 2. Per lever (issue 11) and bit-width: the output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (``H`` the
    input second moment) and fit time per unit of the fitted grid with 3% salient weights,
-   + error feedback, + rotation (no salient weights), + both, and + errors carried across the
-   chunks of each linear (whole linears of the sampled units' layers), with true bits per weight.
+   + error feedback, + rotation (no salient weights), + both, + errors carried across the
+   chunks of each linear (whole linears of the sampled units' layers), and the feedback/rotation
+   levers again after Scale Folding, with true bits per weight.
 3. Perplexity of uniform plans with our operators at 8/4/3/2 bits (3% salient) and of
    LSQ-4 without salient weights, against RTN at 4/3/2 bits with 256- and 64-column
    groups, each with its true bits.
@@ -35,8 +36,9 @@ from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
 from windquant.model.units import enumerate_units
 from windquant.pack.apply import plan_weights
-from windquant.pipeline import calibration_windows, prepare
+from windquant.pipeline import calibration_windows, fit_settings, prepare
 from windquant.quant.accounting import summarize
+from windquant.quant.fold_search import fold_model
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear, quantize_unit, relative_error
 from windquant.runinfo import peak_rss_mib
 
@@ -101,14 +103,15 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> tuple
     return float(((d @ h.double()) * d).sum()), float(((w.double() @ h.double()) * w.double()).sum())
 
 
-def lever_table(model, units, scales, moments, sample: int) -> list[dict]:
+def lever_table(model, units, scales, moments, sample: int, levers: dict[str, FitSettings] | None = None, carry: bool = True) -> list[dict]:
     """Output error and fit time of each lever at 4/3/2 bits (see the module docstring)."""
+    levers = LEVERS if levers is None else levers
     modules = dict(model.named_modules())
     picked = units[:: max(1, len(units) // sample)][:sample]
     layers = sorted({u.layer for u in picked})[:: max(1, len({u.layer for u in picked}) // 3)][:3]
     rows = []
     for action in (4.0, 3.0, 2.0):
-        for name, settings in LEVERS.items():
+        for name, settings in levers.items():
             num = den = 0.0
             times, bits = [], []
             for u in picked:
@@ -130,6 +133,8 @@ def lever_table(model, units, scales, moments, sample: int) -> list[dict]:
                     "units": len(picked),
                 }
             )
+        if not carry:
+            continue
         settings = LEVERS["rotation + feedback"]
         num = den = 0.0
         start, linears = time.perf_counter(), sorted({u.module for u in units if u.layer in layers})
@@ -190,6 +195,12 @@ def main() -> None:
     if args.levers_only:
         stats = calibrate(model, calibration_windows(tok, config), moments=True)
         rows = lever_table(model, units, stats.act_scales, stats.moments, args.sample_units)
+        # Folding is exact, so the folded linears' output errors are the same function's errors.
+        alphas = fold_model(model, stats.act_scales, stats.moments, config.chunk, fit_settings(config))
+        folded = {f"{k} + folding": v for k, v in LEVERS.items()}
+        rows += lever_table(model, units, stats.act_scales, stats.moments, args.sample_units, folded, carry=False)
+        rows.sort(key=lambda r: -r["bits"])
+        print(f"fold alphas: mean {statistics.mean(alphas.values()):.3f}")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "levers.json").write_text(json.dumps({"model": args.model, "calib": config.calib, "rows": rows}, indent=1))

@@ -110,3 +110,19 @@ def test_fingerprint_unchanged_without_feedback():
     assert FitSettings().fingerprint_fields() == {"salient_rate": 0.03, "steps": 10, "lr": 0.02}
     keys = {fingerprint("m", "c", 256, s) for s in (FitSettings(), FitSettings(feedback=True), FitSettings(rotate=True))}
     assert len(keys) == 3
+
+
+@pytest.mark.parametrize("action", [8.0, 4.0, 3.0, 2.0, 1.58, 1.0])
+def test_column_quantizer_is_encode_then_decode_with_int8_salient_values(action):
+    from windquant.quant.ops import decode, encode
+    from windquant.quant.unit import fit_quantizer
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 32, generator=gen)
+    quantizer = fit_quantizer(w, torch.rand(32, generator=gen) + 0.5, action, FitSettings(steps=2))
+    res = quantizer.res
+    by_codes = decode(encode(w, res.scale.float(), res.shift.float(), quantizer.grid), res.scale, res.shift, quantizer.grid)
+    sal = salient.int8_round(w, quantizer.sal_scale) * quantizer.sal_scale.float()
+    expected = torch.where(quantizer.mask, sal, by_codes)
+    columns = torch.stack([quantizer.column(w[:, j].clone(), j) for j in range(32)], dim=1)
+    assert torch.equal(columns, expected)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 DAMP = 0.01  # GPTQ's default: λ = 1 % of the mean diagonal, added to H
+BLOCK = 64  # columns per lazy update (same result as per-column updates, up to float rounding)
 
 
 def damped(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
@@ -54,8 +55,14 @@ def error_feedback(
     q = torch.empty_like(w)
     for k, (col0, col1) in enumerate(chunks):
         quantize_column = start(k, w[:, col0:col1])
-        for j in range(col0, col1):
-            q[:, j] = quantize_column(w[:, j], j - col0)
-            err = (w[:, j] - q[:, j]) / u[j, j]
-            w[:, j + 1 :] -= err[:, None] * u[j, j + 1 :][None, :]
+        # GPTQ's lazy batch: updates inside a block column by column, the rest of w once per block.
+        for b0 in range(col0, col1, BLOCK):
+            b1 = min(b0 + BLOCK, col1)
+            errs = torch.empty(w.shape[0], b1 - b0, dtype=w.dtype)
+            for j in range(b0, b1):
+                q[:, j] = quantize_column(w[:, j], j - col0)
+                err = (w[:, j] - q[:, j]) / u[j, j]
+                w[:, j + 1 : b1] -= err[:, None] * u[j, j + 1 : b1][None, :]
+                errs[:, j - b0] = err
+            w[:, b1:] -= errs @ u[b0:b1, b1:]
     return q

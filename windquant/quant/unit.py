@@ -47,12 +47,20 @@ class UnitQuantizer:
     sal_scale: torch.Tensor
     signs: torch.Tensor | None  # rotation signs, None when the unit is stored unrotated
 
+    def __post_init__(self) -> None:
+        # Per-column quantization is the inner loop of error feedback: convert once. The
+        # arithmetic below is encode() then decode(), operation for operation.
+        self._step = self.res.scale.float() * self.grid.step
+        self._shift = self.res.shift.float()
+        self._salient_columns = self.mask.any(dim=0).tolist()
+
     def column(self, col: torch.Tensor, j: int) -> torch.Tensor:
         """Column ``j`` on the fitted grid, INT8 (on the unit's one scale) at salient positions."""
-        scale, shift = self.res.scale.float(), self.res.shift.float()
-        q = decode(encode(col[:, None], scale, shift, self.grid), scale, shift, self.grid)[:, 0]
-        sal = self.mask[:, j]
-        if sal.any():
+        g = self.grid
+        code = ((col - self._shift) / self._step + g.center).round_().clamp_(0, g.levels - 1)
+        q = self._step * (code - g.center) + self._shift
+        if self._salient_columns[j]:
+            sal = self.mask[:, j]
             q[sal] = salient.int8_round(col[sal], self.sal_scale) * self.sal_scale.float()
         return q
 
@@ -131,7 +139,9 @@ def quantize_linear(
         if s is not None:
             basis[col0:col1, col0:col1] = rotation(s)
         signs.append(s)
-    w, h = w.float() @ basis, basis.T @ h.float() @ basis
+    w, h = w.float(), h.float()
+    if any(s is not None for s in signs):
+        w, h = w @ basis, basis.T @ h @ basis
     rms = h.diagonal().clamp_min(0).sqrt()
     quantizers: dict[int, UnitQuantizer] = {}
 
