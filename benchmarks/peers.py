@@ -1,8 +1,9 @@
 """Peer quantizers on the same reference model, scored with windquant's own evaluation.
 
-    python benchmarks/peers.py                                   # HQQ + AutoRound rows, Wiki2 + zero-shot
+    python benchmarks/peers.py                                   # HQQ + AutoRound + GPTQ rows, Wiki2 + zero-shot
     python benchmarks/peers.py --methods hqq --tasks ""          # HQQ only, perplexity only
     python benchmarks/peers.py --methods autoround --ar-iters 200 --ar-configs W2A16G64,auto2.5
+    python benchmarks/peers.py --methods gptq --gptq-configs 4g128,3g128 --tasks ""
 
 Every row quantizes the block linears of ``load_model(--model)`` (the dequantized fp32
 SmolLM2-135M by default; embeddings and lm_head untouched), then measures WikiText-2 test
@@ -11,8 +12,16 @@ perplexity (``--ctx`` windows, first ``--max-windows``) and zero-shot accuracy w
 the block linears (codes, scales, zeros, indices, metadata; each in its stored dtype) / the
 number of block-linear weights, exactly as windquant counts its own checkpoints.
 
+Peers are optional installs: ``pip install -e .[bench]`` (HQQ, AutoRound) and, for GPTQ,
+``pip install gptqmodel==7.6.0`` (the last release that accepts the project's torch pin; it pins
+numpy==2.2.6 and pulls datasets, pandas and torchao, so it is not among the project's extras:
+install it in a separate environment, with windquant added by ``pip install --no-deps -e .``
+plus its light dependencies). A peer that is not installed gives a row whose error names its
+install command.
+
 Rows are checkpointed in ``--out``/peers.json after each step (atomic rename); a rerun only
-computes what is missing. ``--rerun KEY,...`` recomputes given rows.
+computes what is missing. Rows that failed (a peer not installed, say) are kept as they are:
+``--rerun KEY,...`` recomputes given rows.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -37,6 +47,8 @@ from windquant.runinfo import set_threads
 HQQ_CONFIGS = "4g64,3g64,2g16,2g32,2g64"  # HQQ README: 4-bit g64, 3-bit g64, 2-bit g16/g32 (g64 extra)
 AR_CONFIGS = "W2A16G64,W3A16,W4A16,auto2.0,auto2.5,auto3.0"  # uniform 2/3/4-bit + AutoScheme targets
 AR_OPTIONS = "W2A16G64,W3A16,W4A16"  # AutoScheme candidates (its avg_bits counts scales and zeros)
+GPTQ_CONFIGS = "4g128,3g128"  # GPTQ's standard group size 128 at 4 and 3 bits (desc_act off)
+GPTQ_INSTALL = "pip install gptqmodel==7.6.0"  # 7.7 needs torch>=2.14.1, beyond the project's torch pin
 LLAMACPP_NOTE = (
     "not run here: PyPI has no binary wheel of llama-cpp-python (pip --only-binary :all: finds none), only "
     "the 0.3.36 sdist, which compiles llama.cpp with CMake; not attempted on 2 saturated shared cores. SPEC.md records llama.cpp figures measured elsewhere (llama-perplexity, ctx 512, "
@@ -51,7 +63,8 @@ def n_block_weights(model) -> int:
 # --------------------------------------------------------------------------- HQQ
 
 
-def parse_hqq(config: str) -> tuple[int, int]:
+def parse_bits_group(config: str) -> tuple[int, int]:
+    """'4g64' -> (4, 64): the HQQ and GPTQ config syntax."""
     bits, group = config.split("g")
     return int(bits), int(group)
 
@@ -66,7 +79,7 @@ def quantize_hqq(model, config: str) -> dict:
     """
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-    bits, group = parse_hqq(config)
+    bits, group = parse_bits_group(config)
     qcfg = BaseQuantizeConfig(nbits=bits, group_size=group)
     parts = {"W_q": 0, "scale": 0, "zero": 0, "metadata": 0}
     packing = None
@@ -99,15 +112,20 @@ def quantize_hqq(model, config: str) -> dict:
 # --------------------------------------------------------------------------- AutoRound
 
 
-def calib_json(tokenizer, args, folder: Path) -> str:
-    """windquant's default calibration windows (builtin corpus, 64 x 256, seed 0) as a JSON list
-    of texts, so AutoRound sees the same data (AutoScheme only accepts a dataset path)."""
+def calib_windows(tokenizer, args) -> torch.Tensor:
+    """windquant's default calibration windows (``--ar-calib`` corpus, 64 x 256, seed 0): [64, 256]
+    tokens, the calibration data of every calibrated peer (AutoRound, GPTQ)."""
     from windquant.config import FitConfig
     from windquant.pipeline import calibration_windows
 
-    windows = calibration_windows(tokenizer, FitConfig(calib=args.ar_calib, data_dir=args.data_dir))
+    return calibration_windows(tokenizer, FitConfig(calib=args.ar_calib, data_dir=args.data_dir))
+
+
+def calib_json(tokenizer, args, folder: Path) -> str:
+    """:func:`calib_windows` as a JSON list of texts, so AutoRound sees the same data
+    (AutoScheme only accepts a dataset path)."""
     path = folder / f"calib_{args.ar_calib}.json"
-    atomic_write_json(path, [tokenizer.decode(w) for w in windows])
+    atomic_write_json(path, [tokenizer.decode(w) for w in calib_windows(tokenizer, args)])
     return str(path)
 
 
@@ -119,7 +137,7 @@ def stored_bytes(folder: Path, prefixes: list[str]) -> tuple[dict, int]:
     sizes = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise RuntimeError(f"AutoRound wrote no .safetensors under {folder}")
+        raise RuntimeError(f"the peer wrote no .safetensors under {folder}")
     for f in files:
         with safe_open(str(f), "pt") as s:
             for key in s.keys():
@@ -203,6 +221,204 @@ def quantize_autoround(model, tokenizer, config: str, args, work: Path) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- GPTQ
+
+
+def gptq_env() -> None:
+    """GPTQModel sizes its CPU pool as (cores + 1) // 2 workers, but its model-loader pool asks
+    for 2: on 1-3 cores the import-time default (1) fails with "Virtual pool 'model_loader:cpu'
+    requests 2 workers". Must run before the first ``import gptqmodel``; an explicit setting wins."""
+    if (os.cpu_count() or 1) < 4:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+
+def save_hf_folder(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of the reference (GPTQModel quantizes only from a model folder).
+    The GGUF loader's ``hf_quantizer`` marker (its weights are already dequantized) blocks saving,
+    so it is lifted for the save and put back."""
+    marker = getattr(model, "hf_quantizer", None)
+    model.hf_quantizer = None
+    try:
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        model.hf_quantizer = marker
+
+
+def read_linears(folder: Path, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """{linear name: {qweight, qzeros, scales, g_idx[, bias]: tensor as stored}} from a safetensors export."""
+    from safetensors import safe_open
+
+    wanted = set(names)
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            for key in s.keys():
+                owner, _, part = key.rpartition(".")
+                if owner in wanted:
+                    found.setdefault(owner, {})[part] = s.get_tensor(key)
+    missing = [n for n in names if not {"qweight", "qzeros", "scales", "g_idx"} <= found.get(n, {}).keys()]
+    if missing:
+        raise RuntimeError(f"GPTQ export {folder} lacks qweight/qzeros/scales/g_idx of {len(missing)} linears, e.g. {missing[0]}")
+    return found
+
+
+def unpack_codes(words: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:
+    """The first ``count`` ``bits``-bit codes packed along ``dim`` of the int32 tensor ``words`` (int64).
+
+    GPTQ packs each row (qweight) or column (qzeros) as one little-endian bit stream: code i
+    holds bits [i*bits, (i+1)*bits) of the concatenated 32-bit words, so a 3-bit code can straddle
+    two words (GPTQModel's 3-bit unpack writes that stream out word by word). Reading each code
+    from the 64-bit pair (its word, the next word) covers every straddle with one formula.
+    """
+    words = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF  # unsigned value of each int32 word
+    words = torch.cat([words, torch.zeros_like(words[..., :1])], dim=-1)  # a zero "next word" after the last
+    offset = torch.arange(count) * bits
+    pair = words[..., offset // 32] | (words[..., offset // 32 + 1] << 32)  # bits past 63 are never read
+    return ((pair >> (offset % 32)) & ((1 << bits) - 1)).movedim(-1, dim)
+
+
+def gptq_dequantize(t: dict[str, torch.Tensor], bits: int, zero_offset: int) -> torch.Tensor:
+    """[out, in] fp32 weight of one stored GPTQ linear: W[o, i] = scales[g, o] * (q[i, o] - z[g, o]), g = g_idx[i].
+
+    ``qweight`` [in*bits/32, out] packs the codes along the input axis, ``qzeros`` [groups,
+    out*bits/32] the zero points along the output axis, ``scales`` [groups, out] fp16, ``g_idx``
+    [in] the group of each input (so act-order/group-aware orderings need no permutation here).
+    The "gptq" (v1) checkpoint format stores zero - 1 (AutoGPTQ's historic offset, added back by
+    GPTQModel on load), "gptq_v2" the zero itself: ``zero_offset`` is 1 or 0. An fp16 scale times
+    an integer below 2^8 is exact in fp32, so this is the stored weight with no rounding of ours.
+    """
+    g = t["g_idx"].long()
+    q = unpack_codes(t["qweight"], bits, g.numel(), 0)  # [in, out]
+    z = unpack_codes(t["qzeros"], bits, t["scales"].shape[1], 1) + zero_offset  # [groups, out]
+    return (t["scales"].float()[g] * (q - z[g]).float()).T.contiguous()
+
+
+def check_gptq_dequant(export: Path, weights: dict[str, torch.Tensor], device: str) -> dict:
+    """Our dequantized ``weights`` against GPTQModel's own quant-linear modules reloaded from ``export``.
+
+    Loaded with GPTQModel's pure-torch kernel (``backend="torch"``: ``TorchLinear``, which
+    serves every bit width) in fp16, the most precise dtype its kernels accept. Per linear:
+    the largest difference between its ``dequantize_weight()`` and ours (0 expected: both round
+    the same exact product to fp16), and the relative error of the module's output for a random
+    fp16 input against ``F.linear`` of ours in fp32 (fp16 accumulation level, ~1e-4).
+    A wrong unpacking or zero offset moves weights by whole scale steps: errors of 1e-1 and more.
+    """
+    from gptqmodel import GPTQModel
+
+    qmodel = GPTQModel.load(str(export), device=device, backend="torch", dtype=torch.float16)
+    modules = dict(qmodel.model.named_modules())
+    layer = next(iter(weights)).rsplit(".", 2)[0]  # model.layers.0; the result's keys drop it (self_attn.q_proj)
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, dict] = {}
+    with torch.no_grad():
+        for name, w in weights.items():
+            mod = modules[name]
+            x = torch.randn(4, w.shape[1], generator=gen).to(device, torch.float16)
+            y = mod(x).float().cpu()
+            ours = torch.nn.functional.linear(x.float().cpu(), w) + (mod.bias.float().cpu() if mod.bias is not None else 0)
+            theirs = mod.dequantize_weight().T.float().cpu()
+            out[name.removeprefix(layer + ".")] = {
+                "kernel": type(mod).__name__,
+                "weight_max_abs_diff": (theirs - w.half().float()).abs().max().item(),
+                "output_rel_err": ((y - ours).norm() / ours.norm()).item(),
+            }
+    del qmodel, modules
+    worst = max(c["output_rel_err"] for c in out.values())
+    if worst > 1e-2:
+        raise RuntimeError(f"GPTQ dequantization does not reproduce GPTQModel's modules: output rel err {worst:.3g}")
+    return {"layer": layer, "backend": "torch fp16", "linears": out}
+
+
+def quantize_gptq(model, tokenizer, config: str, args, work: Path) -> dict:
+    """Replace every block-linear weight by the weight GPTQ (GPTQModel) stores; count its stored bytes.
+
+    The reference is saved as a Hugging Face folder, quantized by GPTQModel with
+    ``QuantizeConfig(bits, group_size, desc_act=False)`` (its defaults otherwise: symmetric,
+    damp 0.05, act_group_aware, its automatic load dtype) on the shared calibration windows, and
+    saved in its "gptq" format. Each block linear's qweight/qzeros/scales/g_idx is read back from
+    that safetensors export and dequantized by :func:`gptq_dequantize` into ``model``'s fp32
+    weight (biases, absent in LLaMA blocks, are kept as they are); :func:`check_gptq_dequant`
+    compares those weights with GPTQModel's modules on the first block.
+    """
+    gptq_env()
+    try:
+        from gptqmodel import GPTQModel, QuantizeConfig, __version__
+        from gptqmodel.looper import loop_processor
+    except ImportError as exc:
+        raise RuntimeError(f"gptqmodel not installed ({exc}); optional peer, install: {GPTQ_INSTALL}") from exc
+
+    # GPTQModel writes its per-module loss logs to ./logs (the repository when run from it).
+    if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+        loop_processor._PROJECT_LOG_DIR = work / "gptq_logs"
+    bits, group = parse_bits_group(config)
+    fp_dir, export = work / "gptq_fp", work / f"gptq_{config}"
+    for folder in (fp_dir, export):
+        shutil.rmtree(folder, ignore_errors=True)
+    save_hf_folder(model, tokenizer, fp_dir)
+    windows = calib_windows(tokenizer, args)
+    calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in windows]
+    start = time.perf_counter()
+    gm = GPTQModel.load(str(fp_dir), QuantizeConfig(bits=bits, group_size=group, desc_act=False), device=args.gptq_device)
+    load_dtype = str(gm.model.dtype).removeprefix("torch.")
+    gm.quantize(calib, batch_size=args.gptq_batch)
+    gm.save(str(export))
+    gptq_seconds = time.perf_counter() - start
+    del gm
+    shutil.rmtree(fp_dir, ignore_errors=True)
+
+    qc = json.loads((export / "quantize_config.json").read_text())
+    zero_offset = {"gptq": 1, "gptq_v2": 0}.get(qc.get("checkpoint_format", "gptq"))
+    if zero_offset is None or qc.get("pack_dtype", "int32") != "int32" or qc["bits"] != bits:
+        raise RuntimeError(f"unexpected GPTQ export: {qc.get('checkpoint_format')}, {qc.get('pack_dtype')}, {qc['bits']} bits")
+    linears = block_linears(model)
+    names = [name for _, name, _, _ in linears]
+    stored = read_linears(export, names)
+    parts, total = stored_bytes(export, names)
+    weights = {}
+    for _, name, _, lin in linears:
+        w = gptq_dequantize(stored[name], bits, zero_offset)
+        if w.shape != lin.weight.shape:
+            raise RuntimeError(f"GPTQ weight of {name} dequantizes to {tuple(w.shape)}, expected {tuple(lin.weight.shape)}")
+        weights[name] = w
+    first = {name: weights[name] for layer, name, _, _ in linears if layer == 0}
+    check = check_gptq_dequant(export, first, args.gptq_device)
+    with torch.no_grad():
+        for _, name, _, lin in linears:
+            lin.weight.copy_(weights[name])
+    shutil.rmtree(export, ignore_errors=True)
+    n = n_block_weights(model)
+    meta = qc.get("meta", {})
+    return {
+        "method": "GPTQ",
+        "config": (
+            f"{bits}-bit g{group} (desc_act off, {'sym' if qc.get('sym', True) else 'asym'}, GPTQModel {__version__} defaults), "
+            f"{len(calib)}x{windows.shape[1]} {args.ar_calib} calib"
+        ),
+        "settings": {
+            **{k: qc.get(k) for k in ("bits", "group_size", "desc_act", "sym", "format", "checkpoint_format", "pack_dtype")},
+            **{k: meta.get(k) for k in ("damp_percent", "act_group_aware", "static_groups", "true_sequential", "fallback")},
+            "gptqmodel": __version__,
+            "load_dtype": load_dtype,
+            "device": args.gptq_device,
+            "batch_size": args.gptq_batch,
+            "calib": args.ar_calib,
+            "nsamples": len(calib),
+            "seqlen": windows.shape[1],
+        },
+        "dequant_check": check,
+        "gptq_seconds": round(gptq_seconds, 1),
+        "bytes": parts,
+        "n_weights": n,
+        "paper_bits": float(bits),
+        "true_bits": 8 * total / n,
+        "formula": (
+            f"8*(qweight + qzeros + scales + g_idx [+ bias] bytes of the GPTQModel safetensors export, block linears)/n = "
+            f"{bits} code bits + (16 fp16 scale + {bits} zero)/group of <={group} inputs + 32-bit g_idx/input (32/out_features)"
+        ),
+    }
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -233,7 +449,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="model spec (default %(default)s)")
-    ap.add_argument("--methods", default="hqq,autoround,llamacpp", help="comma-separated: hqq, autoround, llamacpp")
+    ap.add_argument("--methods", default="hqq,autoround,gptq,llamacpp", help="comma-separated: hqq, autoround, gptq, llamacpp")
     ap.add_argument("--hqq-configs", default=HQQ_CONFIGS, help="BITSgGROUP list (default %(default)s)")
     ap.add_argument("--ar-configs", default=AR_CONFIGS, help="AutoRound schemes or autoBITS targets (default %(default)s)")
     ap.add_argument("--ar-options", default=AR_OPTIONS, help="AutoScheme candidate schemes (default %(default)s)")
@@ -241,9 +457,12 @@ def main() -> None:
     ap.add_argument("--ar-nsamples", type=int, default=64, help="calibration samples (default %(default)s, as windquant)")
     ap.add_argument("--ar-seqlen", type=int, default=256, help="calibration length (default %(default)s, as windquant)")
     ap.add_argument("--ar-batch", type=int, default=8, help="AutoRound batch size (default %(default)s)")
-    ap.add_argument("--ar-calib", default="builtin", help="calibration corpus, as windquant's --calib (default %(default)s)")
+    ap.add_argument("--ar-calib", default="builtin", help="AutoRound+GPTQ calibration corpus, as --calib (default %(default)s)")
     ap.add_argument("--ar-compile", action="store_true", help="let AutoRound torch.compile its blocks (stalls on CPU here)")
     ap.add_argument("--ar-device", default="cuda" if torch.cuda.is_available() else "cpu", help="AutoRound device_map")
+    ap.add_argument("--gptq-configs", default=GPTQ_CONFIGS, help="GPTQ BITSgGROUP list (default %(default)s)")
+    ap.add_argument("--gptq-batch", type=int, default=1, help="GPTQModel quantize batch size (default %(default)s, its default)")
+    ap.add_argument("--gptq-device", default="cuda" if torch.cuda.is_available() else "cpu", help="GPTQModel device")
     ap.add_argument("--out", default="benchmarks/results/peers", help="folder for peers.json / peers.md")
     ap.add_argument("--work", default="runs/peers", help="scratch folder for exports (git-ignored)")
     ap.add_argument("--rerun", default="", help="comma-separated row keys to recompute")
@@ -281,6 +500,8 @@ def main() -> None:
         todo += [("hqq", c) for c in args.hqq_configs.split(",") if c]
     if "autoround" in methods:
         todo += [("autoround", c) for c in args.ar_configs.split(",") if c]
+    if "gptq" in methods:
+        todo += [("gptq", c) for c in args.gptq_configs.split(",") if c]
     if "llamacpp" in methods:
         rows["llamacpp"] = {"key": "llamacpp", "method": "llama.cpp", "error": LLAMACPP_NOTE}
         touched.add("llamacpp")
@@ -298,6 +519,8 @@ def main() -> None:
         try:
             if method == "hqq":
                 result, model = quantize_hqq(reference, config), reference
+            elif method == "gptq":
+                result, model = quantize_gptq(reference, tok, config, args, work), reference
             else:
                 result = quantize_autoround(copy.deepcopy(reference), tok, config, args, work)
                 model = result.pop("_model")

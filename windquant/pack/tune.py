@@ -35,7 +35,7 @@ ChunkKey = tuple[int, float]  # (unit index, applied action)
 class TuneSettings:
     steps: int = 0  # Adam steps at most (0 = off)
     lr: float = 1e-3  # on the relative change of each scale (and shift, in units of its scale)
-    batch: int = 2  # calibration windows per step
+    batch: int = 1  # calibration windows per step
     check_every: int = 10  # steps between held-out checks
     patience: int = 2  # checks without held-out improvement before stopping
 
@@ -102,21 +102,27 @@ def tunable(model: nn.Module, modules: dict[str, list], packed: dict[ChunkKey, P
             set_submodule(model, name, mod)
 
 
-def kl_to_reference(model: nn.Module, linears: dict[str, TunableLinear], windows: torch.Tensor) -> torch.Tensor:
-    """Mean over predicted tokens of KL(p_ref ‖ p_q) on ``windows`` [b, len] (differentiable in q)."""
+def reference_logprobs(model: nn.Module, linears: dict[str, TunableLinear], windows: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the unquantized model on ``windows`` [b, len] (its next-token predictions)."""
     with torch.no_grad():
         for lin in linears.values():
             lin.reference = True
-        ref = F.log_softmax(model(windows).logits[:, :-1].float(), dim=-1)
-        for lin in linears.values():
-            lin.reference = False
+        try:
+            return F.log_softmax(model(windows).logits[:, :-1].float(), dim=-1)
+        finally:
+            for lin in linears.values():
+                lin.reference = False
+
+
+def kl_to_reference(model: nn.Module, ref: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Mean over predicted tokens of KL(p_ref ‖ p_q) on ``windows`` (differentiable in q)."""
     q = F.log_softmax(model(windows).logits[:, :-1].float(), dim=-1)
     return F.kl_div(q.flatten(0, 1), ref.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
-def heldout_kl(model: nn.Module, linears: dict[str, TunableLinear], windows: torch.Tensor) -> float:
+def heldout_kl(model: nn.Module, refs: list[torch.Tensor], windows: torch.Tensor) -> float:
     with torch.no_grad():
-        return sum(float(kl_to_reference(model, linears, w[None])) for w in windows) / len(windows)
+        return sum(float(kl_to_reference(model, r.float(), w[None])) for r, w in zip(refs, windows)) / len(windows)
 
 
 def tune_scales(
@@ -141,19 +147,21 @@ def tune_scales(
         with tunable(model, modules, packed) as linears, torch.enable_grad():  # callers may hold no_grad
             params = [p for lin in linears.values() for p in lin.parameters() if p.numel()]
             opt = torch.optim.Adam(params, lr=settings.lr)
-            best = heldout_kl(model, linears, heldout)
+            # Held-out references never change: computed once, kept in fp16.
+            refs = [reference_logprobs(model, linears, w[None]).half() for w in heldout]
+            best = heldout_kl(model, refs, heldout)
             start, best_state, best_step, stale, step = best, [p.detach().clone() for p in params], 0, 0, 0
             curve.append({"step": 0, "heldout_kl": best})
             bar = tqdm(range(1, settings.steps + 1), desc="tune scales", disable=not progress, unit="step")
             for step in bar:
                 batch = train[torch.randint(len(train), (settings.batch,), generator=gen)]
-                loss = kl_to_reference(model, linears, batch)
+                loss = kl_to_reference(model, reference_logprobs(model, linears, batch), batch)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 if step % settings.check_every and step != settings.steps:
                     continue
-                kl = heldout_kl(model, linears, heldout)
+                kl = heldout_kl(model, refs, heldout)
                 curve.append({"step": step, "train_kl": float(loss.detach()), "heldout_kl": kl})
                 bar.set_postfix(heldout_kl=f"{kl:.4f}")
                 if log is not None:
