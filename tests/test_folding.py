@@ -75,3 +75,13 @@ def test_prepare_with_fold_changes_the_fingerprint_and_keeps_the_function(tokeni
         assert torch.allclose(model(X).logits, make_model()(X).logits, atol=1e-4, rtol=1e-4)
     plan = make_plan(folded, tiny_plan, progress=False)
     assert plan.info["fold_alphas"] == folded.folded and plan.true_bits <= tiny_plan.target_bits
+
+
+def test_folded_checkpoint_round_trips(tokenizer, tiny_fit, tiny_plan, tmp_path):
+    from windquant import load, quantize_, save
+
+    model = make_model()
+    plan, _ = quantize_(model, tokenizer, tiny_plan, replace(tiny_fit, fold=True), progress=False)
+    out = save(model, tokenizer, plan, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(model(X).logits, load(out)(X).logits)
