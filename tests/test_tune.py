@@ -45,7 +45,11 @@ def test_tuning_lowers_heldout_kl_changes_only_scales_and_is_what_is_stored(toke
     prepared = prepare(model, tokenizer, fit, progress=False)
     plan = make_plan(prepared, PlanConfig(target_bits=2.2), progress=False)
     assert plan.tune_steps == 40
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
     tuned = plan_candidates(prepared, plan, progress=False)
+    after_state = model.state_dict()
+    assert all(torch.equal(v, after_state[k]) for k, v in before_state.items())  # the reference is untouched
+    assert all(p.requires_grad for p in model.parameters())
     report = plan.info["tune"]
     assert report["heldout_kl_after"] < report["heldout_kl_before"]
     changed = 0

@@ -145,7 +145,8 @@ def tune_scales(
     curve = []
     try:
         with tunable(model, modules, packed) as linears, torch.enable_grad():  # callers may hold no_grad
-            params = [p for lin in linears.values() for p in lin.parameters() if p.numel()]
+            # Only the deltas: ``original`` is a submodule too, and its weights stay frozen.
+            params = [p for lin in linears.values() for p in (*lin.d_scale, *lin.d_shift) if p.numel()]
             opt = torch.optim.Adam(params, lr=settings.lr)
             # Held-out references never change: computed once, kept in fp16.
             refs = [reference_logprobs(model, linears, w[None]).half() for w in heldout]
