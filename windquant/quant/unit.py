@@ -204,7 +204,7 @@ class AffineUnit:
     """
 
     base: torch.Tensor  # [out, g]
-    offset: torch.Tensor  # [g] (or [out, g] when salient positions are excluded)
+    offset: torch.Tensor  # [g], broadcast over rows (ones, rotated when the unit is)
     fixed_mask: torch.Tensor | None  # [out, g] salient positions
     fixed: torch.Tensor | None  # [out, g] their INT8 values (zero elsewhere)
 
