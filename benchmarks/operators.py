@@ -139,10 +139,10 @@ def lever_table(model, units, scales, moments, sample: int, levers: dict[str, Fi
         num = den = 0.0
         start, linears = time.perf_counter(), sorted({u.module for u in units if u.layer in layers})
         for name in linears:
-            chunks = [(u.col0, u.col1, action, u.index) for u in units if u.module == name]
+            chunks = [(u.col0, u.col1, action, u.index, settings.rotate) for u in units if u.module == name]
             w, h = modules[name].weight.detach().float(), moments[name]
             packed = quantize_linear(w, h, chunks, settings)
-            w_hat = torch.cat([dequantize_unit(p, action, w.shape[0], c1 - c0) for p, (c0, c1, _a, _i) in zip(packed, chunks)], 1)
+            w_hat = torch.cat([dequantize_unit(p, action, w.shape[0], c1 - c0) for p, (c0, c1, *_rest) in zip(packed, chunks)], 1)
             e, n = output_error(w, w_hat, h)
             num, den = num + e, den + n
         n_chunks = sum(1 for u in units if u.layer in layers)

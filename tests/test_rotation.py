@@ -72,7 +72,7 @@ def test_one_chunk_of_a_linear_equals_the_unit_candidate_with_feedback(action, r
     w = torch.randn(16, 32, generator=torch.Generator().manual_seed(2)) * 0.05
     s, h = correlated_inputs(32)
     settings = FitSettings(steps=2, feedback=True, rotate=rotate)
-    (linear,) = quantize_linear(w, h, [(0, 32, action, 5)], settings)
+    (linear,) = quantize_linear(w, h, [(0, 32, action, 5, rotate)], settings)
     unit = quantize_unit(w, s, action, settings, h, seed=5)
     assert linear.keys() == unit.keys() and all(torch.equal(linear[k], unit[k]) for k in unit)
 
@@ -80,23 +80,23 @@ def test_one_chunk_of_a_linear_equals_the_unit_candidate_with_feedback(action, r
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("seed", range(3))
 def test_carried_linear_never_worse_than_independent_rounding(rotate, seed):
+    """Chunks alternate between the two outlier storages (per-unit rotate settings)."""
     gen = torch.Generator().manual_seed(20 + seed)
     w = torch.randn(24, 96, generator=gen) * 0.05
     s, h = correlated_inputs(96, seed=seed)
-    chunks = [(0, 32, 3.0, 0), (32, 64, 2.0, 1), (64, 80, 16.0, 2), (80, 96, 4.0, 3)]
-    plain = FitSettings(steps=2, rotate=rotate)
+    chunks = [(0, 32, 3.0, 0, rotate), (32, 64, 2.0, 1, not rotate), (64, 80, 16.0, 2, rotate), (80, 96, 4.0, 3, not rotate)]
     rtn = torch.cat(
         [
-            dequantize_unit(quantize_unit(w[:, a:b], s[a:b], act, plain, h[a:b, a:b], seed=k), act, 24, b - a)
-            for a, b, act, k in chunks
+            dequantize_unit(quantize_unit(w[:, a:b], s[a:b], act, FitSettings(steps=2, rotate=r), h[a:b, a:b], seed=k), act, 24, b - a)
+            for a, b, act, k, r in chunks
         ],
         1,
     )
-    packed = quantize_linear(w, h, chunks, plain)
-    carried = torch.cat([dequantize_unit(p, act, 24, b - a) for p, (a, b, act, _k) in zip(packed, chunks)], 1)
+    packed = quantize_linear(w, h, chunks, FitSettings(steps=2))
+    carried = torch.cat([dequantize_unit(p, act, 24, b - a) for p, (a, b, act, *_rest) in zip(packed, chunks)], 1)
     assert output_error(w, carried, h) < output_error(w, rtn, h)
-    for p, (a, b, act, _k) in zip(packed, chunks):  # same layout, same bits as the candidates
-        assert 8 * sum(t.numel() * t.element_size() for t in p.values()) == unit_true_bits(act, 24, b - a, 0.03, rotate)
+    for p, (a, b, act, _k, r) in zip(packed, chunks):  # same layout, same bits as the candidates
+        assert 8 * sum(t.numel() * t.element_size() for t in p.values()) == unit_true_bits(act, 24, b - a, 0.03, r)
 
 
 def test_rotated_carried_checkpoint_round_trips_and_old_formats_load(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
@@ -113,7 +113,7 @@ def test_rotated_carried_checkpoint_round_trips_and_old_formats_load(tiny_model,
     with torch.no_grad():
         assert torch.equal(tiny_model(x).logits, load(out)(x).logits)
     qconf = json.loads((out / "quant_config.json").read_text())
-    assert qconf["version"] == 2 and qconf["rotate"] is True
+    assert qconf["version"] == 3 and qconf["rotate"] is True
     qconf["version"] = 99
     (out / "quant_config.json").write_text(json.dumps(qconf))
     with pytest.raises(WindquantError, match="format version 99.*upgrade windquant"):

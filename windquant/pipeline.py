@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from windquant.actions import ACCOUNTINGS, ACTIONS
 from windquant.alloc import AllocationContext, get_allocator
-from windquant.alloc.problem import AllocationProblem
+from windquant.alloc.problem import AllocationProblem, StorageVariant
 from windquant.calib.corpus import corpus_tokens, sample_windows
 from windquant.calib.statistics import CalibrationStats, calibrate, second_moments_and_fisher
 from windquant.config import FitConfig, PlanConfig, settings_digest
@@ -42,8 +42,10 @@ from windquant.runinfo import Timings
 TUNE_HELDOUT_WINDOWS = 4  # calibration-corpus windows (another seed) that stop scale tuning
 
 
-def fit_settings(fit: FitConfig) -> FitSettings:
-    return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr, feedback=fit.feedback, rotate=fit.rotate)
+def fit_settings(fit: FitConfig, rotate: bool | None = None) -> FitSettings:
+    """The fit settings of ``fit``'s candidates (``rotate``: of its other storage variant)."""
+    rotate = fit.rotate if rotate is None else rotate
+    return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr, feedback=fit.feedback, rotate=rotate)
 
 
 def calibration_windows(
@@ -78,6 +80,15 @@ class PlanProxy:
 
 
 @dataclass
+class VariantCandidates:
+    """Every unit fitted with the other outlier storage (``FitConfig.storage_variants``)."""
+
+    cache: CandidateCache
+    folder: Path
+    scores: torch.Tensor | None = None
+
+
+@dataclass
 class Prepared:
     """The model with everything allocators may need, computed once per model and fit settings."""
 
@@ -93,20 +104,35 @@ class Prepared:
     scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
     proxies: dict[tuple[int, int], PlanProxy] = field(default_factory=dict)
+    variant: VariantCandidates | None = None  # the other outlier storage, when fitted
 
-    def applied(self, requested: list[float]) -> list[float]:
+    def caches(self, variant: list[bool] | None = None) -> list[CandidateCache]:
+        """Each unit's candidate cache: the default one, or the variant's where ``variant`` says."""
+        if variant is None:
+            return [self.cache] * len(self.units)
+        if self.variant is None:
+            raise WindquantError("this plan stores some units with the other outlier storage; prepare with storage_variants on")
+        return [self.variant.cache if v else self.cache for v in variant]
+
+    def plan_variant(self, plan: Plan) -> list[bool] | None:
+        """Which of ``plan``'s units use the other storage (None: all default)."""
+        return None if plan.unit_rotate is None else [r != self.fit.rotate for r in plan.unit_rotate]
+
+    def applied(self, requested: list[float], variant: list[bool] | None = None) -> list[float]:
         """The action the engine applies for each requested one (operator fallback)."""
-        return [self.cache.applied(u.index, a, self.fit.fallback_threshold) for u, a in zip(self.units, requested)]
+        threshold = self.fit.fallback_threshold
+        return [c.applied(u.index, a, threshold) for u, a, c in zip(self.units, requested, self.caches(variant))]
 
-    def plan_weights(self, requested: list[float]):
+    def plan_weights(self, requested: list[float], variant: list[bool] | None = None):
         """Context: the model computes with the plan's dequantized weights (from the cache)."""
-        return plan_weights(self.model, self.units, self.cache.weights_of(self.applied(requested)))
+        applied, caches = self.applied(requested, variant), self.caches(variant)
+        return plan_weights(self.model, self.units, lambda u: caches[u.index].dense[(u.index, applied[u.index])])
 
     def plan_model(self, plan: Plan, progress: bool = False):
         """Context: the model computes with exactly the weights :func:`apply` stores for ``plan``
         (the cache's candidates, or their carried / tuned versions when the plan says so)."""
         if not (plan.carried or plan.tune_steps):
-            return self.plan_weights(plan.requested)
+            return self.plan_weights(plan.requested, self.plan_variant(plan))
         packed = plan_candidates(self, plan, progress)
         dense = {u.index: dequantize_unit(packed[(u.index, a)], a, *u.shape) for u, a in zip(plan.units, plan.applied)}
         return plan_weights(self.model, self.units, lambda u: dense[u.index])
@@ -114,25 +140,34 @@ class Prepared:
     def ensure(self, needs: Iterable[str], timings: Timings | None = None, progress: bool = True) -> Prepared:
         """Compute what ``needs`` asks for and is not there yet ("proxy" is built on demand)."""
         timings = timings if timings is not None else Timings()
-        if "scores" in needs and self.scores is None:
+        if "scores" in needs and (self.scores is None or (self.variant is not None and self.variant.scores is None)):
             with timings.stage("scores"):
-                self.scores = self._scores(progress)
+                self._scores(progress)
         if "features" in needs and self.features is None:
             with timings.stage("features"):
                 self.features = unit_features(self.model, self.units, self.stats.act_scales)
         return self
 
-    def _scores(self, progress: bool) -> torch.Tensor:
-        """Sensitivity table (loaded from the cache folder when already computed)."""
-        path = self.folder / "scores.safetensors"
-        if path.is_file():
-            return load_file(str(path))["scores"]
-        moments, fisher = second_moments_and_fisher(self.model, self.stats.windows, progress=progress)
-        scores = sensitivity_scores(self.model, self.units, self.cache, moments, fisher)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent runs never share a temp file
-        save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})
-        os.replace(tmp, path)
-        return scores
+    def _scores(self, progress: bool) -> None:
+        """Sensitivity tables of the candidates (and of the variant's), each loaded from its cache
+        folder when already computed; the statistics pass runs at most once."""
+        stats: list = []
+
+        def table(cache: CandidateCache, folder: Path) -> torch.Tensor:
+            path = folder / "scores.safetensors"
+            if path.is_file():
+                return load_file(str(path))["scores"]
+            if not stats:
+                stats.extend(second_moments_and_fisher(self.model, self.stats.windows, progress=progress))
+            scores = sensitivity_scores(self.model, self.units, cache, *stats)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent runs never share a temp file
+            save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})
+            os.replace(tmp, path)
+            return scores
+
+        self.scores = table(self.cache, self.folder)
+        if self.variant is not None:
+            self.variant.scores = table(self.variant.cache, self.variant.folder)
 
     def proxy(self, samples: int, length: int) -> PlanProxy:
         """The proxy on ``samples`` calibration windows of ``length`` tokens (built once)."""
@@ -141,25 +176,35 @@ class Prepared:
             self.proxies[(samples, length)] = PlanProxy(self, windows, proxy_perplexity(self.model, windows))
         return self.proxies[(samples, length)]
 
-    def problem(self, target_bits: float, accounting: str) -> AllocationProblem:
+    def _tables(self, cache: CandidateCache, scores: torch.Tensor | None, accounting: str):
+        """(bits, costs, applied) [N, A] of ``cache``'s candidates per *requested* action."""
         threshold = self.fit.fallback_threshold
-        tables = {acc: self.cache.bits_table(acc, threshold) for acc in ACCOUNTINGS}
-        applied = [[self.cache.applied(u.index, a, threshold) for a in ACTIONS] for u in self.units]
+        applied = [[cache.applied(u.index, a, threshold) for a in ACTIONS] for u in self.units]
         costs = None
-        if self.scores is not None:
+        if scores is not None:
             # A requested action costs what its applied (fallback) action costs.
             cols = torch.tensor([[ACTIONS.index(a) for a in row] for row in applied])
-            costs = self.scores.gather(1, cols)
+            costs = scores.gather(1, cols)
+        return cache.bits_table(accounting, threshold), costs, torch.tensor(applied, dtype=torch.float64)
+
+    def problem(self, target_bits: float, accounting: str) -> AllocationProblem:
+        bits, costs, applied = self._tables(self.cache, self.scores, accounting)
+        tables = {acc: bits if acc == accounting else self.cache.bits_table(acc, self.fit.fallback_threshold) for acc in ACCOUNTINGS}
+        variant = None
+        if self.variant is not None:
+            v = self.variant
+            variant = StorageVariant(not self.fit.rotate, *self._tables(v.cache, v.scores, accounting))
         return AllocationProblem(
             self.units,
-            tables[accounting],
+            bits,
             self.saliency,
             target_bits,
             accounting,
             costs,
-            applied=torch.tensor(applied, dtype=torch.float64),
+            applied=applied,
             features=self.features,
             all_bits=tables,
+            variant=variant,
         )
 
     def work_dir(self, plan: PlanConfig) -> Path:
@@ -203,10 +248,17 @@ def prepare(
     with timings.stage("fit"):
         cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
         scales = stats.act_scales
-        key = fingerprint(weights_digest(model), tensor_digest([scales[k] for k in sorted(scales)]), fit.chunk, settings)
-        cache = CandidateCache.build(model, units, scales, settings, cache_root, key, progress, stats.moments)
-    folder = cache_root / "candidates" / key
+        digests = weights_digest(model), tensor_digest([scales[k] for k in sorted(scales)])
+        fitted = []
+        # The other outlier storage is a second, independently fingerprinted cache: a warm cache of
+        # the default storage stays valid whether or not variants are asked for.
+        for rotate in (fit.rotate, not fit.rotate)[: 2 if fit.storage_variants else 1]:
+            key = fingerprint(*digests, fit.chunk, fit_settings(fit, rotate))
+            cache = CandidateCache.build(model, units, scales, fit_settings(fit, rotate), cache_root, key, progress, stats.moments)
+            fitted.append((cache, cache_root / "candidates" / key))
+    (cache, folder), *rest = fitted
     prepared = Prepared(model, tokenizer, fit, units, stats, unit_saliency(model, units, scales), cache, folder, folded)
+    prepared.variant = VariantCandidates(*rest[0]) if rest else None
     return prepared.ensure(needs, timings, progress)
 
 
@@ -222,8 +274,8 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
         proxy = prepared.proxy if "proxy" in spec.needs else None
         ctx = AllocationContext(prepared.work_dir(config), prepared.allocator_seed(config), progress, proxy)
         allocation = spec.allocate(problem, config.allocator_config, ctx)
-        problem.check_plan(allocation.requested, spec.name)
-        applied = prepared.applied(allocation.requested)
+        problem.check_plan(allocation.requested, spec.name, allocation.variant)
+        applied = prepared.applied(allocation.requested, allocation.variant)
     info = {"config": {**prepared.fit.to_dict(), **config.to_dict()}}
     if prepared.folded:
         info["fold_alphas"] = prepared.folded
@@ -246,6 +298,7 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
         rotate=prepared.fit.rotate,
         carried=prepared.fit.carry,
         tune_steps=prepared.fit.tune_steps,
+        unit_rotate=None if allocation.variant is None else [prepared.fit.rotate != v for v in allocation.variant],
     )
 
 
@@ -261,8 +314,8 @@ def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) ->
     packed = {}
     for name, chunks in tqdm(module_chunks(plan).items(), desc="carry errors", disable=not progress, unit="linear"):
         weight = prepared.model.get_submodule(name).weight.detach()
-        for (_c0, _c1, action, index), p in zip(chunks, quantize_linear(weight, moments[name], chunks, settings)):
-            packed[(index, action)] = p
+        for c, p in zip(chunks, quantize_linear(weight, moments[name], chunks, settings)):
+            packed[(c.index, c.action)] = p
     return packed
 
 
@@ -273,7 +326,8 @@ def plan_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> di
     if plan.carried:
         packed = carried_candidates(prepared, plan, progress)
     else:
-        packed = {(u.index, a): prepared.cache.packed[(u.index, a)] for u, a in zip(plan.units, plan.applied)}
+        caches = prepared.caches(prepared.plan_variant(plan))
+        packed = {(u.index, a): caches[u.index].packed[(u.index, a)] for u, a in zip(plan.units, plan.applied)}
     if plan.tune_steps:
         fit = prepared.fit
         heldout = calibration_windows(prepared.tokenizer, fit, TUNE_HELDOUT_WINDOWS, seed=fit.seed + 1)

@@ -41,13 +41,20 @@ class Plan:
     applied: list[float]  # what the engine applied (after operator fallback)
     info: dict = field(default_factory=dict)  # allocator-specific extras
     rotate: bool = False  # power-of-two-wide units are stored rotated (quant.rotation)
+    # Per-unit rotate settings when the allocator chose each unit's outlier storage (ilp with
+    # storage variants); None: every unit follows ``rotate``.
+    unit_rotate: list[bool] | None = None
     carried: bool = False  # chunks re-quantized with error carried across units (pipeline.apply)
     tune_steps: int = 0  # at most this many steps of end-to-end scale tuning at apply (pack.tune)
     # Files the allocator wrote that belong in the checkpoint (e.g. PPO's episode log); not in plan.json.
     attachments: list[Path] = field(default_factory=list, repr=False, compare=False)
 
+    def rotate_flags(self) -> list[bool]:
+        """The rotate setting of each unit (quant.rotation.rotates decides per width and action)."""
+        return list(self.unit_rotate) if self.unit_rotate is not None else [self.rotate] * len(self.units)
+
     def summary(self):
-        return summarize([u.shape for u in self.units], self.applied, self.salient_rate, self.rotate)
+        return summarize([u.shape for u in self.units], self.applied, self.salient_rate, self.rotate_flags())
 
     @property
     def true_bits(self) -> float:
@@ -80,7 +87,10 @@ class Plan:
             "fallback_threshold": self.fallback_threshold,
             "action_distribution": self.action_distribution(),
             "info": self.info,
-            "units": [{**u.as_dict(), "requested": r, "applied": a} for u, r, a in zip(self.units, self.requested, self.applied)],
+            "units": [
+                {**u.as_dict(), "requested": r, "applied": a} | ({} if self.unit_rotate is None else {"rotate": f})
+                for u, r, a, f in zip(self.units, self.requested, self.applied, self.rotate_flags())
+            ],
         }
 
     @classmethod
@@ -103,6 +113,7 @@ class Plan:
             rotate=d.get("rotate", False),  # absent from plans written before rotation existed
             carried=d.get("carried", False),
             tune_steps=d.get("tune_steps", 0),
+            unit_rotate=[bool(r["rotate"]) for r in d["units"]] if d["units"] and "rotate" in d["units"][0] else None,
         )
 
     def save(self, path: str | Path) -> None:

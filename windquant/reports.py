@@ -35,9 +35,9 @@ def embedding_report(model: nn.Module) -> dict:
 def layer_bit_map(plan: Plan) -> tuple[list[int], list[str], list[list[float]]]:
     """Average true bits per weight for each (layer, projection)."""
     bits: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for u, a in zip(plan.units, plan.applied):
+    for u, a, r in zip(plan.units, plan.applied, plan.rotate_flags()):
         acc = bits[(u.layer, u.proj)]
-        acc[0] += unit_true_bits(a, *u.shape, plan.salient_rate, plan.rotate)
+        acc[0] += unit_true_bits(a, *u.shape, plan.salient_rate, r)
         acc[1] += u.n_weights
     layers = sorted({k[0] for k in bits})
     projs = list(dict.fromkeys(u.proj for u in plan.units))

@@ -37,6 +37,7 @@ class Allocation:
     requested: list[float]  # one action per unit, in model order
     info: dict = field(default_factory=dict)  # run summary, stored in plan.json under the allocator's name
     files: list[Path] = field(default_factory=list)  # files it wrote that belong in the checkpoint
+    variant: list[bool] | None = None  # per unit: stored the other way (``problem.variant``); None: all default
 
 
 class Proxy(Protocol):

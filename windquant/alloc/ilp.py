@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from windquant.actions import ACTIONS, within_budget
 from windquant.alloc.base import Allocation, AllocationContext, register_allocator
@@ -19,8 +20,6 @@ from windquant.config import setting
 from windquant.errors import WindquantError
 
 if TYPE_CHECKING:
-    import torch
-
     from windquant.alloc.problem import AllocationProblem
 
 
@@ -116,5 +115,13 @@ def allocate(problem: AllocationProblem, config: ILPConfig, ctx: AllocationConte
     """Minimum total sensitivity under the bit budget."""
     if problem.costs is None:
         raise WindquantError("the ilp allocator needs sensitivity scores: build the problem after prepare(..., needs={'scores'})")
-    sol = solve(problem.costs, problem.bits, problem.budget, time_limit=config.time_limit)
-    return Allocation([ACTIONS[j] for j in sol.choice], {"method": sol.method})
+    v = problem.variant
+    if v is None or v.costs is None:
+        sol = solve(problem.costs, problem.bits, problem.budget, time_limit=config.time_limit)
+        return Allocation([ACTIONS[j] for j in sol.choice], {"method": sol.method})
+    # Each unit chooses among both storages: columns [default actions | variant actions].
+    k = len(ACTIONS)
+    sol = solve(torch.cat([problem.costs, v.costs], 1), torch.cat([problem.bits, v.bits], 1), problem.budget, time_limit=config.time_limit)
+    variant = [bool(j >= k) for j in sol.choice]
+    info = {"method": sol.method, "variant_units": sum(variant), "variant_rotate": v.rotate}
+    return Allocation([ACTIONS[j % k] for j in sol.choice], info, variant=variant)

@@ -12,6 +12,18 @@ from windquant.model.units import Unit
 
 
 @dataclass
+class StorageVariant:
+    """Every unit's other outlier storage (``FitConfig.storage_variants``): the same tables as the
+    problem's for units stored with rotate setting ``rotate``. An allocator that can weigh it
+    (ilp) chooses per unit; the others ignore it and every unit keeps the default storage."""
+
+    rotate: bool
+    bits: torch.Tensor  # [N, A] on the problem's accounting
+    costs: torch.Tensor | None  # [N, A], present when the problem's costs are
+    applied: torch.Tensor  # [N, A]
+
+
+@dataclass
 class AllocationProblem:
     units: list[Unit]
     bits: torch.Tensor  # [N, A] bits of unit i at requested ACTIONS[a] (after fallback)
@@ -22,6 +34,7 @@ class AllocationProblem:
     applied: torch.Tensor | None = None  # [N, A] action the engine applies for requested ACTIONS[a]
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (model.stats.unit_features)
     all_bits: dict[str, torch.Tensor] | None = None  # accounting -> [N, A] bits table (for reports)
+    variant: StorageVariant | None = None  # the other outlier storage, when it was fitted
 
     @property
     def n_weights(self) -> int:
@@ -32,12 +45,16 @@ class AllocationProblem:
         """Total bits allowed."""
         return self.target_bits * self.n_weights
 
-    def total_bits(self, actions: list[float]) -> float:
-        idx = torch.tensor([ACTIONS.index(a) for a in actions])
-        return float(self.bits.gather(1, idx[:, None]).sum())
+    def total_bits(self, actions: list[float], variant: list[bool] | None = None) -> float:
+        """Bits of a plan; ``variant[i]`` marks the units stored the other way (``self.variant``)."""
+        idx = torch.tensor([ACTIONS.index(a) for a in actions])[:, None]
+        bits = self.bits.gather(1, idx)[:, 0]
+        if variant is not None and any(variant):
+            bits = torch.where(torch.tensor(variant), self.variant.bits.gather(1, idx)[:, 0], bits)
+        return float(bits.sum())
 
-    def average_bits(self, actions: list[float]) -> float:
-        return self.total_bits(actions) / self.n_weights
+    def average_bits(self, actions: list[float], variant: list[bool] | None = None) -> float:
+        return self.total_bits(actions, variant) / self.n_weights
 
     def fits(self, total_bits: float) -> bool:
         return within_budget(total_bits, self.budget)
@@ -45,13 +62,15 @@ class AllocationProblem:
     def cheapest_average(self) -> float:
         return float(self.bits.min(dim=1).values.sum()) / self.n_weights
 
-    def check_plan(self, requested: list[float], allocator: str) -> None:
+    def check_plan(self, requested: list[float], allocator: str, variant: list[bool] | None = None) -> None:
         """Every allocator's answer passes here: one valid action per unit, within the budget."""
         if len(requested) != len(self.units) or any(a not in ACTIONS for a in requested):
             raise WindquantError(f"the {allocator} allocator returned {len(requested)} actions for {len(self.units)} units (or unknown actions)")
-        if not self.fits(self.total_bits(requested)):
+        if variant is not None and (self.variant is None or len(variant) != len(self.units)):
+            raise WindquantError(f"the {allocator} allocator chose storage variants, but none were fitted for these {len(self.units)} units")
+        if not self.fits(self.total_bits(requested, variant)):
             raise WindquantError(
-                f"the {allocator} allocator's plan needs {self.average_bits(requested):.3f} {self.accounting} bits per weight, "
+                f"the {allocator} allocator's plan needs {self.average_bits(requested, variant):.3f} {self.accounting} bits per weight, "
                 f"above target_bits {self.target_bits:g}",
                 setting="target_bits",
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -16,11 +17,21 @@ from windquant.plan import Plan
 PackedLookup = Callable[[int, float], dict[str, torch.Tensor]]
 
 
-def module_chunks(plan: Plan) -> dict[str, list[tuple[int, int, float, int]]]:
-    """Module name -> [(col0, col1, applied action, unit index)] in column order."""
+class PlanChunk(NamedTuple):
+    """One unit of a plan as its linear stores it."""
+
+    col0: int
+    col1: int
+    action: float  # applied
+    index: int  # unit index (also the seed of its rotation signs)
+    rotate: bool  # the unit's rotate setting (``quant.rotation.rotates`` decides per width and action)
+
+
+def module_chunks(plan: Plan) -> dict[str, list[PlanChunk]]:
+    """Module name -> its plan chunks in column order."""
     chunks: dict[str, list] = defaultdict(list)
-    for u, a in zip(plan.units, plan.applied):
-        chunks[u.module].append((u.col0, u.col1, a, u.index))
+    for u, a, r in zip(plan.units, plan.applied, plan.rotate_flags()):
+        chunks[u.module].append(PlanChunk(u.col0, u.col1, a, u.index, r))
     return {m: sorted(c) for m, c in chunks.items()}
 
 
@@ -34,7 +45,8 @@ def build_quant_linears(model: nn.Module, plan: Plan) -> dict[str, QuantLinear]:
     made = {}
     for name, chunks in module_chunks(plan).items():
         old = model.get_submodule(name)
-        q = QuantLinear(old.in_features, old.out_features, [c[:3] for c in chunks], plan.salient_rate, bias=old.bias is not None, rotate=plan.rotate)
+        layout = [(c.col0, c.col1, c.action, c.rotate) for c in chunks]
+        q = QuantLinear(old.in_features, old.out_features, layout, plan.salient_rate, bias=old.bias is not None)
         set_submodule(model, name, q)
         made[name] = q
     return made
@@ -49,8 +61,8 @@ def apply_plan(model: nn.Module, plan: Plan, packed_of: PackedLookup) -> nn.Modu
     """
     biases = {name: model.get_submodule(name).bias for name in module_chunks(plan)}
     for name, q in build_quant_linears(model, plan).items():
-        for k, (_c0, _c1, action, index) in enumerate(module_chunks(plan)[name]):
-            q.set_chunk(k, packed_of(index, action))
+        for k, c in enumerate(module_chunks(plan)[name]):
+            q.set_chunk(k, packed_of(c.index, c.action))
         if biases[name] is not None:
             q.bias.copy_(biases[name].detach().half().float())
     for p in model.parameters():

@@ -23,7 +23,9 @@ from windquant.pack.qlinear import QuantLinear
 from windquant.plan import Plan
 
 FORMAT = "windquant-packed"
-FORMAT_VERSION = 2  # 2: units may be stored rotated (rot_signs); version 1 folders load unchanged
+# 2: units may be stored rotated (rot_signs); 3: the rotation may be chosen per unit (plan.json
+# units carry "rotate", quant_config chunks are (col0, col1, action, rotate)). Older folders load unchanged.
+FORMAT_VERSION = 3
 WEIGHTS = "model.safetensors"
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from windquant.quant.accounting import unit_layout
 from windquant.quant.unit import dequantize_unit
 
-Chunk = tuple[int, int, float]  # (col0, col1, applied action)
+Chunk = tuple[int, int, float, bool]  # (col0, col1, applied action, rotate setting)
 
 
 class QuantLinear(nn.Module):
@@ -19,13 +19,13 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, chunks: list[Chunk], salient_rate: float, bias: bool = False, rotate: bool = False
+        self, in_features: int, out_features: int, chunks: list[Chunk], salient_rate: float, bias: bool = False
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.chunks = [(int(a), int(b), float(c)) for a, b, c in chunks]
+        self.chunks = [(int(a), int(b), float(c), bool(r)) for a, b, c, r in chunks]
         self.salient_rate = salient_rate
-        for k, (col0, col1, action) in enumerate(self.chunks):
+        for k, (col0, col1, action, rotate) in enumerate(self.chunks):
             for field, (dtype, shape) in unit_layout(action, out_features, col1 - col0, salient_rate, rotate).items():
                 self.register_buffer(f"c{k}_{field}", torch.zeros(shape, dtype=dtype))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -43,7 +43,7 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         parts = [
             dequantize_unit(self.chunk_tensors(k), action, self.out_features, col1 - col0)
-            for k, (col0, col1, action) in enumerate(self.chunks)
+            for k, (col0, col1, action, _rotate) in enumerate(self.chunks)
         ]
         return torch.cat(parts, dim=1)
 
@@ -54,5 +54,5 @@ class QuantLinear(nn.Module):
         return F.linear(x, self._weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        acts = ",".join(f"{a:g}" for _, _, a in self.chunks)
+        acts = ",".join(f"{a:g}" for _, _, a, _ in self.chunks)
         return f"in={self.in_features}, out={self.out_features}, chunk actions=[{acts}]"

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from windquant.actions import SKIP
-from windquant.pack.apply import set_submodule
+from windquant.pack.apply import PlanChunk, set_submodule
 from windquant.quant.unit import affine_unit, dequantize_unit
 
 Packed = dict[str, torch.Tensor]
@@ -44,14 +44,14 @@ class TunableLinear(nn.Module):
     """A block linear whose quantized chunks compute from trainable scale/shift deltas, or, in
     reference mode, from the original dense weight."""
 
-    def __init__(self, original: nn.Linear, chunks: list[tuple[int, int, float, int]], packed: dict[ChunkKey, Packed]):
+    def __init__(self, original: nn.Linear, chunks: list[PlanChunk], packed: dict[ChunkKey, Packed]):
         super().__init__()
         self.original = original
         self.reference = False
         self.keys: list[ChunkKey] = []
         self.parts, self.scales, self.shifts = [], [], []
         self.d_scale, self.d_shift = nn.ParameterList(), nn.ParameterList()
-        for col0, col1, action, index in chunks:
+        for col0, col1, action, index, _rotate in chunks:
             p = packed[(index, action)]
             out, cols = original.out_features, col1 - col0
             self.keys.append((index, action))
@@ -127,7 +127,7 @@ def heldout_kl(model: nn.Module, refs: list[torch.Tensor], windows: torch.Tensor
 
 def tune_scales(
     model: nn.Module,
-    modules: dict[str, list[tuple[int, int, float, int]]],
+    modules: dict[str, list[PlanChunk]],
     packed: dict[ChunkKey, Packed],
     train: torch.Tensor,
     heldout: torch.Tensor,

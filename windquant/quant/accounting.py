@@ -116,9 +116,13 @@ class Summary:
         }
 
 
-def summarize(shapes: list[tuple[int, int]], actions: list[float], rate: float, rotate: bool = False) -> Summary:
-    """Accounting of a whole plan: ``shapes[i] = (out, columns)`` of unit i."""
+def summarize(
+    shapes: list[tuple[int, int]], actions: list[float], rate: float, rotate: bool | list[bool] = False
+) -> Summary:
+    """Accounting of a whole plan: ``shapes[i] = (out, columns)`` of unit i, ``rotate`` one
+    setting for all units or one per unit."""
+    flags = rotate if isinstance(rotate, list) else [rotate] * len(shapes)
     n = sum(o * c for o, c in shapes)
-    tb = sum(unit_true_bits(a, o, c, rate, rotate) for (o, c), a in zip(shapes, actions))
-    pb = sum(unit_paper_bits(a, o, c, rate, rotate) for (o, c), a in zip(shapes, actions))
+    tb = sum(unit_true_bits(a, o, c, rate, r) for (o, c), a, r in zip(shapes, actions, flags))
+    pb = sum(unit_paper_bits(a, o, c, rate, r) for (o, c), a, r in zip(shapes, actions, flags))
     return Summary(n_weights=n, true_bits_total=tb, paper_bits_total=pb)

@@ -126,16 +126,17 @@ def quantize_unit(
 
 
 def quantize_linear(
-    w: torch.Tensor, h: torch.Tensor, chunks: list[tuple[int, int, float, int]], settings: FitSettings
+    w: torch.Tensor, h: torch.Tensor, chunks: list[tuple[int, int, float, int, bool]], settings: FitSettings
 ) -> list[dict[str, torch.Tensor]]:
-    """Packed tensors of every chunk (col0, col1, action, seed) of one linear ``w`` [out, in],
+    """Packed tensors of every chunk (col0, col1, action, seed, rotate) of one linear ``w`` [out, in],
     quantized left to right with each chunk's error carried into all later columns (full-layer
     ``h`` [in, in]); each chunk's grid is fitted when it is reached. Same layout as
-    :func:`quantize_unit` chunk by chunk; a skipped chunk stores its compensated weights."""
+    :func:`quantize_unit` chunk by chunk (with ``settings.rotate`` replaced by each chunk's own
+    setting); a skipped chunk stores its compensated weights."""
     basis = torch.eye(w.shape[1])
     signs = []
-    for col0, col1, action, seed in chunks:
-        s = random_signs(col1 - col0, seed) if rotates(action, col1 - col0, settings.rotate) else None
+    for col0, col1, action, seed, rotate in chunks:
+        s = random_signs(col1 - col0, seed) if rotates(action, col1 - col0, rotate) else None
         if s is not None:
             basis[col0:col1, col0:col1] = rotation(s)
         signs.append(s)
@@ -146,7 +147,7 @@ def quantize_linear(
     quantizers: dict[int, UnitQuantizer] = {}
 
     def start(k: int, wk: torch.Tensor):
-        col0, col1, action, _seed = chunks[k]
+        col0, col1, action, _seed, _rotate = chunks[k]
         if canonical_action(action) == SKIP:
             return lambda col, _j: col.half().float()
         quantizers[k] = fit_quantizer(wk, rms[col0:col1], canonical_action(action), settings, signs[k])
@@ -155,7 +156,7 @@ def quantize_linear(
     q = error_feedback(w, h, [(c[0], c[1]) for c in chunks], start)
     return [
         quantizers[k].pack(q[:, col0:col1]) if k in quantizers else {"weight": q[:, col0:col1].half().contiguous()}
-        for k, (col0, col1, _a, _s) in enumerate(chunks)
+        for k, (col0, col1, *_rest) in enumerate(chunks)
     ]
 
 
