@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from windquant.actions import ACTIONS, within_budget
 from windquant.alloc.base import Allocation, AllocationContext, register_allocator
@@ -20,6 +19,8 @@ from windquant.config import setting
 from windquant.errors import WindquantError
 
 if TYPE_CHECKING:
+    import torch
+
     from windquant.alloc.problem import AllocationProblem
 
 
@@ -119,6 +120,8 @@ def allocate(problem: AllocationProblem, config: ILPConfig, ctx: AllocationConte
     if v is None or v.costs is None:
         sol = solve(problem.costs, problem.bits, problem.budget, time_limit=config.time_limit)
         return Allocation([ACTIONS[j] for j in sol.choice], {"method": sol.method})
+    import torch  # deferred: the CLI imports this module to build its flags
+
     # Each unit chooses among both storages: columns [default actions | variant actions].
     k = len(ACTIONS)
     sol = solve(torch.cat([problem.costs, v.costs], 1), torch.cat([problem.bits, v.bits], 1), problem.budget, time_limit=config.time_limit)
