@@ -117,3 +117,18 @@ def test_error_feedback_candidates_cut_the_output_error(tiny_model, tokenizer, t
 
     for action in (4.0, 2.0):
         assert output_error(fed, action) < output_error(plain, action)
+
+
+def test_loaded_model_stays_packed_unless_dense_cache(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
+    from windquant.pack.qlinear import QuantLinear
+
+    plan, _ = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
+    out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
+    packed, dense = load(out), load(out, dense_cache=True)
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(packed(x).logits, dense(x).logits)
+        assert torch.equal(packed(x).logits, tiny_model(x).logits)
+    layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m._weight is None for m in layers)  # nothing dense kept after a forward
+    assert all(m._weight is not None for m in dense.modules() if isinstance(m, QuantLinear))

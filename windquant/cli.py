@@ -113,6 +113,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument(
+        "--dense-cache",
+        action="store_true",
+        help="keep each layer's dense weights after its first use (faster; default: weights stay packed, unpacked per layer per token)",
+    )
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:

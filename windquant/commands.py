@@ -89,7 +89,7 @@ def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: li
     from windquant.model.loading import load_model
 
     start = time.perf_counter()
-    model, tokenizer = load_model(spec)
+    model, tokenizer = load_model(spec, dense_cache=True)  # scoring many tokens: unpack each layer once
     payload: dict = {"model": spec}
     if corpus is not None:
         from windquant.calib.corpus import corpus_tokens
@@ -168,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from windquant.model.loading import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dense_cache=args.dense_cache)
     text = args.prompt
     if args.chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)

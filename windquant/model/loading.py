@@ -66,8 +66,9 @@ def _load_hf(source: str, dtype: torch.dtype):
     return model, tok
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """Return ``(model, tokenizer)`` in eval mode for a model spec."""
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, dense_cache: bool = False):
+    """Return ``(model, tokenizer)`` in eval mode for a model spec (``dense_cache``: see
+    :func:`windquant.pack.checkpoint.load`)."""
     if spec == DEFAULT_MODEL:
         model, tok = _load_gguf(default_model_path(), dtype)
     elif _looks_like_path(spec):
@@ -81,7 +82,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
         elif is_checkpoint(path):
             from windquant.pack.checkpoint import load
 
-            return load(path), load_tokenizer(path)
+            return load(path, dense_cache), load_tokenizer(path)
         elif (path / "config.json").is_file():
             model, tok = _load_hf(str(path), dtype)
         else:

@@ -40,13 +40,13 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def build_quant_linears(model: nn.Module, plan: Plan) -> dict[str, QuantLinear]:
+def build_quant_linears(model: nn.Module, plan: Plan, dense_cache: bool = False) -> dict[str, QuantLinear]:
     """Empty QuantLinear modules shaped for ``plan``, installed in ``model``."""
     made = {}
     for name, chunks in module_chunks(plan).items():
         old = model.get_submodule(name)
         layout = [(c.col0, c.col1, c.action, c.rotate) for c in chunks]
-        q = QuantLinear(old.in_features, old.out_features, layout, plan.salient_rate, bias=old.bias is not None)
+        q = QuantLinear(old.in_features, old.out_features, layout, plan.salient_rate, old.bias is not None, dense_cache)
         set_submodule(model, name, q)
         made[name] = q
     return made

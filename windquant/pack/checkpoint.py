@@ -125,8 +125,10 @@ def _read_json(path: Path) -> dict:
         raise WindquantError(f"{path} is corrupt ({exc}); re-run quantize to rebuild the checkpoint") from exc
 
 
-def load(path: str | Path) -> nn.Module:
-    """A working ``transformers`` model from a windquant checkpoint folder."""
+def load(path: str | Path, dense_cache: bool = False) -> nn.Module:
+    """A working ``transformers`` model from a windquant checkpoint folder. Its block linears stay
+    packed and are dequantized per layer per forward; ``dense_cache`` keeps each layer's dense
+    weight after its first forward instead (faster, the memory of a dense model)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -152,7 +154,7 @@ def load(path: str | Path) -> nn.Module:
     dtype = getattr(torch, qconf.get("dtype", "float32"))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    build_quant_linears(model, plan)
+    build_quant_linears(model, plan, dense_cache)
     prefixes = tuple(q + ".c" for q in qconf["modules"])
     state = {n: (t if n.startswith(prefixes) or not t.is_floating_point() else t.to(dtype)) for n, t in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

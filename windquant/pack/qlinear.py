@@ -15,11 +15,20 @@ Chunk = tuple[int, int, float, bool]  # (col0, col1, applied action, rotate sett
 class QuantLinear(nn.Module):
     """Holds each chunk's packed tensors as buffers named ``c{k}_{field}``.
 
-    The dense weight is rebuilt on first use and kept, so inference pays the unpacking once.
+    By default the weights stay packed: each forward dequantizes this one layer, multiplies and
+    drops the dense copy, so a loaded model holds about its packed size plus one layer. With
+    ``dense_cache`` the dense weight (in the compute dtype) is kept after the first forward: the
+    unpacking is paid once, at the memory of a dense layer.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, chunks: list[Chunk], salient_rate: float, bias: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        chunks: list[Chunk],
+        salient_rate: float,
+        bias: bool = False,
+        dense_cache: bool = False,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -29,6 +38,7 @@ class QuantLinear(nn.Module):
             for field, (dtype, shape) in unit_layout(action, out_features, col1 - col0, salient_rate, rotate).items():
                 self.register_buffer(f"c{k}_{field}", torch.zeros(shape, dtype=dtype))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.dense_cache = dense_cache
         self._weight: torch.Tensor | None = None
 
     def chunk_tensors(self, k: int) -> dict[str, torch.Tensor]:
@@ -48,10 +58,17 @@ class QuantLinear(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._weight is None or self._weight.device != x.device:
-            self._weight = self.dequantize().to(x.device)
+        weight = self._weight
+        if weight is None or weight.device != x.device:
+            weight = self.dequantize().to(x.device, x.dtype)
+            self._weight = weight if self.dense_cache else None
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self._weight.to(x.dtype), bias)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    def set_dense_cache(self, on: bool) -> None:
+        self.dense_cache = on
+        if not on:
+            self._weight = None
 
     def extra_repr(self) -> str:
         acts = ",".join(f"{a:g}" for _, _, a, _ in self.chunks)

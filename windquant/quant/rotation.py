@@ -12,6 +12,7 @@ Outliers are spread rather than kept, so a rotated unit stores no INT8 salient w
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -45,6 +46,7 @@ def unpack_signs(packed: torch.Tensor, columns: int) -> torch.Tensor:
     return torch.from_numpy(1.0 - 2.0 * bits.astype(np.float32))
 
 
+@functools.cache  # packed inference rebuilds rotations on every forward; never mutate the result
 def hadamard(n: int) -> torch.Tensor:
     """Orthonormal Sylvester–Hadamard matrix of order ``n`` (a power of two)."""
     if n < 1 or n & (n - 1):
