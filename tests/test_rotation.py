@@ -11,7 +11,7 @@ from test_feedback import correlated_inputs, output_error
 from windquant.quant.accounting import unit_layout, unit_true_bits
 from windquant.quant.codes import unpack_codes
 from windquant.quant.ops import decode, grid_for
-from windquant.quant.rotation import hadamard, pack_signs, random_signs, rotates, rotation, unpack_signs
+from windquant.quant.rotation import hadamard, pack_signs, random_signs, rotates, rotation, unpack_signs, unrotate
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear, quantize_unit
 
 ROTATED = FitSettings(steps=3, rotate=True)
@@ -22,6 +22,14 @@ def test_hadamard_matches_scipy_and_rotation_is_orthogonal(n):
     assert torch.allclose(hadamard(n), torch.tensor(scipy_hadamard(n), dtype=torch.float32) / n**0.5)
     r = rotation(random_signs(n, seed=n))
     assert torch.allclose(r @ r.T, torch.eye(n), atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
+def test_fast_unrotate_equals_the_matrix_product(n):
+    signs = random_signs(n, seed=n + 1)
+    w = torch.randn(7, n, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(unrotate(w, signs), w @ rotation(signs).T, atol=1e-5)
+    assert torch.allclose(unrotate(w[0], signs), w[0] @ rotation(signs).T, atol=1e-5)  # a single row (AffineUnit offset)
 
 
 @pytest.mark.parametrize("n", [5, 8, 13, 256])

@@ -12,7 +12,7 @@ from windquant.quant.accounting import unit_layout
 from windquant.quant.codes import pack_codes, unpack_codes
 from windquant.quant.feedback import error_feedback
 from windquant.quant.ops import FitResult, Grid, decode, encode, fit, grid_for
-from windquant.quant.rotation import pack_signs, random_signs, rotates, rotation, unpack_signs
+from windquant.quant.rotation import pack_signs, random_signs, rotates, rotation, unpack_signs, unrotate
 
 
 @dataclass(frozen=True)
@@ -163,13 +163,13 @@ def quantize_linear(
 def _unpacked(packed: dict[str, torch.Tensor], grid: Grid, out_features: int, columns: int):
     """Codes [out, g] and, when the unit stores them, the salient mask and :class:`SalientSet`."""
     n = out_features * columns
+    if "sal_val" not in packed:  # every position holds a code (rotated, 8-bit or salient-free units)
+        codes = unpack_codes(packed["codes"], grid.levels, n).view(out_features, columns)
+        return codes, torch.zeros(out_features, columns, dtype=torch.bool), None
+    sal = salient.SalientSet(packed["sal_val"], packed["sal_col"], packed["sal_cnt"], packed["sal_scale"])
+    rows = torch.repeat_interleave(torch.arange(out_features), sal.counts.long())
     mask = torch.zeros(n, dtype=torch.bool)
-    sal = None
-    if "sal_val" in packed:
-        sal = salient.SalientSet(packed["sal_val"], packed["sal_col"], packed["sal_cnt"], packed["sal_scale"])
-        rows = torch.repeat_interleave(torch.arange(out_features), sal.counts.long())
-        cols = sal.columns.long() & 0xFFFF
-        mask[rows * columns + cols] = True
+    mask[rows * columns + (sal.columns.long() & 0xFFFF)] = True
     codes = torch.zeros(n, dtype=torch.long)
     codes[~mask] = unpack_codes(packed["codes"], grid.levels, int((~mask).sum()))
     return codes.view(out_features, columns), mask.view(out_features, columns), sal
@@ -188,7 +188,7 @@ def dequantize_unit(packed: dict[str, torch.Tensor], action: float, out_features
     if sal is not None:
         w_hat = salient.scatter(w_hat, sal)
     if "rot_signs" in packed:
-        w_hat = w_hat @ rotation(unpack_signs(packed["rot_signs"], columns)).T
+        w_hat = unrotate(w_hat, unpack_signs(packed["rot_signs"], columns))
     # Values are those an fp16 kernel would see, whichever path built them.
     return w_hat.half().float()
 
@@ -228,8 +228,8 @@ def affine_unit(packed: dict[str, torch.Tensor], action: float, out_features: in
         fixed_mask = mask
         fixed = salient.scatter(torch.zeros(out_features, columns), sal)
     if "rot_signs" in packed:
-        r_t = rotation(unpack_signs(packed["rot_signs"], columns)).T
-        base, offset = base @ r_t, offset @ r_t
+        signs = unpack_signs(packed["rot_signs"], columns)
+        base, offset = unrotate(base, signs), unrotate(offset, signs)
     return AffineUnit(base, offset, fixed_mask, fixed)
 
 

@@ -1,0 +1,167 @@
+"""Memory and speed of a windquant checkpoint at inference: packed (default) vs dense cache.
+
+Each mode runs in its own process (RSS is per process): imports, load, one greedy ``generate()``
+as warm-up, then ``--repeats`` timed ``generate()`` calls. Reported per mode: RSS after the
+imports, after loading, after the first ``generate()`` (current and peak), and tokens/s (median
+over the repeats). The unquantized reference model runs the same way, and the fp16 size of its
+block linears plus embeddings is the yardstick issue 12 names.
+
+    python benchmarks/packed_inference.py --checkpoint runs/q25 --out benchmarks/results/packed_inference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("reference", "packed", "dense-cache")
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One mode, measured in this process."""
+    import torch
+
+    from windquant.model.loading import load_model
+    from windquant.runinfo import set_threads
+
+    set_threads(args.threads)
+    after_imports = rss_mib()
+    spec = args.reference if args.worker == "reference" else args.checkpoint
+    model, tokenizer = load_model(spec, dense_cache=args.worker == "dense-cache")
+    after_load = rss_mib()
+    ids = tokenizer(args.prompt, return_tensors="pt")
+
+    def generate() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+        assert out.shape[1] == ids["input_ids"].shape[1] + args.tokens
+        return args.tokens / (time.perf_counter() - start)
+
+    generate()
+    after_generate, peak = rss_mib(), rss_mib("VmHWM")
+    speeds = [generate() for _ in range(args.repeats)]
+    row = {
+        "mode": args.worker,
+        "rss_after_imports_mib": after_imports,
+        "rss_after_load_mib": after_load,
+        "rss_after_generate_mib": after_generate,
+        "peak_rss_mib": peak,
+        "tokens_per_s": statistics.median(speeds),
+        "tokens_per_s_all": speeds,
+    }
+    if args.worker == "reference":
+        from windquant.model.units import block_linears
+
+        linears = sum(mod.weight.numel() for _l, _n, _p, mod in block_linears(model))
+        row["fp16_block_linears_and_embeddings_mib"] = round(
+            2 * (linears + model.get_input_embeddings().weight.numel()) / 2**20, 1
+        )
+    return row
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    from windquant.files import atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", result)
+    rows = result["rows"]
+    yard = result["fp16_block_linears_and_embeddings_mib"]
+    lines = [
+        f"# Inference memory and speed ({result['checkpoint']})",
+        "",
+        f"Greedy `generate()` of {result['tokens']} new tokens, {result['threads']} threads, median tokens/s over "
+        f"{result['repeats']} repeats after one warm-up call. RSS in MiB; 'model' = RSS after the first "
+        "`generate()` minus RSS after the imports. Yardstick (issue 12): fp16 size of the reference's block "
+        f"linears + embeddings = **{yard:.1f} MiB**.",
+        "",
+        "| mode | RSS after imports | after load | after generate | model (after generate − imports) | peak | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['rss_after_imports_mib']:.0f} | {r['rss_after_load_mib']:.0f} | {r['rss_after_generate_mib']:.0f} | "
+            f"**{r['rss_after_generate_mib'] - r['rss_after_imports_mib']:.0f}** | {r['peak_rss_mib']:.0f} | {r['tokens_per_s']:.2f} |"
+        )
+    lines += ["", f"Command: `{result['command']}`", ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = [r["mode"] for r in rows]
+    ax1.bar(names, [r["rss_after_generate_mib"] - r["rss_after_imports_mib"] for r in rows], color="tab:blue")
+    ax1.axhline(yard, color="tab:red", linestyle="--", label="fp16 linears + embeddings")
+    ax1.set_ylabel("RSS over imports after generate (MiB)")
+    ax1.legend(fontsize=8)
+    ax2.bar(names, [r["tokens_per_s"] for r in rows], color="tab:green")
+    ax2.set_ylabel("tokens/s (greedy generate)")
+    fig.tight_layout()
+    fig.savefig(out / "inference.png", dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a windquant checkpoint folder")
+    p.add_argument("--reference", default="smollm2-135m", help="the unquantized model spec (default smollm2-135m)")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per generate() call")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt", default="The history of the city begins")
+    p.add_argument("--out", default="benchmarks/results/packed_inference")
+    p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    if not (Path(args.checkpoint) / "quant_config.json").is_file():
+        p.error(
+            f"{args.checkpoint} is not a windquant checkpoint folder (no quant_config.json); give one written by windquant quantize"
+        )
+    rows = []
+    for mode in MODES:
+        print(f"{mode} ...", file=sys.stderr)
+        cmd = [sys.executable, __file__, "--worker", mode] + [
+            f"--{k}={v}"
+            for k, v in (
+                ("checkpoint", args.checkpoint),
+                ("reference", args.reference),
+                ("tokens", args.tokens),
+                ("repeats", args.repeats),
+                ("threads", args.threads),
+                ("prompt", args.prompt),
+            )
+        ]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {
+        "checkpoint": args.checkpoint,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "fp16_block_linears_and_embeddings_mib": rows[0]["fp16_block_linears_and_embeddings_mib"],
+        "rows": rows,
+        "command": "python " + " ".join(sys.argv),
+    }
+    write_outputs(Path(args.out), result)
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
