@@ -37,6 +37,11 @@ def worker(args: argparse.Namespace) -> dict:
     from windquant.runinfo import set_threads
 
     set_threads(args.threads)
+    # Import what loading and generate() pull in, so 'after imports' is the process without a model.
+    import transformers.generation  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from accelerate import init_empty_weights  # noqa: F401
+
     after_imports = rss_mib()
     spec = args.reference if args.worker == "reference" else args.checkpoint
     model, tokenizer = load_model(spec, dense_cache=args.worker == "dense-cache")
