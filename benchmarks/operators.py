@@ -229,7 +229,7 @@ def main() -> None:
     ]
     for action in (8.0, 4.0, 3.0, 2.0):
         s = summarize(shapes, [action] * len(units), config.salient)
-        value = ppl(lambda u, a=action: prepared.cache.dense[(u.index, a)])
+        value = ppl(lambda u, a=action: prepared.cache.weight(u.index, a))
         rows.append(
             {
                 "plan": f"windquant uniform {action:g} (salient 3%)",

@@ -39,8 +39,8 @@ def test_default_model_quantize_pack_reload(tmp_path):
 
     reference = ppl()
     assert 5 < reference < 40
-    uniform8 = ppl(lambda u: prepared.cache.dense[(u.index, 8.0)])
-    uniform4 = ppl(lambda u: prepared.cache.dense[(u.index, 4.0)])
+    uniform8 = ppl(lambda u: prepared.cache.weight(u.index, 8.0))
+    uniform4 = ppl(lambda u: prepared.cache.weight(u.index, 4.0))
     assert abs(uniform8 / reference - 1) < 0.02
     assert reference < uniform4 < 1.5 * reference
 

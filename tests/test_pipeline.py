@@ -75,6 +75,17 @@ def test_candidate_cache_is_reused_from_disk(tiny_model, tokenizer, tiny_fit):
     assert first.cache.errors == second.cache.errors
 
 
+def test_cache_holds_dense_candidates_only_for_allocators_that_score_plans(tiny_model, tokenizer, tiny_fit):
+    """ilp needs only the tables: no dense candidates in RAM; a proxy (RL) allocator holds them all,
+    and they equal what is unpacked on demand."""
+    lean = prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)
+    assert lean.cache.dense == {}
+    rl = prepare(tiny_model, tokenizer, tiny_fit, needs={"proxy"}, progress=False)
+    assert set(rl.cache.dense) == set(rl.cache.packed)
+    for index, action in rl.cache.packed:
+        assert torch.equal(rl.cache.dense[(index, action)], lean.cache.weight(index, action))
+
+
 def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny_plan, tiny_fit):
     """Scoring a plan from the dense cache gives the same logits as the packed model."""
     from conftest import make_model
@@ -86,7 +97,7 @@ def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny
     x = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         before = tiny_model(x).logits
-        dense = {u.index: prepared.cache.dense[(u.index, a)] for u, a in zip(plan.units, plan.applied)}
+        dense = {u.index: prepared.cache.weight(u.index, a) for u, a in zip(plan.units, plan.applied)}
         with plan_weights(tiny_model, plan.units, lambda u: dense[u.index]):
             assembled = tiny_model(x).logits
         assert torch.equal(tiny_model(x).logits, before)  # restored
@@ -111,7 +122,7 @@ def test_error_feedback_candidates_cut_the_output_error(tiny_model, tokenizer, t
         for u in prepared.units:
             w = tiny_model.get_submodule(u.module).weight.detach()[:, u.col0 : u.col1].double()
             h = fed.stats.moments[u.module][u.col0 : u.col1, u.col0 : u.col1].double()
-            d = w - prepared.cache.dense[(u.index, action)].double()
+            d = w - prepared.cache.weight(u.index, action).double()
             total += float(((d @ h) * d).sum())
         return total
 

@@ -21,7 +21,7 @@ def test_scores_equal_fisher_times_output_error_over_tokens(tiny_model, tokenize
     h.remove()
     x = torch.cat(seen)[:, u.col0 : u.col1].double()
     a = ACTIONS.index(2.0)
-    delta = (lin.weight.detach()[:, u.col0 : u.col1] - prepared.cache.dense[(u.index, 2.0)].float()).double()
+    delta = (lin.weight.detach()[:, u.col0 : u.col1] - prepared.cache.weight(u.index, 2.0).float()).double()
     expected = fisher[u.module] * float(((x @ delta.T) ** 2).sum(1).mean())
     assert float(prepared.scores[u.index, a]) == pytest.approx(expected, rel=1e-4)
     # fp16 skip only rounds: orders of magnitude below 1 bit

@@ -40,7 +40,7 @@ def _dry_run(model, fit) -> int:
     n = sum(u.n_weights for u in units)
     print(f"units: {len(units)} column chunks of <= {fit.chunk} columns over {len({u.module for u in units})} linears")
     print(f"quantized weights: {n:,}   untouched tensors: {untouched_bytes(model) / 2**20:.1f} MiB in fp16")
-    print(f"candidate cache in RAM: ~{n * (12 + 20 / 8) / 2**30:.2f} GiB (dense fp16 + packed, 6 low-bit actions)")
+    print(f"candidate cache in RAM: ~{n * 20 / 8 / 2**30:.2f} GiB packed (6 low-bit actions); +{n * 12 / 2**30:.2f} GiB dense for RL allocators")
     print("uniform plans (before operator fallback):")
     for a in ACTIONS:
         s = summarize([u.shape for u in units], [a] * len(units), fit.salient, fit.rotate)

@@ -126,7 +126,7 @@ class Prepared:
     def plan_weights(self, requested: list[float], variant: list[bool] | None = None):
         """Context: the model computes with the plan's dequantized weights (from the cache)."""
         applied, caches = self.applied(requested, variant), self.caches(variant)
-        return plan_weights(self.model, self.units, lambda u: caches[u.index].dense[(u.index, applied[u.index])])
+        return plan_weights(self.model, self.units, lambda u: caches[u.index].weight(u.index, applied[u.index]))
 
     def plan_model(self, plan: Plan, progress: bool = False):
         """Context: the model computes with exactly the weights :func:`apply` stores for ``plan``
@@ -143,6 +143,9 @@ class Prepared:
         if "scores" in needs and (self.scores is None or (self.variant is not None and self.variant.scores is None)):
             with timings.stage("scores"):
                 self._scores(progress)
+        if "proxy" in needs:  # plans are scored by the hundred: keep every candidate dense
+            for cache in [self.cache] + ([self.variant.cache] if self.variant else []):
+                cache.hold_dense()
         if "features" in needs and self.features is None:
             with timings.stage("features"):
                 self.features = unit_features(self.model, self.units, self.stats.act_scales)

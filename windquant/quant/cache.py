@@ -3,11 +3,11 @@
 Fitting is deterministic for a unit and an action, so it is done once per model and
 settings and persisted under a fingerprint of both, one safetensors shard per decoder
 block (so an interrupted fit resumes at the next block). In RAM the cache holds the
-packed tensors (~20 bits per weight for all six low-bit actions) and the dequantized
-fp16 weights of every candidate (12 bytes per weight), which lets an allocator or an RL
-episode assemble any plan's weights without refitting. For a 135M model this is about
-1.5 GB. For 8B+ models hold ``dense=False`` (dequantize per plan from packed) and stream
-blocks from the shards: nothing here needs more than one block's candidates at a time.
+packed tensors (~20 bits per weight for all six low-bit actions); :meth:`CandidateCache.weight`
+dequantizes a candidate when asked. Allocators that score many plans on the real model (RL
+episodes) ask for :meth:`CandidateCache.hold_dense`: every candidate's fp16 weights are then
+kept too (12 bytes per weight, ~1.3 GB for a 135M model), so an episode assembles a plan's
+weights without unpacking anything.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,7 +60,7 @@ class CandidateCache:
         self.units = units
         self.settings = settings
         self.packed: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
-        self.dense: dict[tuple[int, float], torch.Tensor] = {}
+        self.dense: dict[tuple[int, float], torch.Tensor] = {}  # filled by hold_dense()
         self.errors: dict[int, dict[float, float]] = {}
 
     # -- building -------------------------------------------------------------
@@ -110,9 +109,7 @@ class CandidateCache:
 
     def _add(self, u: Unit, action: float, packed: dict[str, torch.Tensor], w: torch.Tensor, s: torch.Tensor) -> None:
         self.packed[(u.index, action)] = packed
-        w_hat = dequantize_unit(packed, action, *u.shape)
-        self.dense[(u.index, action)] = w_hat.half()
-        self.errors.setdefault(u.index, {})[action] = relative_error(w, w_hat, s)
+        self.errors.setdefault(u.index, {})[action] = relative_error(w, dequantize_unit(packed, action, *u.shape), s)
 
     def _save_shard(self, shard: Path, layer_units: list[Unit]) -> None:
         tensors = {f"u{u.index}/{a:g}/{k}": t for u in layer_units for a in ACTIONS for k, t in self.packed[(u.index, a)].items()}
@@ -132,13 +129,19 @@ class CandidateCache:
                 prefix = f"u{u.index}/{a:g}/"
                 packed = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
                 self.packed[(u.index, a)] = packed
-                self.dense[(u.index, a)] = dequantize_unit(packed, a, *u.shape).half()
             self.errors[u.index] = {float(a): e for a, e in errors[str(u.index)].items()}
 
+    def hold_dense(self) -> None:
+        """Keep every candidate's dequantized fp16 weights from now on (fast plan assembly)."""
+        for (index, action), packed in self.packed.items():
+            if (index, action) not in self.dense:
+                self.dense[(index, action)] = dequantize_unit(packed, action, *self.units[index].shape).half()
+
     # -- queries --------------------------------------------------------------
-    def weights_of(self, actions: list[float]) -> Callable[[Unit], torch.Tensor]:
-        """Unit -> dequantized weights at ``actions[unit.index]`` (for ``plan_weights``)."""
-        return lambda u: self.dense[(u.index, actions[u.index])]
+    def weight(self, index: int, action: float) -> torch.Tensor:
+        """Dequantized fp16 weights of unit ``index`` at ``action``."""
+        held = self.dense.get((index, action))
+        return held if held is not None else dequantize_unit(self.packed[(index, action)], action, *self.units[index].shape).half()
 
     def applied(self, index: int, action: float, threshold: float) -> float:
         return fallback_action(self.errors[index], action, threshold)

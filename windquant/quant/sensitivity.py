@@ -34,6 +34,6 @@ def sensitivity_scores(
         w = modules[u.module].weight[:, u.col0 : u.col1].float()
         h = moments[u.module][u.col0 : u.col1, u.col0 : u.col1]
         for j, a in enumerate(ACTIONS):
-            delta = w - cache.dense[(u.index, a)].float()
+            delta = w - cache.weight(u.index, a).float()
             scores[u.index, j] = fisher[u.module] * float(((delta @ h) * delta).sum())
     return scores
