@@ -45,3 +45,21 @@ def test_ilp_plan_meets_budget_and_beats_heuristic_on_its_objective(tiny_model, 
     assert plan.requested == ilp
     again = prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)  # scores from disk
     assert torch.equal(again.scores, prepared.scores)
+
+
+def test_fisher_is_the_mean_squared_output_gradient(tiny_model, tokenizer, tiny_fit):
+    """Against autograd on one linear's output (the statistics pass forms no parameter gradient),
+    and with given moments reused as they are."""
+    windows = calibration_windows(tokenizer, tiny_fit)[:2]
+    moments, fisher = second_moments_and_fisher(tiny_model, windows, progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    outs = []
+    hook = tiny_model.get_submodule(name).register_forward_hook(lambda _m, _i, o: outs.append(o))
+    loss = tiny_model(input_ids=windows, labels=windows, use_cache=False).loss * windows[:, 1:].numel()
+    hook.remove()
+    (g,) = torch.autograd.grad(loss, outs[0])
+    rows = g.numel() // g.shape[-1]
+    assert fisher[name] == pytest.approx(float((g * g).sum()) / g.shape[-1] / rows, rel=1e-4)
+    assert all(p.requires_grad and p.grad is None for p in tiny_model.parameters())  # left as found
+    again, fisher2 = second_moments_and_fisher(tiny_model, windows, progress=False, moments=moments)
+    assert again is moments and fisher2 == pytest.approx(fisher, rel=1e-6)

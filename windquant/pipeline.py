@@ -161,7 +161,7 @@ class Prepared:
             if path.is_file():
                 return load_file(str(path))["scores"]
             if not stats:
-                stats.extend(second_moments_and_fisher(self.model, self.stats.windows, progress=progress))
+                stats.extend(second_moments_and_fisher(self.model, self.stats.windows, progress=progress, moments=self.stats.moments))
             scores = sensitivity_scores(self.model, self.units, cache, *stats)
             tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent runs never share a temp file
             save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})

@@ -82,17 +82,27 @@ def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, ba
 
 
 def second_moments_and_fisher(
-    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    moments: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """``E[x xᵀ]`` of every block linear's input and mean squared output gradient."""
-    moments: dict[str, torch.Tensor] = {}
+    """``E[x xᵀ]`` of every block linear's input and mean squared output gradient. ``moments``
+    gathered on the same windows (:func:`calibrate` with ``moments``) are reused, not summed again.
+
+    No parameter gradient is formed (they would cost a copy of the model): the gradient flows
+    from the embeddings' output, made to require it, through every block."""
+    given = moments
+    sums: dict[str, torch.Tensor] = {}
     fisher: dict[str, float] = {}
     rows: dict[str, int] = {}
 
     def forward(name):
         def fn(_m, inputs, _out):
             x = _inputs(inputs)
-            moments[name] = moments.get(name, 0) + x.T @ x
+            if given is None:
+                sums[name] = sums.get(name, 0) + x.T @ x
             rows[name] = rows.get(name, 0) + x.shape[0]
 
         return fn
@@ -105,16 +115,22 @@ def second_moments_and_fisher(
         return fn
 
     was_training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
     try:
         model.eval()
+        for p in trainable:
+            p.requires_grad_(False)
         with hooked(model, forward, backward):
             for i in tqdm(range(0, len(windows), batch_size), desc="sensitivity", disable=not progress, unit="batch"):
                 batch = windows[i : i + batch_size]
-                model.zero_grad(set_to_none=True)
                 # Sum (not mean) over tokens: each token's gradient is then its own loss's.
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss * batch[:, 1:].numel()
                 loss.backward()
     finally:
-        model.zero_grad(set_to_none=True)
+        start.remove()
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
-    return {n: moments[n] / rows[n] for n in moments}, {n: fisher[n] / rows[n] for n in fisher}
+    moments = given if given is not None else {n: sums[n] / rows[n] for n in sums}
+    return moments, {n: fisher[n] / rows[n] for n in fisher}
