@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 import sys
@@ -17,6 +19,17 @@ def set_threads(n: int | None = None) -> int:
     n = n or int(os.environ.get("WINDQUANT_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(n)
     return n
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python/torch back to the OS (glibc keeps it in its arenas otherwise,
+    so RSS stays at the load's high-water mark). A no-op where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def peak_rss_mib() -> float:

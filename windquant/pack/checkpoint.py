@@ -13,14 +13,15 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from windquant.errors import WindquantError
 from windquant.pack.apply import build_quant_linears
 from windquant.pack.qlinear import QuantLinear
 from windquant.plan import Plan
+from windquant.runinfo import release_freed_memory
 
 FORMAT = "windquant-packed"
 # 2: units may be stored rotated (rot_signs); 3: the rotation may be chosen per unit (plan.json
@@ -144,19 +145,24 @@ def load(path: str | Path, dense_cache: bool = False) -> nn.Module:
             f"({FORMAT_VERSION}); upgrade windquant"
         )
     plan = Plan.load(path / "plan.json")
-    try:
-        state = load_file(str(path / WEIGHTS))
-    except (SafetensorError, FileNotFoundError, OSError) as exc:
-        raise WindquantError(
-            f"cannot read {path / WEIGHTS} ({exc}); the checkpoint is corrupt or truncated: re-run quantize"
-        ) from exc
     config = AutoConfig.from_pretrained(path)
     dtype = getattr(torch, qconf.get("dtype", "float32"))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     build_quant_linears(model, plan, dense_cache)
     prefixes = tuple(q + ".c" for q in qconf["modules"])
-    state = {n: (t if n.startswith(prefixes) or not t.is_floating_point() else t.to(dtype)) for n, t in state.items()}
+    state = {}
+    try:
+        # Tensor by tensor: an fp16 tensor is converted to the model dtype before the next is read,
+        # so the file is never held twice.
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            for n in f.keys():
+                t = f.get_tensor(n)
+                state[n] = t if n.startswith(prefixes) or not t.is_floating_point() else t.to(dtype)
+    except (SafetensorError, FileNotFoundError, OSError) as exc:
+        raise WindquantError(
+            f"cannot read {path / WEIGHTS} ({exc}); the checkpoint is corrupt or truncated: re-run quantize"
+        ) from exc
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -165,4 +171,5 @@ def load(path: str | Path, dense_cache: bool = False) -> nn.Module:
         raise WindquantError(
             f"{path / WEIGHTS} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run quantize"
         )
+    release_freed_memory()
     return model.eval()
