@@ -33,7 +33,8 @@ def worker(args: argparse.Namespace) -> dict:
     """One mode, measured in this process."""
     import torch
 
-    from windquant.model.loading import load_model
+    from windquant.model.loading import load_model, load_tokenizer
+    from windquant.pack.checkpoint import load
     from windquant.runinfo import set_threads
 
     set_threads(args.threads)
@@ -43,8 +44,12 @@ def worker(args: argparse.Namespace) -> dict:
     from accelerate import init_empty_weights  # noqa: F401
 
     after_imports = rss_mib()
-    spec = args.reference if args.worker == "reference" else args.checkpoint
-    model, tokenizer = load_model(spec, dense_cache=args.worker == "dense-cache")
+    tokenizer = load_tokenizer(args.checkpoint)  # the reference's tokenizer too
+    after_tokenizer = rss_mib()
+    if args.worker == "reference":
+        model, _ = load_model(args.reference)  # a GGUF builds its own tokenizer as well
+    else:
+        model = load(args.checkpoint, dense_cache=args.worker == "dense-cache")
     after_load = rss_mib()
     ids = tokenizer(args.prompt, return_tensors="pt")
 
@@ -61,6 +66,7 @@ def worker(args: argparse.Namespace) -> dict:
     row = {
         "mode": args.worker,
         "rss_after_imports_mib": after_imports,
+        "rss_after_tokenizer_mib": after_tokenizer,
         "rss_after_load_mib": after_load,
         "rss_after_generate_mib": after_generate,
         "peak_rss_mib": peak,
@@ -77,6 +83,11 @@ def worker(args: argparse.Namespace) -> dict:
     return row
 
 
+def model_mib(row: dict) -> float:
+    """RSS the model adds: after its first generate() minus after imports and tokenizer."""
+    return row["rss_after_generate_mib"] - row["rss_after_tokenizer_mib"]
+
+
 def write_outputs(out: Path, result: dict) -> None:
     from windquant.files import atomic_write_json
 
@@ -89,16 +100,17 @@ def write_outputs(out: Path, result: dict) -> None:
         "",
         f"Greedy `generate()` of {result['tokens']} new tokens, {result['threads']} threads, median tokens/s over "
         f"{result['repeats']} repeats after one warm-up call. RSS in MiB; 'model' = RSS after the first "
-        "`generate()` minus RSS after the imports. Yardstick (issue 12): fp16 size of the reference's block "
+        "`generate()` minus RSS after the imports and the tokenizer (the reference, read from a GGUF, "
+        "also builds a second tokenizer inside its 'model'). Yardstick (issue 12): fp16 size of the reference's block "
         f"linears + embeddings = **{yard:.1f} MiB**.",
         "",
-        "| mode | RSS after imports | after load | after generate | model (after generate − imports) | peak | tokens/s |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | RSS after imports | + tokenizer | + model | after generate | model (after generate − tokenizer) | peak | tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['mode']} | {r['rss_after_imports_mib']:.0f} | {r['rss_after_load_mib']:.0f} | {r['rss_after_generate_mib']:.0f} | "
-            f"**{r['rss_after_generate_mib'] - r['rss_after_imports_mib']:.0f}** | {r['peak_rss_mib']:.0f} | {r['tokens_per_s']:.2f} |"
+            f"| {r['mode']} | {r['rss_after_imports_mib']:.0f} | {r['rss_after_tokenizer_mib']:.0f} | {r['rss_after_load_mib']:.0f} | "
+            f"{r['rss_after_generate_mib']:.0f} | **{model_mib(r):.0f}** | {r['peak_rss_mib']:.0f} | {r['tokens_per_s']:.2f} |"
         )
     lines += ["", f"Command: `{result['command']}`", ""]
     (out / "results.md").write_text("\n".join(lines))
@@ -110,9 +122,9 @@ def write_outputs(out: Path, result: dict) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     names = [r["mode"] for r in rows]
-    ax1.bar(names, [r["rss_after_generate_mib"] - r["rss_after_imports_mib"] for r in rows], color="tab:blue")
+    ax1.bar(names, [model_mib(r) for r in rows], color="tab:blue")
     ax1.axhline(yard, color="tab:red", linestyle="--", label="fp16 linears + embeddings")
-    ax1.set_ylabel("RSS over imports after generate (MiB)")
+    ax1.set_ylabel("model RSS after generate (MiB)")
     ax1.legend(fontsize=8)
     ax2.bar(names, [r["tokens_per_s"] for r in rows], color="tab:green")
     ax2.set_ylabel("tokens/s (greedy generate)")
