@@ -63,3 +63,18 @@ def test_fisher_is_the_mean_squared_output_gradient(tiny_model, tokenizer, tiny_
     assert all(p.requires_grad and p.grad is None for p in tiny_model.parameters())  # left as found
     again, fisher2 = second_moments_and_fisher(tiny_model, windows, progress=False, moments=moments)
     assert again is moments and fisher2 == pytest.approx(fisher, rel=1e-6)
+
+
+def test_linears_reading_one_input_share_one_moment(tiny_model, tokenizer, tiny_fit):
+    from windquant.calib.statistics import calibrate
+
+    windows = calibration_windows(tokenizer, tiny_fit)
+    stats = calibrate(tiny_model, windows, moments=True, progress=False)
+    independent, _ = second_moments_and_fisher(tiny_model, windows, progress=False)  # one sum per linear
+    assert set(stats.moments) == set(independent)
+    for name, h in independent.items():
+        assert torch.allclose(stats.moments[name], h, rtol=1e-4, atol=1e-6), name
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert stats.moments[attn + "k_proj"] is stats.moments[attn + "q_proj"] is stats.moments[attn + "v_proj"]
+    assert stats.moments[mlp + "up_proj"] is stats.moments[mlp + "gate_proj"]
+    assert stats.moments[attn + "o_proj"] is not stats.moments[attn + "q_proj"]

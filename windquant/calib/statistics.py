@@ -63,22 +63,38 @@ def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, ba
     sums: dict[str, torch.Tensor] = {}
     second: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    # Linears that read the very tensor the previous one read (q/k/v, gate/up) share its moment:
+    # one matrix in memory, one product per batch.
+    shares: dict[str, str] = {}
+    last: list = [None, None]  # the previous hooked input and the linear that owns its moment
 
     def forward(name):
         def fn(_mod, inputs, _out):
             x = _inputs(inputs)
             sums[name] = sums.get(name, 0) + (x * x).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
-            if moments:
-                second[name] = second.get(name, 0) + x.T @ x
+            if not moments:
+                return
+            if inputs[0] is last[0]:
+                if shares.setdefault(name, last[1]) != last[1] or name in second:
+                    raise RuntimeError(f"{name} read a shared input in one batch but not in another")
+                return
+            if name in shares:
+                raise RuntimeError(f"{name} read a shared input in one batch but not in another")
+            second[name] = second.get(name, 0) + x.T @ x
+            last[:] = [inputs[0], name]
 
         return fn
 
     with hooked(model, forward):
         for i in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress, unit="batch"):
             model(input_ids=windows[i : i + batch_size], use_cache=False)
+            last[:] = [None, None]
     scales = {name: (sums[name] / counts[name]).sqrt() for name in sums}
-    return CalibrationStats(windows, scales, {name: second[name] / counts[name] for name in second} if moments else None)
+    if not moments:
+        return CalibrationStats(windows, scales)
+    own = {name: second[name] / counts[name] for name in second}
+    return CalibrationStats(windows, scales, own | {name: own[owner] for name, owner in shares.items()})
 
 
 def second_moments_and_fisher(
