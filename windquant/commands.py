@@ -68,7 +68,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _dry_run(model, fit)
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
     plan = make_plan(prepared, plan_config, timings, progress)
-    out, report = write_checkpoint(prepared, plan, args.out, args.overwrite, model_name=args.model, timings=timings)
+    out, report = write_checkpoint(
+        prepared, plan, args.out, args.overwrite, model_name=args.model, timings=timings, progress=not args.quiet
+    )
     acc = report["accounting"]
     print(f"wrote {out}")
     print(

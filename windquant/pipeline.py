@@ -358,12 +358,13 @@ def write_checkpoint(
     model: nn.Module | None = None,
     model_name: str | None = None,
     timings: Timings | None = None,
+    progress: bool = True,
 ) -> tuple[Path, dict]:
     """Apply ``plan`` to ``model`` (default: the prepared model, in place), pack it into the
     checkpoint folder ``out`` with the allocator's attached files and ``run_report.json``
     (accounting, per-layer bit map, stage timings, peak RSS). Returns the folder and the report."""
     timings = timings if timings is not None else Timings()
-    model = apply(prepared, plan, model, timings)
+    model = apply(prepared, plan, model, timings, progress)
     with timings.stage("pack"):
         report = plan_report(plan, model)
         out = save(model, prepared.tokenizer, plan, out, overwrite=overwrite, copy_files=plan.attachments)
