@@ -24,7 +24,7 @@ def toy_problem(seed: int, n: int = 3) -> AllocationProblem:
         return torch.sort(torch.rand(n, k, generator=gen, dtype=torch.float64), dim=1).values
 
     variant_bits = bits + torch.randint(-40, 60, (n, k), generator=gen).double()
-    variant = StorageVariant(False, variant_bits, costs(), torch.zeros(n, k))
+    variant = StorageVariant(False, variant_bits, costs())
     return AllocationProblem(units, bits, torch.ones(n), 3.0, "true", costs(), variant=variant)
 
 

@@ -196,7 +196,8 @@ class Prepared:
         variant = None
         if self.variant is not None:
             v = self.variant
-            variant = StorageVariant(not self.fit.rotate, *self._tables(v.cache, v.scores, accounting))
+            v_bits, v_costs, _applied = self._tables(v.cache, v.scores, accounting)
+            variant = StorageVariant(not self.fit.rotate, v_bits, v_costs)
         return AllocationProblem(
             self.units,
             bits,

@@ -20,7 +20,6 @@ class StorageVariant:
     rotate: bool
     bits: torch.Tensor  # [N, A] on the problem's accounting
     costs: torch.Tensor | None  # [N, A], present when the problem's costs are
-    applied: torch.Tensor  # [N, A]
 
 
 @dataclass

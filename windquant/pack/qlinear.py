@@ -65,11 +65,6 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)
 
-    def set_dense_cache(self, on: bool) -> None:
-        self.dense_cache = on
-        if not on:
-            self._weight = None
-
     def extra_repr(self) -> str:
         acts = ",".join(f"{a:g}" for _, _, a, _ in self.chunks)
         return f"in={self.in_features}, out={self.out_features}, chunk actions=[{acts}]"
