@@ -77,3 +77,21 @@ def tiny_model_dir(tmp_path):
     make_model().save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def full_model_statistics(model, windows):
+    """Reference statistics (slow, obvious): one forward of the whole model over all ``windows``
+    with a hook per block linear; per linear the RMS of each input channel and ``E[x xᵀ]``."""
+    from windquant.model.units import block_linears
+
+    seen: dict = {}
+    hooks = [
+        mod.register_forward_hook(lambda _m, i, _o, n=name: seen.setdefault(n, []).append(i[0].detach().reshape(-1, i[0].shape[-1])))
+        for _layer, name, _proj, mod in block_linears(model)
+    ]
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    for h in hooks:
+        h.remove()
+    xs = {n: torch.cat(v).double() for n, v in seen.items()}
+    return {n: (x * x).mean(0).sqrt() for n, x in xs.items()}, {n: x.T @ x / len(x) for n, x in xs.items()}

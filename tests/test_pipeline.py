@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from windquant import Plan, PlanConfig, load, quantize_, save
+from windquant.actions import ACTIONS
+from windquant.calib.statistics import calibrate
 from windquant.pipeline import make_plan, prepare
 
 
@@ -68,11 +70,16 @@ def test_plan_json_roundtrip_and_applied_actions(tiny_model, tokenizer, tiny_pla
 
 def test_candidate_cache_is_reused_from_disk(tiny_model, tokenizer, tiny_fit):
     first = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
+    shards = sorted(first.folder.glob("layer_*.safetensors"))
+    written = [p.stat().st_mtime_ns for p in shards]
     second = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
-    for key, packed in first.cache.packed.items():
-        for field, t in packed.items():
-            assert torch.equal(t, second.cache.packed[key][field])
-    assert first.cache.errors == second.cache.errors
+    assert len(shards) == 2 and [p.stat().st_mtime_ns for p in shards] == written  # read, not refitted
+    for u in first.units:
+        for a in ACTIONS:
+            packed = first.cache.packed_of(u.index, a)
+            assert packed and packed.keys() == second.cache.packed_of(u.index, a).keys()
+            assert all(torch.equal(t, second.cache.packed_of(u.index, a)[k]) for k, t in packed.items())
+    assert first.cache.errors == second.cache.errors and first.cache.traces == second.cache.traces
 
 
 def test_cache_holds_dense_candidates_only_for_allocators_that_score_plans(tiny_model, tokenizer, tiny_fit):
@@ -81,8 +88,8 @@ def test_cache_holds_dense_candidates_only_for_allocators_that_score_plans(tiny_
     lean = prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)
     assert lean.cache.dense == {}
     rl = prepare(tiny_model, tokenizer, tiny_fit, needs={"proxy"}, progress=False)
-    assert set(rl.cache.dense) == set(rl.cache.packed)
-    for index, action in rl.cache.packed:
+    assert set(rl.cache.dense) == {(u.index, a) for u in rl.units for a in ACTIONS}
+    for index, action in rl.cache.dense:
         assert torch.equal(rl.cache.dense[(index, action)], lean.cache.weight(index, action))
 
 
@@ -101,7 +108,7 @@ def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny
         with plan_weights(tiny_model, plan.units, lambda u: dense[u.index]):
             assembled = tiny_model(x).logits
         assert torch.equal(tiny_model(x).logits, before)  # restored
-        packed = apply_plan(make_model(), plan, lambda i, a: prepared.cache.packed[(i, a)])
+        packed = apply_plan(make_model(), plan, prepared.cache.packed_of)
         reference = packed(x).logits
     # apply_plan also rounds embeddings/norms to fp16; tolerance covers that alone
     assert torch.allclose(assembled, reference, atol=1e-2, rtol=1e-3)
@@ -113,15 +120,16 @@ def test_error_feedback_candidates_cut_the_output_error(tiny_model, tokenizer, t
 
     plain = prepare(tiny_model, tokenizer, replace(tiny_fit, feedback=False, rotate=False, carry=False), progress=False)
     fed = prepare(tiny_model, tokenizer, replace(tiny_fit, feedback=True, rotate=False, carry=False), progress=False)
-    assert fed.folder != plain.folder and plain.stats.moments is None
-    # the scales come from the same pass either way: the feedback run only adds the moments
+    assert fed.folder != plain.folder
+    # the scales come from the same pass either way
     assert all(torch.equal(plain.stats.act_scales[k], fed.stats.act_scales[k]) for k in plain.stats.act_scales)
+    moments = calibrate(tiny_model, fed.stats.windows, moments=True, progress=False).moments
 
     def output_error(prepared, action):
         total = 0.0
         for u in prepared.units:
             w = tiny_model.get_submodule(u.module).weight.detach()[:, u.col0 : u.col1].double()
-            h = fed.stats.moments[u.module][u.col0 : u.col1, u.col0 : u.col1].double()
+            h = moments[u.module][u.col0 : u.col1, u.col0 : u.col1].double()
             d = w - prepared.cache.weight(u.index, action).double()
             total += float(((d @ h) * d).sum())
         return total

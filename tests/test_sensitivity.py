@@ -1,16 +1,16 @@
 import pytest
 import torch
-from conftest import run_allocator
+from conftest import full_model_statistics, run_allocator
 
 from windquant.actions import ACTIONS
-from windquant.calib.statistics import second_moments_and_fisher
+from windquant.calib.statistics import calibrate, layer_fisher
 from windquant.pipeline import calibration_windows, make_plan, prepare
 
 
 def test_scores_equal_fisher_times_output_error_over_tokens(tiny_model, tokenizer, tiny_fit):
     prepared = prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)
     windows = calibration_windows(tokenizer, tiny_fit)
-    moments, fisher = second_moments_and_fisher(tiny_model, windows, progress=False)
+    fisher = layer_fisher(tiny_model, windows, progress=False)
     # independent computation for one unit: mean over tokens of ||ΔW x_t||², times F
     u = next(u for u in prepared.units if u.proj == "mlp.down_proj" and u.col0 > 0)
     lin = tiny_model.get_submodule(u.module)
@@ -48,32 +48,33 @@ def test_ilp_plan_meets_budget_and_beats_heuristic_on_its_objective(tiny_model, 
 
 
 def test_fisher_is_the_mean_squared_output_gradient(tiny_model, tokenizer, tiny_fit):
-    """Against autograd on one linear's output (the statistics pass forms no parameter gradient),
-    and with given moments reused as they are."""
-    windows = calibration_windows(tokenizer, tiny_fit)[:2]
-    moments, fisher = second_moments_and_fisher(tiny_model, windows, progress=False)
-    name = "model.layers.1.mlp.down_proj"
-    outs = []
-    hook = tiny_model.get_submodule(name).register_forward_hook(lambda _m, _i, o: outs.append(o))
-    loss = tiny_model(input_ids=windows, labels=windows, use_cache=False).loss * windows[:, 1:].numel()
-    hook.remove()
-    (g,) = torch.autograd.grad(loss, outs[0])
-    rows = g.numel() // g.shape[-1]
-    assert fisher[name] == pytest.approx(float((g * g).sum()) / g.shape[-1] / rows, rel=1e-4)
-    assert all(p.requires_grad and p.grad is None for p in tiny_model.parameters())  # left as found
-    again, fisher2 = second_moments_and_fisher(tiny_model, windows, progress=False, moments=moments)
-    assert again is moments and fisher2 == pytest.approx(fisher, rel=1e-6)
+    """The block-by-block backward pass against autograd on the whole model (no parameter
+    gradient is formed, and the model is left as found)."""
+    windows = calibration_windows(tokenizer, tiny_fit)[:3]
+    fisher = layer_fisher(tiny_model, windows, batch_size=2, progress=False)
+    assert all(p.requires_grad and p.grad is None for p in tiny_model.parameters())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        total = 0.0
+        for batch in (windows[:2], windows[2:]):
+            outs = []
+            hook = tiny_model.get_submodule(name).register_forward_hook(lambda _m, _i, o, outs=outs: outs.append(o))
+            loss = tiny_model(input_ids=batch, labels=batch, use_cache=False).loss * batch[:, 1:].numel()
+            hook.remove()
+            (g,) = torch.autograd.grad(loss, outs[0])
+            total += float((g * g).sum()) / g.shape[-1]
+        assert fisher[name] == pytest.approx(total / windows.numel(), rel=1e-5)
 
 
-def test_linears_reading_one_input_share_one_moment(tiny_model, tokenizer, tiny_fit):
-    from windquant.calib.statistics import calibrate
-
+def test_streamed_statistics_equal_the_whole_model_pass(tiny_model, tokenizer, tiny_fit):
+    """Block by block on captured inputs gives the scales and moments of one whole-model forward;
+    linears reading one input (q/k/v, gate/up) share one moment object."""
     windows = calibration_windows(tokenizer, tiny_fit)
-    stats = calibrate(tiny_model, windows, moments=True, progress=False)
-    independent, _ = second_moments_and_fisher(tiny_model, windows, progress=False)  # one sum per linear
-    assert set(stats.moments) == set(independent)
-    for name, h in independent.items():
-        assert torch.allclose(stats.moments[name], h, rtol=1e-4, atol=1e-6), name
+    stats = calibrate(tiny_model, windows, moments=True, batch_size=3, progress=False)
+    scales, moments = full_model_statistics(tiny_model, windows)
+    assert set(stats.moments) == set(moments) == set(stats.act_scales)
+    for name, h in moments.items():
+        assert torch.allclose(stats.moments[name].double(), h, rtol=1e-5, atol=1e-7), name
+        assert torch.allclose(stats.act_scales[name].double(), scales[name], rtol=1e-5, atol=1e-7), name
     attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
     assert stats.moments[attn + "k_proj"] is stats.moments[attn + "q_proj"] is stats.moments[attn + "v_proj"]
     assert stats.moments[mlp + "up_proj"] is stats.moments[mlp + "gate_proj"]

@@ -54,7 +54,7 @@ def test_tuning_lowers_heldout_kl_changes_only_scales_and_is_what_is_stored(toke
     assert report["heldout_kl_after"] < report["heldout_kl_before"]
     changed = 0
     for u, a in zip(plan.units, plan.applied):
-        before, after = prepared.cache.packed[(u.index, a)], tuned[(u.index, a)]
+        before, after = prepared.cache.packed_of(u.index, a), tuned[(u.index, a)]
         assert set(before) == set(after)
         for field, t in before.items():
             assert after[field].dtype == t.dtype and after[field].shape == t.shape

@@ -63,7 +63,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     progress = not args.quiet
     timings = Timings()
     with timings.stage("load"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype="auto")  # held as stored; blocks compute in float32
     if args.dry_run:
         return _dry_run(model, fit)
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
@@ -72,7 +72,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         prepared, plan, args.out, args.overwrite, model_name=args.model, timings=timings, progress=not args.quiet
     )
     acc = report["accounting"]
-    print(f"wrote {out}")
+    print(f"wrote {out} (plan digest {report['plan_digest']})")
     print(
         f"true_bits={acc['true_bits']:.4f} paper_bits={acc['paper_bits']:.4f} "
         f"quantized_bytes={acc['quantized_bytes']:,} untouched_bytes={acc['untouched_bytes']:,}"

@@ -21,7 +21,7 @@ from windquant.actions import ACCOUNTINGS, ACTIONS
 from windquant.alloc import AllocationContext, get_allocator
 from windquant.alloc.problem import AllocationProblem, StorageVariant
 from windquant.calib.corpus import corpus_tokens, sample_windows
-from windquant.calib.statistics import CalibrationStats, calibrate, second_moments_and_fisher
+from windquant.calib.statistics import CalibrationStats, layer_fisher
 from windquant.config import FitConfig, PlanConfig, settings_digest
 from windquant.errors import WindquantError
 from windquant.eval.perplexity import perplexity
@@ -32,12 +32,12 @@ from windquant.pack.apply import apply_plan, module_chunks, plan_weights
 from windquant.pack.checkpoint import save
 from windquant.pack.tune import TuneSettings, tune_scales
 from windquant.plan import Plan
-from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, tensor_digest, weights_digest
-from windquant.quant.fold_search import fold_model
+from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, parameters_digest, tensor_digest
 from windquant.quant.sensitivity import sensitivity_scores
+from windquant.quant.streamed import fit_streamed
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
 from windquant.reports import plan_report
-from windquant.runinfo import Timings
+from windquant.runinfo import Timings, release_freed_memory
 
 TUNE_HELDOUT_WINDOWS = 4  # calibration-corpus windows (another seed) that stop scale tuning
 
@@ -84,7 +84,6 @@ class VariantCandidates:
     """Every unit fitted with the other outlier storage (``FitConfig.storage_variants``)."""
 
     cache: CandidateCache
-    folder: Path
     scores: torch.Tensor | None = None
 
 
@@ -99,7 +98,6 @@ class Prepared:
     stats: CalibrationStats
     saliency: torch.Tensor  # [N] mean |w|·s_act
     cache: CandidateCache
-    folder: Path  # this model + settings' folder in the candidate cache
     folded: dict[str, float]  # fold producer -> its α (empty: not folded)
     scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
@@ -151,26 +149,31 @@ class Prepared:
                 self.features = unit_features(self.model, self.units, self.stats.act_scales)
         return self
 
+    @property
+    def folder(self) -> Path:
+        """This model + settings' folder in the candidate cache."""
+        return self.cache.folder
+
     def _scores(self, progress: bool) -> None:
         """Sensitivity tables of the candidates (and of the variant's), each loaded from its cache
-        folder when already computed; the statistics pass runs at most once."""
-        stats: list = []
+        folder when already computed; the backward pass for the Fisher runs at most once."""
+        fisher: dict[str, float] = {}
 
-        def table(cache: CandidateCache, folder: Path) -> torch.Tensor:
-            path = folder / "scores.safetensors"
+        def table(cache: CandidateCache) -> torch.Tensor:
+            path = cache.folder / "scores.safetensors"
             if path.is_file():
                 return load_file(str(path))["scores"]
-            if not stats:
-                stats.extend(second_moments_and_fisher(self.model, self.stats.windows, progress=progress, moments=self.stats.moments))
-            scores = sensitivity_scores(self.model, self.units, cache, *stats)
+            if not fisher:
+                fisher.update(layer_fisher(self.model, self.stats.windows, progress=progress))
+            scores = sensitivity_scores(self.units, cache.traces_table(), fisher)
             tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent runs never share a temp file
             save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})
             os.replace(tmp, path)
             return scores
 
-        self.scores = table(self.cache, self.folder)
+        self.scores = table(self.cache)
         if self.variant is not None:
-            self.variant.scores = table(self.variant.cache, self.variant.folder)
+            self.variant.scores = table(self.variant.cache)
 
     def proxy(self, samples: int, length: int) -> PlanProxy:
         """The proxy on ``samples`` calibration windows of ``length`` tokens (built once)."""
@@ -234,35 +237,25 @@ def prepare(
     timings: Timings | None = None,
     progress: bool = True,
 ) -> Prepared:
-    """Calibrate, fold scales (when ``fit.fold``), and fit (or load) every candidate, plus whatever
-    ``needs`` names (see ``alloc.base``). Only folding changes the model's weights, and it leaves
-    the function the model computes unchanged."""
+    """Calibrate, fold scales (when ``fit.fold``), and fit (or load) every candidate, block by
+    block (``quant.streamed``), plus whatever ``needs`` names (see ``alloc.base``). Only folding
+    changes the model's weights, and it leaves the function the model computes unchanged."""
     fit = (fit or FitConfig()).validate()
     timings = timings if timings is not None else Timings()
     units = enumerate_units(model, fit.chunk)
-    with timings.stage("calibrate"):
-        settings = fit_settings(fit)
-        stats = calibrate(
-            model, calibration_windows(tokenizer, fit), moments=settings.needs_moments or fit.carry or fit.fold, progress=progress
-        )
-    folded = {}
-    if fit.fold:
-        with timings.stage("fold"):
-            folded = fold_model(model, stats.act_scales, stats.moments, fit.chunk, settings, progress)
-    with timings.stage("fit"):
-        cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
-        scales = stats.act_scales
-        digests = weights_digest(model), tensor_digest([scales[k] for k in sorted(scales)])
-        fitted = []
-        # The other outlier storage is a second, independently fingerprinted cache: a warm cache of
-        # the default storage stays valid whether or not variants are asked for.
-        for rotate in (fit.rotate, not fit.rotate)[: 2 if fit.storage_variants else 1]:
-            key = fingerprint(*digests, fit.chunk, fit_settings(fit, rotate))
-            cache = CandidateCache.build(model, units, scales, fit_settings(fit, rotate), cache_root, key, progress, stats.moments)
-            fitted.append((cache, cache_root / "candidates" / key))
-    (cache, folder), *rest = fitted
-    prepared = Prepared(model, tokenizer, fit, units, stats, unit_saliency(model, units, scales), cache, folder, folded)
-    prepared.variant = VariantCandidates(*rest[0]) if rest else None
+    windows = calibration_windows(tokenizer, fit)
+    cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
+    digests = parameters_digest(model), tensor_digest([windows])
+    # The other outlier storage is a second, independently fingerprinted cache: a warm cache of
+    # the default storage stays valid whether or not variants are asked for.
+    caches = []
+    for rotate in (fit.rotate, not fit.rotate)[: 2 if fit.storage_variants else 1]:
+        key = fingerprint(*digests, fit.chunk, fit_settings(fit, rotate), fit.fold)
+        caches.append(CandidateCache(units, fit_settings(fit, rotate), cache_root / "candidates" / key))
+    stats, folded = fit_streamed(model, windows, caches, fit.chunk, fit.fold, timings, progress)
+    cache, *rest = caches
+    prepared = Prepared(model, tokenizer, fit, units, stats, unit_saliency(model, units, stats.act_scales), cache, folded)
+    prepared.variant = VariantCandidates(rest[0]) if rest else None
     return prepared.ensure(needs, timings, progress)
 
 
@@ -309,17 +302,19 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
 def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
     """(unit, applied action) -> packed tensors re-quantized linear by linear with each chunk's
     error carried into the later chunks (``quantize_linear``): same actions, same bytes."""
-    moments = prepared.stats.moments
-    if moments is None:
-        raise WindquantError(
-            "carrying errors across units needs the input second moments; prepare with carry on", setting="carry"
-        )
     settings = fit_settings(prepared.fit)
+    plan_chunks = module_chunks(plan)
     packed = {}
-    for name, chunks in tqdm(module_chunks(plan).items(), desc="carry errors", disable=not progress, unit="linear"):
-        weight = prepared.model.get_submodule(name).weight.detach()
-        for c, p in zip(chunks, quantize_linear(weight, moments[name], chunks, settings)):
-            packed[(c.index, c.action)] = p
+    for layer in tqdm(sorted({u.layer for u in plan.units}), desc="carry errors", disable=not progress, unit="block"):
+        moments = prepared.cache.load_moments(layer)  # one block's at a time
+        for name in moments:
+            if name not in plan_chunks:
+                continue
+            weight = prepared.model.get_submodule(name).weight.detach()
+            for c, p in zip(plan_chunks[name], quantize_linear(weight, moments[name], plan_chunks[name], settings)):
+                packed[(c.index, c.action)] = p
+        del moments
+        release_freed_memory()
     return packed
 
 
@@ -331,7 +326,7 @@ def plan_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> di
         packed = carried_candidates(prepared, plan, progress)
     else:
         caches = prepared.caches(prepared.plan_variant(plan))
-        packed = {(u.index, a): caches[u.index].packed[(u.index, a)] for u, a in zip(plan.units, plan.applied)}
+        packed = {(u.index, a): caches[u.index].packed_of(u.index, a) for u, a in zip(plan.units, plan.applied)}
     if plan.tune_steps:
         fit = prepared.fit
         heldout = calibration_windows(prepared.tokenizer, fit, TUNE_HELDOUT_WINDOWS, seed=fit.seed + 1)

@@ -5,6 +5,7 @@ Allocators produce it, the engine (``pack/``) applies it; neither imports the ot
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -63,6 +64,19 @@ class Plan:
     @property
     def paper_bits(self) -> float:
         return self.summary().paper_bits
+
+    def digest(self) -> str:
+        """What the plan stores, hashed: each unit's span, requested and applied action and
+        outlier storage, and how chunks are re-quantized. Equal digests, equal checkpoints."""
+        payload = {
+            "units": [[u.module, u.col0, u.col1] for u in self.units],
+            "requested": self.requested,
+            "applied": self.applied,
+            "rotate": self.rotate_flags(),
+            "carried": self.carried,
+            "tune_steps": self.tune_steps,
+        }
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
     def action_distribution(self) -> dict[str, float]:
         """Fraction of weights at each applied action (paper Fig. 2)."""

@@ -56,6 +56,7 @@ def plan_report(plan: Plan, model: nn.Module | None = None) -> dict:
         "allocator": plan.allocator,
         "accounting_mode": plan.accounting,
         "target_bits": plan.target_bits,
+        "plan_digest": plan.digest(),
         "accounting": acc,
         "action_distribution": plan.action_distribution(),
         "fallbacks": sum(r != a for r, a in zip(plan.requested, plan.applied)),

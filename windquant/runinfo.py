@@ -45,7 +45,12 @@ def peak_gpu_mib() -> float | None:
 
 
 class Timings(dict):
-    """Stage name -> seconds; ``with timings.stage("fit"): ...``."""
+    """Stage name -> seconds; ``with timings.stage("fit"): ...``. Also keeps, per stage, the
+    process's peak RSS when the stage last ended: the stage whose figure jumps set the peak."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.peaks: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str):
@@ -54,11 +59,13 @@ class Timings(dict):
             yield
         finally:
             self[name] = self.get(name, 0.0) + time.perf_counter() - start
+            self.peaks[name] = round(peak_rss_mib(), 1)
 
     def report(self) -> dict:
         return {
             "seconds": {k: round(v, 3) for k, v in self.items()},
             "total_seconds": round(sum(self.values()), 3),
             "peak_rss_mib": round(peak_rss_mib(), 1),
+            "peak_rss_after_stage_mib": dict(self.peaks),
             "peak_gpu_mib": peak_gpu_mib(),
         }

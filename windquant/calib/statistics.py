@@ -1,15 +1,14 @@
-"""Calibration statistics of every block linear, gathered by hooks on the model's own forward.
+"""Calibration statistics of the block linears, gathered by hooks while the model runs block by
+block on the calibration windows (``calib.stream``).
 
-* activation scales: per-input-channel RMS (forward only, the candidates' weighting), and
-  from the same pass, when error feedback asks for them, the input second moments ``E[x xᵀ]``;
-* input second moments and the per-layer Fisher (mean squared output gradient, one backward
-  pass): what the sensitivity scores need.
+* per decoder block (:func:`layer_statistics`): each linear's activation scales (per-input-channel
+  RMS, the candidates' weighting) and, when asked, its input second moment ``E[x xᵀ]`` (error
+  feedback, rotation, sensitivity scores). Only one block's statistics exist at a time;
+* :func:`layer_fisher`: the mean squared output gradient of every linear (the sensitivity
+  scores' per-layer Fisher), from one backward pass recomputed block by block.
 
-Only this module registers hooks or runs the model for statistics; allocators receive the
-results (through the pipeline), never the model. The two passes stay separate because the
-second needs gradients and is skipped whenever the scores are already cached; the scales
-pass is kept exactly as it was so the candidate-cache fingerprint (which hashes the scales)
-does not change.
+Only this module registers hooks for statistics; allocators receive the results (through the
+pipeline), never the model.
 """
 
 from __future__ import annotations
@@ -22,22 +21,31 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from windquant.model.units import block_linears
+from windquant.calib.stream import BlockStream, block_output, capture, head_loss, in_float32
+from windquant.model.units import block_linears, decoder_blocks
 
 
 @dataclass
 class CalibrationStats:
     windows: torch.Tensor  # [samples, len] calibration tokens
     act_scales: dict[str, torch.Tensor]  # linear name -> [in] RMS of each input channel
-    moments: dict[str, torch.Tensor] | None = None  # linear name -> [in, in] E[x xᵀ] (error feedback)
+    moments: dict[str, torch.Tensor] | None = None  # linear name -> [in, in] E[x xᵀ]
 
 
 @contextmanager
-def hooked(model: nn.Module, forward: Callable[[str], Callable] | None = None, backward: Callable[[str], Callable] | None = None) -> Iterator[None]:
-    """Hooks from ``forward(name)`` / ``backward(name)`` on every block linear, removed on exit."""
+def hooked(
+    model: nn.Module,
+    forward: Callable[[str], Callable] | None = None,
+    backward: Callable[[str], Callable] | None = None,
+    layer: int | None = None,
+) -> Iterator[None]:
+    """Hooks from ``forward(name)`` / ``backward(name)`` on the block linears (of block ``layer``
+    only, when given), removed on exit."""
     handles = []
     try:
-        for _layer, name, _proj, mod in block_linears(model):
+        for lay, name, _proj, mod in block_linears(model):
+            if layer is not None and lay != layer:
+                continue
             if forward is not None:
                 handles.append(mod.register_forward_hook(forward(name)))
             if backward is not None:
@@ -52,10 +60,9 @@ def _inputs(inputs: tuple) -> torch.Tensor:
     return inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, batch_size: int = 8, progress: bool = True) -> CalibrationStats:
-    """Activation scales (RMS of each input channel of every block linear) over ``windows``, and
-    with ``moments`` each linear's input second moment ``E[x xᵀ]`` from the same forward pass.
+def layer_statistics(stream: BlockStream, layer: int, moments: bool = False) -> CalibrationStats:
+    """Activation scales (and with ``moments`` the input second moments) of block ``layer``'s
+    linears, from running that block on the stream's inputs (which then move past it).
 
     The RMS squared is the diagonal of the input second moment, so ``Σ_j rms_j² (w_ij − ŵ_ij)²``
     is the diagonal estimate of the output error; error feedback uses the full matrix.
@@ -86,10 +93,9 @@ def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, ba
 
         return fn
 
-    with hooked(model, forward):
-        for i in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress, unit="batch"):
-            model(input_ids=windows[i : i + batch_size], use_cache=False)
-            last[:] = [None, None]
+    with hooked(stream.model, forward, layer=layer):
+        stream.run(layer)
+    windows = torch.cat([b.tokens for b in stream.batches])
     scales = {name: (sums[name] / counts[name]).sqrt() for name in sums}
     if not moments:
         return CalibrationStats(windows, scales)
@@ -97,31 +103,30 @@ def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, ba
     return CalibrationStats(windows, scales, own | {name: own[owner] for name, owner in shares.items()})
 
 
-def second_moments_and_fisher(
-    model: nn.Module,
-    windows: torch.Tensor,
-    batch_size: int = 4,
-    progress: bool = True,
-    moments: dict[str, torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """``E[x xᵀ]`` of every block linear's input and mean squared output gradient. ``moments``
-    gathered on the same windows (:func:`calibrate` with ``moments``) are reused, not summed again.
+def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, batch_size: int = 8, progress: bool = True) -> CalibrationStats:
+    """:func:`layer_statistics` of every block, held together (for whole-model studies; the
+    pipeline consumes them one block at a time)."""
+    stream = BlockStream(model, windows, batch_size)
+    scales: dict[str, torch.Tensor] = {}
+    second: dict[str, torch.Tensor] = {}
+    for layer in tqdm(range(len(stream)), desc="calibrate", disable=not progress, unit="block"):
+        stats = layer_statistics(stream, layer, moments)
+        scales |= stats.act_scales
+        second |= stats.moments or {}
+    return CalibrationStats(windows, scales, second if moments else None)
 
-    No parameter gradient is formed (they would cost a copy of the model): the gradient flows
-    from the embeddings' output, made to require it, through every block."""
-    given = moments
-    sums: dict[str, torch.Tensor] = {}
+
+def layer_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
+    """Mean squared output gradient of every block linear (per output channel and token) of the
+    calibration loss summed over tokens.
+
+    The backward pass runs block by block: per batch, each block's input is kept (one hidden
+    state per block), the loss's gradient enters at the last block's output (one sequence's
+    logits at a time), and each block is recomputed with gradients on its own, last to first.
+    No parameter gradient is formed."""
+    _prefix, blocks = decoder_blocks(model)
     fisher: dict[str, float] = {}
-    rows: dict[str, int] = {}
-
-    def forward(name):
-        def fn(_m, inputs, _out):
-            x = _inputs(inputs)
-            if given is None:
-                sums[name] = sums.get(name, 0) + x.T @ x
-            rows[name] = rows.get(name, 0) + x.shape[0]
-
-        return fn
+    tokens = 0
 
     def backward(name):
         def fn(_m, _gin, gout):
@@ -130,23 +135,29 @@ def second_moments_and_fisher(
 
         return fn
 
-    was_training = model.training
     trainable = [p for p in model.parameters() if p.requires_grad]
-    start = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
     try:
-        model.eval()
         for p in trainable:
             p.requires_grad_(False)
-        with hooked(model, forward, backward):
-            for i in tqdm(range(0, len(windows), batch_size), desc="sensitivity", disable=not progress, unit="batch"):
-                batch = windows[i : i + batch_size]
-                # Sum (not mean) over tokens: each token's gradient is then its own loss's.
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss * batch[:, 1:].numel()
-                loss.backward()
+        for batch in tqdm(capture(model, windows, batch_size), desc="sensitivity", disable=not progress, unit="batch"):
+            inputs = []
+            h = batch.hidden
+            with torch.no_grad():
+                for layer, block in enumerate(blocks):
+                    inputs.append(h)
+                    with in_float32(block):
+                        h = block_output(block(h, **batch.kwargs[layer]))
+            h.requires_grad_(True)
+            for row in range(len(batch.tokens)):  # one sequence's logits at a time (vocab-sized)
+                head_loss(model, batch.tokens[row : row + 1], h[row : row + 1]).backward()
+            grad = h.grad
+            for layer in reversed(range(len(blocks))):
+                x = inputs.pop().requires_grad_(True)
+                with hooked(model, backward=backward, layer=layer), in_float32(blocks[layer]):
+                    block_output(blocks[layer](x, **batch.kwargs[layer])).backward(grad)
+                grad = x.grad
+            tokens += batch.tokens.numel()
     finally:
-        start.remove()
         for p in trainable:
             p.requires_grad_(True)
-        model.train(was_training)
-    moments = given if given is not None else {n: sums[n] / rows[n] for n in sums}
-    return moments, {n: fisher[n] / rows[n] for n in fisher}
+    return {n: f / tokens for n, f in fisher.items()}

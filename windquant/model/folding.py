@@ -50,12 +50,14 @@ class FoldGroup:
         return (sq / count.clamp_min(1)).sqrt()
 
 
-def fold_groups(model: nn.Module) -> list[FoldGroup]:
-    """The four fold groups of every decoder block (LLaMA-style blocks only)."""
+def fold_groups(model: nn.Module, layer: int | None = None) -> list[FoldGroup]:
+    """The four fold groups of every decoder block, or of block ``layer`` (LLaMA-style blocks only)."""
     prefix, blocks = decoder_blocks(model)
     cfg = model.config
     groups = []
     for i, block in enumerate(blocks):
+        if layer is not None and i != layer:
+            continue
         names = dict(block.named_modules())
         needed = ("input_layernorm", "post_attention_layernorm", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
         # Gemma's norms scale by (1 + gain) and it adds post-norms: its fold points differ.

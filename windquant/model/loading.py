@@ -66,11 +66,14 @@ def _load_hf(source: str, dtype: torch.dtype):
     return model, tok
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, dense_cache: bool = False):
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, dense_cache: bool = False):
     """Return ``(model, tokenizer)`` in eval mode for a model spec (``dense_cache``: see
-    :func:`windquant.pack.checkpoint.load`)."""
+    :func:`windquant.pack.checkpoint.load`). ``dtype="auto"`` keeps a model folder's stored dtype
+    (fp16/bf16 weights stay half: quantization computes one block at a time in float32); a GGUF's
+    dequantized weights are float32 either way (they are not in general representable in half)."""
+    gguf_dtype = torch.float32 if dtype == "auto" else dtype
     if spec == DEFAULT_MODEL:
-        model, tok = _load_gguf(default_model_path(), dtype)
+        model, tok = _load_gguf(default_model_path(), gguf_dtype)
     elif _looks_like_path(spec):
         path = Path(spec).expanduser()
         if not path.exists():
@@ -78,7 +81,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         if path.is_file():
             if path.suffix != ".gguf":
                 raise WindquantError(f"{path} is not a .gguf file; give a .gguf file or a model folder")
-            model, tok = _load_gguf(path, dtype)
+            model, tok = _load_gguf(path, gguf_dtype)
         elif is_checkpoint(path):
             from windquant.pack.checkpoint import load
 

@@ -1,13 +1,17 @@
 """The candidate cache: every (unit, action) fitted once, reused by every allocator.
 
-Fitting is deterministic for a unit and an action, so it is done once per model and
-settings and persisted under a fingerprint of both, one safetensors shard per decoder
-block (so an interrupted fit resumes at the next block). In RAM the cache holds the
-packed tensors (~20 bits per weight for all six low-bit actions); :meth:`CandidateCache.weight`
-dequantizes a candidate when asked. Allocators that score many plans on the real model (RL
+Fitting is deterministic for a unit and an action, so it is done once per model and settings
+and persisted under a fingerprint of both, one safetensors shard per decoder block, written as
+the block is fitted (``quant.streamed``), so an interrupted fit resumes at the next block.
+
+A shard holds the block's packed candidates and, in its metadata and a small tensor, what
+allocators need without the candidates: each candidate's relative error (operator fallback,
+bits) and its output-error trace ``tr(ΔW H ΔWᵀ)`` (sensitivity scores). Beside it, the block's
+input second moments (carrying errors after allocation reads them back). In RAM the cache keeps
+only those tables; packed candidates are read from the shards when a plan is applied
+(:meth:`CandidateCache.packed_of`). Allocators that score many plans on the real model (RL
 episodes) ask for :meth:`CandidateCache.hold_dense`: every candidate's fp16 weights are then
-kept too (12 bytes per weight, ~1.3 GB for a 135M model), so an episode assembles a plan's
-weights without unpacking anything.
+kept in RAM (12 bytes per weight, ~1.3 GB for a 135M model).
 """
 
 from __future__ import annotations
@@ -15,19 +19,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from windquant.actions import ACTIONS, INT8, LADDER, LOW_BIT_ACTIONS, SKIP
-from windquant.model.units import Unit, block_linears
+from windquant.errors import WindquantError
+from windquant.model.units import Unit
 from windquant.quant.accounting import unit_bits
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit, relative_error
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: fingerprinted by all parameters and the calibration tokens; shards hold traces
 
 
 def default_cache_dir() -> Path:
@@ -41,8 +48,13 @@ def tensor_digest(tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def weights_digest(model: nn.Module) -> str:
-    return tensor_digest([mod.weight for _l, _n, _p, mod in block_linears(model)])
+def parameters_digest(model: nn.Module) -> str:
+    """Digest of every parameter (names and values): what the model computes."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(tensor_digest([p]).encode())
+    return h.hexdigest()
 
 
 def fallback_action(errors: dict[float, float], action: float, threshold: float) -> float:
@@ -53,95 +65,150 @@ def fallback_action(errors: dict[float, float], action: float, threshold: float)
     return SKIP
 
 
-class CandidateCache:
-    """Packed + dequantized candidates and their errors for all units × actions."""
+def output_trace(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ)``: the output error of ``w_hat`` on inputs with second moment ``h``."""
+    delta = w - w_hat
+    return float(((delta @ h) * delta).sum())
 
-    def __init__(self, units: list[Unit], settings: FitSettings):
+
+def shard_is_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole safetensors file: its header parses and the data it
+    declares ends exactly at the end of the file (a truncated copy fails this)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0) == size
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+class CandidateCache:
+    """The candidates of all units × actions of one fit setting: their tables in RAM, their
+    packed tensors in the folder's shards."""
+
+    def __init__(self, units: list[Unit], settings: FitSettings, folder: Path):
         self.units = units
         self.settings = settings
-        self.packed: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
-        self.dense: dict[tuple[int, float], torch.Tensor] = {}  # filled by hold_dense()
+        self.folder = Path(folder)
         self.errors: dict[int, dict[float, float]] = {}
+        self.traces: dict[int, list[float]] = {}  # unit -> tr(ΔW H ΔWᵀ) per action (ACTIONS order)
+        self.metadata: dict[int, dict] = {}  # layer -> what the fit stored beside the shard (e.g. fold α)
+        self.dense: dict[tuple[int, float], torch.Tensor] = {}  # filled by hold_dense()
+        self._held: tuple[int | None, dict[str, torch.Tensor]] = (None, {})  # the last shard read
+
+    def shard(self, layer: int) -> Path:
+        return self.folder / f"layer_{layer:04d}.safetensors"
+
+    def moments_file(self, layer: int) -> Path:
+        return self.folder / f"moments_{layer:04d}.safetensors"
+
+    def save_moments(self, layer: int, moments: dict[str, torch.Tensor]) -> None:
+        """Keep block ``layer``'s input second moments on disk (carrying errors after allocation
+        needs them; reading them back is far cheaper than another calibration pass). Linears
+        sharing one moment object store it once."""
+        owners: dict[int, str] = {}
+        for name, h in moments.items():
+            owners.setdefault(id(h), name)
+        shares = {name: owners[id(h)] for name, h in moments.items() if owners[id(h)] != name}
+        tensors = {name: h for name, h in moments.items() if name not in shares}
+        _atomic_save(tensors, self.moments_file(layer), {"shares": json.dumps(shares)})
+
+    def load_moments(self, layer: int) -> dict[str, torch.Tensor]:
+        path = self.moments_file(layer)
+        if not shard_is_complete(path):
+            raise WindquantError(f"{path} is missing or incomplete; delete {self.folder} and quantize again to refit it")
+        with safe_open(str(path), "pt") as f:
+            shares = json.loads(f.metadata()["shares"])
+        own = load_file(str(path))
+        return own | {name: own[owner] for name, owner in shares.items()}
 
     # -- building -------------------------------------------------------------
-    @classmethod
-    def build(
-        cls,
-        model: nn.Module,
-        units: list[Unit],
-        act_scales: dict[str, torch.Tensor],
-        settings: FitSettings,
-        cache_dir: Path | None = None,
-        fingerprint: str | None = None,
-        progress: bool = True,
-        moments: dict[str, torch.Tensor] | None = None,
-    ) -> CandidateCache:
-        """Fit (or load from ``cache_dir/fingerprint``) every candidate, block by block
-        (``moments``: each linear's ``E[x xᵀ]``, for error feedback and rotation)."""
-        cache = cls(units, settings)
-        modules = dict(model.named_modules())
-        folder = None
-        if cache_dir is not None and fingerprint is not None:
-            folder = Path(cache_dir) / "candidates" / fingerprint
-            folder.mkdir(parents=True, exist_ok=True)
-        layers = sorted({u.layer for u in units})
-        bar = tqdm(total=len(units) * len(LOW_BIT_ACTIONS), desc="fit candidates", disable=not progress, unit="fit")
-        for layer in layers:
-            layer_units = [u for u in units if u.layer == layer]
-            shard = folder / f"layer_{layer:04d}.safetensors" if folder else None
-            if shard is not None and shard.is_file():
-                cache._load_shard(shard, layer_units)
-            else:
-                for u in layer_units:
-                    w = modules[u.module].weight.detach()[:, u.col0 : u.col1].float()
-                    s = act_scales[u.module][u.col0 : u.col1]
-                    h = moments[u.module][u.col0 : u.col1, u.col0 : u.col1] if moments is not None else None
-                    cache._add(u, SKIP, quantize_unit(w, s, SKIP, settings), w, s)
-                    for a in LOW_BIT_ACTIONS:
-                        cache._add(u, a, quantize_unit(w, s, a, settings, h, seed=u.index), w, s)
-                        bar.update(1)
-                if shard is not None:
-                    cache._save_shard(shard, layer_units)
-                continue
-            bar.update(len(layer_units) * len(LOW_BIT_ACTIONS))
-        bar.close()
-        return cache
-
-    def _add(self, u: Unit, action: float, packed: dict[str, torch.Tensor], w: torch.Tensor, s: torch.Tensor) -> None:
-        self.packed[(u.index, action)] = packed
-        self.errors.setdefault(u.index, {})[action] = relative_error(w, dequantize_unit(packed, action, *u.shape), s)
-
-    def _save_shard(self, shard: Path, layer_units: list[Unit]) -> None:
-        tensors = {f"u{u.index}/{a:g}/{k}": t for u in layer_units for a in ACTIONS for k, t in self.packed[(u.index, a)].items()}
-        meta = {"errors": json.dumps({u.index: {f"{a:g}": e for a, e in self.errors[u.index].items()} for u in layer_units})}
-        tmp = shard.with_suffix(f".tmp{os.getpid()}")  # two processes filling one cache never share a temp file
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, shard)
-
-    def _load_shard(self, shard: Path, layer_units: list[Unit]) -> None:
-        from safetensors import safe_open
-
-        with safe_open(str(shard), "pt") as f:
-            errors = json.loads(f.metadata()["errors"])
-        tensors = load_file(str(shard))
-        for u in layer_units:
-            for a in ACTIONS:
-                prefix = f"u{u.index}/{a:g}/"
-                packed = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
-                self.packed[(u.index, a)] = packed
+    def load_layer(self, layer: int) -> bool:
+        """Read block ``layer``'s tables from its shard; False when there is no whole shard
+        (missing, or truncated: then it is refitted, never used)."""
+        path = self.shard(layer)
+        if not path.is_file():
+            return False
+        for p in (path, self.moments_file(layer)):
+            if not shard_is_complete(p):
+                tqdm.write(f"windquant: {p} is incomplete or missing; refitting block {layer}")
+                return False
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            traces = f.get_tensor("traces")
+        errors = json.loads(meta["errors"])
+        layer_units = [u for u in self.units if u.layer == layer]
+        for row, u in enumerate(layer_units):
             self.errors[u.index] = {float(a): e for a, e in errors[str(u.index)].items()}
+            self.traces[u.index] = traces[row].tolist()
+        self.metadata[layer] = json.loads(meta.get("extra", "{}"))
+        return True
+
+    def fit_layer(
+        self,
+        model: nn.Module,
+        layer: int,
+        act_scales: dict[str, torch.Tensor],
+        moments: dict[str, torch.Tensor],
+        extra: dict | None = None,
+        bar: tqdm | None = None,
+    ) -> None:
+        """Fit every candidate of block ``layer``'s units and write its shard (``moments``: each
+        linear's ``E[x xᵀ]``, for error feedback, rotation and the traces; ``extra``: JSON kept
+        beside the shard)."""
+        tensors: dict[str, torch.Tensor] = {}
+        layer_units = [u for u in self.units if u.layer == layer]
+        for u in layer_units:
+            w = model.get_submodule(u.module).weight.detach()[:, u.col0 : u.col1].float()
+            s = act_scales[u.module][u.col0 : u.col1]
+            h = moments[u.module][u.col0 : u.col1, u.col0 : u.col1]
+            row = []
+            for a in ACTIONS:
+                packed = quantize_unit(w, s, a, self.settings, h, seed=u.index) if a != SKIP else quantize_unit(w, s, a, self.settings)
+                w_hat = dequantize_unit(packed, a, *u.shape)
+                self.errors.setdefault(u.index, {})[a] = relative_error(w, w_hat, s)
+                row.append(output_trace(w, w_hat.half().float(), h))
+                tensors |= {f"u{u.index}/{a:g}/{k}": t for k, t in packed.items()}
+                if bar is not None and a in LOW_BIT_ACTIONS:
+                    bar.update(1)
+            self.traces[u.index] = row
+        tensors["traces"] = torch.tensor([self.traces[u.index] for u in layer_units], dtype=torch.float64)
+        self.metadata[layer] = extra or {}
+        meta = {
+            "errors": json.dumps({u.index: {f"{a:g}": e for a, e in self.errors[u.index].items()} for u in layer_units}),
+            "extra": json.dumps(self.metadata[layer]),
+        }
+        self.save_moments(layer, moments)
+        _atomic_save(tensors, self.shard(layer), meta)  # last: a whole shard means a whole block
+
+    # -- candidates -----------------------------------------------------------
+    def packed_of(self, index: int, action: float) -> dict[str, torch.Tensor]:
+        """Packed tensors of unit ``index`` at ``action`` (its block's shard is read once and
+        kept until another block's is asked for)."""
+        layer = self.units[index].layer
+        if self._held[0] != layer:
+            self._held = (layer, load_file(str(self.shard(layer))))
+        prefix = f"u{index}/{action:g}/"
+        return {k[len(prefix) :]: t for k, t in self._held[1].items() if k.startswith(prefix)}
 
     def hold_dense(self) -> None:
         """Keep every candidate's dequantized fp16 weights from now on (fast plan assembly)."""
-        for (index, action), packed in self.packed.items():
-            if (index, action) not in self.dense:
-                self.dense[(index, action)] = dequantize_unit(packed, action, *self.units[index].shape).half()
+        for u in self.units:
+            for a in ACTIONS:
+                if (u.index, a) not in self.dense:
+                    self.dense[(u.index, a)] = dequantize_unit(self.packed_of(u.index, a), a, *u.shape).half()
+        self._held = (None, {})
 
     # -- queries --------------------------------------------------------------
     def weight(self, index: int, action: float) -> torch.Tensor:
         """Dequantized fp16 weights of unit ``index`` at ``action``."""
         held = self.dense.get((index, action))
-        return held if held is not None else dequantize_unit(self.packed[(index, action)], action, *self.units[index].shape).half()
+        return held if held is not None else dequantize_unit(self.packed_of(index, action), action, *self.units[index].shape).half()
 
     def applied(self, index: int, action: float, threshold: float) -> float:
         return fallback_action(self.errors[index], action, threshold)
@@ -154,10 +221,19 @@ class CandidateCache:
             rows.append([unit_bits(self.applied(u.index, a, threshold), *u.shape, rate, accounting, rotate) for a in ACTIONS])
         return torch.tensor(rows, dtype=torch.float64)
 
+    def traces_table(self) -> torch.Tensor:
+        """[N, len(ACTIONS)] ``tr(ΔW H ΔWᵀ)`` of each unit's candidate at each action (float64)."""
+        return torch.tensor([self.traces[u.index] for u in self.units], dtype=torch.float64)
 
-def fingerprint(model_digest: str, calib_digest: str, chunk: int, settings: FitSettings) -> str:
-    payload = json.dumps(
-        {"v": CACHE_VERSION, "model": model_digest, "calib": calib_digest, "chunk": chunk, **settings.fingerprint_fields()},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # two processes filling one cache never share a temp file
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def fingerprint(model_digest: str, calib_digest: str, chunk: int, settings: FitSettings, fold: bool = False) -> str:
+    payload = {"v": CACHE_VERSION, "model": model_digest, "calib": calib_digest, "chunk": chunk, **settings.fingerprint_fields()}
+    payload |= {"fold": True} if fold else {}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from windquant.model.folding import ALPHAS, FoldGroup, awq_scales, fold, fold_groups, fold_statistics
+from windquant.model.units import decoder_blocks
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit
 
 # The action α is chosen for: 3 bits is what most weights get at 2.5-3 true bits.
@@ -46,19 +47,39 @@ def group_errors(model: nn.Module, group: FoldGroup, act_scales: dict, moments: 
     return errors
 
 
-def fold_model(
-    model: nn.Module, act_scales: dict, moments: dict, chunk: int, settings: FitSettings, progress: bool = True
+def fold_layer(
+    model: nn.Module,
+    layer: int,
+    act_scales: dict,
+    moments: dict | None,
+    chunk: int,
+    settings: FitSettings,
+    alphas: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Search and fold every group of ``model`` in place (statistics transformed with it);
-    returns producer -> chosen α. The search fits without error feedback (speed; the ranking of
-    α is what matters) and with the run's rotation setting."""
+    """Fold every group of block ``layer`` in place, with ``alphas`` (producer -> α) when given,
+    else searched (needs ``moments``); the statistics are transformed with the weights. Returns
+    producer -> α. The search fits without error feedback (speed; the ranking of α is what
+    matters) and with the run's rotation setting."""
     search = replace(settings, feedback=False, steps=0)
     chosen = {}
-    for group in tqdm(fold_groups(model), desc="fold scales", disable=not progress, unit="group"):
-        errors = group_errors(model, group, act_scales, moments, chunk, search)
-        alpha = min(errors, key=errors.get)
+    for group in fold_groups(model, layer):
+        if alphas is not None:
+            alpha = alphas[group.producer]
+        else:
+            errors = group_errors(model, group, act_scales, moments, chunk, search)
+            alpha = min(errors, key=errors.get)
         chosen[group.producer] = alpha
         scales = awq_scales(group.channel_rms(act_scales[group.consumers[0]]), alpha)
         fold(model, group, scales)
         fold_statistics(act_scales, moments, group, scales)
+    return chosen
+
+
+def fold_model(
+    model: nn.Module, act_scales: dict, moments: dict, chunk: int, settings: FitSettings, progress: bool = True
+) -> dict[str, float]:
+    """:func:`fold_layer` on every block (statistics of the whole model at hand)."""
+    chosen = {}
+    for layer in tqdm(range(len(decoder_blocks(model)[1])), desc="fold scales", disable=not progress, unit="block"):
+        chosen |= fold_layer(model, layer, act_scales, moments, chunk, settings)
     return chosen

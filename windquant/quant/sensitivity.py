@@ -5,35 +5,20 @@
 activations), and ``F_layer`` the mean squared gradient of the calibration loss w.r.t. that
 layer's output (one backward pass). Under a second-order expansion with a diagonal,
 row-constant output Fisher, ``½ c[i, a] · tokens`` is the loss increase from quantizing unit
-``i`` alone with action ``a``. One table serves every budget; ``H`` and ``F`` come from
-``calib.statistics.second_moments_and_fisher``.
+``i`` alone with action ``a``. One table serves every budget. The traces are computed while the
+candidates are fitted (``CandidateCache.traces_table``), ``F`` by
+``calib.statistics.layer_fisher``.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from windquant.actions import ACTIONS
 from windquant.model.units import Unit
-from windquant.quant.cache import CandidateCache
 
 
-@torch.no_grad()
-def sensitivity_scores(
-    model: nn.Module,
-    units: list[Unit],
-    cache: CandidateCache,
-    moments: dict[str, torch.Tensor],
-    fisher: dict[str, float],
-) -> torch.Tensor:
-    """[N, len(ACTIONS)] estimated loss increase of each unit at each action (float64)."""
-    modules = dict(model.named_modules())
-    scores = torch.zeros(len(units), len(ACTIONS), dtype=torch.float64)
-    for u in units:
-        w = modules[u.module].weight[:, u.col0 : u.col1].float()
-        h = moments[u.module][u.col0 : u.col1, u.col0 : u.col1]
-        for j, a in enumerate(ACTIONS):
-            delta = w - cache.weight(u.index, a).float()
-            scores[u.index, j] = fisher[u.module] * float(((delta @ h) * delta).sum())
-    return scores
+def sensitivity_scores(units: list[Unit], traces: torch.Tensor, fisher: dict[str, float]) -> torch.Tensor:
+    """[N, A] estimated loss increase of each unit at each action (float64) from the
+    candidates' traces [N, A] and each linear's Fisher."""
+    layer_fisher = torch.tensor([fisher[u.module] for u in units], dtype=torch.float64)
+    return layer_fisher[:, None] * traces.double()

@@ -1,0 +1,65 @@
+"""Block-streamed preparation: same candidates and tables as fitting from whole-model statistics,
+half-precision models computed in float32 block by block, truncated shards refitted."""
+
+import torch
+from conftest import full_model_statistics, make_model
+from safetensors.torch import load_file
+
+from windquant.actions import ACTIONS, SKIP
+from windquant.calib.statistics import calibrate
+from windquant.pipeline import calibration_windows, fit_settings, prepare
+from windquant.quant.cache import output_trace, shard_is_complete
+from windquant.quant.unit import dequantize_unit, quantize_unit
+
+
+def test_streamed_candidates_equal_fits_on_whole_model_statistics(tiny_model, tokenizer, tiny_fit):
+    prepared = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
+    stats = calibrate(tiny_model, prepared.stats.windows, moments=True, progress=False)
+    _scales, reference_moments = full_model_statistics(tiny_model, prepared.stats.windows)
+    settings = fit_settings(tiny_fit)
+    for u in prepared.units:
+        w = tiny_model.get_submodule(u.module).weight.detach()[:, u.col0 : u.col1].float()
+        s = stats.act_scales[u.module][u.col0 : u.col1]
+        h = stats.moments[u.module][u.col0 : u.col1, u.col0 : u.col1]
+        h_ref = reference_moments[u.module][u.col0 : u.col1, u.col0 : u.col1].float()
+        for j, a in enumerate(ACTIONS):
+            expected = quantize_unit(w, s, a, settings) if a == SKIP else quantize_unit(w, s, a, settings, h, seed=u.index)
+            got = prepared.cache.packed_of(u.index, a)
+            assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), (u, a)
+            w_hat = dequantize_unit(got, a, *u.shape).half().float()
+            trace = output_trace(w, w_hat, h_ref)
+            assert abs(prepared.cache.traces[u.index][j] - trace) <= 1e-4 * abs(trace) + 1e-9, (u, a)
+
+
+def test_half_precision_model_streams_in_float32_and_is_left_as_it_was(tokenizer, tiny_fit):
+    half = make_model().half()
+    exact = make_model()
+    exact.load_state_dict({k: v.float() for k, v in half.state_dict().items()})  # the same fp16 values, in fp32
+    windows = calibration_windows(tokenizer, tiny_fit)
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    got = calibrate(half, windows, moments=True, progress=False)
+    want = calibrate(exact, windows, moments=True, progress=False)
+    after = half.state_dict()
+    assert all(after[k].dtype == torch.float16 and torch.equal(after[k], v) for k, v in before.items())
+    for name, s in want.act_scales.items():
+        assert got.act_scales[name].dtype == torch.float32
+        # only the rotary tables differ: the model computes them in its own dtype
+        assert torch.allclose(got.act_scales[name], s, rtol=2e-3, atol=1e-5), name
+        assert torch.allclose(got.moments[name], want.moments[name], rtol=5e-3, atol=1e-5), name
+
+
+def test_truncated_shard_is_detected_and_refitted(tiny_model, tokenizer, tiny_fit):
+    first = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
+    shard = first.cache.shard(1)
+    whole = shard.read_bytes()
+    tensors = {k: t.clone() for k, t in load_file(str(shard)).items()}  # not views of the file we truncate
+    assert shard_is_complete(shard)
+    shard.write_bytes(whole[: len(whole) - 100])
+    assert not shard_is_complete(shard)
+    again = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
+    assert shard_is_complete(shard)  # refitted (deterministically), never read truncated
+    refitted = load_file(str(shard))
+    assert refitted.keys() == tensors.keys() and all(torch.equal(refitted[k], t) for k, t in tensors.items())
+    assert again.cache.errors == first.cache.errors and again.cache.traces == first.cache.traces
+    shard.write_bytes(b"\x10\x00")  # not even a header
+    assert not shard_is_complete(shard)
