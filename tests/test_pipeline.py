@@ -1,5 +1,6 @@
 import json
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
@@ -52,7 +53,6 @@ def test_quantized_model_differs_from_reference_but_stays_close(tiny_model, toke
 
 
 def test_plan_json_roundtrip_and_applied_actions(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
-    from dataclasses import replace
 
     prepared = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
     plan = make_plan(prepared, tiny_plan)
@@ -91,6 +91,11 @@ def test_cache_holds_dense_candidates_only_for_allocators_that_score_plans(tiny_
     assert set(rl.cache.dense) == {(u.index, a) for u in rl.units for a in ACTIONS}
     for index, action in rl.cache.dense:
         assert torch.equal(rl.cache.dense[(index, action)], lean.cache.weight(index, action))
+    # on disk: written once beside the cache, memory-mapped, the same weights
+    mapped = prepare(tiny_model, tokenizer, replace(tiny_fit, dense_candidates="disk"), needs={"proxy"}, progress=False)
+    assert len(list(mapped.folder.glob("dense_*.safetensors"))) == 2
+    assert mapped.cache.dense.keys() == rl.cache.dense.keys()
+    assert all(torch.equal(t, rl.cache.dense[k]) for k, t in mapped.cache.dense.items())
 
 
 def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny_plan, tiny_fit):
@@ -116,8 +121,6 @@ def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny
 
 
 def test_error_feedback_candidates_cut_the_output_error(tiny_model, tokenizer, tiny_fit):
-    from dataclasses import replace
-
     plain = prepare(tiny_model, tokenizer, replace(tiny_fit, feedback=False, rotate=False, carry=False), progress=False)
     fed = prepare(tiny_model, tokenizer, replace(tiny_fit, feedback=True, rotate=False, carry=False), progress=False)
     assert fed.folder != plain.folder

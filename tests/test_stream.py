@@ -63,3 +63,54 @@ def test_truncated_shard_is_detected_and_refitted(tiny_model, tokenizer, tiny_fi
     assert again.cache.errors == first.cache.errors and again.cache.traces == first.cache.traces
     shard.write_bytes(b"\x10\x00")  # not even a header
     assert not shard_is_complete(shard)
+
+
+WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import make_model, make_tokenizer
+from windquant.config import FitConfig
+from windquant.pipeline import prepare
+prepare(make_model(layers=3), make_tokenizer(), FitConfig(**{fit!r}), progress=False)
+"""
+
+
+def shard_contents(folder):
+    """File name -> (tensors, metadata) of every shard: what a fit wrote, header order aside."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out[path.name] = ({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    return out
+
+
+def test_two_process_fit_equals_one_process(tokenizer, tiny_fit, tmp_path):
+    """Two gloo processes (as torchrun starts them) split the blocks; the shards equal one process's."""
+    import dataclasses
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    one = prepare(make_model(layers=3), tokenizer, tiny_fit, progress=False)
+    fit = dataclasses.replace(tiny_fit, cache_dir=str(tmp_path / "two"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = WORKER.format(tests=str(Path(__file__).parent), fit=fit.to_dict())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    two = Path(fit.cache_dir) / "candidates" / one.folder.name
+    want, got = shard_contents(one.folder), shard_contents(two)
+    assert len(want) == 6 and got.keys() == want.keys()  # 3 candidate shards + 3 moment files
+    for name, (tensors, meta) in want.items():
+        assert got[name][1] == meta, name
+        assert got[name][0].keys() == tensors.keys() and all(torch.equal(got[name][0][k], t) for k, t in tensors.items()), name

@@ -40,7 +40,10 @@ def _dry_run(model, fit) -> int:
     n = sum(u.n_weights for u in units)
     print(f"units: {len(units)} column chunks of <= {fit.chunk} columns over {len({u.module for u in units})} linears")
     print(f"quantized weights: {n:,}   untouched tensors: {untouched_bytes(model) / 2**20:.1f} MiB in fp16")
-    print(f"candidate cache in RAM: ~{n * 20 / 8 / 2**30:.2f} GiB packed (6 low-bit actions); +{n * 12 / 2**30:.2f} GiB dense for RL allocators")
+    print(
+        f"candidate cache on disk: ~{n * 20 / 8 / 2**30:.2f} GiB packed (6 low-bit actions) + input moments; "
+        f"in RAM only its tables, +{n * 12 / 2**30:.2f} GiB dense for RL allocators"
+    )
     print("uniform plans (before operator fallback):")
     for a in ACTIONS:
         s = summarize([u.shape for u in units], [a] * len(units), fit.salient, fit.rotate)
@@ -53,20 +56,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from windquant.model.loading import load_model
     from windquant.pack.checkpoint import prepare_out_dir
     from windquant.pipeline import make_plan, prepare, write_checkpoint
+    from windquant.quant.streamed import process_group
     from windquant.runinfo import Timings
 
     fit, plan_config = fit_config_from_args(args), plan_config_from_args(args)
+    # Under torchrun (several processes share the candidate fit) the first one writes the checkpoint.
+    first = args.dry_run or process_group()[0] == 0
     if not args.dry_run:
         if not args.out:
             raise WindquantError("give --out DIR for the checkpoint (or --dry-run)")
-        prepare_out_dir(args.out, args.overwrite)
-    progress = not args.quiet
+        if first:
+            prepare_out_dir(args.out, args.overwrite)
+    progress = not args.quiet and first
     timings = Timings()
     with timings.stage("load"):
         model, tokenizer = load_model(args.model, dtype="auto")  # held as stored; blocks compute in float32
     if args.dry_run:
         return _dry_run(model, fit)
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
+    if not first:  # its share of the fit is written
+        return 0
     plan = make_plan(prepared, plan_config, timings, progress)
     out, report = write_checkpoint(
         prepared, plan, args.out, args.overwrite, model_name=args.model, timings=timings, progress=not args.quiet

@@ -106,6 +106,7 @@ class FitConfig:
     calib_samples: int = setting(64, "calibration windows")
     calib_len: int = setting(256, "tokens per calibration window")
     seed: int = setting(0, "seed of the calibration windows and of allocators that sample")
+    dense_candidates: str = setting("ram", "where allocators that score plans on the real model (ppo) keep every candidate's dense fp16 weights: ram | disk (written once beside the cache, memory-mapped)", run=True)
     data_dir: str | None = setting(None, "folder holding WikiText-2 (else $WINDQUANT_DATA)", run=True)
     cache_dir: str | None = setting(None, "candidate cache root (default ~/.cache/windquant)", run=True)
 
@@ -118,6 +119,7 @@ class FitConfig:
             ("tune_lr", self.tune_lr > 0, "> 0"),
             ("calib_samples", self.calib_samples >= 1, ">= 1"),
             ("calib_len", self.calib_len >= 2, ">= 2"),
+            ("dense_candidates", self.dense_candidates in ("ram", "disk"), "ram or disk"),
         )
         require(self, checks)
         return self

@@ -34,10 +34,10 @@ from windquant.pack.tune import TuneSettings, tune_scales
 from windquant.plan import Plan
 from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, parameters_digest, tensor_digest
 from windquant.quant.sensitivity import sensitivity_scores
-from windquant.quant.streamed import fit_streamed
+from windquant.quant.streamed import fit_streamed, process_group
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
 from windquant.reports import plan_report
-from windquant.runinfo import Timings, release_freed_memory
+from windquant.runinfo import Timings
 
 TUNE_HELDOUT_WINDOWS = 4  # calibration-corpus windows (another seed) that stop scale tuning
 
@@ -143,7 +143,7 @@ class Prepared:
                 self._scores(progress)
         if "proxy" in needs:  # plans are scored by the hundred: keep every candidate dense
             for cache in [self.cache] + ([self.variant.cache] if self.variant else []):
-                cache.hold_dense()
+                cache.hold_dense(self.fit.dense_candidates)
         if "features" in needs and self.features is None:
             with timings.stage("features"):
                 self.features = unit_features(self.model, self.units, self.stats.act_scales)
@@ -256,6 +256,8 @@ def prepare(
     cache, *rest = caches
     prepared = Prepared(model, tokenizer, fit, units, stats, unit_saliency(model, units, stats.act_scales), cache, folded)
     prepared.variant = VariantCandidates(rest[0]) if rest else None
+    if process_group()[0] != 0:  # several processes shared the fit; the first one goes on alone
+        return prepared
     return prepared.ensure(needs, timings, progress)
 
 
@@ -313,8 +315,6 @@ def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) ->
             weight = prepared.model.get_submodule(name).weight.detach()
             for c, p in zip(plan_chunks[name], quantize_linear(weight, moments[name], plan_chunks[name], settings)):
                 packed[(c.index, c.action)] = p
-        del moments
-        release_freed_memory()
     return packed
 
 

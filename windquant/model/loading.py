@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from windquant.errors import WindquantError
+from windquant.runinfo import release_freed_memory
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,6 +94,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float
     else:
         model, tok = _load_hf(spec, dtype)
     model.eval()
+    release_freed_memory()  # the loaders' transient copies: back to the OS
     return model, tok
 
 

@@ -196,12 +196,26 @@ class CandidateCache:
         prefix = f"u{index}/{action:g}/"
         return {k[len(prefix) :]: t for k, t in self._held[1].items() if k.startswith(prefix)}
 
-    def hold_dense(self) -> None:
-        """Keep every candidate's dequantized fp16 weights from now on (fast plan assembly)."""
-        for u in self.units:
-            for a in ACTIONS:
-                if (u.index, a) not in self.dense:
-                    self.dense[(u.index, a)] = dequantize_unit(self.packed_of(u.index, a), a, *u.shape).half()
+    def dense_file(self, layer: int) -> Path:
+        return self.folder / f"dense_{layer:04d}.safetensors"
+
+    def hold_dense(self, where: str = "ram") -> None:
+        """Keep every candidate's dequantized fp16 weights from now on (fast plan assembly):
+        in RAM, or (``where="disk"``) in fp16 shards beside the candidates, written once and
+        memory-mapped, so the kernel pages them in and out instead of the process holding them."""
+        for layer in sorted({u.layer for u in self.units}):
+            layer_units = [u for u in self.units if u.layer == layer]
+            if all((u.index, a) in self.dense for u in layer_units for a in ACTIONS):
+                continue
+            path = self.dense_file(layer)
+            if where == "disk" and shard_is_complete(path):
+                self.dense |= {_unit_action(k): t for k, t in load_file(str(path)).items()}
+                continue
+            dense = {(u.index, a): dequantize_unit(self.packed_of(u.index, a), a, *u.shape).half() for u in layer_units for a in ACTIONS}
+            if where == "disk":
+                _atomic_save({f"{i}/{a:g}": t for (i, a), t in dense.items()}, path, {})
+                dense = {_unit_action(k): t for k, t in load_file(str(path)).items()}
+            self.dense |= dense
         self._held = (None, {})
 
     # -- queries --------------------------------------------------------------
@@ -224,6 +238,11 @@ class CandidateCache:
     def traces_table(self) -> torch.Tensor:
         """[N, len(ACTIONS)] ``tr(ΔW H ΔWᵀ)`` of each unit's candidate at each action (float64)."""
         return torch.tensor([self.traces[u.index] for u in self.units], dtype=torch.float64)
+
+
+def _unit_action(key: str) -> tuple[int, float]:
+    index, action = key.split("/")
+    return int(index), float(action)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
