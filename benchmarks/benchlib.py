@@ -136,3 +136,27 @@ def zs_cell(result: dict | None, limit: int | None) -> str:
         return "–"
     other = f" (n={result['n']})" if result.get("limit") != limit else ""
     return fmt(100 * result["acc"], 1) + other
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's current RSS (or another /proc/self/status field, e.g. VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_mode_workers(script: str, modes: list[str], flags: dict) -> list[dict]:
+    """Run ``script --worker MODE --k=v ...`` once per mode, each in its own process (RSS is per
+    process), and return the JSON row each prints last."""
+    import subprocess
+    import sys
+
+    rows = []
+    for mode in modes:
+        print(f"{mode} ...", file=sys.stderr)
+        cmd = [sys.executable, script, "--worker", mode] + [f"--{k}={v}" for k, v in flags.items() if v is not None]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+

@@ -19,18 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from benchlib import rss_mib, run_mode_workers
+
 MODES = ("packed", "ram", "disk")
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -111,13 +105,9 @@ def main() -> int:
         return 0
     from windquant.alloc.ppo import PPOConfig
 
-    rows = []
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        print(f"{mode} ...", file=sys.stderr)
-        cmd = [sys.executable, __file__, "--worker", mode, f"--model={args.model}", f"--target-bits={args.target_bits}"]
-        cmd += [f"--n={args.n}", f"--threads={args.threads}"] + ([f"--cache-dir={args.cache_dir}"] if args.cache_dir else [])
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    flags = {"model": args.model, "target-bits": args.target_bits, "n": args.n, "threads": args.threads, "cache-dir": args.cache_dir}
+    rows = run_mode_workers(__file__, modes, flags)
     result = {
         "model": args.model,
         "target_bits": args.target_bits,

@@ -14,19 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchlib import rss_mib, run_mode_workers
+
 MODES = ("reference", "packed", "dense-cache")
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -150,22 +144,8 @@ def main() -> int:
         p.error(
             f"{args.checkpoint} is not a windquant checkpoint folder (no quant_config.json); give one written by windquant quantize"
         )
-    rows = []
-    for mode in MODES:
-        print(f"{mode} ...", file=sys.stderr)
-        cmd = [sys.executable, __file__, "--worker", mode] + [
-            f"--{k}={v}"
-            for k, v in (
-                ("checkpoint", args.checkpoint),
-                ("reference", args.reference),
-                ("tokens", args.tokens),
-                ("repeats", args.repeats),
-                ("threads", args.threads),
-                ("prompt", args.prompt),
-            )
-        ]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    flags = {"checkpoint": args.checkpoint, "reference": args.reference, "tokens": args.tokens, "repeats": args.repeats}
+    rows = run_mode_workers(__file__, list(MODES), flags | {"threads": args.threads, "prompt": args.prompt})
     result = {
         "checkpoint": args.checkpoint,
         "tokens": args.tokens,

@@ -52,6 +52,8 @@ def _dry_run(model, fit) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
     from windquant.alloc import get_allocator
     from windquant.model.loading import load_model
     from windquant.pack.checkpoint import prepare_out_dir
@@ -70,7 +72,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     progress = not args.quiet and first
     timings = Timings()
     with timings.stage("load"):
-        model, tokenizer = load_model(args.model, dtype="auto")  # held as stored; blocks compute in float32
+        # Held as stored (blocks compute in float32), unless scale tuning runs the whole model.
+        model, tokenizer = load_model(args.model, dtype=torch.float32 if fit.tune_steps else "auto")
     if args.dry_run:
         return _dry_run(model, fit)
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)

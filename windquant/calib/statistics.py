@@ -139,24 +139,25 @@ def layer_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, p
     try:
         for p in trainable:
             p.requires_grad_(False)
-        for batch in tqdm(capture(model, windows, batch_size), desc="sensitivity", disable=not progress, unit="batch"):
-            inputs = []
-            h = batch.hidden
-            with torch.no_grad():
-                for layer, block in enumerate(blocks):
-                    inputs.append(h)
-                    with in_float32(block):
-                        h = block_output(block(h, **batch.kwargs[layer]))
-            h.requires_grad_(True)
-            for row in range(len(batch.tokens)):  # one sequence's logits at a time (vocab-sized)
-                head_loss(model, batch.tokens[row : row + 1], h[row : row + 1]).backward()
-            grad = h.grad
-            for layer in reversed(range(len(blocks))):
-                x = inputs.pop().requires_grad_(True)
-                with hooked(model, backward=backward, layer=layer), in_float32(blocks[layer]):
-                    block_output(blocks[layer](x, **batch.kwargs[layer])).backward(grad)
-                grad = x.grad
-            tokens += batch.tokens.numel()
+        with in_float32(model.get_output_embeddings()):  # once for the pass: it is vocab-sized
+            for batch in tqdm(capture(model, windows, batch_size), desc="sensitivity", disable=not progress, unit="batch"):
+                inputs = []
+                h = batch.hidden
+                with torch.no_grad():
+                    for layer, block in enumerate(blocks):
+                        inputs.append(h)
+                        with in_float32(block):
+                            h = block_output(block(h, **batch.kwargs[layer]))
+                h.requires_grad_(True)
+                for row in range(len(batch.tokens)):  # one sequence's logits at a time (vocab-sized)
+                    head_loss(model, batch.tokens[row : row + 1], h[row : row + 1]).backward()
+                grad = h.grad
+                for layer in reversed(range(len(blocks))):
+                    x = inputs.pop().requires_grad_(True)
+                    with hooked(model, backward=backward, layer=layer), in_float32(blocks[layer]):
+                        block_output(blocks[layer](x, **batch.kwargs[layer])).backward(grad)
+                    grad = x.grad
+                tokens += batch.tokens.numel()
     finally:
         for p in trainable:
             p.requires_grad_(True)

@@ -134,7 +134,8 @@ class BlockStream:
 
 def head_loss(model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
     """The model's own next-token loss (summed over tokens) with ``last_hidden`` as the last
-    block's output: its final norm, head and loss function run, the blocks do not."""
+    block's output: its final norm, head and loss function run (in their dtype: callers wrap it
+    in :func:`in_float32` of the head), the blocks do not."""
     _prefix, blocks = decoder_blocks(model)
 
     def passthrough(i):
@@ -143,7 +144,7 @@ def head_loss(model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor)
 
         return forward
 
-    with replaced_forwards(blocks, passthrough), in_float32(model.get_output_embeddings()):
+    with replaced_forwards(blocks, passthrough):
         loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
     # Sum (not mean) over tokens: each token's gradient is then its own loss's.
     return loss * tokens[:, 1:].numel()

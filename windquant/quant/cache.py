@@ -42,9 +42,12 @@ def default_cache_dir() -> Path:
 
 
 def tensor_digest(tensors: list[torch.Tensor]) -> str:
+    """sha256 of the tensors' values as float32 bytes, converted a slice at a time (no copy of a
+    whole embedding matrix)."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().contiguous().float().numpy().tobytes())
+        for part in t.detach().reshape(-1).split(1 << 20):
+            h.update(part.float().numpy().tobytes())
     return h.hexdigest()
 
 
