@@ -6,7 +6,7 @@ from conftest import full_model_statistics, make_model
 from safetensors.torch import load_file
 
 from windquant.actions import ACTIONS, SKIP
-from windquant.calib.statistics import calibrate
+from windquant.calib.statistics import calibrate, layer_fisher
 from windquant.pipeline import calibration_windows, fit_settings, prepare
 from windquant.quant.cache import output_trace, shard_is_complete
 from windquant.quant.unit import dequantize_unit, quantize_unit
@@ -39,6 +39,8 @@ def test_half_precision_model_streams_in_float32_and_is_left_as_it_was(tokenizer
     before = {k: v.clone() for k, v in half.state_dict().items()}
     got = calibrate(half, windows, moments=True, progress=False)
     want = calibrate(exact, windows, moments=True, progress=False)
+    fisher, fisher_exact = layer_fisher(half, windows[:2], progress=False), layer_fisher(exact, windows[:2], progress=False)
+    assert all(abs(fisher[n] - f) <= 1e-2 * f for n, f in fisher_exact.items())
     after = half.state_dict()
     assert all(after[k].dtype == torch.float16 and torch.equal(after[k], v) for k, v in before.items())
     for name, s in want.act_scales.items():

@@ -21,7 +21,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from windquant.calib.stream import BlockStream, block_output, capture, head_loss, in_float32
+from windquant.calib.stream import (
+    BlockStream,
+    block_output,
+    call_in_float32,
+    capture,
+    float32_copies,
+    head_float32_copies,
+    head_loss,
+)
 from windquant.model.units import block_linears, decoder_blocks
 
 
@@ -139,25 +147,24 @@ def layer_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, p
     try:
         for p in trainable:
             p.requires_grad_(False)
-        with in_float32(model.get_output_embeddings()):  # once for the pass: it is vocab-sized
-            for batch in tqdm(capture(model, windows, batch_size), desc="sensitivity", disable=not progress, unit="batch"):
-                inputs = []
-                h = batch.hidden
-                with torch.no_grad():
-                    for layer, block in enumerate(blocks):
-                        inputs.append(h)
-                        with in_float32(block):
-                            h = block_output(block(h, **batch.kwargs[layer]))
-                h.requires_grad_(True)
-                for row in range(len(batch.tokens)):  # one sequence's logits at a time (vocab-sized)
-                    head_loss(model, batch.tokens[row : row + 1], h[row : row + 1]).backward()
-                grad = h.grad
-                for layer in reversed(range(len(blocks))):
-                    x = inputs.pop().requires_grad_(True)
-                    with hooked(model, backward=backward, layer=layer), in_float32(blocks[layer]):
-                        block_output(blocks[layer](x, **batch.kwargs[layer])).backward(grad)
-                    grad = x.grad
-                tokens += batch.tokens.numel()
+        head = head_float32_copies(model)  # once for the pass: it is vocab-sized
+        for batch in tqdm(capture(model, windows, batch_size), desc="sensitivity", disable=not progress, unit="batch"):
+            inputs = []
+            h = batch.hidden
+            with torch.no_grad():
+                for layer, block in enumerate(blocks):
+                    inputs.append(h)
+                    h = block_output(call_in_float32(block, h, **batch.kwargs[layer]))
+            h.requires_grad_(True)
+            for row in range(len(batch.tokens)):  # one sequence's logits at a time (vocab-sized)
+                head_loss(model, batch.tokens[row : row + 1], h[row : row + 1], head).backward()
+            grad = h.grad
+            for layer in reversed(range(len(blocks))):
+                x = inputs.pop().requires_grad_(True)
+                with hooked(model, backward=backward, layer=layer):
+                    block_output(call_in_float32(blocks[layer], x, params=float32_copies(blocks[layer]), **batch.kwargs[layer])).backward(grad)
+                grad = x.grad
+            tokens += batch.tokens.numel()
     finally:
         for p in trainable:
             p.requires_grad_(True)

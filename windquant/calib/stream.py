@@ -6,7 +6,7 @@ forward runs with every block replaced by a recorder that keeps the keyword argu
 model hands that block (attention masks, rotary embeddings: per block, since e.g. Gemma-3
 alternates sliding and full attention) and passes the hidden states through. Afterwards only
 the calibration windows' hidden states at the current depth are held, and the block being
-computed is upcast to float32 for the time it runs, whatever dtype the model is held in.
+computed runs on float32 copies of its parameters, whatever dtype the model is held in.
 """
 
 from __future__ import annotations
@@ -38,19 +38,19 @@ def replaced_forwards(blocks: nn.ModuleList, forward_of: Callable[[int], Callabl
             block.__dict__.pop("forward", None)
 
 
-@contextmanager
-def in_float32(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` computing in float32 while inside; its parameters are put back in their dtype
-    afterwards (exactly: a half value survives the round trip)."""
-    dtype = next(module.parameters()).dtype
-    if dtype == torch.float32:
-        yield module
-        return
-    module.float()
-    try:
-        yield module
-    finally:
-        module.to(dtype)
+def float32_copies(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Float32 copies of ``module``'s half-precision parameters (none when it is float32)."""
+    return {n: p.float() for n, p in module.named_parameters() if p.is_floating_point() and p.dtype != torch.float32}
+
+
+def call_in_float32(module: nn.Module, *args, params: dict[str, torch.Tensor] | None = None, **kwargs):
+    """``module(*args, **kwargs)`` computed with float32 copies of its parameters (``params``,
+    else made now), whatever dtype it is held in. The module's own tensors are never replaced
+    (a model loaded from safetensors keeps them memory-mapped), and the copies go with the call."""
+    params = float32_copies(module) if params is None else params
+    if not params:
+        return module(*args, **kwargs)
+    return torch.func.functional_call(module, params, args, kwargs)
 
 
 def block_output(out) -> torch.Tensor:
@@ -126,16 +126,16 @@ class BlockStream:
         if layer != self.next_layer:
             raise RuntimeError(f"blocks run in order: expected block {self.next_layer}, got {layer}")
         block = self.blocks[layer]
-        with in_float32(block):
-            for b in self.batches:
-                b.hidden = block_output(block(b.hidden, **b.kwargs[layer]))
+        params = float32_copies(block)
+        for b in self.batches:
+            b.hidden = block_output(call_in_float32(block, b.hidden, params=params, **b.kwargs[layer]))
         self.next_layer += 1
 
 
-def head_loss(model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+def head_loss(model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The model's own next-token loss (summed over tokens) with ``last_hidden`` as the last
-    block's output: its final norm, head and loss function run (in their dtype: callers wrap it
-    in :func:`in_float32` of the head), the blocks do not."""
+    block's output: its final norm, head and loss function run, the blocks do not. ``params``:
+    float32 copies of the head's parameters (:func:`head_float32_copies`) when it is held in half."""
     _prefix, blocks = decoder_blocks(model)
 
     def passthrough(i):
@@ -145,6 +145,13 @@ def head_loss(model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor)
         return forward
 
     with replaced_forwards(blocks, passthrough):
-        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        loss = call_in_float32(model, input_ids=tokens, labels=tokens, use_cache=False, params=params or {}).loss
     # Sum (not mean) over tokens: each token's gradient is then its own loss's.
     return loss * tokens[:, 1:].numel()
+
+
+def head_float32_copies(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Float32 copies of the output head's parameters, named as in ``model`` (a head tied to the
+    input embeddings is named once, as the embeddings)."""
+    head = {id(p) for p in model.get_output_embeddings().parameters()}
+    return {n: p.float() for n, p in model.named_parameters() if id(p) in head and p.dtype != torch.float32}
