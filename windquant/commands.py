@@ -72,8 +72,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     progress = not args.quiet and first
     timings = Timings()
     with timings.stage("load"):
-        # Held as stored (blocks compute in float32), unless scale tuning runs the whole model.
-        model, tokenizer = load_model(args.model, dtype=torch.float32 if fit.tune_steps else "auto")
+        # Held as stored (blocks compute in float32), unless the whole model is run on plans
+        # (scale tuning, an allocator scoring plans on the real model).
+        whole = fit.tune_steps > 0 or "proxy" in get_allocator(plan_config.allocator).needs
+        model, tokenizer = load_model(args.model, dtype=torch.float32 if whole else "auto")
     if args.dry_run:
         return _dry_run(model, fit)
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)

@@ -37,7 +37,7 @@ from windquant.quant.sensitivity import sensitivity_scores
 from windquant.quant.streamed import fit_streamed, process_group
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
 from windquant.reports import plan_report
-from windquant.runinfo import Timings
+from windquant.runinfo import Timings, release_freed_memory
 
 TUNE_HELDOUT_WINDOWS = 4  # calibration-corpus windows (another seed) that stop scale tuning
 
@@ -315,6 +315,7 @@ def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) ->
             weight = prepared.model.get_submodule(name).weight.detach()
             for c, p in zip(plan_chunks[name], quantize_linear(weight, moments[name], plan_chunks[name], settings)):
                 packed[(c.index, c.action)] = p
+        release_freed_memory()  # this block's factorisations: back to the OS
     return packed
 
 

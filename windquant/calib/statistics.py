@@ -31,6 +31,7 @@ from windquant.calib.stream import (
     head_loss,
 )
 from windquant.model.units import block_linears, decoder_blocks
+from windquant.runinfo import release_freed_memory
 
 
 @dataclass
@@ -168,4 +169,5 @@ def layer_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, p
     finally:
         for p in trainable:
             p.requires_grad_(True)
+        release_freed_memory()  # the pass's activations and head copy: back to the OS
     return {n: f / tokens for n, f in fisher.items()}
