@@ -160,3 +160,18 @@ def run_mode_workers(script: str, modes: list[str], flags: dict) -> list[dict]:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return rows
 
+
+def write_markdown(out: Path, lines: list[str], command: str) -> None:
+    """``out/results.md``: ``lines`` then the command that produced them."""
+    (out / "results.md").write_text("\n".join(lines + ["", f"Command: `{command}`", ""]))
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+

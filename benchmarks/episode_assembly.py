@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchlib import rss_mib, run_mode_workers
+from benchlib import pyplot, rss_mib, run_mode_workers, write_markdown
 
 MODES = ("packed", "ram", "disk")
 
@@ -68,13 +68,9 @@ def write_outputs(out: Path, result: dict) -> None:
             f"| {r['mode']} | {r['rss_after_prepare_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['median_bare_seconds']:.3f} | "
             f"{r['median_episode_seconds']:.3f} | **{r['ratio']:.2f}** |"
         )
-    lines += ["", f"Command: `{result['command']}`", ""]
-    (out / "results.md").write_text("\n".join(lines))
+    write_markdown(out, lines, result["command"])
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.2))

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import rss_mib, run_mode_workers
+from benchlib import pyplot, rss_mib, run_mode_workers, write_markdown
 
 MODES = ("reference", "packed", "dense-cache")
 
@@ -106,13 +106,9 @@ def write_outputs(out: Path, result: dict) -> None:
             f"| {r['mode']} | {r['rss_after_imports_mib']:.0f} | {r['rss_after_tokenizer_mib']:.0f} | {r['rss_after_load_mib']:.0f} | "
             f"{r['rss_after_generate_mib']:.0f} | **{model_mib(r):.0f}** | {r['peak_rss_mib']:.0f} | {r['tokens_per_s']:.2f} |"
         )
-    lines += ["", f"Command: `{result['command']}`", ""]
-    (out / "results.md").write_text("\n".join(lines))
+    write_markdown(out, lines, result["command"])
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     names = [r["mode"] for r in rows]

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import load_rows, save_rows
+from benchlib import load_rows, pyplot, save_rows, write_markdown
 
 SHAPES = {
     "135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
@@ -97,13 +97,9 @@ def write_outputs(out: Path, meta: dict, rows: list[dict]) -> None:
             f"| {r['key']} | {r['parameters'] / 1e6:.0f}M | {r['block_linear_parameters'] / 1e6:.0f}M | {r['source_mib']:.0f} | "
             f"{r['checkpoint_mib']:.0f} | {r['true_bits']:.3f} | **{r['timings']['peak_rss_mib']:.0f}** | {r['wall_s']:.0f} | {stages} |"
         )
-    lines += ["", f"Command: `{meta['command']}`", ""]
-    (out / "results.md").write_text("\n".join(lines))
+    write_markdown(out, lines, meta["command"])
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     params = [r["parameters"] / 1e6 for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
