@@ -7,13 +7,12 @@ and provides exactly that. Library entry points: :func:`prepare`, :func:`make_pl
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -32,7 +31,14 @@ from windquant.pack.apply import apply_plan, module_chunks, plan_weights
 from windquant.pack.checkpoint import save
 from windquant.pack.tune import TuneSettings, tune_scales
 from windquant.plan import Plan
-from windquant.quant.cache import CandidateCache, default_cache_dir, fingerprint, parameters_digest, tensor_digest
+from windquant.quant.cache import (
+    CandidateCache,
+    atomic_save_tensors,
+    default_cache_dir,
+    fingerprint,
+    parameters_digest,
+    tensor_digest,
+)
 from windquant.quant.sensitivity import sensitivity_scores
 from windquant.quant.streamed import fit_streamed, process_group
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
@@ -166,9 +172,7 @@ class Prepared:
             if not fisher:
                 fisher.update(layer_fisher(self.model, self.stats.windows, progress=progress))
             scores = sensitivity_scores(self.units, cache.traces_table(), fisher)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent runs never share a temp file
-            save_file({"scores": scores}, str(tmp), metadata={"actions": ",".join(f"{a:g}" for a in ACTIONS)})
-            os.replace(tmp, path)
+            atomic_save_tensors({"scores": scores}, path, {"actions": ",".join(f"{a:g}" for a in ACTIONS)})
             return scores
 
         self.scores = table(self.cache)

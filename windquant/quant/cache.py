@@ -119,7 +119,7 @@ class CandidateCache:
             owners.setdefault(id(h), name)
         shares = {name: owners[id(h)] for name, h in moments.items() if owners[id(h)] != name}
         tensors = {name: h for name, h in moments.items() if name not in shares}
-        _atomic_save(tensors, self.moments_file(layer), {"shares": json.dumps(shares)})
+        atomic_save_tensors(tensors, self.moments_file(layer), {"shares": json.dumps(shares)})
 
     def load_moments(self, layer: int) -> dict[str, torch.Tensor]:
         path = self.moments_file(layer)
@@ -187,7 +187,7 @@ class CandidateCache:
             "extra": json.dumps(self.metadata[layer]),
         }
         self.save_moments(layer, moments)
-        _atomic_save(tensors, self.shard(layer), meta)  # last: a whole shard means a whole block
+        atomic_save_tensors(tensors, self.shard(layer), meta)  # last: a whole shard means a whole block
 
     # -- candidates -----------------------------------------------------------
     def packed_of(self, index: int, action: float) -> dict[str, torch.Tensor]:
@@ -216,7 +216,7 @@ class CandidateCache:
                 continue
             dense = {(u.index, a): dequantize_unit(self.packed_of(u.index, a), a, *u.shape).half() for u in layer_units for a in ACTIONS}
             if where == "disk":
-                _atomic_save({f"{i}/{a:g}": t for (i, a), t in dense.items()}, path, {})
+                atomic_save_tensors({f"{i}/{a:g}": t for (i, a), t in dense.items()}, path, {})
                 dense = {_unit_action(k): t for k, t in load_file(str(path)).items()}
             self.dense |= dense
         self._held = (None, {})
@@ -248,7 +248,7 @@ def _unit_action(key: str) -> tuple[int, float]:
     return int(index), float(action)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # two processes filling one cache never share a temp file
     save_file(tensors, str(tmp), metadata=metadata)
