@@ -13,6 +13,7 @@ import torch
 from windquant.calib.corpus import corpus_tokens
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
+from windquant.reports import pyplot  # noqa: F401  (re-exported: the benchmarks draw with it)
 from windquant.runinfo import peak_rss_mib
 
 
@@ -165,13 +166,4 @@ def write_markdown(out: Path, lines: list[str], command: str) -> None:
     """``out/results.md``: ``lines`` then the command that produced them."""
     (out / "results.md").write_text("\n".join(lines + ["", f"Command: `{command}`", ""]))
 
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 

@@ -7,7 +7,7 @@ and provides exactly that. Library entry points: :func:`prepare`, :func:`make_pl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from windquant.quant.cache import (
     parameters_digest,
     tensor_digest,
 )
+from windquant.quant.reconstruction import BlockReconstruction
 from windquant.quant.sensitivity import sensitivity_scores
 from windquant.quant.streamed import fit_streamed, process_group
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
@@ -186,6 +187,12 @@ class Prepared:
             self.proxies[(samples, length)] = PlanProxy(self, windows, proxy_perplexity(self.model, windows))
         return self.proxies[(samples, length)]
 
+    def reconstruction(self, progress: bool = True) -> Callable[[int], BlockReconstruction]:
+        """(windows per batch) -> the blocks of the model on the calibration windows, teacher-forced."""
+        return lambda batch_size: BlockReconstruction(
+            self.model, self.stats.windows, self.cache, self.fit.fallback_threshold, batch_size, progress
+        )
+
     def _tables(self, cache: CandidateCache, scores: torch.Tensor | None, accounting: str):
         """(bits, costs, applied) [N, A] of ``cache``'s candidates per *requested* action."""
         threshold = self.fit.fallback_threshold
@@ -275,7 +282,8 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
         problem = prepared.problem(config.budget_bits, config.accounting)
         problem.check_feasible()
         proxy = prepared.proxy if "proxy" in spec.needs else None
-        ctx = AllocationContext(prepared.work_dir(config), prepared.allocator_seed(config), progress, proxy)
+        reconstruction = prepared.reconstruction(progress) if "reconstruction" in spec.needs else None
+        ctx = AllocationContext(prepared.work_dir(config), prepared.allocator_seed(config), progress, proxy, reconstruction)
         allocation = spec.allocate(problem, config.allocator_config, ctx)
         problem.check_plan(allocation.requested, spec.name, allocation.variant)
         applied = prepared.applied(allocation.requested, allocation.variant)

@@ -64,11 +64,18 @@ def plan_report(plan: Plan, model: nn.Module | None = None) -> dict:
     }
 
 
-def save_bit_map(plan: Plan, path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported only when a figure is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_bit_map(plan: Plan, path: Path) -> None:
+    plt = pyplot()
 
     layers, projs, grid = layer_bit_map(plan)
     dist = plan.action_distribution()

@@ -2,6 +2,7 @@
 
 # The built-in allocators register themselves on import (one line per allocator).
 from windquant.alloc import (
+    gamma,  # noqa: E402, F401
     heuristic,  # noqa: E402, F401
     ilp,  # noqa: E402, F401
     ppo,  # noqa: E402, F401

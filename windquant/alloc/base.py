@@ -8,7 +8,9 @@ An allocator is a function registered with its config dataclass and what it need
 
 ``needs`` names what the pipeline must provide beyond bits and saliency: ``"scores"``
 (``problem.costs``, the per-unit sensitivity table), ``"features"`` (``problem.features``, static
-unit statistics) and ``"proxy"`` (``ctx.proxy``, a callable scoring a plan on the real model).
+unit statistics), ``"proxy"`` (``ctx.proxy``, a callable scoring a plan on the real model) and
+``"reconstruction"`` (``ctx.reconstruction``: each decoder block's output error on its
+teacher-forced inputs for any weights of its units).
 The pipeline reads ``needs`` and never switches on an allocator's name; an allocator never sees
 the model. Adding one = one module + one import line in ``alloc/__init__.py`` + its tests.
 
@@ -25,9 +27,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from windquant.errors import WindquantError
 
 if TYPE_CHECKING:
+    import torch
+
     from windquant.alloc.problem import AllocationProblem
 
-NEEDS = frozenset({"scores", "features", "proxy"})
+NEEDS = frozenset({"scores", "features", "proxy", "reconstruction"})
 
 
 @dataclass
@@ -49,6 +53,29 @@ class Proxy(Protocol):
         ...
 
 
+class BlockTask(Protocol):
+    """One decoder block, teacher-forced: its units' candidates and its output error."""
+
+    units: list[int]  # indices of the block's units, in model order
+    candidates: list[torch.Tensor]  # per unit: [A, out, cols] float32 weights applied for each requested action
+    batches: int  # calibration batches ``loss`` can be asked for
+
+    def loss(self, weights: list[torch.Tensor], batch: int) -> torch.Tensor:
+        """Differentiable error of the block's output when its units have ``weights`` (one per
+        unit), against the unquantized block's, on calibration batch ``batch``: Σ_c F_c Δy_c² per
+        token, F the mean squared gradient of the model's loss at the block output (nats, as the
+        sensitivity scores)."""
+        ...
+
+
+class Reconstruction(Protocol):
+    """The model's decoder blocks one at a time, in order (built by the pipeline)."""
+
+    layers: int
+
+    def block(self, layer: int) -> BlockTask: ...
+
+
 @dataclass
 class AllocationContext:
     """What the pipeline gives an allocator besides the problem."""
@@ -57,6 +84,7 @@ class AllocationContext:
     seed: int = 0
     progress: bool = True
     proxy: Callable[[int, int], Proxy] | None = None  # (samples, tokens per sample) -> Proxy, with need "proxy"
+    reconstruction: Callable[[int], Reconstruction] | None = None  # (windows per batch) -> Reconstruction, with need "reconstruction"
 
 
 AllocateFn = Callable[["AllocationProblem", Any, AllocationContext], Allocation]

@@ -125,9 +125,12 @@ def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, ba
     return CalibrationStats(windows, scales, second if moments else None)
 
 
-def layer_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
+def layer_fisher(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, residual: dict[int, torch.Tensor] | None = None
+) -> dict[str, float]:
     """Mean squared output gradient of every block linear (per output channel and token) of the
-    calibration loss summed over tokens.
+    calibration loss summed over tokens; with ``residual``, also filled with each block's
+    [hidden] mean squared gradient per channel and token at its output (the residual stream).
 
     The backward pass runs block by block: per batch, each block's input is kept (one hidden
     state per block), the loss's gradient enters at the last block's output (one sequence's
@@ -161,6 +164,8 @@ def layer_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, p
                 head_loss(model, batch.tokens[row : row + 1], h[row : row + 1], head).backward()
             grad = h.grad
             for layer in reversed(range(len(blocks))):
+                if residual is not None:
+                    residual[layer] = residual.get(layer, 0) + (grad * grad).sum((0, 1))
                 x = inputs.pop().requires_grad_(True)
                 with hooked(model, backward=backward, layer=layer):
                     block_output(call_in_float32(blocks[layer], x, params=float32_copies(blocks[layer]), **batch.kwargs[layer])).backward(grad)
@@ -170,4 +175,6 @@ def layer_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, p
         for p in trainable:
             p.requires_grad_(True)
         release_freed_memory()  # the pass's activations and head copy: back to the OS
+    if residual is not None:
+        residual.update({layer: g / tokens for layer, g in residual.items()})
     return {n: f / tokens for n, f in fisher.items()}

@@ -15,10 +15,9 @@ def plot_training_curve(log_path: Path, png: Path) -> None:
     rows = read_episodes(log_path)
     if not rows:
         return
-    import matplotlib
+    from windquant.reports import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ep = [r["episode"] for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)

@@ -1,0 +1,160 @@
+"""GAMMA allocator: teacher-forced block reconstruction, learned preferences, projection, reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from windquant.actions import ACTIONS
+from windquant.alloc.gamma import GammaConfig, expected_bits, initial_preferences, load_preferences, soft_price, temperature
+from windquant.alloc.ilp import solve
+from windquant.config import PlanConfig
+from windquant.model.units import decoder_blocks
+from windquant.pack.apply import plan_weights
+from windquant.pipeline import make_plan, prepare
+
+
+def gamma_plan(target: float, **config) -> PlanConfig:
+    return PlanConfig(target_bits=target, allocator="gamma", allocator_config=GammaConfig(**config))
+
+
+@pytest.fixture
+def prepared(tiny_model, tokenizer, tiny_fit):
+    return prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)
+
+
+def block_outputs_and_gradients(model, windows):
+    """Reference (whole model, plain autograd): each block's output and the gradient of the
+    calibration loss summed over tokens at it."""
+    _prefix, blocks = decoder_blocks(model)
+    outs = []
+
+    def keep(_m, _i, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h.retain_grad()
+        outs.append(h)
+
+    hooks = [b.register_forward_hook(keep) for b in blocks]
+    loss = model(input_ids=windows, labels=windows).loss * windows[:, 1:].numel()
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    model.zero_grad()
+    return [h.detach() for h in outs], [h.grad for h in outs]
+
+
+def test_one_hot_preferences_give_the_plans_weights_and_the_teacher_forced_block_error(prepared, tiny_model):
+    plan = make_plan(prepared, PlanConfig(target_bits=3.0))  # any plan: ilp's
+    windows = prepared.stats.windows
+    ref_out, grads = block_outputs_and_gradients(tiny_model, windows)
+    recon = prepared.reconstruction(progress=False)(len(windows))  # one batch: all windows
+    _prefix, blocks = decoder_blocks(tiny_model)
+    for layer in range(recon.layers):
+        # The per-channel Fisher at the block output: mean over tokens of the squared gradient.
+        g = grads[layer].reshape(-1, grads[layer].shape[-1])
+        torch.testing.assert_close(recon.fisher[layer], (g * g).mean(0), rtol=1e-4, atol=1e-12)
+        task = recon.block(layer)
+        weights = []
+        for k, i in enumerate(task.units):
+            one_hot = torch.zeros(len(ACTIONS))
+            one_hot[ACTIONS.index(plan.requested[i])] = 1
+            w = torch.einsum("a,aoc->oc", one_hot, task.candidates[k])
+            assert torch.equal(w, prepared.cache.weight(i, plan.applied[i]).float())
+            weights.append(w)
+        # Reference: the whole model with only this block's units at the plan, hooked at the block.
+        seen = []
+        hook = blocks[layer].register_forward_hook(lambda _m, _i, o, seen=seen: seen.append(o[0] if isinstance(o, tuple) else o))
+        dense = {i: w for i, w in zip(task.units, weights)}
+        layer_units = [u for u in plan.units if u.layer == layer]
+        with torch.no_grad(), plan_weights(tiny_model, layer_units, lambda u, dense=dense: dense[u.index]):
+            tiny_model(input_ids=windows)
+        hook.remove()
+        expected = ((seen[0] - ref_out[layer]) ** 2 * recon.fisher[layer]).sum() / windows.numel()
+        got = task.loss(weights, 0)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-10)
+        assert got > 0
+
+
+def test_soft_price_meets_the_budget_and_untrained_preferences_project_to_ilps_plan(prepared):
+    problem = prepared.problem(2.5, "true")
+    budget = problem.budget
+    scale = float(problem.costs.std(dim=1).median())
+    mu = soft_price(problem.costs, problem.bits, scale, budget)
+    assert mu > 0
+    torch.testing.assert_close(float(expected_bits(-(problem.costs + mu * problem.bits) / scale, problem.bits)), budget, rtol=1e-6, atol=1.0)
+    prefs = initial_preferences(problem.costs, problem.bits, budget, 2, "scores")
+    layer_of = torch.tensor([u.layer for u in problem.units])
+    costs = prefs.costs(layer_of, problem.bits)
+    shift = costs - problem.costs  # the learned costs are the scores plus one constant per unit
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift), rtol=1e-5, atol=1e-5 * float(problem.costs.abs().max()))
+    assert solve(costs, problem.bits, budget).choice.tolist() == solve(problem.costs, problem.bits, budget).choice.tolist()
+
+
+def test_temperature_schedule_ends_where_it_says():
+    assert temperature(0, 10, 1.0, 0.05) == 1.0
+    assert temperature(9, 10, 1.0, 0.05) == pytest.approx(0.05)
+    assert temperature(4, 10, 1.0, 0.05) > temperature(5, 10, 1.0, 0.05)
+
+
+def test_lagrangian_drives_expected_bits_from_uniform_to_the_target(prepared):
+    plan = make_plan(prepared, gamma_plan(2.5, init="uniform", steps=40))
+    info = plan.info["gamma"]
+    problem = prepared.problem(2.5, "true")
+    start = float(expected_bits(torch.zeros_like(problem.bits), problem.bits)) / problem.n_weights
+    assert start > 4.5  # uniform over 16..1 bits
+    # Two blocks of 40 steps: the multiplier overshoots a little on the way down from 5+ bits.
+    assert abs(info["expected_bits_after_training"] - 2.5) < 0.3
+    assert plan.true_bits <= 2.5 + 1e-9
+
+
+def test_one_table_serves_every_budget_and_a_reloaded_table_gives_the_same_plans(prepared, tiny_model, tokenizer, tiny_fit):
+    plans = {t: make_plan(prepared, gamma_plan(t, steps=6, train_bits=2.5)) for t in (2.25, 2.5, 3.0)}
+    tables = list(prepared.folder.glob("gamma/preferences-*.safetensors"))
+    assert len(tables) == 1  # trained once, projected three times
+    assert len(load_preferences(tables[0]).log) == 2 * 6
+    for t, plan in plans.items():
+        assert plan.true_bits <= t + 1e-9
+        assert plan.info["gamma"]["train_bits"] == 2.5
+    assert plans[2.25].true_bits < plans[3.0].true_bits
+    again = prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)
+    assert make_plan(again, gamma_plan(2.25, steps=6, train_bits=2.5)).requested == plans[2.25].requested
+
+
+def test_a_killed_training_resumes_to_the_uninterrupted_table(prepared, tmp_path):
+    """Training stopped after block 0 and run again ends with the table of one whole run."""
+    from windquant.alloc import AllocationContext, get_allocator
+
+    problem = prepared.problem(2.5, "true")
+    config = GammaConfig(steps=5)
+    spec = get_allocator("gamma")
+    whole = spec.allocate(problem, config, AllocationContext(tmp_path / "a" / "run", reconstruction=prepared.reconstruction(False)))
+
+    def killed_at_block_1(batch_size):
+        recon = prepared.reconstruction(False)(batch_size)
+        real = recon.block
+
+        def block(layer):
+            if layer == 1:
+                raise KeyboardInterrupt
+            return real(layer)
+
+        recon.block = block
+        return recon
+
+    with pytest.raises(KeyboardInterrupt):
+        spec.allocate(problem, config, AllocationContext(tmp_path / "b" / "run", reconstruction=killed_at_block_1))
+    (partial,) = (tmp_path / "b").glob("preferences-*.safetensors")
+    assert load_preferences(partial).done == 1
+    resumed = spec.allocate(problem, config, AllocationContext(tmp_path / "b" / "run", reconstruction=prepared.reconstruction(False)))
+    assert resumed.requested == whole.requested
+    a, b = load_preferences(tmp_path / "a" / partial.name), load_preferences(partial)
+    assert torch.equal(a.theta, b.theta) and a.log == b.log
+
+
+def test_gamma_rejects_bad_settings(prepared):
+    from windquant.errors import WindquantError
+
+    with pytest.raises(WindquantError, match="tau_end"):
+        make_plan(prepared, gamma_plan(2.5, tau_end=2.0))
+    with pytest.raises(WindquantError, match="init"):
+        make_plan(prepared, gamma_plan(2.5, init="random"))
