@@ -99,7 +99,7 @@ def expected_bits(logits: torch.Tensor, bits: torch.Tensor, tau: float = 1.0) ->
 
 def soft_price(costs: torch.Tensor, bits: torch.Tensor, scale: float, budget: float) -> float:
     """The bit price μ ≥ 0 at which preferences ``softmax(−(c + μ·bits)/s)`` expect ``budget``
-    bits (expected bits fall as μ rises; bisection in log space)."""
+    bits (expected bits fall as μ rises: bracket by doubling twice, then bisect)."""
     def spent(mu: float) -> float:
         return float(expected_bits(-(costs + mu * bits) / scale, bits))
 
