@@ -108,7 +108,8 @@ def test_lagrangian_drives_expected_bits_from_uniform_to_the_target(prepared):
 
 
 def test_one_table_serves_every_budget_and_a_reloaded_table_gives_the_same_plans(prepared, tiny_model, tokenizer, tiny_fit):
-    plans = {t: make_plan(prepared, gamma_plan(t, steps=6, train_bits=2.5)) for t in (2.25, 2.5, 3.0)}
+    plans = {2.5: make_plan(prepared, gamma_plan(2.5, steps=6))}  # trained at its target ...
+    plans |= {t: make_plan(prepared, gamma_plan(t, steps=6, train_bits=2.5)) for t in (2.25, 3.0)}  # ... reused
     tables = list(prepared.folder.glob("gamma/preferences-*.safetensors"))
     assert len(tables) == 1  # trained once, projected three times
     assert len(load_preferences(tables[0]).log) == 2 * 6

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -284,7 +284,8 @@ def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationCon
     if ctx.reconstruction is None or problem.costs is None:
         raise WindquantError("the gamma allocator needs the model's blocks: make the plan with windquant.pipeline.make_plan")
     train_bits = problem.target_bits if config.train_bits is None else config.train_bits
-    digest = settings_digest(config, {"train_bits": train_bits, "accounting": problem.accounting})
+    # Named by what it computes: a table trained at 2.5 is the same whether 2.5 was the target or given.
+    digest = settings_digest(replace(config, train_bits=train_bits), {"accounting": problem.accounting})
     folder = ctx.work_dir.parent  # shared by every target: one table serves them all
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"preferences-{problem.accounting}-{train_bits:g}-{digest}.safetensors"
