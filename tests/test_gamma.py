@@ -159,3 +159,14 @@ def test_gamma_rejects_bad_settings(prepared):
         make_plan(prepared, gamma_plan(2.5, tau_end=2.0))
     with pytest.raises(WindquantError, match="init"):
         make_plan(prepared, gamma_plan(2.5, init="random"))
+
+
+def test_scores_and_gamma_share_one_backward_pass(tiny_model, tokenizer, tiny_fit, monkeypatch):
+    import windquant.calib.statistics as statistics
+
+    passes = []  # layer_fisher captures the block inputs once per pass (the forward stream does not use this name)
+    real = statistics.capture
+    monkeypatch.setattr(statistics, "capture", lambda *a, **k: passes.append(1) or real(*a, **k))
+    prepared = prepare(tiny_model, tokenizer, tiny_fit, progress=False)  # no scores yet
+    make_plan(prepared, gamma_plan(2.5, steps=2))
+    assert len(passes) == 1

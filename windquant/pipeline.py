@@ -47,6 +47,7 @@ from windquant.reports import plan_report
 from windquant.runinfo import Timings, release_freed_memory
 
 TUNE_HELDOUT_WINDOWS = 4  # calibration-corpus windows (another seed) that stop scale tuning
+RESIDUAL_FISHER = "residual_fisher.safetensors"  # beside the candidates: block -> per-channel Fisher
 
 
 def fit_settings(fit: FitConfig, rotate: bool | None = None) -> FitSettings:
@@ -171,7 +172,7 @@ class Prepared:
             if path.is_file():
                 return load_file(str(path))["scores"]
             if not fisher:
-                fisher.update(layer_fisher(self.model, self.stats.windows, progress=progress))
+                fisher.update(self._fisher_pass(progress))
             scores = sensitivity_scores(self.units, cache.traces_table(), fisher)
             atomic_save_tensors({"scores": scores}, path, {"actions": ",".join(f"{a:g}" for a in ACTIONS)})
             return scores
@@ -187,10 +188,26 @@ class Prepared:
             self.proxies[(samples, length)] = PlanProxy(self, windows, proxy_perplexity(self.model, windows))
         return self.proxies[(samples, length)]
 
+    def _fisher_pass(self, progress: bool) -> dict[str, float]:
+        """The one backward pass: per-linear Fisher (returned, for the scores) and the residual
+        stream's per-channel Fisher at every block output (kept in the cache folder for
+        :meth:`reconstruction`, so an allocator that needs both runs the pass once)."""
+        residual: dict[int, torch.Tensor] = {}
+        fisher = layer_fisher(self.model, self.stats.windows, progress=progress, residual=residual)
+        atomic_save_tensors({str(layer): g for layer, g in residual.items()}, self.folder / RESIDUAL_FISHER, {})
+        return fisher
+
+    def residual_fisher(self, progress: bool = True) -> dict[int, torch.Tensor]:
+        """Block -> [hidden] mean squared loss gradient per channel and token at its output."""
+        path = self.folder / RESIDUAL_FISHER
+        if not path.is_file():
+            self._fisher_pass(progress)
+        return {int(layer): g for layer, g in load_file(str(path)).items()}
+
     def reconstruction(self, progress: bool = True) -> Callable[[int], BlockReconstruction]:
         """(windows per batch) -> the blocks of the model on the calibration windows, teacher-forced."""
         return lambda batch_size: BlockReconstruction(
-            self.model, self.stats.windows, self.cache, self.fit.fallback_threshold, batch_size, progress
+            self.model, self.stats.windows, self.cache, self.fit.fallback_threshold, self.residual_fisher(progress), batch_size
         )
 
     def _tables(self, cache: CandidateCache, scores: torch.Tensor | None, accounting: str):

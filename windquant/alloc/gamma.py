@@ -164,7 +164,7 @@ def train_block(task: BlockTask, prefs: Preferences, layer: int, budget: Budget,
     rows = torch.tensor(task.units)
     bits, layer_of, n_weights = budget.bits, budget.layer_of, budget.n_weights
     trained = layer_of < layer
-    other_bits = float((prefs.theta[trained].div(config.tau_end).softmax(-1) * bits[trained]).sum() + prefs.prior[layer_of > layer].sum())
+    other_bits = float(expected_bits(prefs.theta[trained], bits[trained], config.tau_end) + prefs.prior[layer_of > layer].sum())
     logits = prefs.theta[rows].clone().requires_grad_(True)
     block_bits = bits[rows]
     rho = config.penalty * prefs.mu0
@@ -299,7 +299,7 @@ def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationCon
     curve = folder / f"{path.stem}.png"
     if not curve.is_file():
         plot_curve(prefs, curve, train_bits)
-    expected = float(expected_bits(prefs.theta / config.tau_end, problem.bits.float())) / problem.n_weights
+    expected = float(expected_bits(prefs.theta, problem.bits.float(), config.tau_end)) / problem.n_weights
     info = {
         "train_bits": train_bits,
         "expected_bits_after_training": expected,

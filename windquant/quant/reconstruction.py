@@ -3,8 +3,8 @@
 
 Block ``l`` receives the unquantized model's own hidden states (``calib.stream``) and its output
 for any weights of its units is compared with the unquantized block's output, each residual
-channel weighted by the mean squared gradient of the model's loss there (one backward pass,
-``calib.statistics.layer_fisher``). The weighted squared error is then a second-order estimate
+channel weighted by the mean squared gradient of the model's loss there (from the backward pass
+that also gives the sensitivity scores' Fisher, ``calib.statistics.layer_fisher``). The weighted squared error is then a second-order estimate
 of the loss increase in nats per token, on the same scale as the sensitivity scores, but it
 sees every interaction inside the block (q/k through the softmax, gate/up through SiLU).
 
@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from windquant.actions import ACTIONS
-from windquant.calib.statistics import layer_fisher
 from windquant.calib.stream import BlockStream, block_output
 from windquant.quant.cache import CandidateCache
 from windquant.runinfo import release_freed_memory
@@ -56,10 +55,11 @@ class TeacherForcedBlock:
 class BlockReconstruction:
     """``alloc.base.Reconstruction`` of a prepared model: its blocks walked in order."""
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, cache: CandidateCache, threshold: float, batch_size: int, progress: bool):
+    def __init__(
+        self, model: nn.Module, windows: torch.Tensor, cache: CandidateCache, threshold: float, fisher: dict[int, torch.Tensor], batch_size: int
+    ):
         self.model, self.cache, self.threshold = model, cache, threshold
-        self.fisher: dict[int, torch.Tensor] = {}
-        layer_fisher(model, windows, progress=progress, residual=self.fisher)
+        self.fisher = fisher  # block -> [hidden] mean squared loss gradient at its output
         self.stream = BlockStream(model, windows, batch_size)
         self.layers = len(self.stream)
 
