@@ -1,7 +1,9 @@
 """The PPO allocator: reward terms, GAE, masking/clamps, state features, resume, pipeline + CLI."""
 
 import json
+import os
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,3 +367,29 @@ def test_unit_features_follow_the_paper_formulas(tiny_model):
     expected = [w.mean(), w.std(ddof=1), a.mean(), (a < 1e-6).mean(), (a > 0.5 * p99).mean(), s.mean(), s.std(ddof=1), s.max()]
     assert f.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert f[3] == pytest.approx(5 * u.columns / u.n_weights)
+
+
+PAPER_LOG = Path(__file__).parent / "data" / "ppo_paper_episodes.json"
+
+
+def paper_run_log(prepared, work_dir: Path, **overrides) -> list[dict]:
+    """Episode log of a 4-episode run at 4 bits, seed 3, wall-clock fields dropped."""
+    problem = prepared.problem(4.0, "true")
+    cfg = tiny_ppo(episodes=4, **overrides)
+    train_ppo(problem, prepared.proxy(cfg.proxy_samples, cfg.proxy_len), cfg, work_dir, seed=3, progress=False)
+    rows = [json.loads(line) for line in (work_dir / "episodes.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "proxy_seconds")} for r in rows]
+
+
+def test_paper_preset_reproduces_the_recorded_episode_log(ppo_prepared, tmp_path):
+    """The log in tests/data was written by the controller before the new options existed
+    (``WINDQUANT_RECORD=1`` rewrites it); the paper preset must still produce it."""
+    log = paper_run_log(ppo_prepared, tmp_path)
+    if os.environ.get("WINDQUANT_RECORD"):
+        PAPER_LOG.write_text(json.dumps(log, indent=1) + "\n")
+    recorded = json.loads(PAPER_LOG.read_text())
+    assert [r["plan"] for r in log] == [r["plan"] for r in recorded]
+    for got, want in zip(log, recorded):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-4, abs=1e-6) if not isinstance(value, str) else value), key
