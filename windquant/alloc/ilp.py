@@ -36,12 +36,9 @@ def _pick(cost: np.ndarray, bits: np.ndarray, allowed: np.ndarray, price: float)
     return np.where(allowed, cost + price * bits, np.inf).argmin(axis=1)
 
 
-def lagrangian(cost: np.ndarray, bits: np.ndarray, allowed: np.ndarray, budget: float) -> Solution:
-    """Feasible plan by bisection on the price of a bit, then greedy use of leftover bits."""
+def bit_price(cost: np.ndarray, bits: np.ndarray, allowed: np.ndarray, budget: float) -> float:
+    """The Lagrange price of a bit: the smallest one whose per-unit argmin of ``cost + price·bits`` fits."""
     rows = np.arange(len(cost))
-    cheapest = np.where(allowed, bits, np.inf).min(axis=1)
-    if not within_budget(cheapest.sum(), budget):
-        raise WindquantError(f"budget {budget:.0f} bits is below the cheapest allowed plan ({cheapest.sum():.0f} bits)")
     lo, hi = 0.0, 1.0
     while bits[rows, _pick(cost, bits, allowed, hi)].sum() > budget and hi < 1e30:
         hi *= 4
@@ -51,21 +48,53 @@ def lagrangian(cost: np.ndarray, bits: np.ndarray, allowed: np.ndarray, budget: 
             lo = mid
         else:
             hi = mid
-    choice = _pick(cost, bits, allowed, hi)
-    if not within_budget(bits[rows, choice].sum(), budget):  # price so high that ties remain: take cheapest
-        choice = np.where(allowed, bits, np.inf).argmin(axis=1)
-    # Greedy fill: best cost decrease per extra bit that still fits.
+    return hi
+
+
+def greedy_fill(cost: np.ndarray, bits: np.ndarray, allowed: np.ndarray, choice: np.ndarray, budget: float) -> np.ndarray:
+    """Spend leftover budget: repeatedly take the best cost decrease per extra bit that still fits."""
+    rows = np.arange(len(cost))
+    choice = choice.copy()
     total = bits[rows, choice].sum()
     while True:
         gain = cost[rows, choice][:, None] - cost
         extra = bits - bits[rows, choice][:, None]
         ok = allowed & (gain > 0) & within_budget(total + extra, budget)
         if not ok.any():
-            break
+            return choice
         ratio = np.where(ok, gain / np.maximum(extra, 1e-9), -np.inf)
         i, a = np.unravel_index(ratio.argmax(), ratio.shape)
         total += extra[i, a]
         choice[i] = a
+
+
+def greedy_trim(cost: np.ndarray, bits: np.ndarray, allowed: np.ndarray, choice: np.ndarray, budget: float) -> np.ndarray:
+    """Meet the budget: repeatedly take the smallest cost increase per bit saved."""
+    rows = np.arange(len(cost))
+    choice = choice.copy()
+    total = bits[rows, choice].sum()
+    while not within_budget(total, budget):
+        saved = bits[rows, choice][:, None] - bits
+        ok = allowed & (saved > 0)
+        if not ok.any():
+            raise WindquantError(f"budget {budget:.0f} bits is below the cheapest allowed plan")
+        ratio = np.where(ok, (cost - cost[rows, choice][:, None]) / np.maximum(saved, 1e-9), np.inf)
+        i, a = np.unravel_index(ratio.argmin(), ratio.shape)
+        total -= saved[i, a]
+        choice[i] = a
+    return choice
+
+
+def lagrangian(cost: np.ndarray, bits: np.ndarray, allowed: np.ndarray, budget: float) -> Solution:
+    """Feasible plan by bisection on the price of a bit, then greedy use of leftover bits."""
+    rows = np.arange(len(cost))
+    cheapest = np.where(allowed, bits, np.inf).min(axis=1)
+    if not within_budget(cheapest.sum(), budget):
+        raise WindquantError(f"budget {budget:.0f} bits is below the cheapest allowed plan ({cheapest.sum():.0f} bits)")
+    choice = _pick(cost, bits, allowed, bit_price(cost, bits, allowed, budget))
+    if not within_budget(bits[rows, choice].sum(), budget):  # price so high that ties remain: take cheapest
+        choice = np.where(allowed, bits, np.inf).argmin(axis=1)
+    choice = greedy_fill(cost, bits, allowed, choice, budget)
     return Solution(choice, float(cost[rows, choice].sum()), float(bits[rows, choice].sum()), "lagrangian")
 
 

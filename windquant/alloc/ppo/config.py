@@ -13,6 +13,7 @@ from windquant.config import require, setting
 
 @dataclass
 class PPOConfig:
+    mode: str = setting("construct", "construct: the paper's MDP, one decision per unit; refine: budget-neutral moves from ilp's plan, rewarded by the change in real proxy loss", flag="--ppo-mode")
     episodes: int = setting(100, "training episodes (the paper's value)")  # paper §4.1 (1B-8B runs)
     # The proxy: calibration windows scored per episode. The paper uses 64 x 256; 8 keeps an
     # episode at ~10 s on one CPU core (use 64 on a GPU).
@@ -42,6 +43,18 @@ class PPOConfig:
     min_bits_early: float = 2.0
     min_bits_attention: float = 1.58
     min_bits_mlp: float = 1.58
+    # Options of the construct mode (the paper's values are the defaults; see PRESETS).
+    state: str = "paper"  # paper: Table 1's 15 features; sensitivity: + each action's normalised ilp cost and bits
+    shaping: str = "none"  # none | potential: Φ = -shaping_scale × additive predicted loss of the decisions so far
+    shaping_scale: float = 1.0  # reward units per nat of predicted loss
+    order: str = "model"  # model: units in model order (paper); sensitive: most sensitive units first
+    # Options of the refine mode: each episode is one budget-neutral change to the incumbent plan
+    # (ilp's at the start), proposed by the policy and scored by the real proxy.
+    refine_batch: int = 8  # one-step episodes per PPO update (several roll-outs per update)
+    refine_prior: float = 8.0  # prior logit = -refine_prior × rank of the move's additive predicted cost, in [0, 1]
+    refine_min_gain: float = 0.0  # a move is accepted when it lowers the proxy's mean NLL by more than this (nats)
+    refine_entropy_coef: float = 0.001  # c2 over the ~N×7 moves (the paper's 0.05 is for 7 actions)
+    refine_baseline_decay: float = 0.9  # reward baseline: exponential moving average of the rewards
     checkpoint_every: int = setting(5, run=True)  # episodes between resumable checkpoints
     reward: RewardConfig = setting(factory=RewardConfig)
 
@@ -52,9 +65,29 @@ class PPOConfig:
             ("proxy_len", self.proxy_len >= 2, ">= 2"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("curriculum", len(self.curriculum) >= 1, "at least one target"),
+            ("mode", self.mode in MODES, " | ".join(MODES)),
+            ("state", self.state in STATES, " | ".join(STATES)),
+            ("shaping", self.shaping in SHAPINGS, " | ".join(SHAPINGS)),
+            ("order", self.order in ORDERS, " | ".join(ORDERS)),
+            ("refine_batch", self.refine_batch >= 1, ">= 1"),
         )
         require(self, checks, "PPO ")
         return self
+
+
+MODES = ("construct", "refine")
+STATES = ("paper", "sensitivity")
+SHAPINGS = ("none", "potential")
+ORDERS = ("model", "sensitive")
+
+# Named settings (``--ppo-set`` keys): "paper" is the paper's controller as published (§3.2-3.4);
+# "guided" adds the sensitivity state, potential shaping and the sensitive-first order to it;
+# "refine" is the refinement mode.
+PRESETS: dict[str, dict] = {
+    "paper": {"mode": "construct", "state": "paper", "shaping": "none", "order": "model"},
+    "guided": {"mode": "construct", "state": "sensitivity", "shaping": "potential", "order": "sensitive"},
+    "refine": {"mode": "refine"},
+}
 
 
 def curriculum_target(episode: int, episodes: int, stages: tuple[float, ...], final: float) -> float:

@@ -1,10 +1,12 @@
 """The allocation MDP (paper §3.2) as a gymnasium environment.
 
-One episode walks every unit in model order and assigns one of the 7 actions. The state
-is the paper's 15 features (Table 1); actions that would leave the remaining units unable
+One episode walks every unit (in model order, or with ``order="sensitive"`` most sensitive
+first) and assigns one of the 7 actions. The state is the paper's 15 features (Table 1), plus,
+with ``state="sensitivity"``, each action's normalised ilp cost and bits; actions that would leave the remaining units unable
 to meet the budget, even at their cheapest allowed action, are masked, and actions below
 a unit's minimum precision (early layers, attention, MLP clamps) are clamped up. The last
-step scores the plan with one proxy-perplexity pass and pays the episode-end reward.
+step scores the plan with one proxy-perplexity pass and pays the episode-end reward; with
+``shaping="potential"`` every step also pays its share of the additive predicted loss.
 
 The environment never sees the model: ``proxy`` is a callable from requested actions to
 perplexity, built by the pipeline from the candidate cache (no quantizer is refitted).
@@ -24,7 +26,8 @@ from windquant.alloc.ppo.config import PPOConfig
 from windquant.alloc.problem import AllocationProblem
 from windquant.errors import WindquantError
 
-OBS_DIM = 15
+OBS_DIM = 15  # the paper's Table 1
+SENSITIVITY_DIM = 14  # each action's normalised ilp cost (7) and bits per weight / 8 (7)
 N_ACTIONS = len(ACTIONS)
 FP32 = 32.0
 SKIP_COL = ACTIONS.index(SKIP)
@@ -70,6 +73,35 @@ def feasible_floors(problem: AllocationProblem, cfg: PPOConfig, target_bits: flo
     return floors, relaxed
 
 
+def obs_dim(cfg: PPOConfig) -> int:
+    return OBS_DIM + (SENSITIVITY_DIM if cfg.state == "sensitivity" else 0)
+
+
+def need_costs(problem: AllocationProblem, why: str) -> torch.Tensor:
+    if problem.costs is None:
+        raise WindquantError(f"the ppo allocator's {why} needs sensitivity scores; build the problem after prepare(..., needs={{'scores'}})")
+    return problem.costs.double()
+
+
+def visit_order(problem: AllocationProblem, cfg: PPOConfig) -> np.ndarray:
+    """Units in the order an episode decides them: model order, or the largest loss at the
+    lowest action (relative to 8 bit) first, so the budget mask forces the floor on the least sensitive."""
+    if cfg.order == "model":
+        return np.arange(len(problem.units))
+    costs = need_costs(problem, "sensitive-first order")
+    damage = costs[:, -1] - costs[:, ACTIONS.index(8.0)]
+    return torch.argsort(damage, descending=True, stable=True).numpy()
+
+
+def sensitivity_features(problem: AllocationProblem) -> torch.Tensor:
+    """[N, 14]: each action's ilp cost as log1p(cost / median positive cost), and its bits per weight / 8."""
+    costs = need_costs(problem, "sensitivity state").clamp(min=0)
+    positive = costs[costs > 0]
+    scale = float(positive.median()) if positive.numel() else 1.0
+    n = torch.tensor([u.n_weights for u in problem.units], dtype=torch.float64)
+    return torch.cat([torch.log1p(costs / scale).clamp(max=5), problem.bits.double() / n[:, None] / 8], 1)
+
+
 def normalise(features: torch.Tensor) -> torch.Tensor:
     """Z-score each column over the units (clipped to ±5): scale-free, so a policy transfers."""
     mean, std = features.mean(0), features.std(0)
@@ -87,30 +119,38 @@ class AllocationEnv(gym.Env):
             raise WindquantError("the ppo allocator needs unit features; run it through windquant.pipeline")
         self.problem, self.proxy, self.reference_ppl, self.cfg = problem, proxy, reference_ppl, cfg
         # Static features are z-scores clipped to ±5; the budget features lie in [0, 2].
-        self.observation_space = gym.spaces.Box(-5.0, 5.0, (OBS_DIM,), np.float32)
+        self.observation_space = gym.spaces.Box(-5.0, 5.0, (obs_dim(cfg),), np.float32)
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
-        self.bits = problem.bits.double()
-        self.n_weights = torch.tensor([u.n_weights for u in problem.units], dtype=torch.float64)
+        # Every per-unit table is kept in visiting order: step t decides unit order[t].
+        self.order = visit_order(problem, cfg)
+        o = torch.from_numpy(self.order)
+        self.bits = problem.bits.double()[o]
+        self.n_weights = torch.tensor([u.n_weights for u in problem.units], dtype=torch.float64)[o]
         self.fp32_bits = FP32 * float(self.n_weights.sum())
         self.remaining_weights = torch.cat([self.n_weights.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
         self.target_bits = problem.target_bits
         self._set_floors(self.target_bits)
-        static = normalise(problem.features.double())
+        static = normalise(problem.features.double())[o]
         kinds = [[u.kind == "attention", u.kind == "mlp"] for u in problem.units]
         # Static columns in Table 1 order: weights 0-4, calibration 9-11, structure 12-13.
-        self.static = torch.zeros(len(problem.units), OBS_DIM, dtype=torch.float64)
+        self.static = torch.zeros(len(problem.units), obs_dim(cfg), dtype=torch.float64)
         self.static[:, 0:5] = static[:, 0:5]
         self.static[:, 9:12] = static[:, 5:8]
-        self.static[:, 12:14] = torch.tensor(kinds, dtype=torch.float64)
+        self.static[:, 12:14] = torch.tensor(kinds, dtype=torch.float64)[o]
+        if cfg.state == "sensitivity":
+            self.static[:, OBS_DIM:] = sensitivity_features(problem)[o]
+        self._costs = need_costs(problem, "potential shaping")[o].numpy() if cfg.shaping == "potential" else None
         # The per-step work runs on numpy views: torch's per-call overhead dominates 7-element ops.
         self._bits, self._remaining = self.bits.numpy(), self.remaining_weights.numpy()
         self._static, self._n = self.static.numpy(), self.n_weights.numpy()
         self.lam = cfg.reward.lambda_init
         self.t, self.used, self.cols = 0, 0.0, []
+        self.predicted = 0.0  # additive predicted loss of the decisions so far (shaping)
 
     def _set_floors(self, target_bits: float) -> None:
         """Clamps for ``target_bits`` and the cheapest-completion suffix sums the mask needs."""
         floors, self.relaxed = feasible_floors(self.problem, self.cfg, target_bits)
+        floors = floors[torch.from_numpy(self.order)]
         self.allowed = torch.tensor(ACTIONS, dtype=torch.float64)[None, :] >= floors[:, None] - 1e-9  # [N, A]
         self.min_col = self.allowed.sum(1) - 1  # ACTIONS run high -> low precision
         cheapest = torch.where(self.allowed, self.bits, torch.full_like(self.bits, torch.inf)).min(1).values
@@ -137,7 +177,7 @@ class AllocationEnv(gym.Env):
         super().reset(seed=seed)
         self.target_bits = float((options or {}).get("target_bits", self.problem.target_bits))
         self._set_floors(self.target_bits)
-        self.t, self.used, self.cols = 0, 0.0, []
+        self.t, self.used, self.cols, self.predicted = 0, 0.0, [], 0.0
         if not within_budget(float(self.suffix[0]), self.budget):
             floor = float(self.suffix[0]) / float(self.n_weights.sum())
             raise below_floor_error(self.target_bits, floor, self.problem.accounting, "the cheapest plan the PPO clamps allow")
@@ -145,7 +185,7 @@ class AllocationEnv(gym.Env):
 
     def _obs(self) -> np.ndarray:
         n = len(self.problem.units)
-        obs = self._static[self.t].copy() if self.t < n else np.zeros(OBS_DIM)
+        obs = self._static[self.t].copy() if self.t < n else np.zeros(self._static.shape[1])
         remaining = self.budget - self.used
         obs[5] = self.t / n
         obs[6] = self.used / self.fp32_bits
@@ -172,15 +212,27 @@ class AllocationEnv(gym.Env):
             reward += info["final"]["reward"]
         else:
             info["action_mask"] = self.action_mask()
+        if self._costs is not None:  # Φ(s) = -scale × predicted loss so far; Φ = 0 at the end
+            potential = -self.cfg.shaping_scale * self.predicted
+            self.predicted += float(self._costs[t, col])
+            following = 0.0 if done else -self.cfg.shaping_scale * self.predicted
+            reward = rewards.shaped_reward(reward, potential, following, self.cfg.gamma)
         return self._obs(), reward, done, False, info
 
     def is_skip(self, t: int, col: int) -> bool:
         """Whether the engine keeps unit ``t`` in fp16 (requested skip, or fallback up to it)."""
         applied = self.problem.applied
-        return col == SKIP_COL or (applied is not None and float(applied[t, col]) == SKIP)
+        return col == SKIP_COL or (applied is not None and float(applied[self.order[t], col]) == SKIP)
+
+    def model_cols(self) -> list[int]:
+        """The decided columns in model order (``cols`` is in visiting order)."""
+        out = [0] * len(self.cols)
+        for t, c in enumerate(self.cols):
+            out[self.order[t]] = c
+        return out
 
     def requested(self) -> list[float]:
-        return [ACTIONS[c] for c in self.cols]
+        return [ACTIONS[c] for c in self.model_cols()]
 
     def final_terms(self) -> dict[str, float]:
         """Episode-end reward terms of the finished plan (one proxy pass)."""

@@ -117,6 +117,13 @@ def step_reward(bits_per_weight: float, target_bits: float, is_skip: bool, cfg: 
     return -cfg.step_over_coef * (bits_per_weight - target_bits) / target_bits
 
 
+def shaped_reward(reward: float, potential: float, next_potential: float, gamma: float) -> float:
+    """Potential-based shaping (Ng et al. 1999): ``r + γ·Φ(s') − Φ(s)``. With Φ = 0 at the start and
+    at the end of an episode the discounted shaped return equals the unshaped one, so the optimal
+    policy is unchanged while every step sees its own share of the predicted loss."""
+    return reward + gamma * next_potential - potential
+
+
 def update_lagrange(lam: float, rel_increase: float, epsilon: float, lr: float, lam_max: float) -> float:
     """Projected gradient ascent on λ: grows while the quality constraint is violated."""
     return min(lam_max, max(0.0, lam + lr * (rel_increase - epsilon)))

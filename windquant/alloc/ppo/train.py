@@ -22,7 +22,7 @@ from windquant.alloc.base import Allocation, Proxy
 from windquant.alloc.ppo import rewards
 from windquant.alloc.ppo.agent import ActorCritic, Rollout, act, ppo_update
 from windquant.alloc.ppo.config import PPOConfig, curriculum_target
-from windquant.alloc.ppo.env import N_ACTIONS, OBS_DIM, AllocationEnv
+from windquant.alloc.ppo.env import N_ACTIONS, AllocationEnv, obs_dim
 from windquant.alloc.problem import AllocationProblem
 from windquant.config import config_to_dict, settings_digest
 from windquant.errors import WindquantError
@@ -165,7 +165,7 @@ class TimedProxy:
 def new_agent(cfg: PPOConfig, seed: int) -> ActorCritic:
     with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
         torch.manual_seed(seed)
-        return ActorCritic(OBS_DIM, N_ACTIONS, cfg.hidden)
+        return ActorCritic(obs_dim(cfg), N_ACTIONS, cfg.hidden)
 
 
 def load_policy(path: str | Path, cfg: PPOConfig) -> ActorCritic:
@@ -181,9 +181,9 @@ def new_optimizer(agent: ActorCritic, cfg: PPOConfig) -> torch.optim.Adam:
     return torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)  # eps as CleanRL
 
 
-def episode_row(episode: int, target: float, state: TrainState, problem: AllocationProblem, roll: Rollout, terms: dict, stats: dict) -> dict:
-    """One line of ``episodes.jsonl``: bits, reward terms, update statistics and the plan itself."""
-    cols = roll.actions.tolist()
+def episode_row(episode: int, target: float, state: TrainState, problem: AllocationProblem, cols: list[int], terms: dict, stats: dict) -> dict:
+    """One line of ``episodes.jsonl``: bits, reward terms, update statistics and the plan itself
+    (``cols``: each unit's column, in model order)."""
     row = {"episode": episode, "target": target, "lambda": state.lam, **plan_bits(problem, cols), **terms, **stats}
     row["actions"] = action_histogram(problem, cols)
     row["plan"] = "".join(map(str, cols))  # requested column per unit: any episode's plan can be rebuilt
@@ -224,7 +224,7 @@ def train_ppo(
             timing = {"seconds": time.perf_counter() - start, "proxy_seconds": proxy.seconds}
             if within_budget(env.used, final_target * problem.n_weights) and terms["proxy_ppl"] < state.best_ppl:
                 state.best_ppl, state.best_episode, state.best_requested = terms["proxy_ppl"], episode, env.requested()
-            log.write(episode_row(episode, target, state, problem, roll, terms, stats) | timing)
+            log.write(episode_row(episode, target, state, problem, env.model_cols(), terms, stats) | timing)
             state.lam = rewards.update_lagrange(
                 state.lam, terms["rel_loss_increase"], cfg.reward.epsilon, cfg.reward.lambda_lr, cfg.reward.lambda_max
             )
@@ -235,7 +235,7 @@ def train_ppo(
             bar.update(1)
     bar.close()
     _, greedy_terms = run_episode(env, agent, final_target, generator, greedy=True)
-    greedy = {"proxy_ppl": greedy_terms["proxy_ppl"], "requested": env.requested(), **plan_bits(problem, env.cols)}
+    greedy = {"proxy_ppl": greedy_terms["proxy_ppl"], "requested": env.requested(), **plan_bits(problem, env.model_cols())}
     save_file({k: v.contiguous() for k, v in agent.state_dict().items()}, str(work_dir / POLICY))
     use_greedy = state.best_requested is None or greedy["proxy_ppl"] <= state.best_ppl
     info = {
