@@ -1,8 +1,8 @@
 """The PPO allocator: reward terms, GAE, masking/clamps, state features, resume, pipeline + CLI."""
 
 import json
-import os
 import math
+import os
 from pathlib import Path
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""The WINDQuant reinforcement-learning allocator (paper §3.2-3.4): gymnasium env + PPO.
+"""The WINDQuant reinforcement-learning allocator (paper §3.2-3.4): gymnasium env + PPO, and a
+refinement mode (``mode="refine"``: PPO over budget-neutral changes to ilp's plan).
 
 Registered here; the training stack (torch, gymnasium) is imported only when it runs.
 """
@@ -15,14 +16,16 @@ if TYPE_CHECKING:
     from windquant.alloc.problem import AllocationProblem
 
 
-@register_allocator("ppo", PPOConfig, needs=("features", "proxy"), help="the paper's PPO controller (§3.2-3.4)")
+@register_allocator("ppo", PPOConfig, needs=("features", "proxy", "scores"), help="the paper's PPO controller (§3.2-3.4), or PPO refining ilp's plan on the real proxy")
 def allocate(problem: AllocationProblem, config: PPOConfig, ctx: AllocationContext) -> Allocation:
     """Train (or reuse ``config.policy``) and return the best budget-meeting plan."""
+    from windquant.alloc.ppo.refine import refine_ppo
     from windquant.alloc.ppo.train import train_ppo
 
     proxy = ctx.proxy(config.proxy_samples, config.proxy_len)
     work_dir = Path(config.work_dir) if config.work_dir else ctx.work_dir
-    return train_ppo(problem, proxy, config, work_dir, ctx.seed, ctx.progress)
+    run = refine_ppo if config.validate().mode == "refine" else train_ppo
+    return run(problem, proxy, config, work_dir, ctx.seed, ctx.progress)
 
 
 __all__ = ["PPOConfig", "allocate"]

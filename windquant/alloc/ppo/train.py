@@ -98,7 +98,7 @@ class Checkpointer:
     def __init__(self, path: Path, digest: str):
         self.path, self.digest = path, digest
 
-    def save(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, generator: torch.Generator, state: TrainState) -> None:
+    def save(self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, state: TrainState) -> None:
         opt = optimizer.state_dict()
         tensors = {f"agent.{k}": v.detach().clone() for k, v in agent.state_dict().items()}
         tensors |= {f"opt.{pid}.{k}": v.clone() for pid, s in opt["state"].items() for k, v in s.items()}
@@ -108,7 +108,7 @@ class Checkpointer:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, self.path)
 
-    def load(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> TrainState:
+    def load(self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, state_type: type = TrainState):
         with safe_open(str(self.path), "pt") as f:
             meta = f.metadata()
         if meta.get("settings") != self.digest:
@@ -124,7 +124,7 @@ class Checkpointer:
                 opt_state.setdefault(int(pid), {})[name] = v
         optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
         generator.set_state(tensors["rng.sampler"])
-        return TrainState(**json.loads(meta["state"]))
+        return state_type(**json.loads(meta["state"]))
 
 
 class EpisodeLog:
