@@ -1,14 +1,16 @@
-"""The paper's Table 8 experiment on our model: heuristic (B.3) vs PPO at the same final target,
-several seeds, plus the ilp allocator as a reference; and the paper's Table 7 check (proxy PPL vs
-WikiText-2 PPL along one PPO run) with the episode-time ratio.
+"""The paper's Table 8 experiment on our model: heuristic (B.3), ilp and the PPO presets
+(``paper``, ``guided``, ``refine``: ``windquant.alloc.ppo.config.PRESETS``) at one or more final
+targets, several seeds; and the paper's Table 7 check (proxy PPL vs WikiText-2 PPL along one PPO
+run) with the episode-time ratio.
 
-    python benchmarks/rl_vs_heuristic.py --target-bits 2.5 --episodes 50 --seeds 0,1,2 \
-        --corpus wikitext2 --data-dir ../shared/data --max-windows 8 \
-        --table7-run runs/ppo100 --out benchmarks/results/rl_vs_heuristic
+    python benchmarks/rl_vs_heuristic.py --budgets 2.0,2.5 --rows heuristic,ilp,paper,refine \
+        --episodes 100 --seeds 0,1,2 --corpus wikitext2 --data-dir ../shared/data --max-windows 16 \
+        --out benchmarks/results/rl_refine
 
-Everything shares one candidate fit (the cache), so allocators differ only in the plan.
-Rows already in ``results.json`` are not recomputed (the run resumes where it stopped).
-Writes results.json, results.md, curves.png and actions.png under ``--out``.
+Everything shares one candidate fit (the cache), so allocators differ only in the plan. Plans are
+evaluated as ``windquant quantize`` stores them (``Prepared.plan_model``: carried candidates when
+the fit carries). Rows already in ``results.json`` are not recomputed (the run resumes where it
+stopped). Writes results.json, results.md, curves.png and actions.png under ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from scipy.stats import pearsonr, spearmanr
 from windquant.actions import ACTIONS, fmt_action
 from windquant.alloc.ppo import PPOConfig
 from windquant.alloc.ppo.agent import ppo_update
+from windquant.alloc.ppo.config import PRESETS
 from windquant.alloc.ppo.env import AllocationEnv
 from windquant.alloc.ppo.report import read_episodes
 from windquant.alloc.ppo.train import new_agent, new_optimizer, run_episode
@@ -36,17 +39,18 @@ from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
 from windquant.model.loading import load_model
 from windquant.pipeline import make_plan, prepare, proxy_perplexity
+from windquant.plan import Plan
 from windquant.runinfo import Timings, peak_rss_mib, set_threads
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--target-bits", type=float, default=2.5)
+    p.add_argument("--budgets", default="2.5", help="final targets, comma-separated")
     p.add_argument("--accounting", default="true", choices=["true", "paper"])
     p.add_argument("--episodes", type=int, default=50, help="PPO episodes per seed (paper Table 8: 50)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--rows", default="heuristic,ppo,ilp", help="allocators to compare ('' = only the Table-7 check)")
+    p.add_argument("--rows", default="heuristic,paper,ilp", help="heuristic, ilp and PPO presets to compare ('' = only the Table-7 check)")
     p.add_argument("--ppo-set", default=None, metavar="K=V,...", help="PPOConfig overrides for the ppo rows (ablations)")
     p.add_argument("--proxy-samples", type=int, default=PPOConfig.proxy_samples)
     p.add_argument("--proxy-len", type=int, default=PPOConfig.proxy_len)
@@ -96,8 +100,10 @@ def main() -> None:
     proxy = prepared.proxy(ppo.proxy_samples, ppo.proxy_len)
     eval_tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
 
-    def wiki_ppl(requested: list[float]) -> float:
-        with torch.no_grad(), prepared.plan_weights(requested):
+    def wiki_ppl(plan_or_requested) -> float:
+        """WikiText-2 PPL of a Plan as stored (carried candidates), or of requested actions (cache candidates)."""
+        weights = prepared.plan_model(plan_or_requested) if isinstance(plan_or_requested, Plan) else prepared.plan_weights(plan_or_requested)
+        with torch.no_grad(), weights:
             return perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress).ppl
 
     # One bare proxy forward (reference weights, no assembly), median of 5, same process.
@@ -112,40 +118,20 @@ def main() -> None:
             ref = perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress)
         results["rows"]["reference"] = {"wiki2_ppl": ref.ppl, "proxy_ppl": proxy.reference, "eval_tokens": ref.tokens}
 
-    # ilp last: its scores are computed (or loaded from the cache) only when it is reached.
-    wanted = {r.strip() for r in args.rows.split(",") if r.strip()}
-    jobs = [("heuristic", None)] + [("ppo", int(s)) for s in args.seeds.split(",") if s.strip()] + [("ilp", None)]
-    jobs = [(name, seed) for name, seed in jobs if name in wanted]
-    for name, seed in jobs:
-        key = name if seed is None else f"ppo_seed{seed}"
-        if key in results["rows"]:
-            continue
-        allocator_config = replace(ppo, work_dir=str(out / key)) if name == "ppo" else None
-        cfg = PlanConfig(args.target_bits, args.accounting, name, seed=seed or 0, allocator_config=allocator_config)
-        prepared.ensure({"scores"} if name == "ilp" else (), timings, progress)  # ilp's scores: computed or loaded only now
-        start = time.perf_counter()
-        plan = make_plan(prepared, cfg, progress=progress)
-        seconds = time.perf_counter() - start
-        row = {
-            "allocator": name,
-            "seed": seed,
-            "true_bits": plan.true_bits,
-            "paper_bits": plan.paper_bits,
-            "proxy_ppl": proxy(plan.requested),
-            "wiki2_ppl": wiki_ppl(plan.requested),
-            "allocate_seconds": seconds,
-            "actions": plan.action_distribution(),
-        }
-        if name == "ppo":
-            row["chosen"] = plan.info["ppo"]["chosen"]
-            row["greedy_proxy_ppl"] = plan.info["ppo"]["greedy"]["proxy_ppl"]
-            episodes = read_episodes(out / key / "episodes.jsonl")
-            row["median_episode_seconds"] = statistics.median(r["seconds"] for r in episodes)
-        results["rows"][key] = row
-        atomic_write_json(results_path, results)
+    # PPO rows are presets (config.PRESETS) trained per seed; heuristic and ilp are deterministic.
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    for budget in (float(b) for b in args.budgets.split(",")):
+        for name in wanted:
+            for seed in seeds if name in PRESETS else [None]:
+                key = f"{name}@{budget:g}" + ("" if seed is None else f"/seed{seed}")
+                if key in results["rows"]:
+                    continue
+                results["rows"][key] = run_row(prepared, proxy, ppo, args, name, budget, seed, out / key.replace("@", "_").replace("/", "_"), wiki_ppl, timings)
+                atomic_write_json(results_path, results)
 
     if args.timing_episodes:
-        results["timing"] = episode_timing(prepared, proxy, args.target_bits, args.accounting, args.timing_episodes)
+        results["timing"] = episode_timing(prepared, proxy, float(args.budgets.split(",")[0]), args.accounting, args.timing_episodes)
     if args.table7_run:
         results["table7"] = table7(
             Path(args.table7_run), prepared, wiki_ppl, args.table7_every, args.table7_plans, results.get("table7", [])
@@ -164,6 +150,53 @@ def main() -> None:
     write_markdown(results, out / "results.md")
     plot(results, out)
     print((out / "results.md").read_text())
+
+
+def run_row(prepared, proxy, ppo: PPOConfig, args, name: str, budget: float, seed: int | None, work: Path, wiki_ppl, timings) -> dict:
+    """One allocator (or PPO preset and seed) at one budget: its plan, proxy and WikiText-2 PPL."""
+    allocator = "ppo" if name in PRESETS else name
+    config = replace(ppo, **PRESETS[name], work_dir=str(work)) if name in PRESETS else None
+    cfg = PlanConfig(budget, args.accounting, allocator, seed=seed or 0, allocator_config=config)
+    start = time.perf_counter()
+    plan = make_plan(prepared, cfg, timings, progress=not args.quiet)
+    row = {
+        "allocator": name,
+        "budget": budget,
+        "seed": seed,
+        "true_bits": plan.true_bits,
+        "paper_bits": plan.paper_bits,
+        "allocate_seconds": time.perf_counter() - start,
+        "proxy_ppl": proxy(plan.requested),
+        "wiki2_ppl": wiki_ppl(plan),
+        "actions": plan.action_distribution(),
+    }
+    if allocator == "ppo":
+        row["learning"] = learning(read_episodes(work / "episodes.jsonl"), plan.info["ppo"])
+    return row
+
+
+def learning(episodes: list[dict], info: dict) -> dict:
+    """Did the policy learn? Sampled plans early vs late, greedy vs best sample, episode time."""
+    final = [e for e in episodes if e["target"] == episodes[-1]["target"]]
+    first, last = final[:10], final[-10:]
+    out = {
+        "median_proxy_first10": statistics.median(e["proxy_ppl"] for e in first),
+        "median_proxy_last10": statistics.median(e["proxy_ppl"] for e in last),
+        "median_episode_seconds": statistics.median(e["seconds"] for e in episodes),
+        "median_proxy_seconds": statistics.median(e["proxy_seconds"] for e in episodes),
+        "greedy_proxy_ppl": info["greedy"]["proxy_ppl"],
+    }
+    if info.get("mode") == "refine":
+        half = len(episodes) // 2
+        out |= {
+            "start_proxy_ppl": info["start_proxy_ppl"],
+            "best_proxy_ppl": info["final_proxy_ppl"],
+            "accepted_first_half": sum(e["accepted"] for e in episodes[:half]),
+            "accepted_second_half": sum(e["accepted"] for e in episodes[half:]),
+        }
+    else:
+        out |= {"best_proxy_ppl": info["best_sampled"]["proxy_ppl"], "chosen": info["chosen"]}
+    return out
 
 
 def episode_timing(prepared, proxy, target_bits: float, accounting: str, n: int) -> dict:
@@ -218,35 +251,42 @@ def table7(run: Path, prepared, wiki_ppl, every: int, which: str, done: list[dic
 
 def write_markdown(results: dict, path: Path) -> None:
     s = results["settings"]
-    rows = results["rows"]
+    rows = {k: r for k, r in results["rows"].items() if k != "reference"}
     lines = [
-        f"Target {s['target_bits']:g} {s['accounting']} bits; proxy = {s['proxy_samples']}×{s['proxy_len']} calibration tokens; "
-        f"Wiki2 = {s['corpus']} test, ctx {s['ctx']}, first {s['max_windows']} windows; PPO {s['episodes']} episodes per seed.",
+        f"Budgets {s['budgets']} {s['accounting']} bits; proxy = {s['proxy_samples']}×{s['proxy_len']} calibration tokens; "
+        f"Wiki2 = {s['corpus']} test, ctx {s['ctx']}, first {s['max_windows']} windows, plans as stored (carried); "
+        f"PPO {s['episodes']} episodes per seed.",
         "",
-        "| allocator | seeds | true bits | paper bits | proxy PPL | Wiki2 PPL | allocate s |",
+        "| allocator | budget | seeds | true bits | proxy PPL | Wiki2 PPL | allocate s |",
         "|---|---|---|---|---|---|---|",
     ]
-    ref = rows.get("reference")
+    ref = results["rows"].get("reference")
     if ref:
-        lines.append(f"| reference (fp) | | 32 | 32 | {ref['proxy_ppl']:.3f} | {ref['wiki2_ppl']:.3f} | |")
-    for name in ("heuristic", "ilp", "ppo"):
-        group = [r for r in rows.values() if r.get("allocator") == name]
-        if not group:
-            continue
+        lines.append(f"| reference (fp) | | | 32 | {ref['proxy_ppl']:.3f} | {ref['wiki2_ppl']:.3f} | |")
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows.values():
+        groups.setdefault((r["allocator"], r["budget"]), []).append(r)
+    for (name, budget), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         col = lambda k, g=group: mean_std([r[k] for r in g])  # noqa: E731
-        seeds = ",".join(str(r["seed"]) for r in group) if name == "ppo" else ""
-        lines.append(
-            f"| {name} | {seeds} | {col('true_bits')} | {col('paper_bits')} | {col('proxy_ppl')} | {col('wiki2_ppl')} "
-            f"| {col('allocate_seconds')} |"
-        )
+        seeds = ",".join(str(r["seed"]) for r in group if r["seed"] is not None)
+        lines.append(f"| {name} | {budget:g} | {seeds} | {col('true_bits')} | {col('proxy_ppl')} | {col('wiki2_ppl')} | {col('allocate_seconds')} |")
     if "bare_proxy_seconds" in results:
         lines += ["", f"Bare proxy forward (reference weights): {results['bare_proxy_seconds']:.2f} s (median of 5)."]
-    for key, r in rows.items():
-        if r.get("allocator") == "ppo":
+    learned = [(k, r["learning"]) for k, r in rows.items() if "learning" in r]
+    if learned:
+        lines += [
+            "",
+            "Learning (final-stage episodes): median proxy PPL of the sampled plans, first 10 vs last 10; best sample vs greedy.",
+            "",
+            "| run | first 10 | last 10 | best | greedy | accepted moves (1st / 2nd half) | median episode s | episode / bare forward |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key, lr in learned:
+            moves = f"{lr['accepted_first_half']} / {lr['accepted_second_half']}" if "accepted_first_half" in lr else ""
+            ratio = lr["median_episode_seconds"] / results["bare_proxy_seconds"] if "bare_proxy_seconds" in results else float("nan")
             lines.append(
-                f"- {key}: chosen plan = {r['chosen']}, greedy proxy {r['greedy_proxy_ppl']:.2f}, "
-                f"median episode {r['median_episode_seconds']:.2f} s "
-                f"(ratio {r['median_episode_seconds'] / results['bare_proxy_seconds']:.2f} to the bare forward)"
+                f"| {key} | {lr['median_proxy_first10']:.2f} | {lr['median_proxy_last10']:.2f} | {lr['best_proxy_ppl']:.2f} | "
+                f"{lr['greedy_proxy_ppl']:.2f} | {moves} | {lr['median_episode_seconds']:.2f} | {ratio:.2f} |"
             )
     if results.get("table7"):
         t7 = results["table7"]
@@ -286,19 +326,19 @@ def write_markdown(results: dict, path: Path) -> None:
 def plot(results: dict, out: Path) -> None:
     if not any(k != "reference" for k in results["rows"]):
         return  # a Table-7-only run has nothing to compare
-    import matplotlib
+    from windquant.reports import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, r in results["rows"].items():
-        if r.get("allocator") == "ppo" and (out / key / "episodes.jsonl").is_file():
-            eps = read_episodes(out / key / "episodes.jsonl")
-            ax.plot([e["episode"] for e in eps], [e["proxy_ppl"] for e in eps], marker=".", label=key)
-    for name, style in (("heuristic", ":"), ("ilp", "--")):
-        if name in results["rows"]:
-            ax.axhline(results["rows"][name]["proxy_ppl"], linestyle=style, color="k", label=name)
+        log = out / key.replace("@", "_").replace("/", "_") / "episodes.jsonl"
+        if "learning" in r and log.is_file():
+            eps = read_episodes(log)
+            field = "incumbent_ppl" if "incumbent_ppl" in eps[0] else "proxy_ppl"
+            ax.plot([e["episode"] for e in eps], [e[field] for e in eps], marker=".", markersize=3, label=f"{key} ({field.split('_')[0]})")
+    for r in results["rows"].values():
+        if r.get("allocator") == "ilp":
+            ax.axhline(r["proxy_ppl"], linestyle="--", color="k", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("episode")
     ax.set_ylabel("proxy perplexity of the sampled plan")

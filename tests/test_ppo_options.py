@@ -13,7 +13,7 @@ from windquant.actions import ACTIONS
 from windquant.alloc.ppo import PPOConfig, rewards
 from windquant.alloc.ppo.config import PRESETS
 from windquant.alloc.ppo.env import OBS_DIM, AllocationEnv, sensitivity_features, visit_order
-from windquant.alloc.ppo.refine import MoveSpace, advantages, refine_ppo
+from windquant.alloc.ppo.refine import GroupMoves, UnitMoves, advantages, refine_ppo
 
 
 def with_costs(problem, seed: int):
@@ -77,11 +77,11 @@ def test_refine_moves_never_leave_the_budget_and_keep_the_chosen_action():
     rng = np.random.default_rng(0)
     for seed in range(20):
         problem = with_costs(random_problem(seed, n_units=10), seed)
-        space = MoveSpace(problem, PPOConfig(mode="refine"))
+        space = UnitMoves(problem, PPOConfig(mode="refine", refine_moves="unit"))
         cols = space.start
         assert problem.total_bits([ACTIONS[c] for c in cols]) <= problem.budget + 1e-6
         for _ in range(10):
-            mask = space.mask(cols, [])
+            mask = space.mask(cols, cols, [])
             pair = int(rng.choice(np.flatnonzero(mask.numpy())))
             moved = space.move(cols, pair)
             unit, col = divmod(pair, len(ACTIONS))
@@ -92,21 +92,22 @@ def test_refine_moves_never_leave_the_budget_and_keep_the_chosen_action():
 
 def test_refine_prior_prefers_moves_the_additive_model_rates_cheap():
     problem = with_costs(random_problem(4, n_units=10, target=3.0), 4)
-    space = MoveSpace(problem, PPOConfig(mode="refine", refine_prior=8.0))
-    features, prior = space.features(space.start)
+    space = UnitMoves(problem, PPOConfig(mode="refine", refine_moves="unit", refine_prior=8.0))
+    features, prior = space.options(space.start, space.start)
     net = space.predicted(space.start)[0].reshape(-1)
     assert features.shape == (10 * len(ACTIONS), 16)
     assert float(prior[int(net.argmin())]) == 0.0 and float(prior[int(net.argmax())]) == pytest.approx(-8.0)
     assert advantages(torch.tensor([1.0, 2.0, 3.0]), 0.0).mean().abs() < 1e-6  # normalised over the batch
 
 
-def test_refine_returns_a_plan_no_worse_than_ilp_on_the_proxy_and_resumes_exactly(ppo_prepared, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("moves", ["group", "unit"])
+def test_refine_returns_a_plan_no_worse_than_ilp_on_the_proxy_and_resumes_exactly(ppo_prepared, tmp_path, moves):  # noqa: F811
     prep = ppo_prepared
     from windquant.alloc.ilp import solve
 
     problem = prep.problem(2.5, "true")
     problem.costs = prep.ensure({"scores"}, progress=False).problem(2.5, "true").costs
-    cfg = tiny_ppo(mode="refine", episodes=9, refine_batch=4)
+    cfg = tiny_ppo(mode="refine", refine_moves=moves, episodes=9, refine_batch=4)
     proxy = prep.proxy(cfg.proxy_samples, cfg.proxy_len)
     full = refine_ppo(problem, proxy, cfg, tmp_path / "full", seed=1, progress=False)
     ilp_plan = [ACTIONS[c] for c in solve(problem.costs, problem.bits, problem.budget).choice]
@@ -144,3 +145,27 @@ def test_presets_are_valid_configs_and_paper_is_the_default_construct_mode():
 
 def test_shaped_reward_formula():
     assert rewards.shaped_reward(1.0, -2.0, -5.0, 0.9) == pytest.approx(1.0 + 0.9 * -5.0 + 2.0)
+
+
+def test_group_moves_start_at_ilp_reweight_one_group_and_keep_the_budget():
+    from windquant.alloc.ilp import solve
+
+    problem = with_costs(random_problem(6, n_units=12, target=2.6), 6)
+    cfg = PPOConfig(mode="refine", refine_step=0.5, refine_max_weight=1.0)
+    space = GroupMoves(problem, cfg)
+    state = space.initial()
+    assert space.plan(state).tolist() == solve(problem.costs, problem.bits, problem.budget).choice.tolist()
+    groups = len(state)
+    assert groups == len({(u.layer, u.proj) for u in problem.units})
+    up = space.move(state, 2 * 3)  # option 2g: group g up
+    assert up[3] == 0.5 and np.count_nonzero(up) == 1
+    assert space.move(up, 2 * 3 + 1)[3] == 0.0  # down undoes up
+    features, prior = space.options(state, space.plan(state))
+    assert features.shape == (2 * groups, space.n_features) and torch.all(prior == 0)
+    # bounds: after two steps up a group sits at +1.0 = refine_max_weight; a third is masked
+    twice = space.move(up, 6)
+    assert not bool(space.mask(twice, space.plan(twice), [])[6]) and bool(space.mask(twice, space.plan(twice), [])[7])
+    assert not bool(space.mask(state, space.plan(state), [6])[6])  # tried from this incumbent
+    for option in range(2 * groups):
+        cols = space.plan(space.move(state, option))
+        assert problem.total_bits([ACTIONS[c] for c in cols]) <= problem.budget + 1e-6

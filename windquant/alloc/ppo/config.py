@@ -50,6 +50,9 @@ class PPOConfig:
     order: str = "model"  # model: units in model order (paper); sensitive: most sensitive units first
     # Options of the refine mode: each episode is one budget-neutral change to the incumbent plan
     # (ilp's at the start), proposed by the policy and scored by the real proxy.
+    refine_moves: str = "group"  # group: re-weight one projection-in-a-block's ilp costs and re-solve; unit: set one unit, repair greedily
+    refine_step: float = 0.5  # group moves: change of a group's log cost weight per move
+    refine_max_weight: float = 3.0  # group moves: |log cost weight| stays within this
     refine_batch: int = 8  # one-step episodes per PPO update (several roll-outs per update)
     refine_prior: float = 8.0  # prior logit = -refine_prior × rank of the move's additive predicted cost, in [0, 1]
     refine_min_gain: float = 0.0  # a move is accepted when it lowers the proxy's mean NLL by more than this (nats)
@@ -70,6 +73,7 @@ class PPOConfig:
             ("shaping", self.shaping in SHAPINGS, " | ".join(SHAPINGS)),
             ("order", self.order in ORDERS, " | ".join(ORDERS)),
             ("refine_batch", self.refine_batch >= 1, ">= 1"),
+            ("refine_moves", self.refine_moves in REFINE_MOVES, " | ".join(REFINE_MOVES)),
         )
         require(self, checks, "PPO ")
         return self
@@ -79,6 +83,7 @@ MODES = ("construct", "refine")
 STATES = ("paper", "sensitivity")
 SHAPINGS = ("none", "potential")
 ORDERS = ("model", "sensitive")
+REFINE_MOVES = ("group", "unit")
 
 # Named settings (``--ppo-set`` keys): "paper" is the paper's controller as published (§3.2-3.4);
 # "guided" adds the sensitivity state, potential shaping and the sensitive-first order to it;

@@ -10,7 +10,12 @@ token, and a move with a positive reward (above ``refine_min_gain``) becomes the
 the returned plan is never worse than ilp's on the proxy. Pairs already tried from the current
 incumbent are masked: the proxy is deterministic, a rejected move stays rejected.
 
-The policy scores every pair with a small MLP on the pair's features, on top of a fixed prior
+Two kinds of move (``refine_moves``): ``unit`` as above, or ``group``: raise or lower the weight
+of one group's costs (a projection in one block, e.g. block 3's v_proj) by ``refine_step`` in log
+space and re-solve ilp. Group moves shift budget between blocks and projections, which is where
+errors compound through depth, something ilp's additive costs cannot see.
+
+The policy scores every move with a small MLP on the pair's features, on top of a fixed prior
 that prefers moves the additive model rates as nearly free (``refine_prior``): at ilp's optimum
 those are the marginal decisions, where interactions can flip the sign. PPO updates it every
 ``refine_batch`` one-step episodes (advantage = reward minus a moving-average baseline).
@@ -41,7 +46,6 @@ from windquant.config import config_to_dict
 from windquant.errors import WindquantError
 
 CURVE = "refine_curve.png"
-N_FEATURES = 16
 
 
 @dataclass
@@ -58,7 +62,7 @@ class RefineState:
 class MovePolicy(nn.Module):
     """One logit per (unit, action) pair: a fixed prior plus an MLP of the pair's features."""
 
-    def __init__(self, n_features: int = N_FEATURES, hidden: int = 64):
+    def __init__(self, n_features: int, hidden: int = 64):
         super().__init__()
         self.body = nn.Sequential(
             layer_init(nn.Linear(n_features, hidden)),
@@ -75,8 +79,9 @@ class MovePolicy(nn.Module):
         return (prior + self.body(features).squeeze(-1)).masked_fill(~mask, MASKED_LOGIT)
 
 
-class MoveSpace:
-    """The pairs, their features and the budget repair, all from the problem's tables (never the model)."""
+class UnitMoves:
+    """Moves = (unit, action) pairs; state = the plan's column per unit. Features and the budget
+    repair come from the problem's tables (never the model)."""
 
     def __init__(self, problem: AllocationProblem, cfg: PPOConfig):
         self.cost = need_costs(problem, "refine mode").numpy()
@@ -92,6 +97,7 @@ class MoveSpace:
         kinds = np.array([[u.kind == "attention", u.kind == "mlp"] for u in problem.units], dtype=np.float64)
         depth = np.array([u.layer / layers for u in problem.units])[:, None]
         self.unit_features = np.concatenate([static, kinds, depth], 1)  # [N, 11]
+        self.n_features = 5 + self.unit_features.shape[1]
         self.start = solve(torch.from_numpy(self.cost), torch.from_numpy(self.bits), self.budget).choice  # ilp's plan
         self.scale = float(np.median(np.abs(self.predicted(self.start)[0]))) or 1.0  # feature scale (nats)
 
@@ -102,8 +108,14 @@ class MoveSpace:
         d_bits = self.bits - self.bits[rows, cols][:, None]
         return d_cost + self.price * d_bits, d_cost, d_bits
 
-    def features(self, cols: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N·A, F] pair features and [N·A] prior logits for the incumbent ``cols``."""
+    def initial(self) -> np.ndarray:
+        return self.start.copy()
+
+    def plan(self, state: np.ndarray) -> np.ndarray:
+        return state
+
+    def options(self, state: np.ndarray, cols: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N·A, F] pair features and [N·A] prior logits for the incumbent ``cols`` (= ``state``)."""
         net, d_cost, d_bits = self.predicted(cols)
         units, k = net.shape
 
@@ -129,12 +141,68 @@ class MoveSpace:
         choice = greedy_trim(self.cost, self.bits, allowed, choice, self.budget)
         return greedy_fill(self.cost, self.bits, allowed, choice, self.budget)
 
-    def mask(self, cols: np.ndarray, tried: list[int]) -> torch.Tensor:
+    def mask(self, state: np.ndarray, cols: np.ndarray, tried: list[int]) -> torch.Tensor:
         """Pairs that change the incumbent, leave the rest a way to meet the budget, and were not tried from it."""
         cheapest = self.bits.min(1)
         mask = within_budget(self.bits + (cheapest.sum() - cheapest)[:, None], self.budget)
         mask[np.arange(len(cols)), cols] = False
         mask = mask.reshape(-1)
+        mask[tried] = False
+        return torch.from_numpy(mask)
+
+
+class GroupMoves:
+    """Moves = (group, up | down); state = one log weight per group on ilp's costs. A group is a
+    projection in one block; a move scales its costs by exp(±``refine_step``) and re-solves ilp,
+    so it is budget-neutral and shifts bits between blocks and projections."""
+
+    def __init__(self, problem: AllocationProblem, cfg: PPOConfig):
+        self.costs, self.bits, self.budget, self.cfg = need_costs(problem, "refine mode"), problem.bits.double(), problem.budget, cfg
+        keys = sorted({(u.layer, u.proj) for u in problem.units})
+        self.group = np.array([keys.index((u.layer, u.proj)) for u in problem.units])  # [N] group of each unit
+        projs = sorted({p for _, p in keys})
+        layers = max(layer for layer, _ in keys) + 1
+        n = np.array([u.n_weights for u in problem.units], dtype=np.float64)
+        self.weights = np.bincount(self.group, n, len(keys))  # weights per group
+        static = np.array([[layer / layers] + [p == q for q in projs] for layer, p in keys], dtype=np.float64)
+        self.static = np.repeat(static, 2, axis=0)  # option 2g = group g up (more bits), 2g + 1 = down
+        self.direction = np.tile([1.0, -1.0], len(keys))
+        self.n_features = 6 + static.shape[1]
+        self.start = self.plan(self.initial())
+        self.scale = float(np.median(self.group_cost(self.start))) or 1.0
+
+    def initial(self) -> np.ndarray:
+        return np.zeros(len(self.weights))
+
+    def plan(self, state: np.ndarray) -> np.ndarray:
+        """ilp's plan for costs weighted by exp(state) per group."""
+        scale = torch.from_numpy(np.exp(state[self.group]))[:, None]
+        return solve(self.costs * scale, self.bits, self.budget).choice
+
+    def group_cost(self, cols: np.ndarray) -> np.ndarray:
+        rows = np.arange(len(cols))
+        return np.bincount(self.group, self.costs.numpy()[rows, cols], len(self.weights))
+
+    def options(self, state: np.ndarray, cols: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """[2G, F] option features and a flat prior (every group move equally likely at first)."""
+        rows = np.arange(len(cols))
+        bits = np.bincount(self.group, self.bits.numpy()[rows, cols], len(self.weights)) / self.weights
+        cost = np.log1p(self.group_cost(cols) / self.scale)
+        per_group = np.stack([state, bits / 8, cost, self.weights / self.weights.sum() * len(self.weights)], -1)
+        per_option = np.repeat(per_group, 2, axis=0)
+        after = per_option[:, :1] + self.direction[:, None] * self.cfg.refine_step
+        features = np.concatenate([self.direction[:, None], after, per_option, self.static], 1)
+        return torch.from_numpy(features).float(), torch.zeros(len(features))
+
+    def move(self, state: np.ndarray, option: int) -> np.ndarray:
+        out = state.copy()
+        out[option // 2] += self.direction[option] * self.cfg.refine_step  # a heavier cost weight buys the group bits
+        return out
+
+    def mask(self, state: np.ndarray, cols: np.ndarray, tried: list[int]) -> torch.Tensor:
+        """Options within ±``refine_max_weight`` that were not tried from the incumbent."""
+        after = np.repeat(state, 2) + self.direction * self.cfg.refine_step
+        mask = np.abs(after) <= self.cfg.refine_max_weight + 1e-9
         mask[tried] = False
         return torch.from_numpy(mask)
 
@@ -195,10 +263,13 @@ def update(policy: MovePolicy, optimizer: torch.optim.Optimizer, batch: list[Tra
     return stats
 
 
-def new_policy(cfg: PPOConfig, seed: int) -> MovePolicy:
+MOVES = {"unit": UnitMoves, "group": GroupMoves}
+
+
+def new_policy(n_features: int, cfg: PPOConfig, seed: int) -> MovePolicy:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return MovePolicy(N_FEATURES, cfg.hidden)
+        return MovePolicy(n_features, cfg.hidden)
 
 
 def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_dir: Path, seed: int = 0, progress: bool = True) -> Allocation:
@@ -209,9 +280,9 @@ def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_di
     cfg.validate()
     work_dir.mkdir(parents=True, exist_ok=True)
     proxy = TimedProxy(proxy)
-    space = MoveSpace(problem, cfg)
+    space = MOVES[cfg.refine_moves](problem, cfg)
     generator = torch.Generator().manual_seed(seed)
-    policy = new_policy(cfg, seed)
+    policy = new_policy(space.n_features, cfg, seed)
     if cfg.policy:
         try:
             policy.load_state_dict(load_file(str(cfg.policy)))
@@ -223,41 +294,43 @@ def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_di
     if cfg.resume and checkpoints.path.is_file():
         state = checkpoints.load(policy, optimizer, generator, RefineState)
     if not state.incumbent:
-        start = space.start
-        nll = math.log(proxy([ACTIONS[c] for c in start]))
-        state = RefineState(incumbent=start.tolist(), incumbent_nll=nll, start_nll=nll)
+        nll = math.log(proxy([ACTIONS[c] for c in space.start]))
+        state = RefineState(incumbent=space.initial().tolist(), incumbent_nll=nll, start_nll=nll)
     incumbent = np.array(state.incumbent)
-    features, prior = space.features(incumbent)
+    cols = space.plan(incumbent)
+    features, prior = space.options(incumbent, cols)
     batch: list[Transition] = []
     bar = tqdm(total=cfg.episodes, initial=state.episode, desc="ppo refine", disable=not progress, unit="ep")
     with EpisodeLog(work_dir / EPISODES, keep=state.episode) as log:
         for episode in range(state.episode, cfg.episodes):
             start_time, proxy.seconds = time.perf_counter(), 0.0
-            mask = space.mask(incumbent, state.tried)
+            mask = space.mask(incumbent, cols, state.tried)
+            if not bool(mask.any()):
+                raise WindquantError(f"refine: no untried move is left after {episode} episodes; run fewer --episodes")
             with torch.no_grad():
-                pair, logp = sample(policy(features, prior, mask), generator)
-            candidate = space.move(incumbent, pair)
-            nll = math.log(proxy([ACTIONS[c] for c in candidate]))
+                option, logp = sample(policy(features, prior, mask), generator)
+            candidate = space.move(incumbent, option)
+            candidate_cols = space.plan(candidate)
+            nll = math.log(proxy([ACTIONS[c] for c in candidate_cols]))
             reward = state.incumbent_nll - nll
-            batch.append(Transition(features, prior, mask, pair, logp, reward))
+            batch.append(Transition(features, prior, mask, option, logp, reward))
             accepted = reward > cfg.refine_min_gain
             row = {
                 "episode": episode,
                 "target": problem.target_bits,
-                "unit": pair // len(ACTIONS),
-                "action": ACTIONS[pair % len(ACTIONS)],
-                "moved_units": int((candidate != incumbent).sum()),
+                "option": option,
+                "moved_units": int((candidate_cols != cols).sum()),
                 "proxy_ppl": math.exp(nll),
                 "reward": reward,
                 "accepted": accepted,
-                **plan_bits(problem, candidate.tolist()),
+                **plan_bits(problem, candidate_cols.tolist()),
             }
             if accepted:
-                incumbent, state.incumbent_nll, state.tried = candidate, nll, []
+                incumbent, cols, state.incumbent_nll, state.tried = candidate, candidate_cols, nll, []
                 state.incumbent, state.accepted = candidate.tolist(), state.accepted + 1
-                features, prior = space.features(incumbent)
+                features, prior = space.options(incumbent, cols)
             else:
-                state.tried.append(pair)
+                state.tried.append(option)
             state.episode = episode + 1
             if len(batch) == cfg.refine_batch or state.episode == cfg.episodes:
                 stats = {} if cfg.policy else update(policy, optimizer, batch, state.baseline, cfg)
@@ -266,18 +339,19 @@ def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_di
                 batch = []
                 checkpoints.save(policy, optimizer, generator, state)
                 row |= stats
-            row |= {"incumbent_ppl": math.exp(state.incumbent_nll), "plan": "".join(map(str, candidate.tolist()))}
+            row |= {"incumbent_ppl": math.exp(state.incumbent_nll), "plan": "".join(map(str, candidate_cols.tolist()))}
             log.write(row | {"seconds": time.perf_counter() - start_time, "proxy_seconds": proxy.seconds})
             bar.set_postfix(ppl=f"{math.exp(nll):.2f}", best=f"{math.exp(state.incumbent_nll):.2f}", accepted=state.accepted)
             bar.update(1)
     bar.close()
-    greedy = greedy_move(space, policy, incumbent, state, proxy)
+    greedy = greedy_move(space, policy, incumbent, cols, state, proxy)
     if greedy["accepted"]:
-        incumbent = np.array(greedy.pop("plan"))
+        cols = greedy.pop("plan")
     save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(work_dir / POLICY))
     plot_refine_curve(work_dir / EPISODES, work_dir / CURVE, math.exp(state.start_nll))
     info = {
         "mode": "refine",
+        "moves": cfg.refine_moves,
         "reference_ppl": proxy.reference,
         "start_proxy_ppl": math.exp(state.start_nll),
         "final_proxy_ppl": math.exp(min(state.incumbent_nll, greedy["nll"])),
@@ -289,22 +363,22 @@ def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_di
         "config": config_to_dict(cfg),
     }
     info["summary"] = (
-        f"refined ilp's plan with {cfg.episodes} one-move episodes (seed {seed}): proxy PPL {info['start_proxy_ppl']:.2f} -> "
-        f"{info['final_proxy_ppl']:.2f} ({info['accepted_moves']} moves accepted; reference {proxy.reference:.2f})"
+        f"refined ilp's plan with {cfg.episodes} one-move episodes ({cfg.refine_moves} moves, seed {seed}): proxy PPL "
+        f"{info['start_proxy_ppl']:.2f} -> {info['final_proxy_ppl']:.2f} ({info['accepted_moves']} moves accepted; reference {proxy.reference:.2f})"
     )
     files = [p for name in (EPISODES, CURVE, POLICY) if (p := work_dir / name).is_file()]
-    return Allocation([ACTIONS[c] for c in incumbent], info, files)
+    return Allocation([ACTIONS[c] for c in cols], info, files)
 
 
-def greedy_move(space: MoveSpace, policy: MovePolicy, incumbent: np.ndarray, state: RefineState, proxy) -> dict:
+def greedy_move(space, policy: MovePolicy, incumbent: np.ndarray, cols: np.ndarray, state: RefineState, proxy) -> dict:
     """The policy's most likely move from the final incumbent, scored (greedy vs best sample)."""
-    features, prior = space.features(incumbent)
-    mask = space.mask(incumbent, state.tried)
+    features, prior = space.options(incumbent, cols)
+    mask = space.mask(incumbent, cols, state.tried)
     if not bool(mask.any()):
         return {"nll": state.incumbent_nll, "proxy_ppl": math.exp(state.incumbent_nll), "accepted": False}
     with torch.no_grad():
-        pair, _ = sample(policy(features, prior, mask), torch.Generator(), greedy=True)
-    candidate = space.move(incumbent, pair)
+        option, _ = sample(policy(features, prior, mask), torch.Generator(), greedy=True)
+    candidate = space.plan(space.move(incumbent, option))
     nll = math.log(proxy([ACTIONS[c] for c in candidate]))
     return {"nll": nll, "proxy_ppl": math.exp(nll), "accepted": state.incumbent_nll - nll > space.cfg.refine_min_gain, "plan": candidate}
 
