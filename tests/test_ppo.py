@@ -246,6 +246,20 @@ def tiny_ppo(**kw) -> PPOConfig:
     return PPOConfig(proxy_samples=2, proxy_len=32, **kw)
 
 
+def dying(proxy, call: int):
+    """The proxy, killed (KeyboardInterrupt) at its ``call``-th call."""
+    calls = {"n": 0}
+
+    def scored(actions):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return proxy(actions)
+
+    scored.reference = proxy.reference
+    return scored
+
+
 def test_resume_reproduces_an_uninterrupted_run(ppo_prepared, tmp_path):
     from dataclasses import replace
 
@@ -255,17 +269,8 @@ def test_resume_reproduces_an_uninterrupted_run(ppo_prepared, tmp_path):
     proxy = prep.proxy(cfg.proxy_samples, cfg.proxy_len)
     full = train_ppo(problem, proxy, cfg, tmp_path / "full", seed=3, progress=False)
 
-    calls = {"n": 0}
-
-    def dying_proxy(actions):
-        calls["n"] += 1
-        if calls["n"] == 4:  # killed in episode 4, after the checkpoint at episode 2
-            raise KeyboardInterrupt
-        return proxy(actions)
-
-    dying_proxy.reference = proxy.reference
-    with pytest.raises(KeyboardInterrupt):
-        train_ppo(problem, dying_proxy, cfg, tmp_path / "cut", seed=3, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed in episode 4, after the checkpoint at episode 2
+        train_ppo(problem, dying(proxy, 4), cfg, tmp_path / "cut", seed=3, progress=False)
     assert len((tmp_path / "cut" / "episodes.jsonl").read_text().splitlines()) == 3
     resumed = train_ppo(problem, proxy, replace(cfg, resume=True), tmp_path / "cut", seed=3, progress=False)
     assert resumed.requested == full.requested

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_ppo import ppo_prepared, random_problem, tiny_ppo  # noqa: F401  (ppo_prepared is a fixture)
+from test_ppo import dying, ppo_prepared, random_problem, tiny_ppo  # noqa: F401  (ppo_prepared is a fixture)
 
 from windquant.actions import ACTIONS
 from windquant.alloc.ppo import PPOConfig, rewards
@@ -115,17 +115,8 @@ def test_refine_returns_a_plan_no_worse_than_ilp_on_the_proxy_and_resumes_exactl
     assert proxy(full.requested) <= proxy(ilp_plan) + 1e-9
     assert proxy(full.requested) == pytest.approx(full.info["final_proxy_ppl"])
 
-    calls = {"n": 0}
-
-    def dying_proxy(actions):
-        calls["n"] += 1
-        if calls["n"] == 7:  # killed in episode 6, after the checkpoint at episode 4
-            raise KeyboardInterrupt
-        return proxy(actions)
-
-    dying_proxy.reference = proxy.reference
-    with pytest.raises(KeyboardInterrupt):
-        refine_ppo(problem, dying_proxy, cfg, tmp_path / "cut", seed=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed in episode 6, after the checkpoint at episode 4
+        refine_ppo(problem, dying(proxy, 7), cfg, tmp_path / "cut", seed=1, progress=False)
     resumed = refine_ppo(problem, proxy, replace(cfg, resume=True), tmp_path / "cut", seed=1, progress=False)
     assert resumed.requested == full.requested
 

@@ -21,19 +21,24 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
     return layer
 
 
+def mlp_body(n_in: int, hidden: int) -> nn.Sequential:
+    """Linear → LayerNorm → ReLU, twice (the body of every policy here)."""
+    return nn.Sequential(
+        layer_init(nn.Linear(n_in, hidden)),
+        nn.LayerNorm(hidden),
+        nn.ReLU(),
+        layer_init(nn.Linear(hidden, hidden)),
+        nn.LayerNorm(hidden),
+        nn.ReLU(),
+    )
+
+
 class ActorCritic(nn.Module):
     """Two-layer MLP body (Linear → LayerNorm → ReLU, twice) with separate actor and critic heads."""
 
     def __init__(self, obs_dim: int, n_actions: int, hidden: int = 64):
         super().__init__()
-        self.body = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden)),
-            nn.LayerNorm(hidden),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.LayerNorm(hidden),
-            nn.ReLU(),
-        )
+        self.body = mlp_body(obs_dim, hidden)
         self.actor = layer_init(nn.Linear(hidden, n_actions), std=0.01)  # near-uniform initial policy
         self.critic = layer_init(nn.Linear(hidden, 1), std=1.0)
 

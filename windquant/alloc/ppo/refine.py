@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from windquant.actions import ACTIONS, within_budget
 from windquant.alloc.base import Allocation, Proxy
 from windquant.alloc.ilp import bit_price, greedy_fill, greedy_trim, solve
-from windquant.alloc.ppo.agent import MASKED_LOGIT, layer_init
+from windquant.alloc.ppo.agent import MASKED_LOGIT, layer_init, mlp_body
 from windquant.alloc.ppo.config import PPOConfig
 from windquant.alloc.ppo.env import need_costs, normalise
 from windquant.alloc.ppo.train import EPISODES, POLICY, Checkpointer, EpisodeLog, TimedProxy, plan_bits, run_digest
@@ -64,15 +64,7 @@ class MovePolicy(nn.Module):
 
     def __init__(self, n_features: int, hidden: int = 64):
         super().__init__()
-        self.body = nn.Sequential(
-            layer_init(nn.Linear(n_features, hidden)),
-            nn.LayerNorm(hidden),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.LayerNorm(hidden),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, 1), std=0.01),  # starts as the prior
-        )
+        self.body = nn.Sequential(mlp_body(n_features, hidden), layer_init(nn.Linear(hidden, 1), std=0.01))  # starts as the prior
 
     def forward(self, features: torch.Tensor, prior: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """features [..., P, F], prior and mask [..., P] -> masked logits [..., P]."""
