@@ -52,6 +52,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/proxy_rank")
+    p.add_argument("--report-only", action="store_true", help="write the tables and plot from the plans already scored")
     return p.parse_args()
 
 
@@ -82,6 +83,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
     rows = load_rows(results)
+    if args.report_only:
+        return report(list(rows.values()), args, out)
     model, tok = load_model(args.model)
     fit = FitConfig(cache_dir=args.cache_dir, data_dir=args.data_dir)
     prepared = prepare(model, tok, fit, {"features", "scores", "proxy"})

@@ -12,7 +12,7 @@ import torch
 from windquant.actions import ACTIONS
 from windquant.alloc.ppo import PPOConfig, rewards
 from windquant.alloc.ppo.agent import gae
-from windquant.alloc.ppo.config import curriculum_target
+from windquant.alloc.ppo.config import PRESETS, curriculum_target
 from windquant.alloc.ppo.env import AllocationEnv, min_precision
 from windquant.alloc.ppo.train import train_ppo
 from windquant.alloc.problem import AllocationProblem
@@ -243,7 +243,8 @@ def ppo_prepared(tmp_path_factory):
 
 
 def tiny_ppo(**kw) -> PPOConfig:
-    return PPOConfig(proxy_samples=2, proxy_len=32, **kw)
+    """The paper's controller (unless ``kw`` says otherwise) on a tiny proxy."""
+    return PPOConfig(proxy_samples=2, proxy_len=32, **{**PRESETS["paper"], **kw})
 
 
 def dying(proxy, call: int):
@@ -256,7 +257,7 @@ def dying(proxy, call: int):
             raise KeyboardInterrupt
         return proxy(actions)
 
-    scored.reference = proxy.reference
+    scored.reference, scored.calls = proxy.reference, calls
     return scored
 
 
@@ -330,7 +331,7 @@ def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path,
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "ckpt"
-    ppo = ["--target-bits", "4", "--allocator", "ppo", "--episodes", "2", "--proxy-samples", "2", "--proxy-len", "32"]
+    ppo = ["--target-bits", "4", "--allocator", "ppo", "--ppo-mode", "construct", "--episodes", "2", "--proxy-samples", "2", "--proxy-len", "32"]
     argv = quantize_args(tiny_model_dir, out, corpus, tmp_path / "c", *ppo)
     assert main(argv) == 0
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 2
@@ -341,6 +342,10 @@ def test_cli_quantize_with_ppo_writes_the_training_log(tiny_model_dir, tmp_path,
     assert main(argv + ["--policy", str(tmp_path / "missing.safetensors"), "--overwrite"]) == 2
     assert main(argv + ["--ppo-set", "gama=1"]) == 2
     assert "--ppo-set" in capsys.readouterr().err
+    refine = quantize_args(tiny_model_dir, tmp_path / "refined", corpus, tmp_path / "c", *ppo[:4], "--episodes", "3", *ppo[8:])
+    assert main(refine) == 0  # the default mode: refine ilp's plan
+    assert (tmp_path / "refined" / "refine_curve.png").is_file()
+    assert "refined ilp's plan with 3 one-move episodes" in json.dumps(json.loads((tmp_path / "refined" / "plan.json").read_text())["info"])
 
 
 def test_ppo_overrides_parse_and_reach_the_config():

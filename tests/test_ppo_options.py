@@ -109,14 +109,15 @@ def test_refine_returns_a_plan_no_worse_than_ilp_on_the_proxy_and_resumes_exactl
     problem.costs = prep.ensure({"scores"}, progress=False).problem(2.5, "true").costs
     cfg = tiny_ppo(mode="refine", refine_moves=moves, episodes=9, refine_batch=4)
     proxy = prep.proxy(cfg.proxy_samples, cfg.proxy_len)
-    full = refine_ppo(problem, proxy, cfg, tmp_path / "full", seed=1, progress=False)
+    counted = dying(proxy, 10**9)  # never dies: counts the calls of an uninterrupted run
+    full = refine_ppo(problem, counted, cfg, tmp_path / "full", seed=1, progress=False)
     ilp_plan = [ACTIONS[c] for c in solve(problem.costs, problem.bits, problem.budget).choice]
     assert problem.total_bits(full.requested) <= problem.budget + 1e-6
     assert proxy(full.requested) <= proxy(ilp_plan) + 1e-9
     assert proxy(full.requested) == pytest.approx(full.info["final_proxy_ppl"])
 
-    with pytest.raises(KeyboardInterrupt):  # killed in episode 6, after the checkpoint at episode 4
-        refine_ppo(problem, dying(proxy, 7), cfg, tmp_path / "cut", seed=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed mid-run
+        refine_ppo(problem, dying(proxy, counted.calls["n"] // 2 + 1), cfg, tmp_path / "cut", seed=1, progress=False)
     resumed = refine_ppo(problem, proxy, replace(cfg, resume=True), tmp_path / "cut", seed=1, progress=False)
     assert resumed.requested == full.requested
 

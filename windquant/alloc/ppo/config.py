@@ -13,7 +13,7 @@ from windquant.config import require, setting
 
 @dataclass
 class PPOConfig:
-    mode: str = setting("construct", "construct: the paper's MDP, one decision per unit; refine: budget-neutral moves from ilp's plan, rewarded by the change in real proxy loss", flag="--ppo-mode")
+    mode: str = setting("refine", "construct: the paper's MDP, one decision per unit; refine: budget-neutral moves from ilp's plan, rewarded by the change in real proxy loss", flag="--ppo-mode")
     episodes: int = setting(100, "training episodes (the paper's value)")  # paper §4.1 (1B-8B runs)
     # The proxy: calibration windows scored per episode. The paper uses 64 x 256; 8 keeps an
     # episode at ~10 s on one CPU core (use 64 on a GPU).

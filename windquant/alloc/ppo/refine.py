@@ -303,7 +303,9 @@ def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_di
                 option, logp = sample(policy(features, prior, mask), generator)
             candidate = space.move(incumbent, option)
             candidate_cols = space.plan(candidate)
-            nll = math.log(proxy([ACTIONS[c] for c in candidate_cols]))
+            # A re-weighting that leaves ilp's plan as it is scores the same: no proxy pass.
+            same = bool((candidate_cols == cols).all())
+            nll = state.incumbent_nll if same else math.log(proxy([ACTIONS[c] for c in candidate_cols]))
             reward = state.incumbent_nll - nll
             batch.append(Transition(features, prior, mask, option, logp, reward))
             accepted = reward > cfg.refine_min_gain
