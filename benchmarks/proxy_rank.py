@@ -58,7 +58,8 @@ def parse() -> argparse.Namespace:
 
 def ppo_plans(logs: list[Path], n: int) -> dict[str, list[float]]:
     """``n`` distinct sampled plans of the final stage, spread evenly over their proxy PPL."""
-    rows = [r | {"log": p.parent.name} for p in logs for r in read_episodes(p) if r["target"] == read_episodes(p)[-1]["target"]]
+    episodes = {p: read_episodes(p) for p in logs}  # each log read once
+    rows = [r | {"log": p.parent.name} for p, eps in episodes.items() for r in eps if r["target"] == eps[-1]["target"]]
     distinct = {r["plan"]: r for r in sorted(rows, key=lambda r: r["proxy_ppl"])}
     ordered = sorted(distinct.values(), key=lambda r: r["proxy_ppl"])
     if not ordered:

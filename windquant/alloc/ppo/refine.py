@@ -373,7 +373,8 @@ def greedy_move(space, policy: MovePolicy, incumbent: np.ndarray, cols: np.ndarr
     with torch.no_grad():
         option, _ = sample(policy(features, prior, mask), torch.Generator(), greedy=True)
     candidate = space.plan(space.move(incumbent, option))
-    nll = math.log(proxy([ACTIONS[c] for c in candidate]))
+    same = bool((candidate == cols).all())  # as in the loop: an unchanged plan needs no proxy pass
+    nll = state.incumbent_nll if same else math.log(proxy([ACTIONS[c] for c in candidate]))
     return {"nll": nll, "proxy_ppl": math.exp(nll), "accepted": state.incumbent_nll - nll > space.cfg.refine_min_gain, "plan": candidate}
 
 
