@@ -83,13 +83,18 @@ def act(
     with torch.no_grad():
         logits, value = agent(torch.from_numpy(obs)[None], torch.from_numpy(mask)[None])
         logp = torch.log_softmax(logits[0], -1)
-        if greedy:
-            action = int(logp.argmax())
-        else:  # inverse-CDF draw: one uniform from the seeded generator per step
-            cdf = logp.exp().cumsum(0)
-            u = torch.rand(1, generator=generator) * cdf[-1]
-            action = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)  # never a zero-probability action
+        action = draw(logp, generator, greedy)
     return action, float(logp[action]), float(value[0])
+
+
+def draw(logp: torch.Tensor, generator: torch.Generator, greedy: bool = False) -> int:
+    """Index drawn from log-probabilities ``logp`` by inverse CDF (one uniform from the seeded
+    generator), or the argmax when ``greedy``."""
+    if greedy:
+        return int(logp.argmax())
+    cdf = logp.exp().cumsum(0)
+    u = torch.rand(1, generator=generator) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
 
 
 def ppo_update(

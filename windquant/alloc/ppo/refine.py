@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from windquant.actions import ACTIONS, within_budget
 from windquant.alloc.base import Allocation, Proxy
 from windquant.alloc.ilp import bit_price, greedy_fill, greedy_trim, solve
-from windquant.alloc.ppo.agent import MASKED_LOGIT, layer_init, mlp_body
+from windquant.alloc.ppo.agent import MASKED_LOGIT, draw, layer_init, mlp_body
 from windquant.alloc.ppo.config import PPOConfig
 from windquant.alloc.ppo.env import need_costs, normalise
 from windquant.alloc.ppo.train import EPISODES, POLICY, Checkpointer, EpisodeLog, TimedProxy, plan_bits, run_digest
@@ -212,14 +212,9 @@ class Transition:
 def sample(logits: torch.Tensor, generator: torch.Generator, greedy: bool = False) -> tuple[int, float]:
     """(pair, log-probability): an inverse-CDF draw from the seeded generator, or the argmax."""
     logp = torch.log_softmax(logits, -1)
-    if greedy:
-        pair = int(logp.argmax())
-    else:
-        cdf = logp.exp().cumsum(0)
-        u = torch.rand(1, generator=generator) * cdf[-1]
-        pair = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
-        while logits[pair] <= MASKED_LOGIT:  # float round-off at the end of the CDF: step back to a real pair
-            pair -= 1
+    pair = draw(logp, generator, greedy)
+    while logits[pair] <= MASKED_LOGIT:  # float round-off at the end of the CDF: step back to a real pair
+        pair -= 1
     return pair, float(logp[pair])
 
 
