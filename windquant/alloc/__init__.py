@@ -6,6 +6,7 @@ from windquant.alloc import (
     heuristic,  # noqa: E402, F401
     ilp,  # noqa: E402, F401
     ppo,  # noqa: E402, F401
+    sac,  # noqa: E402, F401
     uniform,  # noqa: E402, F401, I001
 )
 from windquant.alloc.base import ALLOCATORS, Allocation, AllocationContext, AllocatorSpec, get_allocator, register_allocator

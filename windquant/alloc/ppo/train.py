@@ -98,9 +98,13 @@ class Checkpointer:
     def __init__(self, path: Path, digest: str):
         self.path, self.digest = path, digest
 
-    def save(self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, state: TrainState) -> None:
+    def save(
+        self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, state, extra: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """``extra``: more tensors to keep (a replay buffer), read back with :meth:`extra`."""
         opt = optimizer.state_dict()
         tensors = {f"agent.{k}": v.detach().clone() for k, v in agent.state_dict().items()}
+        tensors |= {f"extra.{k}": v.contiguous() for k, v in (extra or {}).items()}
         tensors |= {f"opt.{pid}.{k}": v.clone() for pid, s in opt["state"].items() for k, v in s.items()}
         tensors["rng.sampler"] = generator.get_state()
         meta = {"settings": self.digest, "state": json.dumps(state.__dict__), "param_groups": json.dumps(opt["param_groups"])}
@@ -125,6 +129,9 @@ class Checkpointer:
         optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
         generator.set_state(tensors["rng.sampler"])
         return state_type(**json.loads(meta["state"]))
+
+    def extra(self) -> dict[str, torch.Tensor]:
+        return {k[6:]: v for k, v in load_file(str(self.path)).items() if k.startswith("extra.")}
 
 
 class EpisodeLog:
