@@ -96,7 +96,7 @@ def sac_update(
 ) -> dict[str, float]:
     """One gradient step of the critics, the actor and the temperature on a replay batch."""
     obs, actions, rewards, next_obs, dones = (batch[k] for k in ("obs", "actions", "rewards", "next_obs", "dones"))
-    alpha = float(agent.log_alpha.exp())
+    alpha = agent.log_alpha.detach().exp().item()
     with torch.no_grad():
         next_probs, next_logp = agent.policy(next_obs)
         y = soft_q_target(rewards, dones, next_probs, next_logp, agent.q1_target(next_obs), agent.q2_target(next_obs), alpha, cfg.gamma)
@@ -122,5 +122,5 @@ def sac_update(
 
     polyak(agent.q1_target, agent.q1, cfg.tau)
     polyak(agent.q2_target, agent.q2, cfg.tau)
-    entropy = float(-(probs * logp).sum(-1).mean())
-    return {"critic_loss": float(critic), "actor_loss": float(actor), "alpha": alpha, "entropy": entropy}
+    entropy = float(-(probs * logp).sum(-1).mean().detach())
+    return {"critic_loss": critic.item(), "actor_loss": actor.item(), "alpha": alpha, "entropy": entropy}

