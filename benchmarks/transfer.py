@@ -8,7 +8,8 @@ the target, at equal true bits; and the source model's own table.
 
 Rows per budget. Source: ilp, sac, ppo (trained there; their policies are kept). Target:
 uniform, heuristic, ilp, sac (trained on the target), sac zero-shot and ppo zero-shot (the
-source's policies, no training episode), ppo (trained on the target). PPO rows use the ``guided``
+source's policies, no training episode), ppo (trained on the target), and sac zero-shot with the
+projection onto the budget by the policy's own -log π instead of the sensitivity scores. PPO rows use the ``guided``
 preset: the construct mode, whose per-unit policy transfers (the refine mode's moves do not).
 Every plan is scored on the cache's candidates (what the proxy and the allocators see), WikiText-2
 test at ``--ctx`` over the first ``--max-windows`` windows, the reference beside it. Rows already
@@ -38,7 +39,7 @@ from windquant.pipeline import make_plan, prepare
 from windquant.runinfo import Timings, peak_rss_mib, set_threads
 
 SOURCE_ROWS = ("ilp", "sac", "ppo")
-TARGET_ROWS = ("uniform", "heuristic", "ilp", "sac", "sac zero-shot", "ppo zero-shot", "ppo")
+TARGET_ROWS = ("uniform", "heuristic", "ilp", "sac", "sac zero-shot", "ppo zero-shot", "ppo", "sac zero-shot, policy projection")
 
 
 def parse() -> argparse.Namespace:
@@ -70,6 +71,7 @@ def row_config(name: str, args, work: Path, policies: dict[str, str]) -> tuple[s
         "ppo": ("ppo", ppo),
         "sac zero-shot": ("sac", replace(sac, policy=policies.get("sac"))),
         "ppo zero-shot": ("ppo", replace(ppo, policy=policies.get("ppo"))),
+        "sac zero-shot, policy projection": ("sac", replace(sac, policy=policies.get("sac"), projection="policy")),
     }[name]
 
 

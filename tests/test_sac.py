@@ -146,9 +146,11 @@ def test_layer_plan_maps_to_unit_actions_and_the_projection_never_exceeds_the_bu
     for seed in range(25):
         problem = layered_problem(seed, target=float(rng.uniform(1.3, 7.0)))
         layers = group_layers(problem)
-        env = LayerEnv(problem, layers, proxy=None, cfg=SACConfig())
+        policy = seed % 2 == 1  # odd seeds: the projection by -log π of a random "policy"
+        env = LayerEnv(problem, layers, proxy=None, cfg=SACConfig(projection="policy" if policy else "costs"))
         choice = rng.integers(0, len(ACTIONS), len(layers.weights))
-        projected = env.project(choice)
+        logp = np.log(rng.dirichlet(np.ones(len(ACTIONS)), len(choice)))
+        projected = env.project(choice, logp)
         requested = layers.unit_actions(projected, len(problem.units))
         assert problem.fits(problem.total_bits(requested))
         for module, idx in zip(layers.modules, layers.units, strict=True):
@@ -157,8 +159,9 @@ def test_layer_plan_maps_to_unit_actions_and_the_projection_never_exceeds_the_bu
         # Nothing left to spend: no single layer could move one action up and still fit.
         total = problem.total_bits(requested)
         rows = np.arange(len(projected))
+        cost = -logp if policy else layers.cost
         extra = layers.bits - layers.bits[rows, projected][:, None]
-        gain = layers.cost[rows, projected][:, None] - layers.cost
+        gain = cost[rows, projected][:, None] - cost
         assert not ((gain > 0) & (total + extra <= problem.budget * (1 + 1e-12))).any()
 
 
@@ -195,7 +198,7 @@ def test_episode_return_is_the_quality_and_budget_terms():
     proxy = CountingProxy()
     env = LayerEnv(problem, group_layers(problem), proxy, cfg)
     gen = torch.Generator().manual_seed(0)
-    ep = env.run(lambda obs: int(torch.randint(len(ACTIONS), (1,), generator=gen)))
+    ep = env.run(lambda obs: (int(torch.randint(len(ACTIONS), (1,), generator=gen)), np.zeros(len(ACTIONS))))
     assert float(ep.rows["rewards"].sum()) == pytest.approx(-3.0 * math.log(ep.terms["proxy_ppl"] / 10.0) - ep.terms["penalty"], rel=1e-5)
     over = max(0.0, ep.terms["raw_bits"] / problem.target_bits - 1)
     under = max(0.0, 1 - ep.terms["raw_bits"] / problem.target_bits)
@@ -239,3 +242,37 @@ def test_a_file_that_is_not_a_sac_policy_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(WindquantError, match="not a windquant SAC policy"):
         load_policy(tmp_path / "x.safetensors")
+
+
+def test_cli_trains_sac_on_one_tiny_model_and_applies_it_zero_shot_to_another(tmp_path, capsys):
+    """Two tiny LLaMAs of different shapes (layers, widths, so units and layers differ): SAC is
+    trained on the first through the CLI and its policy quantizes the second with no episode."""
+    from conftest import make_model, make_tokenizer
+    from test_cli import quantize_args
+
+    from windquant.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    models = {}
+    for name, shape in (("a", {"layers": 2, "hidden": 64, "intermediate": 160}), ("b", {"layers": 3, "hidden": 96, "intermediate": 128})):
+        models[name] = tmp_path / name
+        make_model(**shape, seed=len(name)).save_pretrained(models[name])
+        make_tokenizer().save_pretrained(models[name])
+    sac = ["--target-bits", "3", "--allocator", "sac", "--sac-proxy-samples", "2", "--sac-proxy-len", "32"]
+    trained = tmp_path / "qa"
+    argv = quantize_args(models["a"], trained, corpus, tmp_path / "c", *sac, "--sac-episodes", "3", "--sac-set", "batch=16,hidden=16")
+    assert main(argv) == 0
+    assert len((trained / "episodes.jsonl").read_text().splitlines()) == 3
+    assert (trained / "policy.safetensors").is_file() and (trained / "training_curve.png").is_file()
+
+    moved = tmp_path / "qb"
+    assert main(quantize_args(models["b"], moved, corpus, tmp_path / "c", *sac, "--sac-policy", str(trained / "policy.safetensors"))) == 0
+    plan = json.loads((moved / "plan.json").read_text())
+    assert plan["true_bits"] <= 3.0
+    assert "applied zero-shot" in json.dumps(plan["info"])
+    assert not (moved / "episodes.jsonl").exists()
+    capsys.readouterr()
+    assert main(quantize_args(models["b"], tmp_path / "qc", corpus, tmp_path / "c", *sac, "--sac-policy", str(corpus))) == 2
+    assert "not a windquant SAC policy" in capsys.readouterr().err
+    assert not (tmp_path / "qc").exists()

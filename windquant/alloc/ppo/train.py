@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -179,7 +179,7 @@ def load_policy(path: str | Path, cfg: PPOConfig) -> ActorCritic:
     agent = new_agent(cfg, 0)
     try:
         agent.load_state_dict(load_file(str(path)))
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         raise WindquantError(f"--policy {path} is not a windquant PPO policy ({exc}); point it at a policy.safetensors") from exc
     return agent
 

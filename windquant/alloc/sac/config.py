@@ -34,6 +34,10 @@ class SACConfig:
     # Target entropy = entropy_fraction x log|A|. CleanRL's Atari value is 0.89; a per-layer
     # precision is one near-deterministic choice, so the policy is allowed to sharpen further.
     entropy_fraction: float = 0.3
+    # The final projection's costs. costs: ilp's sensitivity table (whole layers trimmed where it
+    # predicts the least loss per bit saved); policy: -log π of each layer's actions, so the plan
+    # follows the policy's own preferences and does not lean on the sensitivity table.
+    projection: str = setting("costs", "what the projection onto the budget trims by: costs (the sensitivity scores) | policy (-log π)", flag="--sac-projection")
     hidden: int = 256  # width of the 2-layer bodies (actor and both critics)
     # Reward (quality first): per step -scale x (the layer's predicted loss + price x its bits
     # above target); at the end -scale x (proxy log PPL ratio of the projected plan - the
@@ -58,6 +62,10 @@ class SACConfig:
             ("updates_per_step", self.updates_per_step >= 0, ">= 0"),
             ("entropy_fraction", 0.0 <= self.entropy_fraction < 1.0, "in [0, 1)"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("projection", self.projection in PROJECTIONS, " | ".join(PROJECTIONS)),
         )
         require(self, checks, "SAC ")
         return self
+
+
+PROJECTIONS = ("costs", "policy")

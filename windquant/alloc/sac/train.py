@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -94,21 +94,24 @@ class LayerEnv:
         # The Lagrange price of a bit on the layer tables: the step reward's budget term.
         self.price = bit_price(layers.cost, layers.bits, self.allowed, problem.budget)
 
-    def project(self, choice: np.ndarray) -> np.ndarray:
-        """Onto the budget, whole layers at a time: trim while over, then fill what is left."""
-        c, b, budget = self.layers.cost, self.layers.bits, self.problem.budget
+    def project(self, choice: np.ndarray, logp: np.ndarray | None = None) -> np.ndarray:
+        """Onto the budget, whole layers at a time: trim while over, then fill what is left, by
+        the sensitivity costs or (``projection="policy"``) by ``-logp`` [L, A], the policy's own."""
+        c = self.layers.cost if self.cfg.projection == "costs" or logp is None else -logp
+        b, budget = self.layers.bits, self.problem.budget
         return greedy_fill(c, b, self.allowed, greedy_trim(c, b, self.allowed, choice, budget), budget)
 
     def run(self, pick) -> Episode:
-        """One episode; ``pick(obs) -> column`` chooses each layer's action."""
+        """One episode; ``pick(obs) -> (column, log-probabilities of every column)`` chooses each layer's action."""
         lay, cfg, budget = self.layers, self.cfg, self.problem.budget
         target = self.problem.target_bits
         total_w = float(lay.weights.sum())
         left_b, left_w = budget, total_w
-        obs, actions, rewards = [], [], []
+        obs, actions, rewards, logps = [], [], [], []
         for layer in range(len(lay.weights)):
             o = embedding(lay.static[layer], left_b, left_w, total_w, target)
-            a = pick(o)
+            a, logp = pick(o)
+            logps.append(logp)
             obs.append(o)
             actions.append(a)
             rewards.append(-cfg.reward_scale * (lay.cost[layer, a] + self.price * (lay.bits[layer, a] - target * lay.weights[layer])))
@@ -117,7 +120,7 @@ class LayerEnv:
         raw = np.array(actions)
         rows_ = np.arange(len(raw))
         raw_bits = float(lay.bits[rows_, raw].sum())
-        projected = self.project(raw)
+        projected = self.project(raw, np.stack(logps))
         ppl = self.proxy(lay.unit_actions(projected, len(self.problem.units)))
         quality = math.log(ppl / self.proxy.reference)
         over, under = max(0.0, raw_bits / budget - 1), max(0.0, 1 - raw_bits / budget)
@@ -163,22 +166,23 @@ def load_policy(path: str | Path) -> SACAgent:
             raise ValueError(f"kind {meta.get('kind')!r}, not {POLICY_KIND!r}")
         agent = SACAgent(LAYER_DIM, N_ACTIONS, int(meta["hidden"]))
         agent.actor.load_state_dict(load_file(str(path)))
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise WindquantError(f"--sac-policy {path} is not a windquant SAC policy ({str(exc)[:120]}); point it at a sac policy.safetensors") from exc
     return agent
 
 
 def actor_pick(agent: SACAgent, generator: torch.Generator, greedy: bool):
-    def pick(obs: np.ndarray) -> int:
+    def pick(obs: np.ndarray) -> tuple[int, np.ndarray]:
         with torch.no_grad():
             _, logp = agent.policy(torch.from_numpy(obs)[None])
-        return draw(logp[0], generator, greedy)
+        return draw(logp[0], generator, greedy), logp[0].double().numpy()
 
     return pick
 
 
 def random_pick(generator: torch.Generator):
-    return lambda obs: int(torch.randint(N_ACTIONS, (1,), generator=generator))
+    uniform = np.full(N_ACTIONS, -np.log(N_ACTIONS))
+    return lambda obs: (int(torch.randint(N_ACTIONS, (1,), generator=generator)), uniform)
 
 
 def train_sac(problem: AllocationProblem, proxy: Proxy, cfg: SACConfig, work_dir: Path, seed: int = 0, progress: bool = True) -> Allocation:
