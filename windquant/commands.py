@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -188,6 +189,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = args.prompt
     if args.chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    elif args.chat:  # e.g. Gemma-3-270M's GGUF ships none
+        print("note: this model's tokenizer has no chat template; --chat sends the prompt as plain text", file=sys.stderr)
     ids = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
