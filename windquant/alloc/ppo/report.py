@@ -12,15 +12,10 @@ def read_episodes(path: Path) -> list[dict]:
 
 def plot_training_curve(log_path: Path, png: Path) -> None:
     """Proxy PPL, bits vs target, episode reward and λ per episode (four panels)."""
-    rows = read_episodes(log_path)
-    if not rows:
+    opened = episode_panels(log_path)
+    if opened is None:
         return
-    from windquant.reports import pyplot
-
-    plt = pyplot()
-
-    ep = [r["episode"] for r in rows]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    rows, ep, plt, fig, axes = opened
     ax = axes[0][0]
     ax.plot(ep, [r["proxy_ppl"] for r in rows], marker=".")
     ax.set_yscale("log")
@@ -36,6 +31,23 @@ def plot_training_curve(log_path: Path, png: Path) -> None:
     axes[1][0].set_ylabel("episode-end reward")
     axes[1][1].plot(ep, [r["lambda"] for r in rows], color="tab:red")
     axes[1][1].set_ylabel("Lagrange multiplier λ")
+    save_episode_panels(plt, fig, axes, png)
+
+
+def episode_panels(log_path: Path):
+    """(rows, episodes, pyplot, figure, 2×2 axes) for a per-episode figure; None for an empty log."""
+    rows = read_episodes(log_path)
+    if not rows:
+        return None
+    from windquant.reports import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    return rows, [r["episode"] for r in rows], plt, fig, axes
+
+
+def save_episode_panels(plt, fig, axes, png: Path) -> None:
+    """A 2×2 per-episode figure's common finish (x labels, grids), written to ``png``."""
     for a in axes[1]:
         a.set_xlabel("episode")
     for a in axes.flat:

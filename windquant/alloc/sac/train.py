@@ -264,15 +264,12 @@ def train_sac(problem: AllocationProblem, proxy: Proxy, cfg: SACConfig, work_dir
 
 def plot_sac_curve(log_path: Path, png: Path, target_bits: float) -> None:
     """Proxy PPL (and best so far), raw bits vs target, return, and α / entropy per episode."""
-    from windquant.alloc.ppo.report import read_episodes
-    from windquant.reports import pyplot
+    from windquant.alloc.ppo.report import episode_panels, save_episode_panels
 
-    rows = read_episodes(log_path)
-    if not rows:
+    opened = episode_panels(log_path)
+    if opened is None:
         return
-    plt = pyplot()
-    ep = [r["episode"] for r in rows]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    rows, ep, plt, fig, axes = opened
     ppl = [r["proxy_ppl"] for r in rows]
     axes[0][0].plot(ep, ppl, marker=".", label="episode")
     axes[0][0].plot(ep, np.minimum.accumulate(ppl), color="black", label="best so far")
@@ -289,10 +286,4 @@ def plot_sac_curve(log_path: Path, png: Path, target_bits: float) -> None:
         axes[1][1].plot(ep, [r.get(key, math.nan) for r in rows], color=color, label=key)
     axes[1][1].set_ylabel("temperature α / policy entropy")
     axes[1][1].legend()
-    for a in axes[1]:
-        a.set_xlabel("episode")
-    for a in axes.flat:
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_episode_panels(plt, fig, axes, png)
