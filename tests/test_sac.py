@@ -151,7 +151,7 @@ def test_layer_plan_maps_to_unit_actions_and_the_projection_never_exceeds_the_bu
         choice = rng.integers(0, len(ACTIONS), len(layers.weights))
         logp = np.log(rng.dirichlet(np.ones(len(ACTIONS)), len(choice)))
         projected = env.project(choice, logp)
-        requested = layers.unit_actions(projected, len(problem.units))
+        requested = layers.unit_actions(projected)
         assert problem.fits(problem.total_bits(requested))
         for module, idx in zip(layers.modules, layers.units, strict=True):
             assert {requested[i] for i in idx} == {ACTIONS[projected[layers.modules.index(module)]]}
@@ -276,3 +276,19 @@ def test_cli_trains_sac_on_one_tiny_model_and_applies_it_zero_shot_to_another(tm
     assert main(quantize_args(models["b"], tmp_path / "qc", corpus, tmp_path / "c", *sac, "--sac-policy", str(corpus))) == 2
     assert "not a windquant SAC policy" in capsys.readouterr().err
     assert not (tmp_path / "qc").exists()
+
+
+def test_replay_buffer_matches_one_transition_at_a_time():
+    """Episodes written at once land where a slot-by-slot circular write puts them (wrap-around and
+    an episode longer than the buffer included)."""
+    from windquant.alloc.sac.train import ReplayBuffer
+
+    for capacity, lengths in ((5, (3, 4, 9, 2)), (7, (7, 7, 1)), (4, (10,))):
+        buffer, expected, pos, size, start = ReplayBuffer(capacity, 1), torch.zeros(capacity, dtype=torch.long), 0, 0, 0
+        for n in lengths:
+            actions = torch.arange(start, start + n)
+            start += n
+            buffer.add({"obs": torch.zeros(n, 1), "actions": actions, "rewards": torch.zeros(n), "next_obs": torch.zeros(n, 1), "dones": torch.zeros(n)})
+            for a in actions:
+                expected[pos], pos, size = a, (pos + 1) % capacity, min(size + 1, capacity)
+        assert torch.equal(buffer.data["actions"], expected) and (buffer.pos, buffer.size) == (pos, size)

@@ -131,7 +131,9 @@ class Checkpointer:
         return state_type(**json.loads(meta["state"]))
 
     def extra(self) -> dict[str, torch.Tensor]:
-        return {k[6:]: v for k, v in load_file(str(self.path)).items() if k.startswith("extra.")}
+        """The ``extra`` tensors of :meth:`save` (read alone, not the whole checkpoint again)."""
+        with safe_open(str(self.path), "pt") as f:
+            return {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("extra.")}
 
 
 class EpisodeLog:

@@ -68,13 +68,16 @@ class Layers:
     weights: np.ndarray  # [L] weights per layer
     static: np.ndarray  # [L, STATIC_DIM] dims 0-8 of the embedding
 
-    def unit_actions(self, choice: np.ndarray, n_units: int) -> list[float]:
-        """Per unit (model order): its layer's action (``choice``: a column of ACTIONS per layer)."""
-        out = [0.0] * n_units
+    def unit_columns(self, choice: np.ndarray) -> np.ndarray:
+        """Per unit (model order): its layer's column of ACTIONS (``choice``: one per layer)."""
+        cols = np.empty(sum(len(idx) for idx in self.units), dtype=np.int64)
         for layer, idx in enumerate(self.units):
-            for i in idx:
-                out[int(i)] = ACTIONS[int(choice[layer])]
-        return out
+            cols[idx] = choice[layer]
+        return cols
+
+    def unit_actions(self, choice: np.ndarray) -> list[float]:
+        """Per unit (model order): its layer's action."""
+        return [ACTIONS[c] for c in self.unit_columns(choice)]
 
 
 def zscore(x: np.ndarray) -> np.ndarray:

@@ -64,11 +64,13 @@ class ReplayBuffer:
         }
 
     def add(self, rows: dict[str, torch.Tensor]) -> None:
-        for t in range(len(rows["actions"])):
-            for k, v in rows.items():
-                self.data[k][self.pos] = v[t]
-            self.pos = (self.pos + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
+        n = len(rows["actions"])
+        idx = (self.pos + torch.arange(n)) % self.capacity
+        last = slice(max(0, n - self.capacity), n)  # an episode longer than the buffer keeps its last rows
+        for k, v in rows.items():
+            self.data[k][idx[last]] = v[last]
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
 
     def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         idx = torch.randint(self.size, (n,), generator=generator)
@@ -118,10 +120,9 @@ class LayerEnv:
             left_b -= lay.bits[layer, a]
             left_w -= lay.weights[layer]
         raw = np.array(actions)
-        rows_ = np.arange(len(raw))
-        raw_bits = float(lay.bits[rows_, raw].sum())
+        raw_bits = float(lay.bits[np.arange(len(raw)), raw].sum())
         projected = self.project(raw, np.stack(logps))
-        ppl = self.proxy(lay.unit_actions(projected, len(self.problem.units)))
+        ppl = self.proxy(lay.unit_actions(projected))
         quality = math.log(ppl / self.proxy.reference)
         over, under = max(0.0, raw_bits / budget - 1), max(0.0, 1 - raw_bits / budget)
         penalty = cfg.over_penalty * over + cfg.under_penalty * under + (cfg.cliff_penalty if over > cfg.cliff else 0.0)
@@ -222,7 +223,7 @@ def train_sac(problem: AllocationProblem, proxy: Proxy, cfg: SACConfig, work_dir
                 stats = sac_update(agent, optimizer, buffer.sample(cfg.batch, generator), cfg, entropy_target)
             if ep.terms["proxy_ppl"] < state.best_ppl:
                 state.best_ppl, state.best_episode, state.best_choice = ep.terms["proxy_ppl"], episode, ep.projected.tolist()
-            cols = [ACTIONS.index(a) for a in layers.unit_actions(ep.projected, len(problem.units))]
+            cols = layers.unit_columns(ep.projected).tolist()
             row = {"episode": episode, "random": explore, **ep.terms, **plan_bits(problem, cols), **stats}
             row["plan"] = "".join(map(str, ep.projected))  # column per layer (model order)
             log.write(row | {"seconds": time.perf_counter() - start, "proxy_seconds": proxy.seconds})
@@ -259,7 +260,7 @@ def train_sac(problem: AllocationProblem, proxy: Proxy, cfg: SACConfig, work_dir
         f"(raw plan {greedy.terms['raw_bits']:.3f} bits, projection moved {greedy.terms['projection_moved']:.1%} of the weights)"
     )
     files = [p for name in (EPISODES, CURVE, POLICY) if episodes and (p := work_dir / name).is_file()]
-    return Allocation(layers.unit_actions(choice, len(problem.units)), info, files)
+    return Allocation(layers.unit_actions(choice), info, files)
 
 
 def plot_sac_curve(log_path: Path, png: Path, target_bits: float) -> None:
