@@ -10,7 +10,7 @@ TARGET ?= 2.5
 # 0 = the full split (~10 min per model on 2 cores).
 EVAL_WINDOWS ?= 8
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench llamacpp clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +43,27 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/operators.py --out benchmarks/results
+
+# llama.cpp's llama-quantize, llama-perplexity and llama-imatrix, CPU-only, built from the
+# llama.cpp vendored in the llama-cpp-python sdist (the package registry is the only network we
+# need); ~5 min on 2 cores. `windquant gguf` and benchmarks/gguf.py look in $(LLAMACPP)/bin
+# (or $$WINDQUANT_LLAMACPP). Nothing here is committed.
+LLAMACPP ?= .llamacpp
+LLAMACPP_SDIST := llama-cpp-python==0.3.36
+LLAMACPP_TOOLS := llama-quantize llama-perplexity llama-imatrix
+
+$(LLAMACPP)/bin/llama-quantize: | install
+	rm -rf $(LLAMACPP)/src $(LLAMACPP)/build && mkdir -p $(LLAMACPP)/src $(LLAMACPP)/bin
+	$(PY) -m pip download -q --no-deps --no-binary :all: $(LLAMACPP_SDIST) -d $(LLAMACPP)/src
+	tar -xzf $(LLAMACPP)/src/llama_cpp_python-*.tar.gz -C $(LLAMACPP)/src --strip-components=1
+	cmake -S $(LLAMACPP)/src/vendor/llama.cpp -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF > $(LLAMACPP)/cmake.log
+	cmake --build $(LLAMACPP)/build -j2 --target $(LLAMACPP_TOOLS) > $(LLAMACPP)/build.log
+	cp $(addprefix $(LLAMACPP)/build/bin/,$(LLAMACPP_TOOLS)) $(LLAMACPP)/bin/
+	rm -rf $(LLAMACPP)/src $(LLAMACPP)/build
+
+llamacpp: $(LLAMACPP)/bin/llama-quantize
 
 clean:
 	rm -rf $(VENV) runs

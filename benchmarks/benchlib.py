@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from windquant.calib.corpus import corpus_tokens
+from windquant.calib.corpus import corpus_tokens, window_bos
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
 from windquant.reports import pyplot  # noqa: F401  (re-exported: the benchmarks draw with it)
@@ -59,6 +59,7 @@ class Evaluator:
         self.args = args
         self.tasks = [t for t in (args.tasks or "").split(",") if t.strip()]
         self.tokens = corpus_tokens(tokenizer, "wikitext2", "eval", args.data_dir)
+        self.bos_id = window_bos(tokenizer)
 
     def settings(self) -> dict:
         a = self.args
@@ -85,7 +86,7 @@ class Evaluator:
         model.eval()
         if "wiki2" in need:
             start = time.perf_counter()
-            res = perplexity(model, self.tokens, ctx=a.ctx, max_windows=a.max_windows)
+            res = perplexity(model, self.tokens, ctx=a.ctx, max_windows=a.max_windows, bos_id=self.bos_id)
             row["wiki2"] = {
                 "ppl": res.ppl,
                 "ctx": res.ctx,

@@ -32,7 +32,7 @@ from windquant.alloc.ppo.config import PRESETS
 from windquant.alloc.ppo.env import AllocationEnv
 from windquant.alloc.ppo.report import read_episodes
 from windquant.alloc.ppo.train import new_agent, new_optimizer, run_episode
-from windquant.calib.corpus import corpus_tokens
+from windquant.calib.corpus import corpus_tokens, window_bos
 from windquant.cliflags import parse_overrides
 from windquant.config import FitConfig, PlanConfig
 from windquant.eval.perplexity import perplexity
@@ -104,7 +104,7 @@ def main() -> None:
         """WikiText-2 PPL of a Plan as stored (carried candidates), or of requested actions (cache candidates)."""
         weights = prepared.plan_model(plan_or_requested) if isinstance(plan_or_requested, Plan) else prepared.plan_weights(plan_or_requested)
         with torch.no_grad(), weights:
-            return perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress).ppl
+            return perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress, bos_id=window_bos(tok)).ppl
 
     # One bare proxy forward (reference weights, no assembly), median of 5, same process.
     bare = []

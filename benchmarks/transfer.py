@@ -30,7 +30,7 @@ import torch
 from windquant.alloc.ppo import PPOConfig
 from windquant.alloc.ppo.config import PRESETS
 from windquant.alloc.sac import SACConfig
-from windquant.calib.corpus import corpus_tokens
+from windquant.calib.corpus import corpus_tokens, window_bos
 from windquant.config import FitConfig, PlanConfig
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
@@ -81,15 +81,15 @@ def run_model(spec: str, rows: tuple[str, ...], args, results: dict, path: Path,
     model, tok = load_model(spec)
     timings = Timings()
     prepared = prepare(model, tok, FitConfig(cache_dir=args.cache_dir, data_dir=args.data_dir), {"features", "scores"}, timings, progress)
-    tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
+    tokens, bos = corpus_tokens(tok, args.corpus, "eval", args.data_dir), window_bos(tok)
     table = results["models"].setdefault(spec, {"rows": {}})
 
     def wiki(requested=None):
         with torch.no_grad():
             if requested is None:
-                return perplexity(model, tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress)
+                return perplexity(model, tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress, bos_id=bos)
             with prepared.plan_weights(requested):
-                return perplexity(model, tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress)
+                return perplexity(model, tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress, bos_id=bos)
 
     if "reference" not in table:
         ref = wiki()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from windquant.calib.corpus import builtin_text, corpus_tokens, sample_windows, wikitext2
+from windquant.calib.corpus import builtin_text, corpus_tokens, sample_windows, wikitext2, window_bos
 from windquant.errors import WindquantError
 
 
@@ -26,6 +26,21 @@ def test_windows_are_seeded_and_deterministic():
     assert torch.equal(a, b) and a.shape == (8, 32)
     assert not torch.equal(a, sample_windows(tokens, 8, 32, seed=2))
     assert ((a[:, 1:] - a[:, :-1]) == 1).all()  # contiguous spans of the corpus
+
+
+def test_bos_opens_every_window_only_when_the_tokenizer_adds_one():
+    tokens = torch.arange(1000)
+    plain = sample_windows(tokens, 4, 16, seed=3)
+    with_bos = sample_windows(tokens, 4, 16, seed=3, bos_id=-7)
+    assert (with_bos[:, 0] == -7).all() and torch.equal(with_bos[:, 1:], plain[:, 1:])
+
+    class Tok:
+        bos_token_id = 5
+        add_bos_token = False
+
+    assert window_bos(Tok()) is None
+    Tok.add_bos_token = True
+    assert window_bos(Tok()) == 5
 
 
 def test_jsonl_and_bad_files(tokenizer, tmp_path):

@@ -109,7 +109,7 @@ def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: li
     model, tokenizer = load_model(spec, dense_cache=True)  # scoring many tokens: unpack each layer once
     payload: dict = {"model": spec}
     if corpus is not None:
-        from windquant.calib.corpus import corpus_tokens
+        from windquant.calib.corpus import corpus_tokens, window_bos
 
         protocol = PROTOCOLS[args.protocol]
         ctx = args.ctx or protocol.ctx
@@ -118,7 +118,6 @@ def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: li
             print(f"note: --ctx {ctx} is above the model's maximum; using {limit}")
             ctx = limit
         tokens = corpus_tokens(tokenizer, corpus, "eval", args.data_dir, raw=protocol.raw_text)
-        adds_bos = protocol.second_half and getattr(tokenizer, "add_bos_token", False)
         res = perplexity(
             model,
             tokens,
@@ -127,7 +126,7 @@ def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: li
             batch_size=args.batch_size,
             progress=not args.quiet,
             first=ctx // 2 if protocol.second_half else 0,
-            bos_id=tokenizer.bos_token_id if adds_bos else None,
+            bos_id=window_bos(tokenizer),
         )
         print(f"{res.line()} corpus={corpus} protocol={args.protocol}")
         payload.update({"corpus": corpus, "protocol": args.protocol, **res.__dict__})

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from windquant.actions import ACCOUNTINGS, ACTIONS
 from windquant.alloc import AllocationContext, get_allocator
 from windquant.alloc.problem import AllocationProblem, StorageVariant
-from windquant.calib.corpus import corpus_tokens, sample_windows
+from windquant.calib.corpus import corpus_tokens, sample_windows, window_bos
 from windquant.calib.statistics import CalibrationStats, layer_fisher
 from windquant.config import FitConfig, PlanConfig, settings_digest
 from windquant.errors import WindquantError
@@ -61,7 +61,8 @@ def calibration_windows(
 ) -> torch.Tensor:
     """[samples, length] token windows of the calibration corpus (``fit``'s numbers unless given)."""
     tokens = corpus_tokens(tokenizer, fit.calib, "calib", fit.data_dir)
-    return sample_windows(tokens, samples or fit.calib_samples, length or fit.calib_len, fit.seed if seed is None else seed)
+    seed = fit.seed if seed is None else seed
+    return sample_windows(tokens, samples or fit.calib_samples, length or fit.calib_len, seed, window_bos(tokenizer))
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from windquant.calib.corpus import corpus_tokens
+from windquant.calib.corpus import corpus_tokens, window_bos
 from windquant.config import PlanConfig
 from windquant.errors import WindquantError
 from windquant.eval.perplexity import perplexity
@@ -39,7 +39,7 @@ def run_sweep(
     tokens = corpus_tokens(prepared.tokenizer, corpus, "eval", prepared.fit.data_dir)
 
     def ppl():
-        return perplexity(model, tokens, ctx=ctx, max_windows=max_windows, progress=progress)
+        return perplexity(model, tokens, ctx=ctx, max_windows=max_windows, progress=progress, bos_id=window_bos(prepared.tokenizer))
 
     with torch.no_grad(), timings.stage("eval"):
         reference = ppl()

@@ -1,5 +1,6 @@
 """Perplexity over non-overlapping windows: the GPTQ/AWQ WikiText-2 protocol (every prediction of
-every window scored) and llama.cpp's ``llama-perplexity`` protocol (:data:`LLAMACPP`: ctx 512, the
+every window scored; BOS at each window's start when the tokenizer adds one, see
+:func:`windquant.calib.corpus.window_bos`) and llama.cpp's ``llama-perplexity`` protocol (:data:`LLAMACPP`: ctx 512, the
 first 100 chunks of the raw file, BOS at each chunk's start when the tokenizer adds one, only the
 second half of each chunk scored, so every scored token sees at least 256 tokens of context)."""
 
