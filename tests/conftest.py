@@ -95,3 +95,57 @@ def full_model_statistics(model, windows):
         h.remove()
     xs = {n: torch.cat(v).double() for n, v in seen.items()}
     return {n: (x * x).mean(0).sqrt() for n, x in xs.items()}, {n: x.T @ x / len(x) for n, x in xs.items()}
+
+
+def make_gguf(path, hidden: int = 64, intermediate: int = 160, layers: int = 2, seed: int = 0):
+    """A tiny random LLaMA written as a GGUF file (F32 tensors, a byte-level GPT-2 tokenizer):
+    a model spec for GGUF round trips. Matrices are [out, in] in numpy order, as GGUF stores them."""
+    import gguf
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    rng = np.random.default_rng(seed)
+    vocab = [*sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt"]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(intermediate)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(vocab))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab)
+    w.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
+    w.add_token_merges(["Ġ t"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    kv = hidden // 2  # 2 of 4 heads
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", mat(len(vocab), hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        for name, shape in (
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)),
+            ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (intermediate, hidden)),
+            ("ffn_up", (intermediate, hidden)),
+            ("ffn_down", (hidden, intermediate)),
+        ):
+            w.add_tensor(f"blk.{i}.{name}.weight", mat(*shape))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

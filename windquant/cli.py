@@ -1,4 +1,4 @@
-"""windquant: compress a causal LLM to ~2 bits per weight under one global bit budget (quantize, sweep, eval, inspect, generate)."""
+"""windquant: compress a causal LLM to ~2 bits per weight under one global bit budget (quantize, sweep, eval, inspect, generate, gguf)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,32 @@ def _add_generate(sub) -> None:
     )
 
 
+def _add_gguf(sub) -> None:
+    p = sub.add_parser(
+        "gguf",
+        help="re-quantize a GGUF model for llama.cpp: one type per block linear, chosen for a bits-per-weight target",
+        description="Chooses one llama.cpp tensor type per block linear by the exact knapsack on windquant's "
+        "sensitivity costs (each type's real round trip, weighted by calibration statistics) under --target-bpw "
+        "on the block linears (scales included), and writes the GGUF with llama-quantize (built by `make llamacpp`) "
+        "or, without it, with gguf-py (types Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 only).",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), gemma3-270m or a .gguf file")
+    p.add_argument("--target-bpw", type=float, required=True, help="bits per weight of the block linears, scales included")
+    p.add_argument("--out", help="GGUF file to write (a report goes beside it as OUT.json)")
+    p.add_argument("--types", default=None, help="candidate types, comma-separated (default: every type the writer makes)")
+    p.add_argument("--embedding-type", default="Q8_0", help="type of token_embd.weight (default %(default)s)")
+    p.add_argument("--output-type", default=None, help="type of output.weight when untied (default: the embedding's)")
+    p.add_argument("--no-llamacpp", action="store_true", help="write with gguf-py even when llama.cpp is built")
+    p.add_argument("--work-dir", default=None, help="reference, imatrix and candidate costs (default ~/.cache/windquant/gguf, or $WINDQUANT_CACHE/gguf)")
+    p.add_argument("--calib", default="builtin", help="calibration corpus: builtin | wikitext2 | PATH (default %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default %(default)s)")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default %(default)s)")
+    p.add_argument("--data-dir", default=None, help="folder holding WikiText-2 (else $WINDQUANT_DATA)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--dry-run", action="store_true", help="print the recipe and its sizes, write no GGUF")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     """The parser and, for error messages, the flag that sets each library setting."""
     parser = argparse.ArgumentParser(prog="windquant", description=__doc__)
@@ -129,6 +155,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     _add_eval(sub)
     _add_inspect(sub)
     _add_generate(sub)
+    _add_gguf(sub)
     return parser, flags
 
 

@@ -221,3 +221,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run_sweep(prepared, budgets, configs, base, args.corpus, args.ctx, args.max_windows, Path(args.out), timings, progress)
     print((Path(args.out) / "results.md").read_text())
     return 0
+
+
+def cmd_gguf(args: argparse.Namespace) -> int:
+    """Choose one llama.cpp type per block linear for --target-bpw; write the GGUF unless --dry-run."""
+    from windquant.config import FitConfig
+    from windquant.gguf.build import GGUFConfig, build_gguf
+    from windquant.gguf.types import parse_type
+    from windquant.quant.cache import default_cache_dir
+
+    if args.out is None and not args.dry_run:
+        raise WindquantError("give --out FILE.gguf (or --dry-run to print the recipe only)")
+    out = None if args.dry_run else Path(args.out)
+    if out is not None and out.exists() and not args.overwrite:
+        raise WindquantError(f"{out} exists; pass --overwrite to replace it")
+    if args.target_bpw <= 0:
+        raise WindquantError(f"--target-bpw must be positive, got {args.target_bpw:g}")
+    cfg = GGUFConfig(
+        target_bpw=args.target_bpw,
+        types=tuple(parse_type(t) for t in args.types.split(",")) if args.types else None,
+        embedding_type=parse_type(args.embedding_type),
+        output_type=parse_type(args.output_type) if args.output_type else None,
+        llamacpp=not args.no_llamacpp,
+    )
+    fit = FitConfig(calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len, data_dir=args.data_dir).validate()
+    work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "gguf"
+    report = build_gguf(args.model, out, cfg, fit, work, progress=not args.quiet)
+    print(f"writer={report['writer']} types: " + "  ".join(f"{k}:{v}" for k, v in report["type_counts"].items()))
+    line = f"block linears: {report['linear_bpw']:.4f} bpw (target {report['target_bpw']:g}), {report['linear_bytes']:,} bytes"
+    if out is not None:
+        line += f"; file {report['file_bytes']:,} bytes, {report['file_bpw']:.4f} bpw over all tensors -> {out}"
+    print(line)
+    return 0

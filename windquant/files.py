@@ -7,10 +7,16 @@ import os
 from pathlib import Path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+def temp_path_for(path: str | Path) -> Path:
+    """A hidden temporary name beside ``path`` (its folder created) to write to and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # concurrent writers never share a temp file
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")  # concurrent writers never share a temp file
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    tmp = temp_path_for(path)
     tmp.write_text(text)
     os.replace(tmp, path)
     return path

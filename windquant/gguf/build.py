@@ -1,0 +1,242 @@
+"""``windquant gguf``: a GGUF model re-quantized with one type per block linear, chosen for a
+bits-per-weight target by the knapsack of :mod:`.recipe`.
+
+Steps (each kept in the work folder, so a second run with the same source and calibration reuses
+them): the source as an F16 reference GGUF; calibration statistics of the loaded model (input
+second moments, output Fisher) -> llama.cpp's importance matrix; every candidate type's real round
+trip and its cost per tensor; the recipe; the final file, written by ``llama-quantize --imatrix
+--tensor-type-file`` (or by gguf-py alone when llama.cpp is absent: then only the types gguf-py
+quantizes are candidates) and checked against the recipe, type by type and byte by byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType
+from tqdm.auto import tqdm
+
+from windquant.config import FitConfig
+from windquant.errors import WindquantError
+from windquant.files import atomic_write_json, atomic_write_text, temp_path_for
+from windquant.gguf import llamacpp
+from windquant.gguf.files import (
+    GGUF_LINEAR,
+    dequantized,
+    gguf_linear_name,
+    open_gguf,
+    quantized_bytes,
+    write_gguf,
+    write_imatrix,
+    write_reference,
+)
+from windquant.gguf.recipe import Recipe, TensorOptions, make_recipe, trace_cost
+from windquant.gguf.types import LLAMACPP_TYPES, PYTHON_TYPES, fits, tensor_bytes
+from windquant.model.loading import EMBEDDED
+
+F16 = GGMLQuantizationType.F16
+_LINEAR = re.compile(rf"blk\.\d+\.({'|'.join(GGUF_LINEAR.values())})\.weight")
+
+
+@dataclass
+class GGUFConfig:
+    target_bpw: float  # block linears' bits per weight, scales included
+    types: tuple[GGMLQuantizationType, ...] | None = None  # candidate types (None: all the writer can make)
+    embedding_type: GGMLQuantizationType = GGMLQuantizationType.Q8_0  # token_embd.weight
+    output_type: GGMLQuantizationType | None = None  # output.weight when untied (None: as the embedding)
+    llamacpp: bool = True  # use llama.cpp when built (False: gguf-py only)
+
+
+def source_gguf(spec: str) -> Path:
+    """The GGUF file behind a model spec; GGUF writing starts from one (its metadata and tokenizer
+    are copied as they are)."""
+    if spec in EMBEDDED:
+        return EMBEDDED[spec]()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    raise WindquantError(
+        f"windquant gguf needs a GGUF model, got {spec!r}; convert a Hugging Face folder with "
+        "llama.cpp's convert_hf_to_gguf.py first, or give smollm2-135m / gemma3-270m / a .gguf file"
+    )
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Workspace:
+    """The work folder: the F16 reference, the imatrix, and each candidate type's costs."""
+
+    def __init__(self, folder: Path, source: Path, fit: FitConfig):
+        stat = source.stat()
+        calib = {k: getattr(fit, k) for k in ("calib", "calib_samples", "calib_len", "seed")}
+        self.key = _digest({"source": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime, **calib})
+        self.folder = folder / self.key
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.reference = self.folder / "reference-f16.gguf"
+        self.imatrix = self.folder / "imatrix.dat"
+        self.statistics = self.folder / "statistics.json"
+
+    def costs_path(self, qtype: GGMLQuantizationType, writer: str) -> Path:
+        return self.folder / f"costs-{writer}-{qtype.name}.json"
+
+
+def calibration_statistics(spec: str, fit: FitConfig, progress: bool) -> tuple[dict, dict, dict]:
+    """(gguf name -> input second moment [cols, cols], -> imatrix values [cols], -> output Fisher)
+    of every block linear of the model ``spec`` on ``fit``'s calibration windows."""
+    from windquant.calib.statistics import calibrate, layer_fisher
+    from windquant.model.loading import load_model
+    from windquant.model.units import block_linears
+    from windquant.pipeline import calibration_windows
+
+    model, tok = load_model(spec)
+    names = {name: gguf_linear_name(layer, proj) for layer, name, proj, _ in block_linears(model)}
+    windows = calibration_windows(tok, fit)
+    stats = calibrate(model, windows, moments=True, progress=progress)
+    fisher = layer_fisher(model, windows, progress=progress)
+    assert stats.moments is not None
+    moments = {names[n]: stats.moments[n] for n in names}
+    imatrix = {names[n]: (stats.act_scales[n].double() ** 2).numpy() for n in names}
+    return moments, imatrix, {names[n]: fisher[n] for n in names}
+
+
+def _round_trip(ws: Workspace, qtype: GGMLQuantizationType, writer: str, linears: list[str]) -> dict[str, np.ndarray]:
+    """Each linear's weights after storing the reference as ``qtype`` (only where it stays ``qtype``:
+    llama.cpp silently falls back on rows its blocks do not divide)."""
+    ref = open_gguf(ws.reference)
+    tensors = {t.name: t for t in ref.tensors}
+    if writer == "gguf-py":
+        out = {}
+        for name in linears:
+            w = dequantized(tensors[name])
+            if fits(qtype, w.shape[1]):
+                out[name] = gguf.quants.dequantize(quantized_bytes(w, qtype), qtype)
+        return out
+    tmp = temp_path_for(ws.folder / f"round-trip-{qtype.name}.gguf")
+    try:
+        # Only the linears are read back; the embedding stays out of the way (and out of the
+        # IQ types' need for an importance matrix it has no entry in).
+        llamacpp.quantize(
+            ws.reference, tmp, qtype.name, imatrix=ws.imatrix, pure=True, token_embedding_type="Q8_0", output_tensor_type="Q8_0"
+        )
+        back = {t.name: t for t in open_gguf(tmp).tensors}
+        return {n: dequantized(back[n]) for n in linears if back[n].tensor_type == qtype}
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def candidate_options(
+    ws: Workspace, types: tuple[GGMLQuantizationType, ...], writer: str, linears: list[str], moments, fisher, progress: bool
+) -> list[TensorOptions]:
+    """Every block linear with the cost of each candidate type it can take (cached per type;
+    ``moments`` and ``fisher`` are needed only for the types not cached yet)."""
+    ref = {t.name: t for t in open_gguf(ws.reference).tensors}
+    options = {n: TensorOptions(n, int(ref[n].shape[1]), int(ref[n].shape[0])) for n in linears}
+    weights = None
+    for qtype in tqdm(types, desc=f"candidate types ({writer})", disable=not progress, unit="type"):
+        path = ws.costs_path(qtype, writer)
+        if path.is_file():
+            costs = json.loads(path.read_text())
+        else:
+            approx = _round_trip(ws, qtype, writer, linears)
+            if weights is None:
+                weights = {n: dequantized(ref[n]) for n in linears}
+            costs = {n: fisher[n] * trace_cost(weights[n], a, moments[n]) for n, a in approx.items()}
+            atomic_write_json(path, costs)
+        for n, c in costs.items():
+            options[n].costs[qtype] = c
+    missing = [n for n, o in options.items() if not o.costs]
+    if missing:
+        raise WindquantError(f"no candidate type fits {missing[0]} ({options[missing[0]].cols}-wide rows); allow a 32-block type such as Q8_0")
+    return list(options.values())
+
+
+def _write_final(ws: Workspace, recipe: Recipe, cfg: GGUFConfig, writer: str, out: Path, progress: bool) -> None:
+    if writer == "llama.cpp":
+        types_file = ws.folder / "tensor-types.txt"
+        atomic_write_text(types_file, recipe.tensor_type_lines())
+        tmp = temp_path_for(out)
+        try:
+            llamacpp.quantize(
+                ws.reference, tmp, "Q8_0", imatrix=ws.imatrix, tensor_types=types_file,
+                token_embedding_type=cfg.embedding_type.name, output_tensor_type=(cfg.output_type or cfg.embedding_type).name,
+            )  # fmt: skip
+            check_written(tmp, recipe)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    ref = open_gguf(ws.reference)
+    chosen = dict(recipe.types)
+    for t in ref.tensors:
+        if t.name == "token_embd.weight":
+            chosen[t.name] = cfg.embedding_type
+        elif t.name == "output.weight":
+            chosen[t.name] = cfg.output_type or cfg.embedding_type
+    replace = {}
+    for t in tqdm(ref.tensors, desc="quantize (gguf-py)", disable=not progress, unit="tensor"):
+        if t.name in chosen and chosen[t.name] != F16:
+            replace[t.name] = (quantized_bytes(dequantized(t), chosen[t.name]), chosen[t.name])
+    write_gguf(ref, out, replace, file_type=int(gguf.LlamaFileType.GUESSED), progress=progress)
+    check_written(out, recipe)
+
+
+def check_written(path: Path, recipe: Recipe) -> None:
+    """The written file holds the recipe's type for every block linear and its bytes add up to
+    the recipe's accounting (the size table is the one the knapsack used)."""
+    tensors = {t.name: t for t in open_gguf(path).tensors}
+    total = 0
+    for name, qtype in recipe.types.items():
+        t = tensors[name]
+        if t.tensor_type != qtype or t.n_bytes != tensor_bytes(qtype, int(t.shape[1]), int(t.shape[0])):
+            raise WindquantError(f"{path}: {name} was written as {t.tensor_type.name}, not the recipe's {qtype.name}")
+        total += t.n_bytes
+    if total != recipe.linear_bytes:
+        raise WindquantError(f"{path}: block linears take {total} bytes, the recipe counted {recipe.linear_bytes}")
+
+
+def file_bpw(path: Path) -> float:
+    """Bits per weight of a whole GGUF file's tensors (every tensor, metadata excluded)."""
+    tensors = open_gguf(path).tensors
+    return 8 * sum(t.n_bytes for t in tensors) / sum(t.n_elements for t in tensors)
+
+
+def build_gguf(spec: str, out: Path | None, cfg: GGUFConfig, fit: FitConfig, work_dir: Path, progress: bool = True) -> dict:
+    """Choose (and unless ``out`` is None, write) the GGUF; returns the report written beside it."""
+    source = source_gguf(spec)
+    ws = Workspace(work_dir, source, fit)
+    writer = "llama.cpp" if cfg.llamacpp and llamacpp.find_tool("llama-quantize") else "gguf-py"
+    available = LLAMACPP_TYPES if writer == "llama.cpp" else PYTHON_TYPES
+    types = tuple(t for t in (cfg.types or available) if t in available)
+    if not types:
+        raise WindquantError(f"none of the --types can be written by {writer}; it writes {', '.join(t.name for t in available)}")
+    for emb in {cfg.embedding_type, cfg.output_type or cfg.embedding_type}:
+        if writer == "gguf-py" and emb not in (*PYTHON_TYPES, F16):
+            raise WindquantError(f"--embedding-type {emb.name} needs llama.cpp ({llamacpp.BUILD_HINT}); gguf-py writes {', '.join(t.name for t in PYTHON_TYPES)}, F16")
+    if not ws.reference.is_file():
+        write_reference(open_gguf(source), ws.reference, progress)
+    linears = [t.name for t in open_gguf(ws.reference).tensors if _LINEAR.fullmatch(t.name)]
+    moments = fisher = None
+    if not ws.imatrix.is_file() or any(not ws.costs_path(t, writer).is_file() for t in types):
+        moments, imatrix, fisher = calibration_statistics(spec, fit, progress)
+        if set(moments) != set(linears):
+            odd = sorted(set(moments) ^ set(linears))[0]
+            raise WindquantError(f"unsupported architecture for GGUF writing: the model and {source} disagree on {odd}")
+        write_imatrix(ws.imatrix, imatrix, f"windquant {fit.calib} {fit.calib_samples}x{fit.calib_len}", fit.calib_samples)
+    options = candidate_options(ws, types, writer, linears, moments, fisher, progress)
+    recipe = make_recipe(options, cfg.target_bpw)
+    report = {"source": str(source), "writer": writer, "work_dir": str(ws.folder), "reference": str(ws.reference), **recipe.to_json()}
+    report["config"] = {k: (v.name if isinstance(v, GGMLQuantizationType) else [t.name for t in v] if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    if out is not None:
+        _write_final(ws, recipe, cfg, writer, out, progress)
+        report |= {"out": str(out), "file_bytes": out.stat().st_size, "file_bpw": file_bpw(out)}
+        atomic_write_json(out.with_name(out.name + ".json"), report)
+    return report
