@@ -1,0 +1,137 @@
+"""GGUF output: sizes, the knapsack, the costs, the imatrix file, and `windquant gguf` end to end on
+a tiny random GGUF (gguf-py writer; the llama.cpp writer when `make llamacpp` has been run)."""
+
+import itertools
+import json
+import struct
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import make_gguf
+from gguf import GGMLQuantizationType as T
+
+from windquant.cli import main
+from windquant.gguf import llamacpp
+from windquant.gguf.files import dequantized, open_gguf, quantized_bytes, write_gguf, write_imatrix
+from windquant.gguf.recipe import choose, trace_cost
+from windquant.gguf.types import PYTHON_TYPES, bits_per_weight, fits, tensor_bytes
+
+TINY = ["--calib-samples", "4", "--calib-len", "32", "--quiet"]
+
+
+@pytest.mark.parametrize("qtype", PYTHON_TYPES)
+def test_size_table_equals_the_bytes_gguf_py_writes(qtype):
+    w = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32)
+    assert quantized_bytes(w, qtype).nbytes == tensor_bytes(qtype, 3, 96)
+    assert tensor_bytes(qtype, 3, 96) * 8 / (3 * 96) == bits_per_weight(qtype)
+
+
+def test_fits_follows_block_sizes():
+    assert fits(T.Q4_0, 576) and not fits(T.Q4_K, 576) and fits(T.Q4_K, 1536)
+    assert bits_per_weight(T.Q4_K) == 4.5 and bits_per_weight(T.Q2_K) == 2.625
+
+
+def test_knapsack_matches_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        costs = [list(rng.random(rng.integers(1, 4))) for _ in range(5)]
+        sizes = [list(rng.integers(1, 10, len(c))) for c in costs]
+        budget = int(rng.integers(sum(min(s) for s in sizes), sum(max(s) for s in sizes) + 1))
+        best = min(
+            (sum(c[k] for c, k in zip(costs, pick, strict=True)), pick)
+            for pick in itertools.product(*(range(len(c)) for c in costs))
+            if sum(s[k] for s, k in zip(sizes, pick, strict=True)) <= budget
+        )
+        picks = choose(costs, sizes, budget)
+        assert sum(s[k] for s, k in zip(sizes, picks, strict=True)) <= budget
+        assert sum(c[k] for c, k in zip(costs, picks, strict=True)) == pytest.approx(best[0])
+
+
+def test_trace_cost_is_the_weighted_squared_error():
+    rng = np.random.default_rng(2)
+    w, q = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    x = rng.standard_normal((50, 6))
+    m = torch.from_numpy(x.T @ x / 50)
+    # Σ over rows and tokens of the output error (ΔW x)², averaged over tokens.
+    expected = float(np.mean(np.sum(((w - q) @ x.T) ** 2, axis=0)))
+    assert trace_cost(w, q, m) == pytest.approx(expected)
+
+
+def test_imatrix_file_layout(tmp_path):
+    vals = {"blk.0.attn_q.weight": np.array([1.0, 2.5], np.float32), "blk.0.ffn_down.weight": np.array([3.0], np.float32)}
+    path = tmp_path / "m.dat"
+    write_imatrix(path, vals, "corpus", chunks=7)
+    raw = path.read_bytes()
+    expected = struct.pack("<i", 2)
+    expected += struct.pack("<i", 19) + b"blk.0.attn_q.weight" + struct.pack("<iiff", 1, 2, 1.0, 2.5)
+    expected += struct.pack("<i", 21) + b"blk.0.ffn_down.weight" + struct.pack("<iif", 1, 1, 3.0)
+    expected += struct.pack("<ii", 7, 6) + b"corpus"
+    assert raw == expected
+
+
+def _logits(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_gguf_cli_writes_a_file_transformers_reads_as_we_dequantize_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WINDQUANT_LLAMACPP", str(tmp_path / "no-llamacpp"))  # the gguf-py writer, as in CI
+    src = make_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "q.gguf"
+    args = ["gguf", "--model", str(src), "--target-bpw", "5", "--out", str(out), "--work-dir", str(tmp_path / "w")]
+    assert main(args + TINY) == 0
+    report = json.loads((tmp_path / "q.gguf.json").read_text())
+    assert report["writer"] == "gguf-py" and report["linear_bpw"] <= 5.0
+    assert len(report["type_counts"]) >= 2  # a real mix at a budget between the types
+    assert "5.0000 bpw" in capsys.readouterr().out
+
+    # Our dequantization of the written file, stored as plain F32 next to it.
+    written = open_gguf(out)
+    f32 = {t.name: (dequantized(t), T.F32) for t in written.tensors}
+    plain = tmp_path / "plain.gguf"
+    write_gguf(written, plain, f32, progress=False)
+    quantized = [t for t in written.tensors if t.tensor_type in PYTHON_TYPES]
+    assert len(quantized) == 15  # 14 block linears and the embedding
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    assert torch.allclose(_logits(out, ids), _logits(plain, ids), atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(out, ids), _logits(src, ids), atol=1e-3)  # it is really quantized
+
+    # The same recipe again comes from the work folder's cached costs.
+    again = tmp_path / "again.gguf"
+    assert main(args[:-4] + ["--out", str(again), "--work-dir", str(tmp_path / "w")] + TINY) == 0
+    assert json.loads((tmp_path / "again.gguf.json").read_text())["types"] == report["types"]
+
+
+def _error(argv, capsys, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]  # after any progress bar
+    assert err.startswith("windquant: error:") and needle in err
+
+
+def test_gguf_bad_input(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.setenv("WINDQUANT_LLAMACPP", str(tmp_path / "no-llamacpp"))
+    src = make_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "q.gguf"
+    base = ["gguf", "--model", str(src), "--out", str(out), "--work-dir", str(tmp_path / "w"), *TINY]
+    _error([*base, "--target-bpw", "4.0"], capsys, "below the cheapest valid types (4.5000 bits per weight)")
+    _error([*base, "--target-bpw", "5", "--embedding-type", "Q4_K"], capsys, "make llamacpp")
+    _error([*base, "--target-bpw", "5", "--types", "Q4_K"], capsys, "none of the --types can be written by gguf-py")
+    _error([*base, "--target-bpw", "5", "--types", "Q9_9"], capsys, "unknown GGUF tensor type")
+    _error(["gguf", "--model", str(tiny_model_dir), "--target-bpw", "5", "--out", str(out)], capsys, "needs a GGUF model")
+    assert not out.exists() and not list(tmp_path.glob(".q.gguf*"))
+
+
+@pytest.mark.skipif(llamacpp.find_tool("llama-quantize") is None, reason="llama.cpp not built: run `make llamacpp`")
+def test_llamacpp_writer_exercises_k_quants_and_matches_its_recipe(tmp_path):
+    src = make_gguf(tmp_path / "tiny256.gguf", hidden=256, intermediate=512)
+    out = tmp_path / "k.gguf"
+    args = ["gguf", "--model", str(src), "--target-bpw", "3", "--out", str(out), "--work-dir", str(tmp_path / "w"), *TINY]
+    assert main(args) == 0  # the writer checks every tensor's type and bytes against the recipe
+    report = json.loads((tmp_path / "k.gguf.json").read_text())
+    assert report["writer"] == "llama.cpp" and report["linear_bpw"] <= 3.0
+    assert any(gguf.GGML_QUANT_SIZES[T[name]][0] == 256 for name in report["type_counts"])
