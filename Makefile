@@ -58,8 +58,8 @@ $(LLAMACPP)/bin/llama-quantize: | install
 	tar -xzf $(LLAMACPP)/src/llama_cpp_python-*.tar.gz -C $(LLAMACPP)/src --strip-components=1
 	cmake -S $(LLAMACPP)/src/vendor/llama.cpp -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release \
 		-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
-		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF > $(LLAMACPP)/cmake.log
-	cmake --build $(LLAMACPP)/build -j2 --target $(LLAMACPP_TOOLS) > $(LLAMACPP)/build.log
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF > $(LLAMACPP)/cmake.log 2>&1
+	cmake --build $(LLAMACPP)/build -j2 --target $(LLAMACPP_TOOLS) > $(LLAMACPP)/build.log 2>&1
 	cp $(addprefix $(LLAMACPP)/build/bin/,$(LLAMACPP_TOOLS)) $(LLAMACPP)/bin/
 	rm -rf $(LLAMACPP)/src $(LLAMACPP)/build
 

@@ -9,12 +9,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import make_gguf
 from gguf import GGMLQuantizationType as T
 
 from windquant.cli import main
 from windquant.gguf import llamacpp
-from windquant.gguf.files import dequantized, open_gguf, quantized_bytes, write_gguf, write_imatrix
+from windquant.gguf.files import dequantized, open_gguf, quantized_bytes, write_gguf, write_imatrix, write_random_llama
 from windquant.gguf.recipe import choose, trace_cost
 from windquant.gguf.types import PYTHON_TYPES, bits_per_weight, fits, tensor_bytes
 
@@ -81,7 +80,7 @@ def _logits(path, ids):
 
 def test_gguf_cli_writes_a_file_transformers_reads_as_we_dequantize_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WINDQUANT_LLAMACPP", str(tmp_path / "no-llamacpp"))  # the gguf-py writer, as in CI
-    src = make_gguf(tmp_path / "tiny.gguf")
+    src = write_random_llama(tmp_path / "tiny.gguf")
     out = tmp_path / "q.gguf"
     args = ["gguf", "--model", str(src), "--target-bpw", "5", "--out", str(out), "--work-dir", str(tmp_path / "w")]
     assert main(args + TINY) == 0
@@ -115,7 +114,7 @@ def _error(argv, capsys, needle):
 
 def test_gguf_bad_input(tmp_path, monkeypatch, capsys, tiny_model_dir):
     monkeypatch.setenv("WINDQUANT_LLAMACPP", str(tmp_path / "no-llamacpp"))
-    src = make_gguf(tmp_path / "tiny.gguf")
+    src = write_random_llama(tmp_path / "tiny.gguf")
     out = tmp_path / "q.gguf"
     base = ["gguf", "--model", str(src), "--out", str(out), "--work-dir", str(tmp_path / "w"), *TINY]
     _error([*base, "--target-bpw", "4.0"], capsys, "below the cheapest valid types (4.5000 bits per weight)")
@@ -128,7 +127,7 @@ def test_gguf_bad_input(tmp_path, monkeypatch, capsys, tiny_model_dir):
 
 @pytest.mark.skipif(llamacpp.find_tool("llama-quantize") is None, reason="llama.cpp not built: run `make llamacpp`")
 def test_llamacpp_writer_exercises_k_quants_and_matches_its_recipe(tmp_path):
-    src = make_gguf(tmp_path / "tiny256.gguf", hidden=256, intermediate=512)
+    src = write_random_llama(tmp_path / "tiny256.gguf", hidden=256, intermediate=512)
     out = tmp_path / "k.gguf"
     args = ["gguf", "--model", str(src), "--target-bpw", "3", "--out", str(out), "--work-dir", str(tmp_path / "w"), *TINY]
     assert main(args) == 0  # the writer checks every tensor's type and bytes against the recipe

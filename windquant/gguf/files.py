@@ -128,3 +128,58 @@ def write_imatrix(path: str | Path, values: Mapping[str, np.ndarray], dataset: s
         text = dataset.encode()
         f.write(struct.pack("<ii", chunks, len(text)) + text)
     os.replace(tmp, out)
+
+
+def write_random_llama(
+    path: str | Path, hidden: int = 64, intermediate: int = 160, layers: int = 2, context: int = 256, seed: int = 0
+) -> Path:
+    """A tiny randomly initialised LLaMA as a GGUF file (F32 tensors, a byte-level GPT-2 tokenizer):
+    a model for tests and for benchmarks of the writers on shapes of our choosing (rows that are
+    multiples of 256 exercise the k-quants). Matrices are [out, in] in numpy order, as GGUF stores them."""
+    from tokenizers import pre_tokenizers
+
+    rng = np.random.default_rng(seed)
+    vocab = [*sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt"]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(intermediate)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(vocab))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab)
+    w.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
+    w.add_token_merges(["Ġ t"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    kv = hidden // 2  # 2 of 4 heads
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", mat(len(vocab), hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        for name, shape in (
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)),
+            ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (intermediate, hidden)),
+            ("ffn_up", (intermediate, hidden)),
+            ("ffn_down", (hidden, intermediate)),
+        ):
+            w.add_tensor(f"blk.{i}.{name}.weight", mat(*shape))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

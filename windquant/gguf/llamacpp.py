@@ -71,6 +71,7 @@ def quantize(
 
 
 _FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+_RUNNING = re.compile(r"\[\d+\]([0-9.]+),")
 
 
 def perplexity(model: Path, text_file: Path, ctx: int = 512, chunks: int = 100) -> tuple[float, float]:
@@ -78,6 +79,11 @@ def perplexity(model: Path, text_file: Path, ctx: int = 512, chunks: int = 100) 
     llama.cpp scores it (the second half of each ``ctx`` window, the first ``chunks`` windows)."""
     out = run_tool("llama-perplexity", ["-m", model, "-f", text_file, "-c", ctx, "--chunks", chunks, "-b", ctx])
     m = _FINAL.search(out)
-    if m is None:
-        raise WindquantError(f"llama-perplexity printed no final estimate for {model}")
-    return float(m.group(1)), float(m.group(2))
+    if m is not None:
+        return float(m.group(1)), float(m.group(2))
+    # Its log thread can lose the last line at exit; the running estimate after the last chunk is
+    # the same number (without the error bar).
+    running = _RUNNING.findall(out)
+    if not running:
+        raise WindquantError(f"llama-perplexity printed no estimate for {model}")
+    return float(running[-1]), float("nan")
