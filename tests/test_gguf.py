@@ -134,3 +134,49 @@ def test_llamacpp_writer_exercises_k_quants_and_matches_its_recipe(tmp_path):
     report = json.loads((tmp_path / "k.gguf.json").read_text())
     assert report["writer"] == "llama.cpp" and report["linear_bpw"] <= 3.0
     assert any(gguf.GGML_QUANT_SIZES[T[name]][0] == 256 for name in report["type_counts"])
+
+
+def test_export_gguf_writes_the_checkpoints_own_weights(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    from windquant.model.loading import load_model
+
+    monkeypatch.setenv("WINDQUANT_LLAMACPP", str(tmp_path / "no-llamacpp"))
+    src = write_random_llama(tmp_path / "tiny.gguf")
+    ck = tmp_path / "ck"
+    fit = ["--chunk", "32", "--calib-samples", "4", "--calib-len", "32", "--steps", "3", "--cache-dir", str(tmp_path / "c")]
+    assert main(["quantize", "--model", str(src), *fit, "--target-bits", "3", "--out", str(ck), "--quiet"]) == 0
+    work = ["--work-dir", str(tmp_path / "w"), "--quiet"]
+    # As F16 the export is exactly the checkpoint's weights, rows back in GGUF order (Q/K permuted).
+    f16 = tmp_path / "f16.gguf"
+    assert main(["export-gguf", str(ck), "--out", str(f16), "--types", "F16", "--embedding-type", "F16", *work]) == 0
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+    packed, _ = load_model(str(ck))
+    with torch.no_grad():
+        assert torch.allclose(_logits(f16, ids), packed(ids).logits, atol=1e-5, rtol=0)
+    # Its 3 true bits have no GGUF type on 64-wide rows: the nearest (Q4_0) and a plain note.
+    q = tmp_path / "q.gguf"
+    assert main(["export-gguf", str(ck), "--out", str(q), *work]) == 0
+    report = json.loads((tmp_path / "q.gguf.json").read_text())
+    assert report["type_counts"] == {"Q4_0": 14} and not report["within_checkpoint_bytes"]
+    assert "above the checkpoint's bytes" in capsys.readouterr().out
+    _error(["export-gguf", str(tmp_path), "--out", str(tmp_path / "x.gguf"), *work], capsys, "not a windquant checkpoint")
+    hf_ck = tmp_path / "hf-ck"
+    assert main(["quantize", "--model", str(tiny_model_dir), *fit, "--target-bits", "3", "--out", str(hf_ck), "--quiet"]) == 0
+    _error(["export-gguf", str(hf_ck), "--out", str(tmp_path / "x.gguf"), *work], capsys, "needs a GGUF model")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_projection_keeps_within_the_checkpoint_bytes_when_types_allow():
+    from windquant.gguf.export import project_types
+    from windquant.gguf.recipe import TensorOptions
+
+    opts = [TensorOptions(f"t{i}", 4, 64, {T.Q4_0: 0.0, T.Q5_0: 0.0, T.Q8_0: 0.0}) for i in range(3)]
+    true = {"t0": 4.0, "t1": 6.0, "t2": 5.5}
+    # Nearest alone would be Q4_0, Q5_0, Q5_0 (15.5 bits); at 15.0 one must step down, and moving
+    # t2 (1.0² away) costs less than moving t1 (1.5² away).
+    budget = 3 * 256 * 5 // 8
+    recipe, within = project_types(opts, true, budget)
+    assert within and recipe.linear_bytes <= budget
+    assert [recipe.types[f"t{i}"] for i in range(3)] == [T.Q4_0, T.Q5_0, T.Q4_0]
+    _, loose = project_types(opts, true, 3 * tensor_bytes(T.Q5_0, 4, 64))
+    assert loose
+    assert project_types(opts, true, 10)[1] is False  # below every type: nearest each, reported

@@ -1,4 +1,4 @@
-"""windquant: compress a causal LLM to ~2 bits per weight under one global bit budget (quantize, sweep, eval, inspect, generate, gguf)."""
+"""windquant: compress a causal LLM to ~2 bits per weight under one global bit budget (quantize, sweep, eval, inspect, generate, gguf, export-gguf)."""
 
 from __future__ import annotations
 
@@ -146,6 +146,25 @@ def _add_gguf(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_export_gguf(sub) -> None:
+    p = sub.add_parser(
+        "export-gguf",
+        help="a windquant checkpoint as a GGUF for llama.cpp (its plan projected to one type per tensor)",
+        description="Each block linear takes the GGUF type nearest its true bits in the checkpoint (jointly, within the "
+        "checkpoint's bytes when the types allow); the checkpoint's dequantized weights are requantized to it. Lost: "
+        "per-chunk mixing, the salient INT8 weights' exact values, the codes themselves (a second quantization).",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder written by windquant quantize")
+    p.add_argument("--out", required=True, help="GGUF file to write (a report goes beside it as OUT.json)")
+    p.add_argument("--model", default=None, help="the checkpoint's source model (default: from its run_report.json); must be a GGUF")
+    p.add_argument("--types", default=None, help="allowed types, comma-separated (default: every type the writer makes, and F16)")
+    p.add_argument("--embedding-type", default="Q8_0", help="type of token_embd.weight and output.weight (default %(default)s)")
+    p.add_argument("--no-llamacpp", action="store_true", help="write with gguf-py even when llama.cpp is built")
+    p.add_argument("--work-dir", default=None, help="the source's F16 reference (default ~/.cache/windquant/gguf)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     """The parser and, for error messages, the flag that sets each library setting."""
     parser = argparse.ArgumentParser(prog="windquant", description=__doc__)
@@ -156,6 +175,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     _add_inspect(sub)
     _add_generate(sub)
     _add_gguf(sub)
+    _add_export_gguf(sub)
     return parser, flags
 
 
@@ -169,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         from windquant.runinfo import set_threads
 
         set_threads()
-        return getattr(commands, f"cmd_{args.command}")(args)
+        return getattr(commands, f"cmd_{args.command.replace('-', '_')}")(args)
     except WindquantError as exc:
         hint = f" (set with {flags[exc.setting]})" if exc.setting in flags else ""
         print(f"windquant: error: {exc}{hint}", file=sys.stderr)

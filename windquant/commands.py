@@ -228,13 +228,11 @@ def cmd_gguf(args: argparse.Namespace) -> int:
     from windquant.config import FitConfig
     from windquant.gguf.build import GGUFConfig, build_gguf
     from windquant.gguf.types import parse_type
-    from windquant.quant.cache import default_cache_dir
 
     if args.out is None and not args.dry_run:
         raise WindquantError("give --out FILE.gguf (or --dry-run to print the recipe only)")
     out = None if args.dry_run else Path(args.out)
-    if out is not None and out.exists() and not args.overwrite:
-        raise WindquantError(f"{out} exists; pass --overwrite to replace it")
+    _refuse_existing(out, args.overwrite)
     if args.target_bpw <= 0:
         raise WindquantError(f"--target-bpw must be positive, got {args.target_bpw:g}")
     cfg = GGUFConfig(
@@ -245,11 +243,45 @@ def cmd_gguf(args: argparse.Namespace) -> int:
         llamacpp=not args.no_llamacpp,
     )
     fit = FitConfig(calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len, data_dir=args.data_dir).validate()
-    work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "gguf"
-    report = build_gguf(args.model, out, cfg, fit, work, progress=not args.quiet)
+    report = build_gguf(args.model, out, cfg, fit, _gguf_work_dir(args), progress=not args.quiet)
     print(f"writer={report['writer']} types: " + "  ".join(f"{k}:{v}" for k, v in report["type_counts"].items()))
     line = f"block linears: {report['linear_bpw']:.4f} bpw (target {report['target_bpw']:g}), {report['linear_bytes']:,} bytes"
     if out is not None:
         line += f"; file {report['file_bytes']:,} bytes, {report['file_bpw']:.4f} bpw over all tensors -> {out}"
     print(line)
+    return 0
+
+
+def _refuse_existing(out: Path | None, overwrite: bool) -> None:
+    if out is not None and out.exists() and not overwrite:
+        raise WindquantError(f"{out} exists; pass --overwrite to replace it")
+
+
+def _gguf_work_dir(args: argparse.Namespace) -> Path:
+    from windquant.quant.cache import default_cache_dir
+
+    return Path(args.work_dir) if args.work_dir else default_cache_dir() / "gguf"
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    """Project a checkpoint's plan onto GGUF types and write its weights as a GGUF."""
+    from windquant.gguf.export import export_gguf
+    from windquant.gguf.types import parse_type
+
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    report = export_gguf(
+        Path(args.checkpoint),
+        out,
+        _gguf_work_dir(args),
+        spec=args.model,
+        types=tuple(parse_type(t) for t in args.types.split(",")) if args.types else None,
+        embedding_type=parse_type(args.embedding_type),
+        use_llamacpp=not args.no_llamacpp,
+        progress=not args.quiet,
+    )
+    print(f"writer={report['writer']} types: " + "  ".join(f"{k}:{v}" for k, v in report["type_counts"].items()))
+    fit = "within the checkpoint's bytes" if report["within_checkpoint_bytes"] else "above the checkpoint's bytes: no allowed type that small fits these rows"
+    print(f"block linears: checkpoint {report['checkpoint_linear_bpw']:.4f} bpw -> GGUF {report['linear_bpw']:.4f} bpw ({fit})")
+    print(f"file {report['file_bytes']:,} bytes, {report['file_bpw']:.4f} bpw over all tensors -> {out}")
     return 0

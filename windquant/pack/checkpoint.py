@@ -58,13 +58,7 @@ def _quant_module_names(model: nn.Module) -> list[str]:
 
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of every packed tensor of every QuantLinear (what true bits count)."""
-    return sum(
-        b.numel() * b.element_size()
-        for m in model.modules()
-        if isinstance(m, QuantLinear)
-        for n, b in m.named_buffers()
-        if n.startswith("c")
-    )
+    return sum(m.packed_bytes() for m in model.modules() if isinstance(m, QuantLinear))
 
 
 def save(

@@ -50,6 +50,10 @@ class QuantLinear(nn.Module):
             getattr(self, f"c{k}_{field}").copy_(t)
         self._weight = None
 
+    def packed_bytes(self) -> int:
+        """Bytes of every packed chunk tensor (what true bits count)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n.startswith("c"))
+
     def dequantize(self) -> torch.Tensor:
         parts = [
             dequantize_unit(self.chunk_tensors(k), action, self.out_features, col1 - col0)
