@@ -180,3 +180,21 @@ def test_projection_keeps_within_the_checkpoint_bytes_when_types_allow():
     _, loose = project_types(opts, true, 3 * tensor_bytes(T.Q5_0, 4, 64))
     assert loose
     assert project_types(opts, true, 10)[1] is False  # below every type: nearest each, reported
+
+
+def test_written_file_is_checked_against_its_recipe(tmp_path):
+    from windquant.errors import WindquantError
+    from windquant.gguf.build import check_written
+    from windquant.gguf.recipe import Recipe
+
+    src = open_gguf(write_random_llama(tmp_path / "tiny.gguf", layers=1))
+    name = "blk.0.attn_q.weight"
+    w = dequantized(next(t for t in src.tensors if t.name == name))
+    out = tmp_path / "q.gguf"
+    write_gguf(src, out, {name: (quantized_bytes(w, T.Q4_0), T.Q4_0)}, progress=False)
+    right = Recipe({name: T.Q4_0}, tensor_bytes(T.Q4_0, 64, 64), 64 * 64, 0.0, 4.5)
+    check_written(out, right)
+    with pytest.raises(WindquantError, match="not the recipe's Q8_0"):
+        check_written(out, Recipe({name: T.Q8_0}, tensor_bytes(T.Q8_0, 64, 64), 64 * 64, 0.0, 8.5))
+    with pytest.raises(WindquantError, match="the recipe counted"):
+        check_written(out, Recipe({name: T.Q4_0}, right.linear_bytes + 1, 64 * 64, 0.0, 4.5))
