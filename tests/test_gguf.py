@@ -104,6 +104,11 @@ def test_gguf_cli_writes_a_file_transformers_reads_as_we_dequantize_it(tmp_path,
     again = tmp_path / "again.gguf"
     assert main(args[:-4] + ["--out", str(again), "--work-dir", str(tmp_path / "w")] + TINY) == 0
     assert json.loads((tmp_path / "again.gguf.json").read_text())["types"] == report["types"]
+    capsys.readouterr()
+    dry = ["gguf", "--model", str(src), "--target-bpw", "5", "--dry-run", "--work-dir", str(tmp_path / "w")]
+    assert main(dry + TINY) == 0
+    printed = capsys.readouterr().out
+    assert f"blk.0.attn_q.weight {report['types']['blk.0.attn_q.weight']}" in printed and "file" not in printed
 
 
 def _error(argv, capsys, needle):

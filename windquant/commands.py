@@ -244,6 +244,9 @@ def cmd_gguf(args: argparse.Namespace) -> int:
     )
     fit = FitConfig(calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len, data_dir=args.data_dir).validate()
     report = build_gguf(args.model, out, cfg, fit, _gguf_work_dir(args), progress=not args.quiet)
+    if args.dry_run:
+        for name, qtype in report["types"].items():
+            print(f"{name} {qtype}")
     print(f"writer={report['writer']} types: " + "  ".join(f"{k}:{v}" for k, v in report["type_counts"].items()))
     line = f"block linears: {report['linear_bpw']:.4f} bpw (target {report['target_bpw']:g}), {report['linear_bytes']:,} bytes"
     if out is not None:
