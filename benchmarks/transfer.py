@@ -56,6 +56,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/transfer")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="only rewrite results.md and transfer.png from results.json")
     p.add_argument(
         "--target-rows",
         default=",".join(TARGET_ROWS),
@@ -137,11 +138,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"models": {}}
-    policies = run_model(args.source, SOURCE_ROWS, args, results, path, {})
-    gc.collect()  # the source model's tensors go before the target's load
-    run_model(args.target, tuple(r.strip() for r in args.target_rows.split(",") if r.strip()), args, results, path, policies)
-    results["settings"] = {**vars(args), "peak_rss_mib": peak_rss_mib()}
-    atomic_write_json(path, results)
+    if not args.report_only:
+        policies = run_model(args.source, SOURCE_ROWS, args, results, path, {})
+        gc.collect()  # the source model's tensors go before the target's load
+        run_model(args.target, tuple(r.strip() for r in args.target_rows.split(",") if r.strip()), args, results, path, policies)
+        results["settings"] = {**vars(args), "peak_rss_mib": peak_rss_mib()}
+        atomic_write_json(path, results)
     write_markdown(results, args, out / "results.md")
     plot(results, args, out / "transfer.png")
     print((out / "results.md").read_text())
@@ -171,7 +173,8 @@ def write_markdown(results: dict, args, md: Path) -> None:
                 cells += [f"{r['wiki2_ppl']:.2f} ({r['true_bits']:.3f})", f"{r['allocate_seconds']:.0f} ({r['episodes']} ep)"] if r else ["–", "–"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [f"Peak RSS of the run: {results['settings']['peak_rss_mib']:.0f} MiB.", ""]
+    if "settings" in results:  # written when a run completes (a stopped run has no whole-run peak)
+        lines += [f"Peak RSS of the run: {results['settings']['peak_rss_mib']:.0f} MiB.", ""]
     md.write_text("\n".join(lines))
 
 
