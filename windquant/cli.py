@@ -120,6 +120,16 @@ def _add_generate(sub) -> None:
     )
 
 
+def _add_gguf_writer_flags(p, types_help: str, embedding_help: str, work_help: str) -> None:
+    """Flags shared by gguf and export-gguf: which types, the embedding's, the writer, the work folder."""
+    p.add_argument("--types", default=None, help=f"{types_help}, comma-separated")
+    p.add_argument("--embedding-type", default="Q8_0", help=f"{embedding_help} (default %(default)s)")
+    p.add_argument("--no-llamacpp", action="store_true", help="write with gguf-py even when llama.cpp is built")
+    p.add_argument("--work-dir", default=None, help=f"{work_help} (default ~/.cache/windquant/gguf, or $WINDQUANT_CACHE/gguf)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_gguf(sub) -> None:
     p = sub.add_parser(
         "gguf",
@@ -132,18 +142,18 @@ def _add_gguf(sub) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), gemma3-270m or a .gguf file")
     p.add_argument("--target-bpw", type=float, required=True, help="bits per weight of the block linears, scales included")
     p.add_argument("--out", help="GGUF file to write (a report goes beside it as OUT.json)")
-    p.add_argument("--types", default=None, help="candidate types, comma-separated (default: every type the writer makes)")
-    p.add_argument("--embedding-type", default="Q8_0", help="type of token_embd.weight (default %(default)s)")
+    _add_gguf_writer_flags(
+        p,
+        "candidate types (default: every type the writer makes)",
+        "type of token_embd.weight",
+        "reference, imatrix and candidate costs",
+    )
     p.add_argument("--output-type", default=None, help="type of output.weight when untied (default: the embedding's)")
-    p.add_argument("--no-llamacpp", action="store_true", help="write with gguf-py even when llama.cpp is built")
-    p.add_argument("--work-dir", default=None, help="reference, imatrix and candidate costs (default ~/.cache/windquant/gguf, or $WINDQUANT_CACHE/gguf)")
     p.add_argument("--calib", default="builtin", help="calibration corpus: builtin | wikitext2 | PATH (default %(default)s)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default %(default)s)")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default %(default)s)")
     p.add_argument("--data-dir", default=None, help="folder holding WikiText-2 (else $WINDQUANT_DATA)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the recipe and its sizes, write no GGUF")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_export_gguf(sub) -> None:
@@ -157,12 +167,12 @@ def _add_export_gguf(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint folder written by windquant quantize")
     p.add_argument("--out", required=True, help="GGUF file to write (a report goes beside it as OUT.json)")
     p.add_argument("--model", default=None, help="the checkpoint's source model (default: from its run_report.json); must be a GGUF")
-    p.add_argument("--types", default=None, help="allowed types, comma-separated (default: every type the writer makes, and F16)")
-    p.add_argument("--embedding-type", default="Q8_0", help="type of token_embd.weight and output.weight (default %(default)s)")
-    p.add_argument("--no-llamacpp", action="store_true", help="write with gguf-py even when llama.cpp is built")
-    p.add_argument("--work-dir", default=None, help="the source's F16 reference (default ~/.cache/windquant/gguf)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_gguf_writer_flags(
+        p,
+        "allowed types (default: every type the writer makes, and F16)",
+        "type of token_embd.weight and output.weight",
+        "the source's F16 reference",
+    )
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
