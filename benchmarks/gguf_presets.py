@@ -45,6 +45,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--calib", default="builtin", help="calibration corpus of the imatrix and the costs")
     p.add_argument("--work-dir", default=None, help="windquant gguf's work folder (default: OUT/work)")
     p.add_argument("--out", default="benchmarks/results/gguf")
+    p.add_argument(
+        "--kld",
+        action="store_true",
+        help="also score every GGUF by KL divergence to the F16 reference's logits (the verdict then uses KLD; "
+        "meant for the random model, whose PPL is noise; the saved logits take tokens × vocab × 2 bytes)",
+    )
     return p.parse_args()
 
 
@@ -61,10 +67,13 @@ def gguf_stats(path: Path) -> dict:
     }
 
 
-def score(path: Path, args, text: Path) -> dict:
+def score(path: Path, args, text: Path, base: Path | None) -> dict:
     start = time.perf_counter()
     ppl, err = llamacpp.perplexity(path, text, args.ctx, args.chunks)
-    return {"ppl": ppl, "ppl_err": err, "score_seconds": round(time.perf_counter() - start, 1)}
+    row = {"ppl": ppl, "ppl_err": err, "score_seconds": round(time.perf_counter() - start, 1)}
+    if base is not None:
+        row["kld"], row["kld_err"] = llamacpp.kl_divergence(path, base, args.ctx)
+    return row
 
 
 def checkpoint_row(spec: str, bits: float | None, args, folder: Path) -> dict:
@@ -112,21 +121,26 @@ def main() -> None:
 
     base = build_gguf(spec, None, GGUFConfig(target_bpw=16.0), fit, work)  # reference, imatrix, every type's costs
     reference, imatrix = Path(base["reference"]), Path(base["work_dir"]) / "imatrix.dat"
+    base = None
+    if args.kld:
+        base = out / "reference-logits.kld"
+        if not base.is_file():
+            llamacpp.kl_divergence_base(reference, text, base, args.ctx, args.chunks)
     if "reference" not in rows:
-        keep("reference", {"kind": "reference", **gguf_stats(reference), **score(reference, args, text)})
+        keep("reference", {"kind": "reference", **gguf_stats(reference), **score(reference, args, text, None)})
     ref_ppl = rows["reference"]["ppl"]
     for preset in args.presets.split(","):
         if f"preset {preset}" not in rows:
             f = files / f"{preset}.gguf"
             llamacpp.quantize(reference, f, preset, imatrix=imatrix)
-            keep(f"preset {preset}", {"kind": "preset", "preset": preset, **gguf_stats(f), **score(f, args, text)})
+            keep(f"preset {preset}", {"kind": "preset", "preset": preset, **gguf_stats(f), **score(f, args, text, base)})
             f.unlink()
         p = rows[f"preset {preset}"]
         if f"windquant@{preset}" not in rows:
             f = files / f"windquant-{preset}.gguf"
             cfg = GGUFConfig(target_bpw=p["linear_bpw"], embedding_type=parse_type(p["embedding_type"]), output_type=parse_type(p["output_type"]))
             report = build_gguf(spec, f, cfg, fit, work)
-            keep(f"windquant@{preset}", {"kind": "windquant gguf", "preset": preset, **gguf_stats(f), **score(f, args, text), "types": report["type_counts"]})
+            keep(f"windquant@{preset}", {"kind": "windquant gguf", "preset": preset, **gguf_stats(f), **score(f, args, text, base), "types": report["type_counts"]})
             f.unlink()
     bits = [float(b) for b in args.checkpoint_bits.split(",") if b.strip()]
     if bits and "checkpoint reference" not in rows:
@@ -143,15 +157,16 @@ def main() -> None:
     print((out / "results.md").read_text())
 
 
-def verdict(rows: dict) -> tuple[bool, int]:
-    """(windquant gguf at least as good as every preset at equal or lower bpw, how many strictly better)."""
+def verdict(rows: dict, metric: str) -> tuple[bool, int]:
+    """(windquant gguf at least as good as every preset at equal or lower bpw by ``metric``, lower
+    is better; how many strictly better)."""
     ok, better = True, 0
     for r in rows.values():
         if r["kind"] != "windquant gguf":
             continue
         p = rows[f"preset {r['preset']}"]
-        ok &= r["linear_bpw"] <= p["linear_bpw"] + 1e-9 and r["ppl"] <= p["ppl"]
-        better += r["ppl"] < p["ppl"]
+        ok &= r["linear_bpw"] <= p["linear_bpw"] + 1e-9 and r[metric] <= p[metric]
+        better += r[metric] < p[metric]
     return ok, better
 
 
@@ -164,8 +179,9 @@ def write_markdown(rows: dict, args, md: Path) -> None:
         f"{ref['ppl']:.4f}. Presets and windquant gguf share our importance matrix (calibration: {args.calib}); "
         "windquant gguf runs at each preset's block-linear bpw with the preset's embedding and output types.",
         "",
-        "| preset | linear bpw | file bpw | preset PPL (× ref) | windquant gguf PPL (× ref) | windquant types |",
-        "|---|---|---|---|---|---|",
+        "| preset | linear bpw | file bpw | preset PPL (× ref) | windquant gguf PPL (× ref) | windquant types |"
+        + (" preset KLD | windquant KLD |" if args.kld else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if args.kld else ""),
     ]
     for p in rows.values():
         if p["kind"] != "preset":
@@ -174,10 +190,15 @@ def write_markdown(rows: dict, args, md: Path) -> None:
         ours = f"{w['ppl']:.4f} ({w['ratio']:.4f})" if w else "–"
         mark = "**" if w and w["ppl"] < p["ppl"] else ""
         types = " ".join(f"{k}:{v}" for k, v in w["types"].items()) if w else ""
-        lines.append(f"| {p['preset']} | {p['linear_bpw']:.4f} | {p['file_bpw']:.4f} | {p['ppl']:.4f} ({p['ratio']:.4f}) | {mark}{ours}{mark} | {types} |")
-    ok, better = verdict(rows)
-    lines += ["", f"Must (at least as good as every preset at equal or lower bpw, strictly better at >= 2 sizes): "
-              f"{'met' if ok and better >= 2 else 'NOT met'} (never worse: {ok}; strictly better at {better})."]
+        kld = ""
+        if args.kld and w:
+            kmark = "**" if w["kld"] < p["kld"] else ""
+            kld = f" {p['kld']:.6f} | {kmark}{w['kld']:.6f}{kmark} |"
+        lines.append(f"| {p['preset']} | {p['linear_bpw']:.4f} | {p['file_bpw']:.4f} | {p['ppl']:.4f} ({p['ratio']:.4f}) | {mark}{ours}{mark} | {types} |{kld}")
+    for metric in ("ppl", "kld") if args.kld else ("ppl",):
+        ok, better = verdict(rows, metric)
+        lines += ["", f"Must by {metric.upper()} (at least as good as every preset at equal or lower bpw, strictly better at >= 2 sizes): "
+                  f"{'met' if ok and better >= 2 else 'NOT met'} (never worse: {ok}; strictly better at {better})."]
     ck = [r for r in rows.values() if r["kind"] == "windquant checkpoint"]
     if ck:
         cref = rows["checkpoint reference"]

@@ -87,3 +87,23 @@ def perplexity(model: Path, text_file: Path, ctx: int = 512, chunks: int = 100) 
     if not running:
         raise WindquantError(f"llama-perplexity printed no estimate for {model}")
     return float(running[-1]), float("nan")
+
+
+_KLD = re.compile(r"Mean\s+KLD:\s+([0-9.]+) ± +([0-9.]+)")
+
+
+def kl_divergence_base(model: Path, text_file: Path, base: Path, ctx: int = 512, chunks: int = 100) -> None:
+    """Save ``model``'s logits on the first ``chunks`` windows of ``text_file`` to ``base`` (the
+    reference of :func:`kl_divergence`)."""
+    run_tool("llama-perplexity", ["-m", model, "-f", text_file, "-c", ctx, "--chunks", chunks, "-b", ctx, "--kl-divergence-base", base])
+
+
+def kl_divergence(model: Path, base: Path, ctx: int = 512) -> tuple[float, float]:
+    """Mean KL divergence of ``model``'s next-token distributions from the saved reference logits
+    (same tokens, same scored positions), and its standard error: a quality measure that stays
+    meaningful where perplexity does not (a random model's PPL is noise)."""
+    out = run_tool("llama-perplexity", ["-m", model, "-c", ctx, "-b", ctx, "--kl-divergence-base", base, "--kl-divergence"])
+    m = _KLD.search(out)
+    if m is None:
+        raise WindquantError(f"llama-perplexity printed no mean KL divergence for {model}")
+    return float(m.group(1)), float(m.group(2))
