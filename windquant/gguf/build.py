@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFReader
 from tqdm.auto import tqdm
 
 from windquant.config import FitConfig
@@ -81,9 +81,15 @@ class Workspace:
         self.key = _digest({"source": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime, **calib})
         self.folder = folder / self.key
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.source = source
         self.reference = self.folder / "reference-f16.gguf"
         self.imatrix = self.folder / "imatrix.dat"
-        self.statistics = self.folder / "statistics.json"
+
+    def ensure_reference(self, progress: bool) -> GGUFReader:
+        """The F16 reference (written on first use)."""
+        if not self.reference.is_file():
+            write_reference(open_gguf(self.source), self.reference, progress)
+        return open_gguf(self.reference)
 
     def costs_path(self, qtype: GGMLQuantizationType, writer: str) -> Path:
         return self.folder / f"costs-{writer}-{qtype.name}.json"
@@ -108,18 +114,14 @@ def calibration_statistics(spec: str, fit: FitConfig, progress: bool) -> tuple[d
     return moments, imatrix, {names[n]: fisher[n] for n in names}
 
 
-def _round_trip(ws: Workspace, qtype: GGMLQuantizationType, writer: str, linears: list[str]) -> dict[str, np.ndarray]:
-    """Each linear's weights after storing the reference as ``qtype`` (only where it stays ``qtype``:
-    llama.cpp silently falls back on rows its blocks do not divide)."""
-    ref = open_gguf(ws.reference)
-    tensors = {t.name: t for t in ref.tensors}
+def _round_trip(ws: Workspace, qtype: GGMLQuantizationType, writer: str, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each linear's weights after storing the reference (``weights``: gguf name -> float32) as
+    ``qtype`` (only where it stays ``qtype``: llama.cpp silently falls back on rows its blocks do
+    not divide)."""
     if writer == "gguf-py":
-        out = {}
-        for name in linears:
-            w = dequantized(tensors[name])
-            if fits(qtype, w.shape[1]):
-                out[name] = gguf.quants.dequantize(quantized_bytes(w, qtype), qtype)
-        return out
+        return {
+            name: gguf.quants.dequantize(quantized_bytes(w, qtype), qtype) for name, w in weights.items() if fits(qtype, w.shape[1])
+        }
     tmp = temp_path_for(ws.folder / f"round-trip-{qtype.name}.gguf")
     try:
         # Only the linears are read back; the embedding stays out of the way (and out of the
@@ -128,7 +130,7 @@ def _round_trip(ws: Workspace, qtype: GGMLQuantizationType, writer: str, linears
             ws.reference, tmp, qtype.name, imatrix=ws.imatrix, pure=True, token_embedding_type="Q8_0", output_tensor_type="Q8_0"
         )
         back = {t.name: t for t in open_gguf(tmp).tensors}
-        return {n: dequantized(back[n]) for n in linears if back[n].tensor_type == qtype}
+        return {n: dequantized(back[n]) for n in weights if back[n].tensor_type == qtype}
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -146,9 +148,9 @@ def candidate_options(
         if path.is_file():
             costs = json.loads(path.read_text())
         else:
-            approx = _round_trip(ws, qtype, writer, linears)
             if weights is None:
                 weights = {n: dequantized(ref[n]) for n in linears}
+            approx = _round_trip(ws, qtype, writer, weights)
             costs = {n: fisher[n] * trace_cost(weights[n], a, moments[n]) for n, a in approx.items()}
             atomic_write_json(path, costs)
         for n, c in costs.items():
@@ -159,34 +161,59 @@ def candidate_options(
     return list(options.values())
 
 
-def _write_final(ws: Workspace, recipe: Recipe, cfg: GGUFConfig, writer: str, out: Path, progress: bool) -> None:
-    if writer == "llama.cpp":
-        types_file = ws.folder / "tensor-types.txt"
-        atomic_write_text(types_file, recipe.tensor_type_lines())
-        tmp = temp_path_for(out)
-        try:
-            llamacpp.quantize(
-                ws.reference, tmp, "Q8_0", imatrix=ws.imatrix, tensor_types=types_file,
-                token_embedding_type=cfg.embedding_type.name, output_tensor_type=(cfg.output_type or cfg.embedding_type).name,
-            )  # fmt: skip
-            check_written(tmp, recipe)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return
+def pick_writer(use_llamacpp: bool, embedding_types: set[GGMLQuantizationType]) -> str:
+    """llama.cpp when asked for and built, else gguf-py (which refuses embedding or output types
+    it cannot make)."""
+    writer = "llama.cpp" if use_llamacpp and llamacpp.find_tool("llama-quantize") else "gguf-py"
+    for emb in embedding_types:
+        if writer == "gguf-py" and emb not in (*PYTHON_TYPES, F16):
+            raise WindquantError(
+                f"--embedding-type {emb.name} needs llama.cpp ({llamacpp.BUILD_HINT}); gguf-py writes {', '.join(t.name for t in PYTHON_TYPES)}, F16"
+            )
+    return writer
+
+
+def write_recipe(
+    ws: Workspace,
+    recipe: Recipe,
+    writer: str,
+    out: Path,
+    embedding_type: GGMLQuantizationType,
+    output_type: GGMLQuantizationType,
+    progress: bool,
+    weights: dict[str, np.ndarray] | None = None,
+    imatrix: Path | None = None,
+) -> None:
+    """Write ``recipe`` to ``out`` from the F16 reference, with ``weights`` (gguf name -> float32
+    [rows, cols]) in place of its block linears when given; the file is checked against the recipe
+    before it appears (atomic)."""
     ref = open_gguf(ws.reference)
-    chosen = dict(recipe.types)
-    for t in ref.tensors:
-        if t.name == "token_embd.weight":
-            chosen[t.name] = cfg.embedding_type
-        elif t.name == "output.weight":
-            chosen[t.name] = cfg.output_type or cfg.embedding_type
-    replace = {}
-    for t in tqdm(ref.tensors, desc="quantize (gguf-py)", disable=not progress, unit="tensor"):
-        if t.name in chosen and chosen[t.name] != F16:
-            replace[t.name] = (quantized_bytes(dequantized(t), chosen[t.name]), chosen[t.name])
-    write_gguf(ref, out, replace, file_type=int(gguf.LlamaFileType.GUESSED), progress=progress)
-    check_written(out, recipe)
+    tmp = temp_path_for(out)
+    staged = temp_path_for(ws.folder / "staged-f16.gguf")
+    try:
+        if writer == "llama.cpp":
+            types_file = ws.folder / "tensor-types.txt"
+            atomic_write_text(types_file, recipe.tensor_type_lines())
+            if weights is not None:
+                write_gguf(ref, staged, {n: (w.astype(np.float16), F16) for n, w in weights.items()}, progress=progress)
+            llamacpp.quantize(
+                staged if weights is not None else ws.reference, tmp, "Q8_0", imatrix=imatrix, tensor_types=types_file,
+                token_embedding_type=embedding_type.name, output_tensor_type=output_type.name,
+            )  # fmt: skip
+        else:
+            chosen = recipe.types | {"token_embd.weight": embedding_type, "output.weight": output_type}
+            replace = {}
+            for t in tqdm(ref.tensors, desc="quantize (gguf-py)", disable=not progress, unit="tensor"):
+                if t.name in chosen:
+                    w = weights[t.name] if weights is not None and t.name in weights else dequantized(t)
+                    qtype = chosen[t.name]
+                    replace[t.name] = (quantized_bytes(w, qtype) if qtype != F16 else w.astype(np.float16), qtype)
+            write_gguf(ref, tmp, replace, file_type=int(gguf.LlamaFileType.GUESSED), progress=progress)
+        check_written(tmp, recipe)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
 
 
 def check_written(path: Path, recipe: Recipe) -> None:
@@ -213,17 +240,13 @@ def build_gguf(spec: str, out: Path | None, cfg: GGUFConfig, fit: FitConfig, wor
     """Choose (and unless ``out`` is None, write) the GGUF; returns the report written beside it."""
     source = source_gguf(spec)
     ws = Workspace(work_dir, source, fit)
-    writer = "llama.cpp" if cfg.llamacpp and llamacpp.find_tool("llama-quantize") else "gguf-py"
+    output_type = cfg.output_type or cfg.embedding_type
+    writer = pick_writer(cfg.llamacpp, {cfg.embedding_type, output_type})
     available = LLAMACPP_TYPES if writer == "llama.cpp" else PYTHON_TYPES
     types = tuple(t for t in (cfg.types or available) if t in available)
     if not types:
         raise WindquantError(f"none of the --types can be written by {writer}; it writes {', '.join(t.name for t in available)}")
-    for emb in {cfg.embedding_type, cfg.output_type or cfg.embedding_type}:
-        if writer == "gguf-py" and emb not in (*PYTHON_TYPES, F16):
-            raise WindquantError(f"--embedding-type {emb.name} needs llama.cpp ({llamacpp.BUILD_HINT}); gguf-py writes {', '.join(t.name for t in PYTHON_TYPES)}, F16")
-    if not ws.reference.is_file():
-        write_reference(open_gguf(source), ws.reference, progress)
-    linears = [t.name for t in open_gguf(ws.reference).tensors if _LINEAR.fullmatch(t.name)]
+    linears = [t.name for t in ws.ensure_reference(progress).tensors if _LINEAR.fullmatch(t.name)]
     moments = fisher = None
     if not ws.imatrix.is_file() or any(not ws.costs_path(t, writer).is_file() for t in types):
         moments, imatrix, fisher = calibration_statistics(spec, fit, progress)
@@ -236,7 +259,7 @@ def build_gguf(spec: str, out: Path | None, cfg: GGUFConfig, fit: FitConfig, wor
     report = {"source": str(source), "writer": writer, "work_dir": str(ws.folder), "reference": str(ws.reference), **recipe.to_json()}
     report["config"] = {k: (v.name if isinstance(v, GGMLQuantizationType) else [t.name for t in v] if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     if out is not None:
-        _write_final(ws, recipe, cfg, writer, out, progress)
+        write_recipe(ws, recipe, writer, out, cfg.embedding_type, output_type, progress, imatrix=ws.imatrix)
         report |= {"out": str(out), "file_bytes": out.stat().st_size, "file_bpw": file_bpw(out)}
         atomic_write_json(out.with_name(out.name + ".json"), report)
     return report

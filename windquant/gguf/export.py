@@ -17,7 +17,6 @@ source model's rows exactly (LLaMA's Q/K rows are permuted between the two layou
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,9 @@ import torch
 from gguf import GGMLQuantizationType
 
 from windquant.errors import WindquantError
-from windquant.files import atomic_write_json, temp_path_for
-from windquant.gguf import llamacpp
-from windquant.gguf.build import F16, Workspace, check_written, file_bpw, source_gguf
-from windquant.gguf.files import dequantized, gguf_linear_name, open_gguf, quantized_bytes, write_gguf, write_reference
+from windquant.files import atomic_write_json
+from windquant.gguf.build import F16, Workspace, file_bpw, pick_writer, source_gguf, write_recipe
+from windquant.gguf.files import dequantized, gguf_linear_name, open_gguf
 from windquant.gguf.recipe import Recipe, TensorOptions, choose
 from windquant.gguf.types import LLAMACPP_TYPES, PYTHON_TYPES, bits_per_weight, fits
 
@@ -86,15 +84,12 @@ def export_gguf(
         spec = json.loads(run_report.read_text())["model"]
     source = source_gguf(spec)
     ws = Workspace(work_dir, source, FitConfig())
-    if not ws.reference.is_file():
-        write_reference(open_gguf(source), ws.reference, progress)
-    writer = "llama.cpp" if use_llamacpp and llamacpp.find_tool("llama-quantize") else "gguf-py"
+    ws.ensure_reference(progress)
+    writer = pick_writer(use_llamacpp, {embedding_type})
     available = [t for t in (LLAMACPP_TYPES if writer == "llama.cpp" else PYTHON_TYPES) if t not in NEED_IMATRIX] + [F16]
     chosen_types = [t for t in (types or available) if t in available]
     if not chosen_types:
         raise WindquantError(f"none of the --types can be written by {writer} without an importance matrix; it writes {', '.join(t.name for t in available)}")
-    if writer == "gguf-py" and embedding_type not in (*PYTHON_TYPES, F16):
-        raise WindquantError(f"--embedding-type {embedding_type.name} needs llama.cpp ({llamacpp.BUILD_HINT})")
 
     packed, _ = load_model(str(checkpoint))
     reference, _ = load_model(spec)
@@ -118,27 +113,7 @@ def export_gguf(
         options.append(TensorOptions(gname, rows, cols, fit))
     recipe, within = project_types(options, true_bpw, packed_bytes)
 
-    ref = open_gguf(ws.reference)
-    if writer == "llama.cpp":
-        staged = temp_path_for(ws.folder / "export-f16.gguf")
-        tmp = temp_path_for(out)
-        try:
-            write_gguf(ref, staged, {n: (w.astype(np.float16), F16) for n, w in dense.items()}, progress=progress)
-            types_file = ws.folder / "export-tensor-types.txt"
-            types_file.write_text(recipe.tensor_type_lines())
-            llamacpp.quantize(staged, tmp, "Q8_0", tensor_types=types_file, token_embedding_type=embedding_type.name, output_tensor_type=embedding_type.name)
-            check_written(tmp, recipe)
-            os.replace(tmp, out)
-        finally:
-            staged.unlink(missing_ok=True)
-            tmp.unlink(missing_ok=True)
-    else:
-        replace = {n: (quantized_bytes(w, t) if t != F16 else w.astype(np.float16), t) for n, w in dense.items() for t in [recipe.types[n]]}
-        for t in ref.tensors:
-            if t.name in ("token_embd.weight", "output.weight") and embedding_type != F16:
-                replace[t.name] = (quantized_bytes(dequantized(t), embedding_type), embedding_type)
-        write_gguf(ref, out, replace, progress=progress)
-        check_written(out, recipe)
+    write_recipe(ws, recipe, writer, out, embedding_type, embedding_type, progress, weights=dense)
     plan = json.loads((checkpoint / "plan.json").read_text())
     report = {
         "checkpoint": str(checkpoint),
