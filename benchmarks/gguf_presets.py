@@ -17,6 +17,7 @@ as a ratio to its own reference. Needs `make llamacpp`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -77,11 +78,9 @@ def score(path: Path, args, text: Path, base: Path | None) -> dict:
 
 
 def checkpoint_row(spec: str, bits: float | None, args, folder: Path) -> dict:
-    """PPL of the reference (``bits`` None) or of an ilp checkpoint under the llamacpp protocol."""
-    from windquant.calib.corpus import corpus_tokens, window_bos
+    """PPL of the reference (``bits`` None) or of an ilp checkpoint, by ``windquant eval
+    --protocol llamacpp`` on the same text and span as the GGUFs."""
     from windquant.cli import main as windquant
-    from windquant.eval.perplexity import perplexity
-    from windquant.model.loading import load_model
 
     target = spec
     if bits is not None:
@@ -90,10 +89,12 @@ def checkpoint_row(spec: str, bits: float | None, args, folder: Path) -> dict:
             cmd = ["quantize", "--model", spec, "--allocator", "ilp", "--target-bits", f"{bits:g}", "--out", target, "--quiet"]
             if windquant(cmd) != 0:
                 sys.exit(f"windquant quantize failed for {bits} bits")
-    model, tok = load_model(target, dense_cache=True)
-    tokens = corpus_tokens(tok, "wikitext2", "eval", args.data_dir, raw=True)
-    res = perplexity(model, tokens, ctx=args.ctx, max_windows=args.chunks, first=args.ctx // 2, bos_id=window_bos(tok), progress=False)
-    return {"ppl": res.ppl, "chunks": res.windows}
+    report = folder / "eval.json"
+    cmd = ["eval", target, "--protocol", "llamacpp", "--ctx", str(args.ctx), "--max-windows", str(args.chunks)]
+    if windquant([*cmd, "--data-dir", args.data_dir, "--json", str(report), "--quiet"]) != 0:
+        sys.exit(f"windquant eval failed for {target}")
+    result = json.loads(report.read_text())
+    return {"ppl": result["ppl"], "chunks": result["windows"]}
 
 
 def main() -> None:
