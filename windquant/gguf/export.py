@@ -27,7 +27,7 @@ from windquant.errors import WindquantError
 from windquant.files import atomic_write_json
 from windquant.gguf.build import F16, Workspace, file_bpw, pick_writer, source_gguf, write_recipe
 from windquant.gguf.files import dequantized, gguf_linear_name, open_gguf
-from windquant.gguf.recipe import Recipe, TensorOptions, choose
+from windquant.gguf.recipe import Recipe, TensorOptions, knapsack_types, recipe_of
 from windquant.gguf.types import LLAMACPP_TYPES, PYTHON_TYPES, bits_per_weight, fits
 
 # Types llama.cpp will not make without an importance matrix (the export calibrates nothing).
@@ -48,15 +48,17 @@ def row_order(hf: np.ndarray, gguf_rows: np.ndarray, name: str) -> np.ndarray:
 
 def project_types(options: list[TensorOptions], true_bpw: dict[str, float], budget_bytes: int) -> tuple[Recipe, bool]:
     """The projected type per linear and whether it met the checkpoint's bytes."""
-    kinds = [list(o.costs) for o in options]
-    costs = [[o.rows * o.cols * (bits_per_weight(t) - true_bpw[o.name]) ** 2 for t in k] for o, k in zip(options, kinds, strict=True)]
-    sizes = [[o.size(t) for t in k] for o, k in zip(options, kinds, strict=True)]
-    within = sum(min(s) for s in sizes) <= budget_bytes
-    picks = choose(costs, sizes, budget_bytes) if within else [int(np.argmin(c)) for c in costs]
-    types = {o.name: k[p] for o, k, p in zip(options, kinds, picks, strict=True)}
+
+    def distance(o: TensorOptions, t: GGMLQuantizationType) -> float:
+        return o.rows * o.cols * (bits_per_weight(t) - true_bpw[o.name]) ** 2
+
+    within = sum(min(o.size(t) for t in o.costs) for o in options) <= budget_bytes
+    if within:
+        types = knapsack_types(options, distance, budget_bytes)
+    else:
+        types = {o.name: min(o.costs, key=lambda t, o=o: distance(o, t)) for o in options}
     weights = sum(o.rows * o.cols for o in options)
-    recipe = Recipe(types, sum(o.size(types[o.name]) for o in options), weights, 0.0, 8 * budget_bytes / weights)
-    return recipe, within
+    return recipe_of(options, types, 8 * budget_bytes / weights), within
 
 
 def export_gguf(

@@ -12,6 +12,7 @@ counts scales as llama.cpp does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,17 +120,29 @@ def make_recipe(options: list[TensorOptions], target_bpw: float) -> Recipe:
             f"--target-bpw {target_bpw:g} is below the cheapest valid types ({floor:.4f} bits per weight); "
             f"give at least {math.ceil(floor * 1000) / 1000:g} or allow cheaper --types"
         )
+    chosen = knapsack_types(options, lambda o, t: o.costs[t], int(math.floor(target_bpw * weights / 8 + 1e-6)))
+    return recipe_of(options, chosen, target_bpw)
+
+
+def knapsack_types(
+    options: list[TensorOptions], cost: Callable[[TensorOptions, GGMLQuantizationType], float], budget_bytes: int
+) -> dict[str, GGMLQuantizationType]:
+    """The least-``cost`` type per tensor (among its options) with total bytes ≤ ``budget_bytes``."""
     kinds = [list(o.costs) for o in options]
     picks = choose(
-        [[o.costs[t] for t in k] for o, k in zip(options, kinds, strict=True)],
+        [[cost(o, t) for t in k] for o, k in zip(options, kinds, strict=True)],
         [[o.size(t) for t in k] for o, k in zip(options, kinds, strict=True)],
-        int(math.floor(target_bpw * weights / 8 + 1e-6)),
+        budget_bytes,
     )
-    chosen = {o.name: k[p] for o, k, p in zip(options, kinds, picks, strict=True)}
+    return {o.name: k[p] for o, k, p in zip(options, kinds, picks, strict=True)}
+
+
+def recipe_of(options: list[TensorOptions], types: dict[str, GGMLQuantizationType], target_bpw: float) -> Recipe:
+    """The recipe of one type per tensor: its bytes, weights and summed cost."""
     return Recipe(
-        types=chosen,
-        linear_bytes=sum(o.size(chosen[o.name]) for o in options),
-        linear_weights=weights,
-        cost=sum(o.costs[chosen[o.name]] for o in options),
+        types=types,
+        linear_bytes=sum(o.size(types[o.name]) for o in options),
+        linear_weights=sum(o.rows * o.cols for o in options),
+        cost=sum(o.costs[types[o.name]] for o in options),
         target_bpw=target_bpw,
     )
