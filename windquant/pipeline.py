@@ -7,6 +7,7 @@ and provides exactly that. Library entry points: :func:`prepare`, :func:`make_pl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from windquant.quant.cache import (
     tensor_digest,
 )
 from windquant.quant.reconstruction import BlockReconstruction
-from windquant.quant.sensitivity import sensitivity_scores
+from windquant.quant.sensitivity import block_measured, sensitivity_scores
 from windquant.quant.streamed import fit_streamed, process_group
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
 from windquant.reports import plan_report
@@ -48,6 +49,9 @@ from windquant.runinfo import Timings, release_freed_memory
 
 TUNE_HELDOUT_WINDOWS = 4  # calibration-corpus windows (another seed) that stop scale tuning
 RESIDUAL_FISHER = "residual_fisher.safetensors"  # beside the candidates: block -> per-channel Fisher
+# Calibration windows of the block-measured scores: per-linear totals over 4k tokens are stable
+# (the measurement is paired: the same tokens with and without the linear quantized).
+BLOCK_SCORE_WINDOWS = 16
 
 
 def fit_settings(fit: FitConfig, rotate: bool | None = None) -> FitSettings:
@@ -167,15 +171,27 @@ class Prepared:
         """Sensitivity tables of the candidates (and of the variant's), each loaded from its cache
         folder when already computed; the backward pass for the Fisher runs at most once."""
         fisher: dict[str, float] = {}
+        meta = {"actions": ",".join(f"{a:g}" for a in ACTIONS)}
 
         def table(cache: CandidateCache) -> torch.Tensor:
             path = cache.folder / "scores.safetensors"
             if path.is_file():
+                scores = load_file(str(path))["scores"]
+            else:
+                if not fisher:
+                    fisher.update(self._fisher_pass(progress))
+                scores = sensitivity_scores(self.units, cache.traces_table(), fisher)
+                atomic_save_tensors({"scores": scores}, path, meta)
+            if self.fit.scores == "fisher":
+                return scores
+            path = cache.folder / f"scores-{self.fit.scores}.safetensors"
+            if path.is_file():
                 return load_file(str(path))["scores"]
-            if not fisher:
-                fisher.update(self._fisher_pass(progress))
-            scores = sensitivity_scores(self.units, cache.traces_table(), fisher)
-            atomic_save_tensors({"scores": scores}, path, {"actions": ",".join(f"{a:g}" for a in ACTIONS)})
+            windows = self.stats.windows[:BLOCK_SCORE_WINDOWS]
+            # No fallback threshold: each column is measured with that action's own candidates.
+            recon = BlockReconstruction(self.model, windows, cache, math.inf, self.residual_fisher(progress), batch_size=8)
+            scores = block_measured(scores, recon, progress)
+            atomic_save_tensors({"scores": scores}, path, meta)
             return scores
 
         self.scores = table(self.cache)

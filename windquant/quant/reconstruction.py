@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from windquant.actions import ACTIONS
+from windquant.actions import ACTIONS, SKIP
 from windquant.calib.stream import BlockStream, block_output
 from windquant.quant.cache import CandidateCache
 from windquant.runinfo import release_freed_memory
@@ -50,6 +50,27 @@ class TeacherForcedBlock:
         x = self.inputs[batch]
         y = block_output(torch.func.functional_call(self.block, params, (x,), self.kwargs[batch]))
         return ((y - self.outputs[batch]) ** 2 * self.fisher).sum() / x.shape[:2].numel()
+
+    @torch.no_grad()
+    def linear_errors(self) -> dict[str, torch.Tensor]:
+        """Weight name -> [len(ACTIONS)] the block's error with that linear's units all at each
+        action's candidate and the rest of the block at 16 bit (the 16-bit column is 0)."""
+        reference = [c[ACTIONS.index(SKIP)] for c in self.candidates]
+
+        def error(weights: list[torch.Tensor]) -> float:
+            return sum(float(self.loss(weights, b)) for b in range(self.batches)) / self.batches
+
+        base = error(reference)  # the 16-bit candidates' own (fp16 rounding) error
+        errors = {}
+        for name, positions in self.columns.items():
+            row = []
+            for col, action in enumerate(ACTIONS):
+                weights = list(reference)
+                for k in positions:
+                    weights[k] = self.candidates[k][col]
+                row.append(0.0 if action == SKIP else max(error(weights) - base, 0.0))
+            errors[name] = torch.tensor(row, dtype=torch.float64)
+        return errors
 
 
 class BlockReconstruction:
