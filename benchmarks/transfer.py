@@ -54,6 +54,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--scores", default="fisher", help="sensitivity scores of both models (FitConfig.scores): fisher | block")
+    p.add_argument("--source-rows", default=",".join(SOURCE_ROWS), help="source rows to run (the zero-shot rows need its sac / ppo)")
     p.add_argument("--out", default="benchmarks/results/transfer")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true", help="only rewrite results.md and transfer.png from results.json")
@@ -63,6 +65,10 @@ def parse() -> argparse.Namespace:
         help="target rows to run, in this order (default: all; the Must's rows come first)",
     )
     return p.parse_args()
+
+
+def rows_of(names: str) -> tuple[str, ...]:
+    return tuple(r.strip() for r in names.split(",") if r.strip())
 
 
 def row_config(name: str, args, work: Path, policies: dict[str, str]) -> tuple[str, object]:
@@ -86,7 +92,7 @@ def run_model(spec: str, rows: tuple[str, ...], args, results: dict, path: Path,
     progress = not args.quiet
     model, tok = load_model(spec)
     timings = Timings()
-    prepared = prepare(model, tok, FitConfig(cache_dir=args.cache_dir, data_dir=args.data_dir), {"features", "scores"}, timings, progress)
+    prepared = prepare(model, tok, FitConfig(scores=args.scores, cache_dir=args.cache_dir, data_dir=args.data_dir), {"features", "scores"}, timings, progress)
     tokens, bos = corpus_tokens(tok, args.corpus, "eval", args.data_dir), window_bos(tok)
     table = results["models"].setdefault(spec, {"rows": {}})
 
@@ -139,9 +145,9 @@ def main() -> None:
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"models": {}}
     if not args.report_only:
-        policies = run_model(args.source, SOURCE_ROWS, args, results, path, {})
+        policies = run_model(args.source, rows_of(args.source_rows), args, results, path, {})
         gc.collect()  # the source model's tensors go before the target's load
-        run_model(args.target, tuple(r.strip() for r in args.target_rows.split(",") if r.strip()), args, results, path, policies)
+        run_model(args.target, rows_of(args.target_rows), args, results, path, policies)
         results["settings"] = {**vars(args), "peak_rss_mib": peak_rss_mib()}
         atomic_write_json(path, results)
     write_markdown(results, args, out / "results.md")
@@ -155,7 +161,7 @@ def write_markdown(results: dict, args, md: Path) -> None:
         "# Policy transfer: SmolLM2-trained policies applied zero-shot (issue 15)",
         "",
         f"WikiText-2 test, ctx {args.ctx}, first {args.max_windows} windows; plans on the cache's candidates; "
-        f"{args.episodes} training episodes per sac/ppo row (seed {args.seed}); ppo = the `guided` preset.",
+        f"{args.episodes} training episodes per sac/ppo row (seed {args.seed}); ppo = the `guided` preset; sensitivity scores: {args.scores}.",
         "",
     ]
     for spec, rows in ((args.target, TARGET_ROWS), (args.source, SOURCE_ROWS)):
