@@ -54,7 +54,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--scores", default="fisher", help="sensitivity scores of both models (FitConfig.scores): fisher | block")
+    p.add_argument("--scores", default=FitConfig().scores, help="sensitivity scores of both models (FitConfig.scores): fisher | block")
     p.add_argument("--source-rows", default=",".join(SOURCE_ROWS), help="source rows to run (the zero-shot rows need its sac / ppo)")
     p.add_argument("--out", default="benchmarks/results/transfer")
     p.add_argument("--quiet", action="store_true")
