@@ -14,7 +14,7 @@ from windquant.calib.corpus import corpus_tokens, window_bos
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
 from windquant.reports import pyplot  # noqa: F401  (re-exported: the benchmarks draw with it)
-from windquant.runinfo import peak_rss_mib
+from windquant.runinfo import peak_rss_mib, set_threads
 
 
 def load_rows(path: Path) -> dict[str, dict]:
@@ -22,6 +22,15 @@ def load_rows(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
     return {r["key"]: r for r in json.loads(path.read_text())["rows"]}
+
+
+def results_folder(out: str) -> tuple[Path, dict[str, dict]]:
+    """A benchmark's start: torch threads set, ``out`` created; (out, the rows already in its
+    results.json)."""
+    set_threads()
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path, load_rows(path / "results.json")
 
 
 def save_rows(path: Path, rows: dict[str, dict], meta: dict, only: set[str] | None = None) -> None:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import load_rows, pyplot, save_rows, write_markdown
+from benchlib import pyplot, results_folder, save_rows, write_markdown
 from scipy.stats import pearsonr, spearmanr
 
 from windquant.actions import ACTIONS
@@ -33,7 +33,6 @@ from windquant.config import FitConfig, PlanConfig
 from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
 from windquant.pipeline import calibration_windows, make_plan, prepare
-from windquant.runinfo import set_threads
 
 SIZES = (8, 16, 32, 64)
 
@@ -79,11 +78,8 @@ def correlation_table(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     args = parse()
-    set_threads()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, rows = results_folder(args.out)
     results = out / "results.json"
-    rows = load_rows(results)
     if args.report_only:
         return report(list(rows.values()), args, out)
     model, tok = load_model(args.model)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchlib import load_rows, pyplot, save_rows, write_markdown
+from benchlib import pyplot, results_folder, save_rows, write_markdown
 from safetensors.torch import load_file
 from scipy.stats import pearsonr, spearmanr
 
@@ -31,7 +31,6 @@ from windquant.config import FitConfig
 from windquant.eval.perplexity import perplexity
 from windquant.model.loading import load_model
 from windquant.pipeline import calibration_windows, prepare
-from windquant.runinfo import set_threads
 
 KINDS = ("fisher", "block")
 NOISE = 0.005  # nats: linears measured below this are within the proxy's noise (some measure < 0)
@@ -53,11 +52,8 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
-    set_threads()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, rows = results_folder(args.out)
     path = out / "results.json"
-    rows = load_rows(path)
     if args.report_only:
         return report(list(rows.values()), args, out)
     meta = {"model": args.model, "action": args.action, "proxy_windows": args.proxy_windows, "proxy_len": args.proxy_len}
