@@ -96,3 +96,39 @@ def full_model_statistics(model, windows):
     xs = {n: torch.cat(v).double() for n, v in seen.items()}
     return {n: (x * x).mean(0).sqrt() for n, x in xs.items()}, {n: x.T @ x / len(x) for n, x in xs.items()}
 
+
+def block_outputs_and_gradients(model, windows):
+    """Reference (whole model, plain autograd): each block's output and the gradient of the
+    calibration loss summed over tokens at it."""
+    from windquant.model.units import decoder_blocks
+
+    _prefix, blocks = decoder_blocks(model)
+    outs = []
+
+    def keep(_m, _i, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h.retain_grad()
+        outs.append(h)
+
+    hooks = [b.register_forward_hook(keep) for b in blocks]
+    loss = model(input_ids=windows, labels=windows).loss * windows[:, 1:].numel()
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    model.zero_grad()
+    return [h.detach() for h in outs], [h.grad for h in outs]
+
+
+def block_error(model, layer: int, windows, reference_out, fisher, units, weight) -> float:
+    """Σ_c F_c (y_c − y_ref,c)² per token at block ``layer``'s output, the whole model run with
+    ``units`` computing with ``weight(u)`` (plain forward, hooked)."""
+    from windquant.model.units import decoder_blocks
+    from windquant.pack.apply import plan_weights
+
+    _prefix, blocks = decoder_blocks(model)
+    seen = []
+    hook = blocks[layer].register_forward_hook(lambda _m, _i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad(), plan_weights(model, units, weight):
+        model(input_ids=windows)
+    hook.remove()
+    return float(((seen[0] - reference_out) ** 2 * fisher).sum() / windows.numel())

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import block_error, block_outputs_and_gradients
 
 from windquant.actions import ACTIONS
 from windquant.alloc.gamma import GammaConfig, expected_bits, initial_preferences, load_preferences, soft_price, temperature
 from windquant.alloc.ilp import solve
 from windquant.config import PlanConfig
-from windquant.model.units import decoder_blocks
-from windquant.pack.apply import plan_weights
 from windquant.pipeline import make_plan, prepare
 
 
@@ -23,32 +22,11 @@ def prepared(tiny_model, tokenizer, tiny_fit):
     return prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)
 
 
-def block_outputs_and_gradients(model, windows):
-    """Reference (whole model, plain autograd): each block's output and the gradient of the
-    calibration loss summed over tokens at it."""
-    _prefix, blocks = decoder_blocks(model)
-    outs = []
-
-    def keep(_m, _i, out):
-        h = out[0] if isinstance(out, tuple) else out
-        h.retain_grad()
-        outs.append(h)
-
-    hooks = [b.register_forward_hook(keep) for b in blocks]
-    loss = model(input_ids=windows, labels=windows).loss * windows[:, 1:].numel()
-    loss.backward()
-    for h in hooks:
-        h.remove()
-    model.zero_grad()
-    return [h.detach() for h in outs], [h.grad for h in outs]
-
-
 def test_one_hot_preferences_give_the_plans_weights_and_the_teacher_forced_block_error(prepared, tiny_model):
     plan = make_plan(prepared, PlanConfig(target_bits=3.0))  # any plan: ilp's
     windows = prepared.stats.windows
     ref_out, grads = block_outputs_and_gradients(tiny_model, windows)
     recon = prepared.reconstruction(progress=False)(len(windows))  # one batch: all windows
-    _prefix, blocks = decoder_blocks(tiny_model)
     for layer in range(recon.layers):
         # The per-channel Fisher at the block output: mean over tokens of the squared gradient.
         g = grads[layer].reshape(-1, grads[layer].shape[-1])
@@ -62,16 +40,11 @@ def test_one_hot_preferences_give_the_plans_weights_and_the_teacher_forced_block
             assert torch.equal(w, prepared.cache.weight(i, plan.applied[i]).float())
             weights.append(w)
         # Reference: the whole model with only this block's units at the plan, hooked at the block.
-        seen = []
-        hook = blocks[layer].register_forward_hook(lambda _m, _i, o, seen=seen: seen.append(o[0] if isinstance(o, tuple) else o))
         dense = {i: w for i, w in zip(task.units, weights)}
         layer_units = [u for u in plan.units if u.layer == layer]
-        with torch.no_grad(), plan_weights(tiny_model, layer_units, lambda u, dense=dense: dense[u.index]):
-            tiny_model(input_ids=windows)
-        hook.remove()
-        expected = ((seen[0] - ref_out[layer]) ** 2 * recon.fisher[layer]).sum() / windows.numel()
+        expected = block_error(tiny_model, layer, windows, ref_out[layer], recon.fisher[layer], layer_units, lambda u, dense=dense: dense[u.index])
         got = task.loss(weights, 0)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(float(got), expected, rtol=1e-4, atol=1e-10)
         assert got > 0
 
 

@@ -2,13 +2,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import full_model_statistics, run_allocator
+from conftest import block_error, block_outputs_and_gradients, full_model_statistics, run_allocator
 from safetensors.torch import load_file
 
 from windquant.actions import ACTIONS, SKIP
 from windquant.calib.statistics import calibrate, layer_fisher
-from windquant.model.units import decoder_blocks
-from windquant.pack.apply import plan_weights
 from windquant.pipeline import calibration_windows, make_plan, prepare
 
 
@@ -86,18 +84,6 @@ def test_streamed_statistics_equal_the_whole_model_pass(tiny_model, tokenizer, t
     assert stats.moments[attn + "o_proj"] is not stats.moments[attn + "q_proj"]
 
 
-def block_error(model, layer: int, windows, reference_out, fisher, units, weight) -> float:
-    """Σ_c F_c (y_c − y_ref,c)² per token at block ``layer``'s output, the whole model run with
-    ``units`` computing with ``weight(u)`` (plain forward, hooked)."""
-    _prefix, blocks = decoder_blocks(model)
-    seen = []
-    hook = blocks[layer].register_forward_hook(lambda _m, _i, o: seen.append(o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad(), plan_weights(model, units, weight):
-        model(input_ids=windows)
-    hook.remove()
-    return float(((seen[0] - reference_out) ** 2 * fisher).sum() / windows.numel())
-
-
 def one_linear_at(cache, members: set[int], action: float):
     """Weights of a plan with ``members`` at ``action``'s raw candidate (no fallback), the rest 16-bit."""
     return lambda u: cache.weight(u.index, action if u.index in members else SKIP)
@@ -110,13 +96,7 @@ def test_each_linears_block_scores_sum_to_its_measured_block_error_and_keep_the_
     assert load_file(str(prepared.folder / "scores.safetensors"))["scores"].equal(fisher_scores)  # the Fisher table stays
     windows = prepared.stats.windows  # 4 windows: all of them are measured
     residual = prepared.residual_fisher(progress=False)
-    _prefix, blocks = decoder_blocks(tiny_model)
-    outputs = []
-    hooks = [b.register_forward_hook(lambda _m, _i, o: outputs.append(o[0] if isinstance(o, tuple) else o)) for b in blocks]
-    with torch.no_grad():
-        tiny_model(input_ids=windows)
-    for h in hooks:
-        h.remove()
+    outputs, _grads = block_outputs_and_gradients(tiny_model, windows)
     by_module: dict[str, list] = {}
     for u in prepared.units:
         by_module.setdefault(u.module, []).append(u)
