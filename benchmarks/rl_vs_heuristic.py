@@ -8,9 +8,12 @@ run) with the episode-time ratio.
         --out benchmarks/results/rl_refine
 
 Everything shares one candidate fit (the cache), so allocators differ only in the plan. Plans are
-evaluated as ``windquant quantize`` stores them (``Prepared.plan_model``: carried candidates when
-the fit carries). Rows already in ``results.json`` are not recomputed (the run resumes where it
-stopped). Writes results.json, results.md, curves.png and actions.png under ``--out``.
+evaluated as ``windquant quantize`` stores them (the stored proxy's weights: carried candidates
+when the fit carries, the same weights as ``Prepared.plan_model``), and with ``--candidates-eval``
+also on the cache's candidates. ``refine-frozen`` is the refine preset with ``lr=0`` (the policy
+stays its prior: proposals without learning). Rows already in ``results.json`` are not recomputed
+(the run resumes where it stopped). Writes results.json, results.md, curves.png and actions.png
+under ``--out``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
 from windquant.model.loading import load_model
 from windquant.pipeline import make_plan, prepare, proxy_perplexity
-from windquant.plan import Plan
 from windquant.runinfo import Timings, peak_rss_mib, set_threads
 
 
@@ -66,6 +68,7 @@ def parse() -> argparse.Namespace:
         default="best",
         help="Table-7 points: best budget-meeting plan so far (paper) or that episode's own sampled plan",
     )
+    p.add_argument("--candidates-eval", action="store_true", help="also score every plan on the cache's candidates (one more Wiki2 pass per row)")
     p.add_argument("--timing-episodes", type=int, default=0, help="alternate N bare proxy forwards and N episodes (ratio)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/rl_vs_heuristic")
@@ -98,12 +101,12 @@ def main() -> None:
     timings = Timings()
     prepared = prepare(model, tok, FitConfig(cache_dir=args.cache_dir, data_dir=args.data_dir), {"features"}, timings, progress)
     proxy = prepared.proxy(ppo.proxy_samples, ppo.proxy_len)
+    stored = prepared.proxy(ppo.proxy_samples, ppo.proxy_len, stored=True)  # remembers carried linears across rows
     eval_tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
 
-    def wiki_ppl(plan_or_requested) -> float:
-        """WikiText-2 PPL of a Plan as stored (carried candidates), or of requested actions (cache candidates)."""
-        weights = prepared.plan_model(plan_or_requested) if isinstance(plan_or_requested, Plan) else prepared.plan_weights(plan_or_requested)
-        with torch.no_grad(), weights:
+    def wiki_ppl(requested: list[float], as_stored: bool = False) -> float:
+        """WikiText-2 PPL of requested actions as stored (carried when the fit carries) or on the cache's candidates."""
+        with torch.no_grad(), (stored if as_stored else proxy).weights(requested):
             return perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress, bos_id=window_bos(tok)).ppl
 
     # One bare proxy forward (reference weights, no assembly), median of 5, same process.
@@ -123,11 +126,12 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     for budget in (float(b) for b in args.budgets.split(",")):
         for name in wanted:
-            for seed in seeds if name in PRESETS else [None]:
+            for seed in seeds if name in ROW_PRESETS else [None]:
                 key = f"{name}@{budget:g}" + ("" if seed is None else f"/seed{seed}")
                 if key in results["rows"]:
                     continue
-                results["rows"][key] = run_row(prepared, proxy, ppo, args, name, budget, seed, out / key.replace("@", "_").replace("/", "_"), wiki_ppl, timings)
+                work = out / key.replace("@", "_").replace("/", "_")
+                results["rows"][key] = run_row(prepared, (proxy, stored), ppo, args, name, budget, seed, work, wiki_ppl, timings)
                 atomic_write_json(results_path, results)
 
     if args.timing_episodes:
@@ -152,10 +156,15 @@ def main() -> None:
     print((out / "results.md").read_text())
 
 
-def run_row(prepared, proxy, ppo: PPOConfig, args, name: str, budget: float, seed: int | None, work: Path, wiki_ppl, timings) -> dict:
+# PPO rows: the library's presets, plus the frozen-policy ablation of the refine mode.
+ROW_PRESETS = PRESETS | {"refine-frozen": {**PRESETS["refine"], "lr": 0.0}}
+
+
+def run_row(prepared, proxies, ppo: PPOConfig, args, name: str, budget: float, seed: int | None, work: Path, wiki_ppl, timings) -> dict:
     """One allocator (or PPO preset and seed) at one budget: its plan, proxy and WikiText-2 PPL."""
-    allocator = "ppo" if name in PRESETS else name
-    config = replace(ppo, **PRESETS[name], work_dir=str(work)) if name in PRESETS else None
+    proxy, stored = proxies
+    allocator = "ppo" if name in ROW_PRESETS else name
+    config = replace(ppo, **ROW_PRESETS[name], work_dir=str(work)) if name in ROW_PRESETS else None
     cfg = PlanConfig(budget, args.accounting, allocator, seed=seed or 0, allocator_config=config)
     start = time.perf_counter()
     plan = make_plan(prepared, cfg, timings, progress=not args.quiet)
@@ -166,12 +175,13 @@ def run_row(prepared, proxy, ppo: PPOConfig, args, name: str, budget: float, see
         "true_bits": plan.true_bits,
         "paper_bits": plan.paper_bits,
         "allocate_seconds": time.perf_counter() - start,
-        "proxy_ppl": proxy(plan.requested),
-        "wiki2_ppl": wiki_ppl(plan.requested),  # the plan on the cache's candidates: what the proxy scores
+        "proxy_ppl": proxy(plan.requested),  # on the cache's candidates
+        "proxy_ppl_stored": stored(plan.requested),
+        "wiki2_ppl_stored": wiki_ppl(plan.requested, as_stored=True),
         "actions": plan.action_distribution(),
     }
-    if plan.carried and seed in (None, 0):  # as stored (carried candidates): deterministic rows and seed 0
-        row["wiki2_ppl_stored"] = wiki_ppl(plan)
+    if args.candidates_eval:
+        row["wiki2_ppl"] = wiki_ppl(plan.requested)
     if allocator == "ppo":
         row["learning"] = learning(read_episodes(work / "episodes.jsonl"), plan.info["ppo"])
     return row
@@ -256,25 +266,26 @@ def write_markdown(results: dict, path: Path) -> None:
     rows = {k: r for k, r in results["rows"].items() if k != "reference"}
     lines = [
         f"Budgets {s['budgets']} {s['accounting']} bits; proxy = {s['proxy_samples']}×{s['proxy_len']} calibration tokens; "
-        f"Wiki2 = {s['corpus']} test, ctx {s['ctx']}, first {s['max_windows']} windows, on the cache's candidates (as the proxy), "
-        "and as stored (carried) for the deterministic rows and seed 0; "
-        f"PPO {s['episodes']} episodes per seed.",
+        f"Wiki2 = {s['corpus']} test, ctx {s['ctx']}, first {s['max_windows']} windows, as stored (carried when the fit carries), "
+        "and on the cache's candidates where measured; "
+        f"PPO {s['episodes']} episodes per seed. Cells are mean ± std over seeds, with the seeds' values after them.",
         "",
-        "| allocator | budget | seeds | true bits | proxy PPL | Wiki2 PPL | Wiki2 PPL as stored (seed 0) | allocate s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| allocator | budget | seeds | true bits | proxy PPL (candidates) | proxy PPL as stored | Wiki2 PPL as stored | per seed | Wiki2 PPL (candidates) | allocate s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ref = results["rows"].get("reference")
     if ref:
-        lines.append(f"| reference (fp) | | | 32 | {ref['proxy_ppl']:.3f} | {ref['wiki2_ppl']:.3f} | | |")
+        lines.append(f"| reference (fp) | | | 32 | {ref['proxy_ppl']:.3f} | | {ref['wiki2_ppl']:.3f} | | | |")
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows.values():
         groups.setdefault((r["allocator"], r["budget"]), []).append(r)
     for (name, budget), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        col = lambda k, g=group: mean_std([r[k] for r in g])  # noqa: E731
+        col = lambda k, g=group: mean_std([r[k] for r in g]) if all(k in r for r in g) else ""  # noqa: E731
         seeds = ",".join(str(r["seed"]) for r in group if r["seed"] is not None)
-        stored = next((f"{r['wiki2_ppl_stored']:.4g}" for r in group if "wiki2_ppl_stored" in r), "")
+        each = " / ".join(f"{r['wiki2_ppl_stored']:.4g}" for r in group) if len(group) > 1 else ""
         lines.append(
-            f"| {name} | {budget:g} | {seeds} | {col('true_bits')} | {col('proxy_ppl')} | {col('wiki2_ppl')} | {stored} | {col('allocate_seconds')} |"
+            f"| {name} | {budget:g} | {seeds} | {col('true_bits')} | {col('proxy_ppl')} | {col('proxy_ppl_stored')} | "
+            f"{col('wiki2_ppl_stored')} | {each} | {col('wiki2_ppl')} | {col('allocate_seconds')} |"
         )
     if "bare_proxy_seconds" in results:
         lines += ["", f"Bare proxy forward (reference weights): {results['bare_proxy_seconds']:.2f} s (median of 5)."]
@@ -344,7 +355,7 @@ def plot(results: dict, out: Path) -> None:
             ax.plot([e["episode"] for e in eps], [e[field] for e in eps], marker=".", markersize=3, label=f"{key} ({field.split('_')[0]})")
     for r in results["rows"].values():
         if r.get("allocator") == "ilp":
-            ax.axhline(r["proxy_ppl"], linestyle="--", color="k", linewidth=0.8)
+            ax.axhline(r.get("proxy_ppl_stored", r["proxy_ppl"]), linestyle="--", color="k", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("episode")
     ax.set_ylabel("proxy perplexity of the sampled plan")

@@ -161,3 +161,33 @@ def test_group_moves_start_at_ilp_reweight_one_group_and_keep_the_budget():
     for option in range(2 * groups):
         cols = space.plan(space.move(state, option))
         assert problem.total_bits([ACTIONS[c] for c in cols]) <= problem.budget + 1e-6
+
+
+def test_a_stored_proxy_scores_exactly_the_weights_apply_stores_and_recarries_only_changed_linears(ppo_prepared, monkeypatch):  # noqa: F811
+    import windquant.pipeline as pipeline
+    from windquant.config import PlanConfig
+
+    prep = ppo_prepared
+    assert prep.fit.carry
+    carried = []
+    real = pipeline.quantize_linear
+    monkeypatch.setattr(pipeline, "quantize_linear", lambda w, h, chunks, s: carried.append(len(chunks)) or real(w, h, chunks, s))
+    stored = prep.proxy(2, 32, stored=True)
+    first = pipeline.make_plan(prep, PlanConfig(3.0, "true", "uniform"), progress=False)
+    changed = list(first.requested)
+    changed[0] = 8.0  # up: no operator fallback can undo it
+    second = replace(first, requested=changed, applied=prep.applied(changed))
+
+    def weights(context) -> dict[str, torch.Tensor]:
+        with context:
+            return {m: prep.model.get_submodule(m).weight.detach().clone() for m in {u.module for u in prep.units}}
+
+    for plan, recarried in ((first, len({u.module for u in prep.units})), (second, 1), (first, 0)):  # the last from memory
+        carried.clear()
+        got = weights(stored.weights(plan.requested))
+        assert len(carried) == recarried
+        expected = weights(prep.plan_model(plan))  # apply's weights, carried from scratch
+        assert all(torch.equal(got[m], expected[m]) for m in got)
+    # the candidates proxy scores other weights: carrying changes the model
+    assert stored(first.requested) != prep.proxy(2, 32)(first.requested)
+    assert stored.reference == prep.proxy(2, 32).reference and torch.equal(stored.windows, prep.proxy(2, 32).windows)

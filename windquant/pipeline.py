@@ -8,6 +8,7 @@ and provides exactly that. Library entry points: :func:`prepare`, :func:`make_pl
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
 from windquant.model.stats import unit_features, unit_saliency
 from windquant.model.units import Unit, enumerate_units
-from windquant.pack.apply import apply_plan, module_chunks, plan_weights
+from windquant.pack.apply import PlanChunk, apply_plan, module_chunks, plan_weights
 from windquant.pack.checkpoint import save
 from windquant.pack.tune import TuneSettings, tune_scales
 from windquant.plan import Plan
@@ -75,21 +76,58 @@ def proxy_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     return perplexity(model, windows.reshape(-1), ctx=windows.shape[1], batch_size=8, progress=False).ppl
 
 
+CARRY_MEMO = 3  # carried versions kept per linear by a stored proxy (incumbent, candidate, one more)
+
+
 @dataclass
 class PlanProxy:
     """Requested actions -> perplexity on fixed calibration windows (``alloc.base.Proxy``).
 
-    Nothing is refitted or packed: every unit's dequantized weights are already in the
-    candidate cache, so scoring a plan costs one forward pass over the proxy tokens.
+    By default nothing is refitted or packed: every unit's dequantized weights are already in the
+    candidate cache, so scoring a plan costs one forward pass over the proxy tokens. A ``stored``
+    proxy scores what :func:`apply` stores instead: when the fit carries errors, each linear is
+    carried for its own chunks' actions (``carried_modules``) and remembered, so a plan that
+    differs from the last ones in a few linears re-carries only those. Scale tuning is not
+    simulated.
     """
 
     prepared: Prepared
     windows: torch.Tensor  # [samples, len]
     reference: float  # perplexity of the unquantized model on ``windows``
+    stored: bool = False
+    carried: dict[str, OrderedDict] = field(default_factory=dict, repr=False)  # linear -> its chunks' actions -> {unit: weights}
 
     def __call__(self, requested: list[float]) -> float:
-        with self.prepared.plan_weights(requested):
+        with self.weights(requested):
             return proxy_perplexity(self.prepared.model, self.windows)
+
+    def weights(self, requested: list[float]):
+        """Context: the model computes with the weights this proxy scores for ``requested``."""
+        if not (self.stored and self.prepared.fit.carry):
+            return self.prepared.plan_weights(requested)
+        dense = self._carried(requested)
+        return plan_weights(self.prepared.model, self.prepared.units, lambda u: dense[u.index])
+
+    def _carried(self, requested: list[float]) -> dict[int, torch.Tensor]:
+        units, rotate = self.prepared.units, self.prepared.fit.rotate
+        chunks: dict[str, list[PlanChunk]] = {}
+        for u, a in zip(units, self.prepared.applied(requested)):
+            chunks.setdefault(u.module, []).append(PlanChunk(u.col0, u.col1, a, u.index, rotate))
+        chunks = {m: sorted(c) for m, c in chunks.items()}
+        keys = {m: tuple(c.action for c in cs) for m, cs in chunks.items()}
+        missing = {m: cs for m, cs in chunks.items() if keys[m] not in self.carried.get(m, {})}
+        packed = carried_modules(self.prepared, missing, progress=False)
+        for m, cs in missing.items():
+            weights = {c.index: dequantize_unit(packed[(c.index, c.action)], c.action, *units[c.index].shape) for c in cs}
+            self.carried.setdefault(m, OrderedDict())[keys[m]] = weights
+        dense = {}
+        for m, key in keys.items():
+            memo = self.carried[m]
+            memo.move_to_end(key)
+            dense.update(memo[key])
+            while len(memo) > CARRY_MEMO:
+                memo.popitem(last=False)
+        return dense
 
 
 @dataclass
@@ -114,7 +152,7 @@ class Prepared:
     folded: dict[str, float]  # fold producer -> its α (empty: not folded)
     scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
-    proxies: dict[tuple[int, int], PlanProxy] = field(default_factory=dict)
+    proxies: dict[tuple[int, int, bool], PlanProxy] = field(default_factory=dict)
     variant: VariantCandidates | None = None  # the other outlier storage, when fitted
 
     def caches(self, variant: list[bool] | None = None) -> list[CandidateCache]:
@@ -198,12 +236,16 @@ class Prepared:
         if self.variant is not None:
             self.variant.scores = table(self.variant.cache)
 
-    def proxy(self, samples: int, length: int) -> PlanProxy:
-        """The proxy on ``samples`` calibration windows of ``length`` tokens (built once)."""
-        if (samples, length) not in self.proxies:
-            windows = calibration_windows(self.tokenizer, self.fit, samples, length)
-            self.proxies[(samples, length)] = PlanProxy(self, windows, proxy_perplexity(self.model, windows))
-        return self.proxies[(samples, length)]
+    def proxy(self, samples: int, length: int, stored: bool = False) -> PlanProxy:
+        """The proxy on ``samples`` calibration windows of ``length`` tokens (built once), scoring
+        the cache's candidates or, ``stored``, the weights :func:`apply` stores (``PlanProxy``)."""
+        key = (samples, length, stored)
+        if key not in self.proxies:
+            same_tokens = next((p for (s, n, _), p in self.proxies.items() if (s, n) == (samples, length)), None)
+            windows = same_tokens.windows if same_tokens else calibration_windows(self.tokenizer, self.fit, samples, length)
+            reference = same_tokens.reference if same_tokens else proxy_perplexity(self.model, windows)
+            self.proxies[key] = PlanProxy(self, windows, reference, stored)
+        return self.proxies[key]
 
     def _fisher_pass(self, progress: bool) -> dict[str, float]:
         """The one backward pass: per-linear Fisher (returned, for the scores) and the residual
@@ -347,22 +389,30 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
     )
 
 
-def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
-    """(unit, applied action) -> packed tensors re-quantized linear by linear with each chunk's
-    error carried into the later chunks (``quantize_linear``): same actions, same bytes."""
+def carried_modules(
+    prepared: Prepared, chunks: dict[str, list[PlanChunk]], progress: bool = True
+) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
+    """(unit, applied action) -> packed tensors of the linears in ``chunks`` (name -> its chunks in
+    column order), each re-quantized with every chunk's error carried into the later chunks
+    (``quantize_linear``): same actions, same bytes. A linear's result depends on its own chunks only."""
     settings = fit_settings(prepared.fit)
-    plan_chunks = module_chunks(plan)
     packed = {}
-    for layer in tqdm(sorted({u.layer for u in plan.units}), desc="carry errors", disable=not progress, unit="block"):
+    layers = sorted({u.layer for u in prepared.units if u.module in chunks})
+    for layer in tqdm(layers, desc="carry errors", disable=not progress, unit="block"):
         moments = prepared.cache.load_moments(layer)  # one block's at a time
         for name in moments:
-            if name not in plan_chunks:
+            if name not in chunks:
                 continue
             weight = prepared.model.get_submodule(name).weight.detach()
-            for c, p in zip(plan_chunks[name], quantize_linear(weight, moments[name], plan_chunks[name], settings)):
+            for c, p in zip(chunks[name], quantize_linear(weight, moments[name], chunks[name], settings)):
                 packed[(c.index, c.action)] = p
         release_freed_memory()  # this block's factorisations: back to the OS
     return packed
+
+
+def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
+    """(unit, applied action) -> packed tensors of ``plan`` with errors carried linear by linear."""
+    return carried_modules(prepared, module_chunks(plan), progress)
 
 
 def plan_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> dict[tuple[int, float], dict[str, torch.Tensor]]:

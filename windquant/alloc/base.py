@@ -83,7 +83,9 @@ class AllocationContext:
     work_dir: Path  # a folder for its files (checkpoints, logs), named by the run's settings
     seed: int = 0
     progress: bool = True
-    proxy: Callable[[int, int], Proxy] | None = None  # (samples, tokens per sample) -> Proxy, with need "proxy"
+    # (samples, tokens per sample, stored) -> Proxy, with need "proxy"; stored: it scores the weights
+    # the engine stores (errors carried when the fit carries) rather than the cache's candidates
+    proxy: Callable[[int, int, bool], Proxy] | None = None
     reconstruction: Callable[[int], Reconstruction] | None = None  # (windows per batch) -> Reconstruction, with need "reconstruction"
 
 

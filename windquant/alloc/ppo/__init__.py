@@ -22,9 +22,10 @@ def allocate(problem: AllocationProblem, config: PPOConfig, ctx: AllocationConte
     from windquant.alloc.ppo.refine import refine_ppo
     from windquant.alloc.ppo.train import train_ppo
 
-    proxy = ctx.proxy(config.proxy_samples, config.proxy_len)
+    refine = config.validate().mode == "refine"
+    proxy = ctx.proxy(config.proxy_samples, config.proxy_len, refine and config.refine_proxy == "stored")
     work_dir = Path(config.work_dir) if config.work_dir else ctx.work_dir
-    run = refine_ppo if config.validate().mode == "refine" else train_ppo
+    run = refine_ppo if refine else train_ppo
     return run(problem, proxy, config, work_dir, ctx.seed, ctx.progress)
 
 

@@ -58,6 +58,10 @@ class PPOConfig:
     refine_min_gain: float = 0.0  # a move is accepted when it lowers the proxy's mean NLL by more than this (nats)
     refine_entropy_coef: float = 0.001  # c2 over the ~N×7 moves (the paper's 0.05 is for 7 actions)
     refine_baseline_decay: float = 0.9  # reward baseline: exponential moving average of the rewards
+    # What the refine proxy scores: "stored", the weights windquant stores (errors carried across a
+    # linear's chunks when the fit carries: the linears a move changes are re-carried), or
+    # "candidates", the cache's candidates (faster; what the construct mode always scores).
+    refine_proxy: str = "stored"
     checkpoint_every: int = setting(5, run=True)  # episodes between resumable checkpoints
     reward: RewardConfig = setting(factory=RewardConfig)
 
@@ -74,6 +78,7 @@ class PPOConfig:
             ("order", self.order in ORDERS, " | ".join(ORDERS)),
             ("refine_batch", self.refine_batch >= 1, ">= 1"),
             ("refine_moves", self.refine_moves in REFINE_MOVES, " | ".join(REFINE_MOVES)),
+            ("refine_proxy", self.refine_proxy in REFINE_PROXIES, " | ".join(REFINE_PROXIES)),
         )
         require(self, checks, "PPO ")
         return self
@@ -84,6 +89,7 @@ STATES = ("paper", "sensitivity")
 SHAPINGS = ("none", "potential")
 ORDERS = ("model", "sensitive")
 REFINE_MOVES = ("group", "unit")
+REFINE_PROXIES = ("stored", "candidates")
 
 # Named settings (``--ppo-set`` keys): "paper" is the paper's controller as published (§3.2-3.4);
 # "guided" adds the sensitivity state, potential shaping and the sensitive-first order to it;
