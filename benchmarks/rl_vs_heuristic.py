@@ -68,7 +68,7 @@ def parse() -> argparse.Namespace:
         default="best",
         help="Table-7 points: best budget-meeting plan so far (paper) or that episode's own sampled plan",
     )
-    p.add_argument("--candidates-eval", action="store_true", help="also score every plan on the cache's candidates (one more Wiki2 pass per row)")
+    p.add_argument("--candidates-eval", action="store_true", help="also score the heuristic and ilp plans on the cache's candidates (one more Wiki2 pass per row)")
     p.add_argument("--timing-episodes", type=int, default=0, help="alternate N bare proxy forwards and N episodes (ratio)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/rl_vs_heuristic")
@@ -100,8 +100,9 @@ def main() -> None:
     )
     timings = Timings()
     prepared = prepare(model, tok, FitConfig(cache_dir=args.cache_dir, data_dir=args.data_dir), {"features"}, timings, progress)
-    proxy = prepared.proxy(ppo.proxy_samples, ppo.proxy_len)
-    stored = prepared.proxy(ppo.proxy_samples, ppo.proxy_len, stored=True)  # remembers carried linears across rows
+    heldout = ppo.proxy_windows == "heldout"  # the proxy columns use the default windows; each PPO row its own
+    proxy = prepared.proxy(ppo.proxy_samples, ppo.proxy_len, heldout=heldout)
+    stored = prepared.proxy(ppo.proxy_samples, ppo.proxy_len, stored=True, heldout=heldout)  # remembers carried linears across rows
     eval_tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
 
     def wiki_ppl(requested: list[float], as_stored: bool = False) -> float:
@@ -149,7 +150,7 @@ def main() -> None:
         report = Path(args.table7_run) / "run_report.json"
         if report.is_file():
             results["long_run"]["run_report_timings"] = json.loads(report.read_text())["timings"]
-    results["settings"] = {**vars(args), "peak_rss_mib": peak_rss_mib(), "stage_seconds": dict(timings)}
+    results["settings"] = {**vars(args), "proxy_windows": ppo.proxy_windows, "peak_rss_mib": peak_rss_mib(), "stage_seconds": dict(timings)}
     atomic_write_json(results_path, results)
     write_markdown(results, out / "results.md")
     plot(results, out)
@@ -180,7 +181,7 @@ def run_row(prepared, proxies, ppo: PPOConfig, args, name: str, budget: float, s
         "wiki2_ppl_stored": wiki_ppl(plan.requested, as_stored=True),
         "actions": plan.action_distribution(),
     }
-    if args.candidates_eval:
+    if args.candidates_eval and seed is None:
         row["wiki2_ppl"] = wiki_ppl(plan.requested)
     if allocator == "ppo":
         row["learning"] = learning(read_episodes(work / "episodes.jsonl"), plan.info["ppo"])
@@ -265,7 +266,8 @@ def write_markdown(results: dict, path: Path) -> None:
     s = results["settings"]
     rows = {k: r for k, r in results["rows"].items() if k != "reference"}
     lines = [
-        f"Budgets {s['budgets']} {s['accounting']} bits; proxy = {s['proxy_samples']}×{s['proxy_len']} calibration tokens; "
+        f"Budgets {s['budgets']} {s['accounting']} bits; proxy = {s['proxy_samples']}×{s['proxy_len']} calibration-corpus tokens "
+        f"({s.get('proxy_windows', 'calibration')} windows); "
         f"Wiki2 = {s['corpus']} test, ctx {s['ctx']}, first {s['max_windows']} windows, as stored (carried when the fit carries), "
         "and on the cache's candidates where measured; "
         f"PPO {s['episodes']} episodes per seed. Cells are mean ± std over seeds, with the seeds' values after them.",

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from windquant.calib.corpus import builtin_text, corpus_tokens, sample_windows, wikitext2, window_bos
+from windquant.calib.corpus import (
+    builtin_text,
+    corpus_tokens,
+    disjoint_windows,
+    sample_windows,
+    wikitext2,
+    window_bos,
+    window_starts,
+)
 from windquant.errors import WindquantError
 
 
@@ -64,3 +72,19 @@ def test_wikitext_from_data_dir(tmp_path):
     assert wikitext2("test", str(tmp_path)) == " = A = \n\n text one "
     with pytest.raises(WindquantError, match="wiki.train.raw"):
         wikitext2("calib", str(tmp_path))
+
+
+def test_disjoint_windows_overlap_no_avoided_span_nor_each_other():
+    tokens = torch.arange(1000)  # token id = its position: a window shows where it was cut
+    calib = [(s, s + 50) for s in window_starts(1000, 8, 50, seed=0)]
+    assert torch.equal(sample_windows(tokens, 8, 50, seed=0)[:, 0], torch.tensor([a for a, _ in calib]))
+    held = disjoint_windows(tokens, 6, 40, seed=1, avoid=calib, bos_id=7)
+    assert torch.equal(held, disjoint_windows(tokens, 6, 40, seed=1, avoid=calib, bos_id=7))  # seeded
+    assert (held[:, 0] == 7).all()
+    cut = [int(w[1]) - 1 for w in held]  # the offset each window was cut at
+    seen = set().union(*(range(a, b) for a, b in calib))  # calibration windows may overlap each other
+    for s in cut:  # brute force: no held-out token position was seen before
+        assert not seen & set(range(s, s + 40))
+        seen |= set(range(s, s + 40))
+    with pytest.raises(WindquantError, match="no room"):
+        disjoint_windows(tokens, 30, 40, seed=1, avoid=calib)

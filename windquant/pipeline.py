@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from windquant.actions import ACCOUNTINGS, ACTIONS
 from windquant.alloc import AllocationContext, get_allocator
 from windquant.alloc.problem import AllocationProblem, StorageVariant
-from windquant.calib.corpus import corpus_tokens, sample_windows, window_bos
+from windquant.calib.corpus import corpus_tokens, disjoint_windows, sample_windows, window_bos, window_starts
 from windquant.calib.statistics import CalibrationStats, layer_fisher
 from windquant.config import FitConfig, PlanConfig, settings_digest
 from windquant.errors import WindquantError
@@ -68,6 +68,15 @@ def calibration_windows(
     tokens = corpus_tokens(tokenizer, fit.calib, "calib", fit.data_dir)
     seed = fit.seed if seed is None else seed
     return sample_windows(tokens, samples or fit.calib_samples, length or fit.calib_len, seed, window_bos(tokenizer))
+
+
+def heldout_windows(tokenizer, fit: FitConfig, samples: int, length: int) -> torch.Tensor:
+    """[samples, length] windows of the calibration corpus that overlap no calibration window: a
+    score on them is out of sample for everything fitted to the calibration (candidates, carried
+    errors, sensitivity scores)."""
+    tokens = corpus_tokens(tokenizer, fit.calib, "calib", fit.data_dir)
+    calib = [(s, s + fit.calib_len) for s in window_starts(tokens.numel(), fit.calib_samples, fit.calib_len, fit.seed)]
+    return disjoint_windows(tokens, samples, length, fit.seed + 1, calib, window_bos(tokenizer))
 
 
 @torch.no_grad()
@@ -152,7 +161,7 @@ class Prepared:
     folded: dict[str, float]  # fold producer -> its α (empty: not folded)
     scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
-    proxies: dict[tuple[int, int, bool], PlanProxy] = field(default_factory=dict)
+    proxies: dict[tuple[int, int, bool, bool], PlanProxy] = field(default_factory=dict)
     variant: VariantCandidates | None = None  # the other outlier storage, when fitted
 
     def caches(self, variant: list[bool] | None = None) -> list[CandidateCache]:
@@ -236,14 +245,20 @@ class Prepared:
         if self.variant is not None:
             self.variant.scores = table(self.variant.cache)
 
-    def proxy(self, samples: int, length: int, stored: bool = False) -> PlanProxy:
-        """The proxy on ``samples`` calibration windows of ``length`` tokens (built once), scoring
-        the cache's candidates or, ``stored``, the weights :func:`apply` stores (``PlanProxy``)."""
-        key = (samples, length, stored)
+    def proxy(self, samples: int, length: int, stored: bool = False, heldout: bool = False) -> PlanProxy:
+        """The proxy on ``samples`` windows of ``length`` tokens of the calibration corpus (built
+        once): calibration windows, or with ``heldout`` windows the calibration never saw
+        (:func:`heldout_windows`); it scores the cache's candidates or, ``stored``, the weights
+        :func:`apply` stores (``PlanProxy``)."""
+        key = (samples, length, stored, heldout)
         if key not in self.proxies:
-            same_tokens = next((p for (s, n, _), p in self.proxies.items() if (s, n) == (samples, length)), None)
-            windows = same_tokens.windows if same_tokens else calibration_windows(self.tokenizer, self.fit, samples, length)
-            reference = same_tokens.reference if same_tokens else proxy_perplexity(self.model, windows)
+            same_tokens = next((p for (s, n, _, h), p in self.proxies.items() if (s, n, h) == (samples, length, heldout)), None)
+            if same_tokens:
+                windows, reference = same_tokens.windows, same_tokens.reference
+            else:
+                pick = heldout_windows if heldout else calibration_windows
+                windows = pick(self.tokenizer, self.fit, samples, length)
+                reference = proxy_perplexity(self.model, windows)
             self.proxies[key] = PlanProxy(self, windows, reference, stored)
         return self.proxies[key]
 

@@ -127,9 +127,39 @@ def sample_windows(tokens: torch.Tensor, n: int, length: int, seed: int, bos_id:
             f"calibration text has {tokens.numel()} tokens, fewer than one window of {length}; "
             "use a longer corpus or a smaller --calib-len"
         )
+    return cut_windows(tokens, window_starts(tokens.numel(), n, length, seed), length, bos_id)
+
+
+def window_starts(n_tokens: int, n: int, length: int, seed: int) -> list[int]:
+    """The offsets :func:`sample_windows` cuts its windows at."""
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - length + 1, (n,), generator=gen)
-    windows = torch.stack([tokens[s : s + length] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - length + 1, (n,), generator=gen).tolist()
+
+
+def cut_windows(tokens: torch.Tensor, starts: list[int], length: int, bos_id: int | None = None) -> torch.Tensor:
+    windows = torch.stack([tokens[s : s + length] for s in starts])
     if bos_id is not None:
         windows[:, 0] = bos_id
     return windows
+
+
+def disjoint_windows(
+    tokens: torch.Tensor, n: int, length: int, seed: int, avoid: list[tuple[int, int]], bos_id: int | None = None
+) -> torch.Tensor:
+    """``n`` windows of ``length`` tokens at seeded random offsets that overlap no [start, end)
+    span of ``avoid`` and no other window: text the calibration never saw, for a held-out score."""
+    gen = torch.Generator().manual_seed(seed)
+    taken, starts = list(avoid), []
+    for _ in range(100 * n):
+        if len(starts) == n:
+            break
+        s = int(torch.randint(0, tokens.numel() - length + 1, (1,), generator=gen))
+        if all(s + length <= a or s >= b for a, b in taken):
+            starts.append(s)
+            taken.append((s, s + length))
+    if len(starts) < n:
+        raise WindquantError(
+            f"the calibration text has no room for {n} held-out windows of {length} tokens beside the calibration "
+            "windows; use a longer --calib corpus or fewer proxy windows"
+        )
+    return cut_windows(tokens, starts, length, bos_id)

@@ -23,7 +23,8 @@ def allocate(problem: AllocationProblem, config: PPOConfig, ctx: AllocationConte
     from windquant.alloc.ppo.train import train_ppo
 
     refine = config.validate().mode == "refine"
-    proxy = ctx.proxy(config.proxy_samples, config.proxy_len, refine and config.refine_proxy == "stored")
+    stored = refine and config.refine_proxy == "stored"
+    proxy = ctx.proxy(config.proxy_samples, config.proxy_len, stored, config.proxy_windows == "heldout")
     work_dir = Path(config.work_dir) if config.work_dir else ctx.work_dir
     run = refine_ppo if refine else train_ppo
     return run(problem, proxy, config, work_dir, ctx.seed, ctx.progress)

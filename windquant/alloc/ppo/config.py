@@ -19,6 +19,10 @@ class PPOConfig:
     # episode at ~10 s on one CPU core (use 64 on a GPU).
     proxy_samples: int = setting(8, "calibration windows scored per episode (paper 64)")
     proxy_len: int = setting(256, "tokens per proxy window")
+    # heldout: windows of the calibration corpus that overlap no calibration window, so the reward
+    # is out of sample for everything fitted there (candidates, carried errors); calibration: the
+    # first calibration windows (the paper's proxy is a calibration subset).
+    proxy_windows: str = "heldout"
     work_dir: str | None = setting(None, "checkpoints + episode log (default: under the candidate cache)", flag="--ppo-dir", run=True)
     resume: bool = setting(False, "continue a killed PPO run from its last checkpoint", run=True)
     policy: str | None = setting(None, "reuse a trained policy.safetensors zero-shot (no training)")
@@ -79,6 +83,7 @@ class PPOConfig:
             ("refine_batch", self.refine_batch >= 1, ">= 1"),
             ("refine_moves", self.refine_moves in REFINE_MOVES, " | ".join(REFINE_MOVES)),
             ("refine_proxy", self.refine_proxy in REFINE_PROXIES, " | ".join(REFINE_PROXIES)),
+            ("proxy_windows", self.proxy_windows in PROXY_WINDOWS, " | ".join(PROXY_WINDOWS)),
         )
         require(self, checks, "PPO ")
         return self
@@ -90,13 +95,14 @@ SHAPINGS = ("none", "potential")
 ORDERS = ("model", "sensitive")
 REFINE_MOVES = ("group", "unit")
 REFINE_PROXIES = ("stored", "candidates")
+PROXY_WINDOWS = ("heldout", "calibration")
 
 # Named settings (``--ppo-set`` keys): "paper" is the paper's controller as published (§3.2-3.4);
 # "guided" adds the sensitivity state, potential shaping and the sensitive-first order to it;
 # "refine" is the refinement mode.
 PRESETS: dict[str, dict] = {
-    "paper": {"mode": "construct", "state": "paper", "shaping": "none", "order": "model"},
-    "guided": {"mode": "construct", "state": "sensitivity", "shaping": "potential", "order": "sensitive"},
+    "paper": {"mode": "construct", "state": "paper", "shaping": "none", "order": "model", "proxy_windows": "calibration"},
+    "guided": {"mode": "construct", "state": "sensitivity", "shaping": "potential", "order": "sensitive", "proxy_windows": "calibration"},
     "refine": {"mode": "refine"},
 }
 

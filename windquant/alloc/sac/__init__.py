@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def allocate(problem: AllocationProblem, config: SACConfig, ctx: AllocationContext) -> Allocation:
     from windquant.alloc.sac.train import train_sac
 
-    proxy = ctx.proxy(config.proxy_samples, config.proxy_len, False)
+    proxy = ctx.proxy(config.proxy_samples, config.proxy_len, False, False)
     work_dir = Path(config.work_dir) if config.work_dir else ctx.work_dir
     return train_sac(problem, proxy, config, work_dir, ctx.seed, ctx.progress)
 
