@@ -191,3 +191,5 @@ def test_a_stored_proxy_scores_exactly_the_weights_apply_stores_and_recarries_on
     # the candidates proxy scores other weights: carrying changes the model
     assert stored(first.requested) != prep.proxy(2, 32)(first.requested)
     assert stored.reference == prep.proxy(2, 32).reference and torch.equal(stored.windows, prep.proxy(2, 32).windows)
+    held = prep.proxy(2, 32, heldout=True)  # other text: no calibration window's opening 32 tokens
+    assert not any(torch.equal(h[1:], c[1:32]) for h in held.windows for c in prep.stats.windows)
