@@ -207,6 +207,7 @@ def learning(episodes: list[dict], info: dict) -> dict:
             "best_proxy_ppl": info["final_proxy_ppl"],
             "accepted_first_half": sum(e["accepted"] for e in episodes[:half]),
             "accepted_second_half": sum(e["accepted"] for e in episodes[half:]),
+            "validation": info.get("validation"),
         }
     else:
         out |= {"best_proxy_ppl": info["best_sampled"]["proxy_ppl"], "chosen": info["chosen"]}
@@ -299,15 +300,17 @@ def write_markdown(results: dict, path: Path) -> None:
             "",
             "Learning (final-stage episodes): median proxy PPL of the sampled plans, first 10 vs last 10; best sample vs greedy.",
             "",
-            "| run | first 10 | last 10 | best | greedy | accepted moves (1st / 2nd half) | median episode s | episode / bare forward |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | first 10 | last 10 | best | greedy | accepted moves (1st / 2nd half) | validation: ilp / refined, kept | median episode s | episode / bare forward |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for key, lr in learned:
             moves = f"{lr['accepted_first_half']} / {lr['accepted_second_half']}" if "accepted_first_half" in lr else ""
+            v = lr.get("validation")
+            checked = f"{v['ilp_ppl']:.2f} / {v['refined_ppl']:.2f}, {v['kept']}" if v else ""
             ratio = lr["median_episode_seconds"] / results["bare_proxy_seconds"] if "bare_proxy_seconds" in results else float("nan")
             lines.append(
                 f"| {key} | {lr['median_proxy_first10']:.2f} | {lr['median_proxy_last10']:.2f} | {lr['best_proxy_ppl']:.2f} | "
-                f"{lr['greedy_proxy_ppl']:.2f} | {moves} | {lr['median_episode_seconds']:.2f} | {ratio:.2f} |"
+                f"{lr['greedy_proxy_ppl']:.2f} | {moves} | {checked} | {lr['median_episode_seconds']:.2f} | {ratio:.2f} |"
             )
     if results.get("table7"):
         t7 = results["table7"]

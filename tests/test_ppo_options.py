@@ -193,3 +193,24 @@ def test_a_stored_proxy_scores_exactly_the_weights_apply_stores_and_recarries_on
     assert stored.reference == prep.proxy(2, 32).reference and torch.equal(stored.windows, prep.proxy(2, 32).windows)
     held = prep.proxy(2, 32, heldout=True)  # other text: no calibration window's opening 32 tokens
     assert not any(torch.equal(h[1:], c[1:32]) for h in held.windows for c in prep.stats.windows)
+    validation = prep.proxy(2, 32, heldout=True, skip=2)  # the next held-out windows: a disjoint set
+    assert torch.equal(prep.proxy(4, 32, heldout=True).windows, torch.cat([held.windows, validation.windows]))
+
+
+def test_refine_returns_ilps_plan_unless_the_validation_windows_rate_the_refined_one_better(ppo_prepared, tmp_path):  # noqa: F811
+    from windquant.alloc.ilp import solve
+
+    prep = ppo_prepared
+    problem = prep.problem(2.5, "true")
+    problem.costs = prep.ensure({"scores"}, progress=False).problem(2.5, "true").costs
+    cfg = tiny_ppo(mode="refine", refine_moves="unit", episodes=9, refine_batch=4)
+    proxy = prep.proxy(cfg.proxy_samples, cfg.proxy_len)
+    ilp_plan = [ACTIONS[c] for c in solve(problem.costs, problem.bits, problem.budget).choice]
+    plain = refine_ppo(problem, proxy, cfg, tmp_path / "plain", seed=1, progress=False)
+    assert plain.requested != ilp_plan and proxy(plain.requested) < proxy(ilp_plan)
+    prefers_ilp = lambda actions: 1.0 if actions == ilp_plan else 2.0  # noqa: E731
+    vetoed = refine_ppo(problem, proxy, cfg, tmp_path / "vetoed", seed=1, progress=False, validation=prefers_ilp)
+    assert vetoed.requested == ilp_plan and vetoed.info["validation"] == {"ilp_ppl": 1.0, "refined_ppl": 2.0, "kept": "ilp"}
+    assert vetoed.info["final_proxy_ppl"] == pytest.approx(proxy(ilp_plan))
+    kept = refine_ppo(problem, proxy, cfg, tmp_path / "kept", seed=1, progress=False, validation=proxy)
+    assert kept.requested == plain.requested and kept.info["validation"]["kept"] == "refined"

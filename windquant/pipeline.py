@@ -85,26 +85,22 @@ def proxy_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     return perplexity(model, windows.reshape(-1), ctx=windows.shape[1], batch_size=8, progress=False).ppl
 
 
-CARRY_MEMO = 3  # carried versions kept per linear by a stored proxy (incumbent, candidate, one more)
+CARRY_MEMO = 3  # carried versions kept per linear for stored proxies (incumbent, candidate, one more)
 
 
 @dataclass
 class PlanProxy:
-    """Requested actions -> perplexity on fixed calibration windows (``alloc.base.Proxy``).
+    """Requested actions -> perplexity on fixed windows (``alloc.base.Proxy``).
 
     By default nothing is refitted or packed: every unit's dequantized weights are already in the
     candidate cache, so scoring a plan costs one forward pass over the proxy tokens. A ``stored``
-    proxy scores what :func:`apply` stores instead: when the fit carries errors, each linear is
-    carried for its own chunks' actions (``carried_modules``) and remembered, so a plan that
-    differs from the last ones in a few linears re-carries only those. Scale tuning is not
-    simulated.
+    proxy scores what :func:`apply` stores instead (:meth:`Prepared.stored_weights`).
     """
 
     prepared: Prepared
     windows: torch.Tensor  # [samples, len]
     reference: float  # perplexity of the unquantized model on ``windows``
     stored: bool = False
-    carried: dict[str, OrderedDict] = field(default_factory=dict, repr=False)  # linear -> its chunks' actions -> {unit: weights}
 
     def __call__(self, requested: list[float]) -> float:
         with self.weights(requested):
@@ -112,31 +108,7 @@ class PlanProxy:
 
     def weights(self, requested: list[float]):
         """Context: the model computes with the weights this proxy scores for ``requested``."""
-        if not (self.stored and self.prepared.fit.carry):
-            return self.prepared.plan_weights(requested)
-        dense = self._carried(requested)
-        return plan_weights(self.prepared.model, self.prepared.units, lambda u: dense[u.index])
-
-    def _carried(self, requested: list[float]) -> dict[int, torch.Tensor]:
-        units, rotate = self.prepared.units, self.prepared.fit.rotate
-        chunks: dict[str, list[PlanChunk]] = {}
-        for u, a in zip(units, self.prepared.applied(requested)):
-            chunks.setdefault(u.module, []).append(PlanChunk(u.col0, u.col1, a, u.index, rotate))
-        chunks = {m: sorted(c) for m, c in chunks.items()}
-        keys = {m: tuple(c.action for c in cs) for m, cs in chunks.items()}
-        missing = {m: cs for m, cs in chunks.items() if keys[m] not in self.carried.get(m, {})}
-        packed = carried_modules(self.prepared, missing, progress=False)
-        for m, cs in missing.items():
-            weights = {c.index: dequantize_unit(packed[(c.index, c.action)], c.action, *units[c.index].shape) for c in cs}
-            self.carried.setdefault(m, OrderedDict())[keys[m]] = weights
-        dense = {}
-        for m, key in keys.items():
-            memo = self.carried[m]
-            memo.move_to_end(key)
-            dense.update(memo[key])
-            while len(memo) > CARRY_MEMO:
-                memo.popitem(last=False)
-        return dense
+        return self.prepared.stored_weights(requested) if self.stored else self.prepared.plan_weights(requested)
 
 
 @dataclass
@@ -161,8 +133,9 @@ class Prepared:
     folded: dict[str, float]  # fold producer -> its α (empty: not folded)
     scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
-    proxies: dict[tuple[int, int, bool, bool], PlanProxy] = field(default_factory=dict)
+    proxies: dict[tuple[int, int, bool, bool, int], PlanProxy] = field(default_factory=dict)
     variant: VariantCandidates | None = None  # the other outlier storage, when fitted
+    carry_memo: dict[str, OrderedDict] = field(default_factory=dict, repr=False)  # linear -> its chunks' actions -> {unit: carried weights}
 
     def caches(self, variant: list[bool] | None = None) -> list[CandidateCache]:
         """Each unit's candidate cache: the default one, or the variant's where ``variant`` says."""
@@ -185,6 +158,32 @@ class Prepared:
         """Context: the model computes with the plan's dequantized weights (from the cache)."""
         applied, caches = self.applied(requested, variant), self.caches(variant)
         return plan_weights(self.model, self.units, lambda u: caches[u.index].weight(u.index, applied[u.index]))
+
+    def stored_weights(self, requested: list[float]):
+        """Context: the model computes with the weights :func:`apply` stores for ``requested``
+        (default outlier storage, no scale tuning). When the fit carries errors, each linear is
+        carried for its own chunks' actions (:func:`carried_modules`) and remembered, so a plan
+        that differs from the last ones in a few linears re-carries only those."""
+        if not self.fit.carry:
+            return self.plan_weights(requested)
+        chunks: dict[str, list[PlanChunk]] = {}
+        for u, a in zip(self.units, self.applied(requested)):
+            chunks.setdefault(u.module, []).append(PlanChunk(u.col0, u.col1, a, u.index, self.fit.rotate))
+        chunks = {m: sorted(c) for m, c in chunks.items()}
+        keys = {m: tuple(c.action for c in cs) for m, cs in chunks.items()}
+        missing = {m: cs for m, cs in chunks.items() if keys[m] not in self.carry_memo.get(m, {})}
+        packed = carried_modules(self, missing, progress=False)
+        for m, cs in missing.items():
+            weights = {c.index: dequantize_unit(packed[(c.index, c.action)], c.action, *self.units[c.index].shape) for c in cs}
+            self.carry_memo.setdefault(m, OrderedDict())[keys[m]] = weights
+        dense = {}
+        for m, key in keys.items():
+            memo = self.carry_memo[m]
+            memo.move_to_end(key)
+            dense.update(memo[key])
+            while len(memo) > CARRY_MEMO:
+                memo.popitem(last=False)
+        return plan_weights(self.model, self.units, lambda u: dense[u.index])
 
     def plan_model(self, plan: Plan, progress: bool = False):
         """Context: the model computes with exactly the weights :func:`apply` stores for ``plan``
@@ -245,19 +244,22 @@ class Prepared:
         if self.variant is not None:
             self.variant.scores = table(self.variant.cache)
 
-    def proxy(self, samples: int, length: int, stored: bool = False, heldout: bool = False) -> PlanProxy:
+    def proxy(self, samples: int, length: int, stored: bool = False, heldout: bool = False, skip: int = 0) -> PlanProxy:
         """The proxy on ``samples`` windows of ``length`` tokens of the calibration corpus (built
         once): calibration windows, or with ``heldout`` windows the calibration never saw
-        (:func:`heldout_windows`); it scores the cache's candidates or, ``stored``, the weights
-        :func:`apply` stores (``PlanProxy``)."""
-        key = (samples, length, stored, heldout)
+        (:func:`heldout_windows`, after its first ``skip``: a validation set disjoint from another
+        proxy's); it scores the cache's candidates or, ``stored``, the weights :func:`apply`
+        stores (``PlanProxy``)."""
+        key = (samples, length, stored, heldout, skip)
         if key not in self.proxies:
-            same_tokens = next((p for (s, n, _, h), p in self.proxies.items() if (s, n, h) == (samples, length, heldout)), None)
+            same_tokens = next((p for k, p in self.proxies.items() if k[:2] + k[3:] == key[:2] + key[3:]), None)
             if same_tokens:
                 windows, reference = same_tokens.windows, same_tokens.reference
             else:
-                pick = heldout_windows if heldout else calibration_windows
-                windows = pick(self.tokenizer, self.fit, samples, length)
+                if heldout:
+                    windows = heldout_windows(self.tokenizer, self.fit, skip + samples, length)[skip:]
+                else:
+                    windows = calibration_windows(self.tokenizer, self.fit, skip + samples, length)[skip:]
                 reference = proxy_perplexity(self.model, windows)
             self.proxies[key] = PlanProxy(self, windows, reference, stored)
         return self.proxies[key]

@@ -83,10 +83,11 @@ class AllocationContext:
     work_dir: Path  # a folder for its files (checkpoints, logs), named by the run's settings
     seed: int = 0
     progress: bool = True
-    # (samples, tokens per sample, stored, heldout) -> Proxy, with need "proxy". stored: it scores the
-    # weights the engine stores (errors carried when the fit carries) rather than the cache's
-    # candidates; heldout: on calibration-corpus windows that no calibration window overlaps
-    proxy: Callable[[int, int, bool, bool], Proxy] | None = None
+    # (samples, tokens per sample, stored, heldout, skip) -> Proxy, with need "proxy". stored: it
+    # scores the weights the engine stores (errors carried when the fit carries) rather than the
+    # cache's candidates; heldout: on calibration-corpus windows that no calibration window
+    # overlaps; skip: after the first ``skip`` of those windows (a second, disjoint set)
+    proxy: Callable[..., Proxy] | None = None
     reconstruction: Callable[[int], Reconstruction] | None = None  # (windows per batch) -> Reconstruction, with need "reconstruction"
 
 

@@ -23,11 +23,14 @@ def allocate(problem: AllocationProblem, config: PPOConfig, ctx: AllocationConte
     from windquant.alloc.ppo.train import train_ppo
 
     refine = config.validate().mode == "refine"
-    stored = refine and config.refine_proxy == "stored"
-    proxy = ctx.proxy(config.proxy_samples, config.proxy_len, stored, config.proxy_windows == "heldout")
+    stored, heldout = refine and config.refine_proxy == "stored", config.proxy_windows == "heldout"
+    proxy = ctx.proxy(config.proxy_samples, config.proxy_len, stored, heldout)
     work_dir = Path(config.work_dir) if config.work_dir else ctx.work_dir
-    run = refine_ppo if refine else train_ppo
-    return run(problem, proxy, config, work_dir, ctx.seed, ctx.progress)
+    if not refine:
+        return train_ppo(problem, proxy, config, work_dir, ctx.seed, ctx.progress)
+    # the validation windows come after the proxy's: no window is in both
+    validation = ctx.proxy(config.refine_validate, config.proxy_len, stored, heldout, config.proxy_samples) if config.refine_validate else None
+    return refine_ppo(problem, proxy, config, work_dir, ctx.seed, ctx.progress, validation)
 
 
 __all__ = ["PPOConfig", "allocate"]

@@ -66,6 +66,10 @@ class PPOConfig:
     # linear's chunks when the fit carries: the linears a move changes are re-carried), or
     # "candidates", the cache's candidates (faster; what the construct mode always scores).
     refine_proxy: str = "stored"
+    # Validation: the refined plan is returned only if it also beats ilp's on this many other
+    # held-out windows (disjoint from the proxy's); otherwise ilp's plan is. Moves accepted on a
+    # small proxy partly fit its noise; this keeps that from making the result worse than ilp's.
+    refine_validate: int = 16  # windows; 0: no check
     checkpoint_every: int = setting(5, run=True)  # episodes between resumable checkpoints
     reward: RewardConfig = setting(factory=RewardConfig)
 
@@ -81,6 +85,7 @@ class PPOConfig:
             ("shaping", self.shaping in SHAPINGS, " | ".join(SHAPINGS)),
             ("order", self.order in ORDERS, " | ".join(ORDERS)),
             ("refine_batch", self.refine_batch >= 1, ">= 1"),
+            ("refine_validate", self.refine_validate >= 0, ">= 0"),
             ("refine_moves", self.refine_moves in REFINE_MOVES, " | ".join(REFINE_MOVES)),
             ("refine_proxy", self.refine_proxy in REFINE_PROXIES, " | ".join(REFINE_PROXIES)),
             ("proxy_windows", self.proxy_windows in PROXY_WINDOWS, " | ".join(PROXY_WINDOWS)),

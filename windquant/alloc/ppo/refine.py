@@ -259,8 +259,17 @@ def new_policy(n_features: int, cfg: PPOConfig, seed: int) -> MovePolicy:
         return MovePolicy(n_features, cfg.hidden)
 
 
-def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_dir: Path, seed: int = 0, progress: bool = True) -> Allocation:
-    """Refine ilp's plan for ``cfg.episodes`` one-move episodes; return the best plan found.
+def refine_ppo(
+    problem: AllocationProblem,
+    proxy: Proxy,
+    cfg: PPOConfig,
+    work_dir: Path,
+    seed: int = 0,
+    progress: bool = True,
+    validation: Proxy | None = None,
+) -> Allocation:
+    """Refine ilp's plan for ``cfg.episodes`` one-move episodes; return the best plan found, or
+    ilp's when ``validation`` (other windows) does not rate the refined plan better.
 
     With ``cfg.policy`` the saved move policy is used as is (no updates). Resumable like the
     construct mode: checkpoints at update boundaries, later episodes replayed."""
@@ -334,8 +343,12 @@ def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_di
             bar.update(1)
     bar.close()
     greedy = greedy_move(space, policy, incumbent, cols, state, proxy)
+    final_nll = min(state.incumbent_nll, greedy["nll"])
     if greedy["accepted"]:
         cols = greedy.pop("plan")
+    checked = validate(space.start, cols, validation) if validation is not None else None
+    if checked and checked["kept"] == "ilp":
+        cols, final_nll = space.start, state.start_nll
     save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(work_dir / POLICY))
     plot_refine_curve(work_dir / EPISODES, work_dir / CURVE, math.exp(state.start_nll))
     info = {
@@ -343,9 +356,10 @@ def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_di
         "moves": cfg.refine_moves,
         "reference_ppl": proxy.reference,
         "start_proxy_ppl": math.exp(state.start_nll),
-        "final_proxy_ppl": math.exp(min(state.incumbent_nll, greedy["nll"])),
+        "final_proxy_ppl": math.exp(final_nll),  # of the plan returned
         "accepted_moves": state.accepted + greedy["accepted"],
         "greedy": {k: v for k, v in greedy.items() if k != "plan"},
+        "validation": checked,
         "episodes": cfg.episodes,
         "seed": seed,
         "work_dir": str(work_dir),
@@ -355,8 +369,18 @@ def refine_ppo(problem: AllocationProblem, proxy: Proxy, cfg: PPOConfig, work_di
         f"refined ilp's plan with {cfg.episodes} one-move episodes ({cfg.refine_moves} moves, seed {seed}): proxy PPL "
         f"{info['start_proxy_ppl']:.2f} -> {info['final_proxy_ppl']:.2f} ({info['accepted_moves']} moves accepted; reference {proxy.reference:.2f})"
     )
+    if checked:
+        info["summary"] += f"; validation windows: ilp {checked['ilp_ppl']:.2f}, refined {checked['refined_ppl']:.2f}, kept {checked['kept']}'s plan"
     files = [p for name in (EPISODES, CURVE, POLICY) if (p := work_dir / name).is_file()]
     return Allocation([ACTIONS[c] for c in cols], info, files)
+
+
+def validate(start: np.ndarray, cols: np.ndarray, validation: Proxy) -> dict:
+    """ilp's plan (``start``) against the refined one (``cols``) on windows no move was chosen on;
+    the refined plan is kept only when it is strictly better there."""
+    ilp = validation([ACTIONS[c] for c in start])
+    refined = ilp if (cols == start).all() else validation([ACTIONS[c] for c in cols])
+    return {"ilp_ppl": ilp, "refined_ppl": refined, "kept": "refined" if refined < ilp else "ilp"}
 
 
 def greedy_move(space, policy: MovePolicy, incumbent: np.ndarray, cols: np.ndarray, state: RefineState, proxy) -> dict:
