@@ -70,6 +70,7 @@ def parse() -> argparse.Namespace:
         help="Table-7 points: best budget-meeting plan so far (paper) or that episode's own sampled plan",
     )
     p.add_argument("--candidates-eval", action="store_true", help="also score the heuristic and ilp plans on the cache's candidates (one more Wiki2 pass per row)")
+    p.add_argument("--full-split", default="", metavar="KEY,...", help="rows (e.g. ilp@2,refine@2/seed2) to score as stored on the whole test split too")
     p.add_argument("--timing-episodes", type=int, default=0, help="alternate N bare proxy forwards and N episodes (ratio)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/rl_vs_heuristic")
@@ -136,6 +137,16 @@ def main() -> None:
                 results["rows"][key] = run_row(prepared, (proxy, stored), ppo, args, name, budget, seed, work, wiki_ppl, timings)
                 atomic_write_json(results_path, results)
 
+    for key in (k.strip() for k in args.full_split.split(",") if k.strip()):
+        row = results["rows"][key]
+        if "wiki2_full" not in row:
+            requested = row_plan(prepared, row, out / key.replace("@", "_").replace("/", "_"), args.accounting)
+            if abs(stored(requested) - row["proxy_ppl_stored"]) > 1e-6 * row["proxy_ppl_stored"]:
+                raise SystemExit(f"{key}: the plan found does not score the row's proxy PPL; rerun the row")
+            with torch.no_grad(), stored.weights(requested):
+                full = perplexity(model, eval_tokens, ctx=args.ctx, progress=progress, bos_id=window_bos(tok))
+            row["wiki2_full"] = {"ppl": full.ppl, "windows": full.windows, "tokens": full.tokens}
+            atomic_write_json(results_path, results)
     if args.timing_episodes:
         results["timing"] = episode_timing(prepared, proxy, float(args.budgets.split(",")[0]), args.accounting, args.timing_episodes)
     if args.table7_run:
@@ -158,6 +169,21 @@ def main() -> None:
     print((out / "results.md").read_text())
 
 
+def row_plan(prepared, row: dict, work: Path, accounting: str) -> list[float]:
+    """The requested actions of a row: stored with it, re-made (deterministic allocators), or the
+    refine run's returned plan from its episode log (the last accepted move's, ilp's if the
+    validation kept it)."""
+    if "plan" in row:
+        return [ACTIONS[int(c)] for c in row["plan"]]
+    if row["seed"] is None:
+        return make_plan(prepared, PlanConfig(row["budget"], accounting, row["allocator"]), progress=False).requested
+    episodes = read_episodes(work / "episodes.jsonl")
+    accepted = [e for e in episodes if e["accepted"]]
+    if not accepted or (row["learning"].get("validation") or {}).get("kept") == "ilp":
+        return make_plan(prepared, PlanConfig(row["budget"], accounting, "ilp"), progress=False).requested
+    return [ACTIONS[int(c)] for c in accepted[-1]["plan"]]
+
+
 # PPO rows: the library's presets, plus the frozen-policy ablation of the refine mode.
 ROW_PRESETS = PRESETS | {"refine-frozen": {**PRESETS["refine"], "lr": 0.0}}
 
@@ -177,6 +203,7 @@ def run_row(prepared, proxies, ppo: PPOConfig, args, name: str, budget: float, s
         "true_bits": plan.true_bits,
         "paper_bits": plan.paper_bits,
         "allocate_seconds": time.perf_counter() - start,
+        "plan": "".join(str(ACTIONS.index(a)) for a in plan.requested),
         "proxy_ppl": proxy(plan.requested),  # on the cache's candidates
         "proxy_ppl_stored": stored(plan.requested),
         "wiki2_ppl_stored": wiki_ppl(plan.requested, as_stored=True),
@@ -292,6 +319,10 @@ def write_markdown(results: dict, path: Path) -> None:
             f"| {name} | {budget:g} | {seeds} | {col('true_bits')} | {col('proxy_ppl')} | {col('proxy_ppl_stored')} | "
             f"{col('wiki2_ppl_stored')} | {each} | {col('wiki2_ppl')} | {col('allocate_seconds')} |"
         )
+    full = [(k, r["wiki2_full"]) for k, r in rows.items() if "wiki2_full" in r]
+    if full:
+        lines += ["", "Whole WikiText-2 test split, as stored:", "", "| row | Wiki2 PPL | windows | tokens |", "|---|---|---|---|"]
+        lines += [f"| {k} | {f['ppl']:.3f} | {f['windows']} | {f['tokens']} |" for k, f in full]
     if "bare_proxy_seconds" in results:
         lines += ["", f"Bare proxy forward (reference weights): {results['bare_proxy_seconds']:.2f} s (median of 5)."]
     learned = [(k, r["learning"]) for k, r in rows.items() if "learning" in r]
