@@ -57,6 +57,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--proxy-samples", type=int, default=PPOConfig.proxy_samples)
     p.add_argument("--proxy-len", type=int, default=PPOConfig.proxy_len)
     p.add_argument("--calib", default=FitConfig.calib, help="calibration corpus of the candidate fit (and of the proxy's windows)")
+    p.add_argument("--scores", default=FitConfig.scores, help="sensitivity scores ilp (and refine's start) use: block | fisher")
     p.add_argument("--corpus", default="wikitext2")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--ctx", type=int, default=2048)
@@ -101,7 +102,7 @@ def main() -> None:
         **parse_overrides(PPOConfig, args.ppo_set, "--ppo-set"),
     )
     timings = Timings()
-    prepared = prepare(model, tok, FitConfig(calib=args.calib, cache_dir=args.cache_dir, data_dir=args.data_dir), {"features"}, timings, progress)
+    prepared = prepare(model, tok, FitConfig(calib=args.calib, scores=args.scores, cache_dir=args.cache_dir, data_dir=args.data_dir), {"features"}, timings, progress)
     heldout = ppo.proxy_windows == "heldout"  # the proxy columns use the default windows; each PPO row its own
     proxy = prepared.proxy(ppo.proxy_samples, ppo.proxy_len, heldout=heldout)
     stored = prepared.proxy(ppo.proxy_samples, ppo.proxy_len, stored=True, heldout=heldout)  # remembers carried linears across rows
@@ -295,7 +296,7 @@ def write_markdown(results: dict, path: Path) -> None:
     s = results["settings"]
     rows = {k: r for k, r in results["rows"].items() if k != "reference"}
     lines = [
-        f"Budgets {s['budgets']} {s['accounting']} bits; calibration corpus {s.get('calib', 'builtin')}; "
+        f"Budgets {s['budgets']} {s['accounting']} bits; calibration corpus {s.get('calib', 'builtin')}; {s.get('scores', 'block')} scores; "
         f"proxy = {s['proxy_samples']}×{s['proxy_len']} calibration-corpus tokens "
         f"({s.get('proxy_windows', 'calibration')} windows); "
         f"Wiki2 = {s['corpus']} test, ctx {s['ctx']}, first {s['max_windows']} windows, as stored (carried when the fit carries), "
