@@ -134,14 +134,13 @@ def main() -> None:
                 key = f"{name}@{budget:g}" + ("" if seed is None else f"/seed{seed}")
                 if key in results["rows"]:
                     continue
-                work = out / key.replace("@", "_").replace("/", "_")
-                results["rows"][key] = run_row(prepared, (proxy, stored), ppo, args, name, budget, seed, work, wiki_ppl, timings)
+                results["rows"][key] = run_row(prepared, (proxy, stored), ppo, args, name, budget, seed, row_dir(out, key), wiki_ppl, timings)
                 atomic_write_json(results_path, results)
 
     for key in (k.strip() for k in args.full_split.split(",") if k.strip()):
         row = results["rows"][key]
         if "wiki2_full" not in row:
-            requested = row_plan(prepared, row, out / key.replace("@", "_").replace("/", "_"), args.accounting)
+            requested = row_plan(prepared, row, row_dir(out, key), args.accounting)
             if abs(stored(requested) - row["proxy_ppl_stored"]) > 1e-6 * row["proxy_ppl_stored"]:
                 raise SystemExit(f"{key}: the plan found does not score the row's proxy PPL; rerun the row")
             with torch.no_grad(), stored.weights(requested):
@@ -168,6 +167,11 @@ def main() -> None:
     write_markdown(results, out / "results.md")
     plot(results, out)
     print((out / "results.md").read_text())
+
+
+def row_dir(out: Path, key: str) -> Path:
+    """A row's work folder (PPO checkpoints and episode log): ``ppo@2/seed0`` -> ``ppo_2_seed0``."""
+    return out / key.replace("@", "_").replace("/", "_")
 
 
 def row_plan(prepared, row: dict, work: Path, accounting: str) -> list[float]:
@@ -387,7 +391,7 @@ def plot(results: dict, out: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, r in results["rows"].items():
-        log = out / key.replace("@", "_").replace("/", "_") / "episodes.jsonl"
+        log = row_dir(out, key) / "episodes.jsonl"
         if "learning" in r and log.is_file():
             eps = read_episodes(log)
             field = "incumbent_ppl" if "incumbent_ppl" in eps[0] else "proxy_ppl"

@@ -29,7 +29,7 @@ from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
 from windquant.model.stats import unit_features, unit_saliency
 from windquant.model.units import Unit, enumerate_units
-from windquant.pack.apply import PlanChunk, apply_plan, module_chunks, plan_weights
+from windquant.pack.apply import PlanChunk, apply_plan, chunks_by_module, module_chunks, plan_weights
 from windquant.pack.checkpoint import save
 from windquant.pack.tune import TuneSettings, tune_scales
 from windquant.plan import Plan
@@ -166,10 +166,7 @@ class Prepared:
         that differs from the last ones in a few linears re-carries only those."""
         if not self.fit.carry:
             return self.plan_weights(requested)
-        chunks: dict[str, list[PlanChunk]] = {}
-        for u, a in zip(self.units, self.applied(requested)):
-            chunks.setdefault(u.module, []).append(PlanChunk(u.col0, u.col1, a, u.index, self.fit.rotate))
-        chunks = {m: sorted(c) for m, c in chunks.items()}
+        chunks = chunks_by_module(self.units, self.applied(requested), [self.fit.rotate] * len(self.units))
         keys = {m: tuple(c.action for c in cs) for m, cs in chunks.items()}
         missing = {m: cs for m, cs in chunks.items() if keys[m] not in self.carry_memo.get(m, {})}
         packed = carried_modules(self, missing, progress=False)
@@ -252,9 +249,9 @@ class Prepared:
         stores (``PlanProxy``)."""
         key = (samples, length, stored, heldout, skip)
         if key not in self.proxies:
-            same_tokens = next((p for k, p in self.proxies.items() if k[:2] + k[3:] == key[:2] + key[3:]), None)
-            if same_tokens:
-                windows, reference = same_tokens.windows, same_tokens.reference
+            twin = self.proxies.get((samples, length, not stored, heldout, skip))  # the same tokens, other weights
+            if twin:
+                windows, reference = twin.windows, twin.reference
             else:
                 if heldout:
                     windows = heldout_windows(self.tokenizer, self.fit, skip + samples, length)[skip:]

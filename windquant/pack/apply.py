@@ -29,8 +29,13 @@ class PlanChunk(NamedTuple):
 
 def module_chunks(plan: Plan) -> dict[str, list[PlanChunk]]:
     """Module name -> its plan chunks in column order."""
+    return chunks_by_module(plan.units, plan.applied, plan.rotate_flags())
+
+
+def chunks_by_module(units: list[Unit], applied: list[float], rotate: list[bool]) -> dict[str, list[PlanChunk]]:
+    """Module name -> the chunks of ``units`` at their ``applied`` actions, in column order."""
     chunks: dict[str, list] = defaultdict(list)
-    for u, a, r in zip(plan.units, plan.applied, plan.rotate_flags()):
+    for u, a, r in zip(units, applied, rotate):
         chunks[u.module].append(PlanChunk(u.col0, u.col1, a, u.index, r))
     return {m: sorted(c) for m, c in chunks.items()}
 
