@@ -7,8 +7,16 @@ import torch
 from conftest import block_error, block_outputs_and_gradients
 
 from windquant.actions import ACTIONS
-from windquant.alloc.gamma import GammaConfig, expected_bits, initial_preferences, load_preferences, soft_price, temperature
-from windquant.alloc.ilp import solve
+from windquant.alloc.gamma import (
+    GammaConfig,
+    expected_bits,
+    initial_preferences,
+    load_preferences,
+    mirror_step,
+    preferences,
+    soft_price,
+    temperature,
+)
 from windquant.config import PlanConfig
 from windquant.pipeline import make_plan, prepare
 
@@ -48,19 +56,35 @@ def test_one_hot_preferences_give_the_plans_weights_and_the_teacher_forced_block
         assert got > 0
 
 
-def test_soft_price_meets_the_budget_and_untrained_preferences_project_to_ilps_plan(prepared):
+def test_soft_price_meets_the_budget_and_the_untrained_table_projects_to_ilps_plan(prepared):
     problem = prepared.problem(2.5, "true")
     budget = problem.budget
-    scale = float(problem.costs.std(dim=1).median())
-    mu = soft_price(problem.costs, problem.bits, scale, budget)
+    costs, bits = problem.costs.double(), problem.bits.double()
+    scale = float(costs.std(dim=1).median())
+    mu = soft_price(costs, bits, scale, budget)
     assert mu > 0
-    torch.testing.assert_close(float(expected_bits(-(problem.costs + mu * problem.bits) / scale, problem.bits)), budget, rtol=1e-6, atol=1.0)
-    prefs = initial_preferences(problem.costs, problem.bits, budget, 2, "scores")
-    layer_of = torch.tensor([u.layer for u in problem.units])
-    costs = prefs.costs(layer_of, problem.bits)
-    shift = costs - problem.costs  # the learned costs are the scores plus one constant per unit
-    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift), rtol=1e-5, atol=1e-5 * float(problem.costs.abs().max()))
-    assert solve(costs, problem.bits, budget).choice.tolist() == solve(problem.costs, problem.bits, budget).choice.tolist()
+    torch.testing.assert_close(expected_bits(preferences(costs, bits, mu, scale), bits), budget, rtol=1e-6, atol=1.0)
+    prefs = initial_preferences(costs, bits, budget, "scores")
+    assert prefs.mu == mu and torch.equal(prefs.costs, costs)
+    torch.testing.assert_close(float(prefs.prior.sum()), budget, rtol=1e-6, atol=1.0)
+    assert initial_preferences(costs, bits, budget, "free").mu == 0.0
+
+
+def test_mirror_step_is_the_exponentiated_gradient_update():
+    """Reference: p'(a) ∝ p(a)·exp(−η·g(a)/s), the multiplicative-weights step on the simplex."""
+    gen = torch.Generator().manual_seed(0)
+    costs, grad = torch.rand(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    bits = torch.tensor([16.0, 4.0, 2.0, 1.0], dtype=torch.float64).expand(5, 4)
+    scale, price, step = 0.3, 0.02, 0.7
+    p = preferences(costs, bits, price, scale)
+    reference = p * torch.exp(-step * grad / scale)
+    reference /= reference.sum(-1, keepdim=True)
+    torch.testing.assert_close(preferences(mirror_step(costs, grad, p, step), bits, price, scale), reference)
+
+
+def test_zero_strength_gives_ilps_plan(prepared):
+    ilp = make_plan(prepared, PlanConfig(target_bits=2.5))
+    assert make_plan(prepared, gamma_plan(2.5, steps=2, strength=0.0)).requested == ilp.requested
 
 
 def test_temperature_schedule_ends_where_it_says():
@@ -69,13 +93,14 @@ def test_temperature_schedule_ends_where_it_says():
     assert temperature(4, 10, 1.0, 0.05) > temperature(5, 10, 1.0, 0.05)
 
 
-def test_lagrangian_drives_expected_bits_from_uniform_to_the_target(prepared):
-    plan = make_plan(prepared, gamma_plan(2.5, init="uniform", steps=40))
+def test_lagrangian_drives_expected_bits_from_a_free_price_to_the_target(prepared):
+    plan = make_plan(prepared, gamma_plan(2.5, init="free", steps=40))
     info = plan.info["gamma"]
     problem = prepared.problem(2.5, "true")
-    start = float(expected_bits(torch.zeros_like(problem.bits), problem.bits)) / problem.n_weights
-    assert start > 4.5  # uniform over 16..1 bits
-    # Two blocks of 40 steps: the multiplier overshoots a little on the way down from 5+ bits.
+    costs, bits = problem.costs.double(), problem.bits.double()
+    start = expected_bits(preferences(costs, bits, 0.0, float(costs.std(dim=1).median()), 0.05), bits) / problem.n_weights
+    assert start > 4.5  # at no price the scores prefer the big candidates
+    # Two blocks of 40 steps: the multiplier overshoots a little on the way down.
     assert abs(info["expected_bits_after_training"] - 2.5) < 0.3
     assert plan.true_bits <= 2.5 + 1e-9
 
@@ -122,7 +147,7 @@ def test_a_killed_training_resumes_to_the_uninterrupted_table(prepared, tmp_path
     resumed = spec.allocate(problem, config, AllocationContext(tmp_path / "b" / "run", reconstruction=prepared.reconstruction(False)))
     assert resumed.requested == whole.requested
     a, b = load_preferences(tmp_path / "a" / partial.name), load_preferences(partial)
-    assert torch.equal(a.theta, b.theta) and a.log == b.log
+    assert torch.equal(a.costs, b.costs) and a.log == b.log
 
 
 def test_gamma_rejects_bad_settings(prepared):
@@ -143,3 +168,4 @@ def test_scores_and_gamma_share_one_backward_pass(tiny_model, tokenizer, tiny_fi
     prepared = prepare(tiny_model, tokenizer, tiny_fit, progress=False)  # no scores yet
     make_plan(prepared, gamma_plan(2.5, steps=2))
     assert len(passes) == 1
+

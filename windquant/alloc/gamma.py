@@ -1,34 +1,44 @@
 """GAMMA: per-unit preferences over the cached candidates, learned on the real decoder blocks
 under an augmented Lagrangian on the expected bits, then projected by the exact knapsack.
 
+What is learned is a cost per unit and action, in nats, like the sensitivity scores it starts
+from. The preferences are a softmax of those costs plus the bit price:
+``p_i = softmax(−(ĉ_i + λ·bits_i)/(s·τ))``. The price is never written into the costs, so the
+table is the same whatever price a block was trained at, and any budget can be projected from it.
+
 Training, block by block (``ctx.reconstruction``: teacher-forced inputs, output error weighted
 by the loss gradient, so every block's error is in nats per token):
 
-* each unit ``i`` has logits ``θ_i`` over the actions; its weight in the forward pass is the
-  mixture ``Σ_a softmax(θ_i/τ)_a · W_i(a)`` of its candidates, with the temperature ``τ``
-  annealed geometrically from ``tau_start`` to ``tau_end`` over the block's steps, so the last
-  steps see (almost) one candidate per unit: a deterministic softmax relaxation (no Gumbel
-  noise: with tens of steps per block its variance costs more than its bias);
-* the block minimises ``error + μ·N·g + ρ/2·N·max(g, 0)²`` with ``g`` the expected bits per weight
-  of the whole model (``Σ_i p_i · bits_i / N``) minus the budget: the trained blocks at their
-  learned preferences, the others at their initial ones. After each block the multiplier takes
-  the method-of-multipliers step ``μ ← max(0, μ + ρ·g)``, so training ends near the budget;
-* the logits start at the sensitivity scores (``init="scores"``): ``θ = −(c + μ₀·bits)/s`` with
-  ``μ₀`` the price of a bit at which the initial preferences expect exactly the budget, and ``s``
-  the spread of the scores. Training then corrects the additive scores with what the block's
-  real output shows.
+* each unit's weight in the forward pass is the mixture ``Σ_a p_i(a) · W_i(a)`` of its
+  candidates. The temperature ``τ`` is annealed geometrically from ``tau_start`` to ``tau_end``
+  over the block's steps, so the last steps see (almost) the plan the projection will pick. This
+  is a deterministic softmax relaxation with no Gumbel noise: with tens of steps per block, the
+  noise's variance would cost more than its bias;
+* the costs take mirror-descent steps on the simplex: ``ĉ_i(a) += η·∂E/∂p_i(a)``. Here
+  ``∂E/∂p_i(a) = ⟨∇_{W_i} E, W_i(a)⟩`` is the first-order change of the block's error when
+  probability moves to action ``a``, with every other unit of the block at its current mixture.
+  It is in nats, like the scores, so sensitive units move more than insensitive ones. (Adam, used
+  until session 11, moved every logit by about the same step and lost that scale.) The steps add
+  up to ``strength`` times the average in-context gradient;
+* the constraint is the whole model's expected bits per weight over the budget, ``g``: the
+  trained blocks at the current price, the others at the scores' preferences at the budget. The
+  augmented Lagrangian ``μ·g + ρ/2·max(g, 0)²`` prices a bit at ``λ = μ + ρ·max(g, 0)``, and the
+  multiplier takes the method-of-multipliers step ``μ ← max(0, μ + ρ·g)``, spread over each
+  block's steps. ``μ`` starts at ``μ₀``, the price at which the scores' preferences expect exactly
+  the budget (``init="scores"``), or at 0 (``init="free"``).
 
-Projection: the preferences become costs ``−s·θ_i(a) − μ_l·bits_i(a)`` — the learned loss of each
-action, with the bit price its block was trained at taken back out, so blocks trained at
-different multipliers compare — and the multiple-choice knapsack of the ``ilp`` allocator picks
-the plan that meets any budget exactly. One table serves every budget (``train_bits``): it is
-cached beside the runs, checkpointed after every block, and a killed run resumes.
+Projection: the learned costs go to the multiple-choice knapsack of the ``ilp`` allocator, which
+picks the plan that meets any budget exactly. Untrained, the table is the scores, and the
+projection is ilp's plan. One table serves every budget (``train_bits``). It is cached beside
+the runs, checkpointed after every block, and a killed run resumes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,20 +64,21 @@ class GammaConfig:
         None, "budget the preferences are trained at (default: the target); any other target re-projects the same table", flag="--gamma-train-bits"
     )
     batch: int = 8  # calibration windows per step (the default 64 windows: 8 batches, visited in turn)
-    lr: float = 0.05  # Adam on the logits
+    strength: float = 1.0  # the steps add up to this many times the average in-context gradient, in nats
     tau_start: float = 1.0  # softmax temperature of the first step of a block
-    tau_end: float = 0.05  # ... and of its last: nearly one candidate per unit
+    tau_end: float = 0.05  # ... and of its last: nearly the plan the projection picks
     penalty: float = 4.0  # ρ = penalty · μ₀: a violation of 1/penalty bits per weight doubles the bit price
-    init: str = "scores"  # "scores": logits from the sensitivity scores at the budget; "uniform": all zero
+    init: str = "scores"  # the multiplier starts at "scores": the budget's price μ₀; "free": 0
     time_limit: float = 30.0  # seconds HiGHS may search per projection
 
     def validate(self) -> GammaConfig:
         checks = (
             ("steps", self.steps >= 1, ">= 1"),
             ("batch", self.batch >= 1, ">= 1"),
+            ("strength", self.strength >= 0, ">= 0"),
             ("tau_end", 0 < self.tau_end <= self.tau_start, "in (0, tau_start]"),
             ("penalty", self.penalty >= 0, ">= 0"),
-            ("init", self.init in ("scores", "uniform"), "'scores' or 'uniform'"),
+            ("init", self.init in ("scores", "free"), "'scores' or 'free'"),
         )
         require(self, checks, "gamma ")
         return self
@@ -77,31 +88,31 @@ class GammaConfig:
 class Preferences:
     """The learned table: enough to project to any budget, and to resume training."""
 
-    theta: torch.Tensor  # [N, A] logits
+    costs: torch.Tensor  # [N, A] float64 learned loss of each unit's actions, nats (the projection's costs)
     prior: torch.Tensor  # [N] bits each unit is expected to take before its block is trained
     scale: float  # s: cost units per logit
-    price: torch.Tensor  # [L] bit price μ each block was trained at (cost units per bit)
-    mu: float  # the multiplier now
-    mu0: float  # ... and at the start (sets ρ)
+    mu: float  # the multiplier now (nats per bit)
+    mu0: float  # the budget's price under the scores (sets ρ)
     done: int  # blocks trained
     log: list[dict]  # one row per optimisation step
 
-    def costs(self, units_layer: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        """[N, A] learned loss of each unit's actions (the projection's costs)."""
-        return -self.scale * self.theta.double() - self.price.double()[units_layer][:, None] * bits
-
 
 # -- pure math ----------------------------------------------------------------
-def expected_bits(logits: torch.Tensor, bits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Σ_i Σ_a softmax(θ_i/τ)_a · bits_i(a)."""
-    return (logits.div(tau).softmax(-1) * bits).sum()
+def preferences(costs: torch.Tensor, bits: torch.Tensor, price: float, scale: float, tau: float = 1.0) -> torch.Tensor:
+    """[N, A] softmax(−(c + price·bits)/(scale·τ)) per unit."""
+    return (-(costs + price * bits) / (scale * tau)).softmax(-1)
+
+
+def expected_bits(probs: torch.Tensor, bits: torch.Tensor) -> float:
+    """Σ_i Σ_a p_i(a) · bits_i(a)."""
+    return float((probs * bits).sum())
 
 
 def soft_price(costs: torch.Tensor, bits: torch.Tensor, scale: float, budget: float) -> float:
-    """The bit price μ ≥ 0 at which preferences ``softmax(−(c + μ·bits)/s)`` expect ``budget``
-    bits (expected bits fall as μ rises: bracket by doubling twice, then bisect)."""
+    """The bit price μ ≥ 0 at which ``preferences(costs, bits, μ, scale)`` expect ``budget``
+    bits (expected bits fall as μ rises: bracket by quadrupling, then bisect)."""
     def spent(mu: float) -> float:
-        return float(expected_bits(-(costs + mu * bits) / scale, bits))
+        return expected_bits(preferences(costs, bits, mu, scale), bits)
 
     if spent(0.0) <= budget:
         return 0.0
@@ -116,23 +127,16 @@ def soft_price(costs: torch.Tensor, bits: torch.Tensor, scale: float, budget: fl
     return hi
 
 
-def initial_preferences(costs: torch.Tensor, bits: torch.Tensor, budget: float, layers: int, init: str) -> Preferences:
-    """Logits before training: from the scores at the budget's price, or uniform (then the scores
-    only set the scale and the price)."""
-    import torch
-
-    costs = costs.double()
+def initial_preferences(costs: torch.Tensor, bits: torch.Tensor, budget: float, init: str) -> Preferences:
+    """The table before training: the scores, and the price at which they expect the budget."""
+    costs, bits = costs.double(), bits.double()
     scale = float(costs.std(dim=1).median().clamp_min(1e-30))
     mu0 = soft_price(costs, bits, scale, budget)  # the price of a bit in the scores' units
-    theta = -(costs + mu0 * bits) / scale
-    theta = theta - theta.max(dim=1, keepdim=True).values  # logits are shift-invariant; keep them near 0
-    # Whatever the start, the blocks not trained yet count at the scores' expected bits: they meet
-    # the budget together, so each block is asked for its share, not for the others' excess.
-    prior = (theta.softmax(-1) * bits).sum(-1).float()
-    if init == "uniform":
-        theta = torch.zeros_like(theta)
-    price = torch.full((layers,), mu0, dtype=torch.float64)
-    return Preferences(theta.float(), prior, scale, price, mu0, max(mu0, 1e-30), 0, [])
+    # The blocks not trained yet count at the scores' expected bits: they meet the budget
+    # together, so each block is asked for its share, not for the others' excess.
+    prior = (preferences(costs, bits, mu0, scale) * bits).sum(-1)
+    mu = mu0 if init == "scores" else 0.0
+    return Preferences(costs.clone(), prior, scale, mu, max(mu0, 1e-30), 0, [])
 
 
 def mixture(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -147,44 +151,67 @@ def temperature(step: int, steps: int, start: float, end: float) -> float:
     return start * (end / start) ** (step / max(steps - 1, 1))
 
 
+def penalized_price(mu: float, rho: float, over_at: Callable[[float], float]) -> float:
+    """The price ``λ = μ + ρ·max(g(λ), 0)`` at which the augmented Lagrangian's price meets the
+    violation it causes (``over_at``: λ -> g, falling as λ rises). Solved by bisection rather than
+    lagged a step, which makes the price swing between over and under the budget."""
+    if over_at(mu) <= 0 or rho == 0:
+        return mu
+    lo, hi = mu, mu + rho * over_at(mu)  # f(λ) = λ − μ − ρ·g(λ) rises from < 0 at lo to >= 0 at hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mid - mu - rho * max(over_at(mid), 0.0) < 0 else (lo, mid)
+    return hi
+
+
+def mirror_step(costs: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, step_size: float) -> torch.Tensor:
+    """``costs + step_size·(∂E/∂p − Σ_a p(a)·∂E/∂p(a))`` per unit: exponentiated gradient on
+    the simplex, written on the costs (the per-unit mean is taken out: the softmax and the
+    knapsack ignore a constant per unit, and the costs stay near the scores in magnitude)."""
+    return costs + step_size * (grad - (probs * grad).sum(-1, keepdim=True))
+
+
 @dataclass
 class Budget:
     """The bits side of the problem, as training sees it."""
 
-    bits: torch.Tensor  # [N, A] float32, per requested action
+    bits: torch.Tensor  # [N, A] float64, per requested action
     layer_of: torch.Tensor  # [N] each unit's block
     total: float  # bits allowed
     n_weights: int
 
 
 def train_block(task: BlockTask, prefs: Preferences, layer: int, budget: Budget, config: GammaConfig) -> None:
-    """Optimise block ``layer``'s logits in ``prefs`` on ``task``, moving the multiplier as it goes."""
+    """Learn block ``layer``'s costs in ``prefs`` on ``task``, moving the multiplier as it goes."""
     import torch
 
     rows = torch.tensor(task.units)
     bits, layer_of, n_weights = budget.bits, budget.layer_of, budget.n_weights
-    trained = layer_of < layer
-    other_bits = float(expected_bits(prefs.theta[trained], bits[trained], config.tau_end) + prefs.prior[layer_of > layer].sum())
-    logits = prefs.theta[rows].clone().requires_grad_(True)
-    block_bits = bits[rows]
+    trained, untrained = layer_of < layer, layer_of > layer
+    costs, block_bits = prefs.costs[rows].clone(), bits[rows]
     rho = config.penalty * prefs.mu0
-    opt = torch.optim.Adam([logits], lr=config.lr)
-    prefs.price[layer] = prefs.mu
+    untrained_bits = float(prefs.prior[untrained].sum())
     for step in range(config.steps):
         t = temperature(step, config.steps, config.tau_start, config.tau_end)
-        probs = logits.div(t).softmax(-1)
+
+        def over_at(price: float, costs: torch.Tensor = costs, t: float = t) -> float:
+            """Bits per weight over the budget at ``price``: the trained blocks at the last
+            temperature, this one at this step's, the rest at their prior."""
+            spent = expected_bits(preferences(prefs.costs[trained], bits[trained], price, prefs.scale, config.tau_end), bits[trained])
+            spent += untrained_bits + expected_bits(preferences(costs, block_bits, price, prefs.scale, t), block_bits)
+            return (spent - budget.total) / n_weights
+
+        price = penalized_price(prefs.mu, rho, over_at)  # ∂/∂g of μ·g + ρ/2·max(g, 0)², per bit
+        over = over_at(price)
+        probs = preferences(costs, block_bits, price, prefs.scale, t).float().requires_grad_(True)
         error = task.loss([mixture(probs[k], c) for k, c in enumerate(task.candidates)], step % task.batches)
-        g = (other_bits + (probs * block_bits).sum() - budget.total) / n_weights  # bits per weight over the budget
-        objective = error + n_weights * (prefs.mu * g + rho / 2 * g.clamp_min(0) ** 2)
-        opt.zero_grad()
-        objective.backward()
-        opt.step()
-        row = {"layer": layer, "step": step, "tau": t, "error": float(error.detach()), "over_bits": float(g.detach()), "mu": prefs.mu}
+        (grad,) = torch.autograd.grad(error, probs)
+        costs = mirror_step(costs, grad.double(), probs.detach().double(), config.strength / config.steps)
+        row = {"layer": layer, "step": step, "tau": t, "error": float(error.detach()), "over_bits": over, "mu": prefs.mu, "price": price}
         prefs.log.append(row)
         # Method of multipliers, spread over the block's steps: μ ← max(0, μ + ρ·g) per block.
-        prefs.mu = max(0.0, prefs.mu + rho * float(g.detach()) / config.steps)
-    prefs.theta[rows] = logits.detach()
-    prefs.price[layer] = (prefs.price[layer] + prefs.mu) / 2  # the price the block saw, on average
+        prefs.mu = max(0.0, prefs.mu + rho * over / config.steps)
+    prefs.costs[rows] = costs
     prefs.done = layer + 1
 
 
@@ -201,7 +228,7 @@ def save_preferences(prefs: Preferences, path: Path, config: GammaConfig, train_
         "config": config_to_dict(config),
         "actions": list(ACTIONS),
     }
-    tensors = {"theta": prefs.theta.contiguous(), "prior": prefs.prior.contiguous(), "price": prefs.price.contiguous()}
+    tensors = {"costs": prefs.costs.contiguous(), "prior": prefs.prior.contiguous()}
     atomic_save_tensors(tensors, path, {"gamma": json.dumps(meta), "log": json.dumps(prefs.log)})
 
 
@@ -216,9 +243,9 @@ def load_preferences(path: Path) -> Preferences | None:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     gamma, tensors = json.loads(meta["gamma"]), load_file(str(path))
-    if gamma["actions"] != list(ACTIONS):
+    if gamma["actions"] != list(ACTIONS) or "costs" not in tensors:  # another action set, or a pre-session-12 table of logits
         return None
-    return Preferences(tensors["theta"], tensors["prior"], gamma["scale"], tensors["price"], gamma["mu"], gamma["mu0"], gamma["done"], json.loads(meta["log"]))
+    return Preferences(tensors["costs"], tensors["prior"], gamma["scale"], gamma["mu"], gamma["mu0"], gamma["done"], json.loads(meta["log"]))
 
 
 def plot_curve(prefs: Preferences, png: Path, train_bits: float) -> None:
@@ -252,13 +279,13 @@ def train_preferences(problem: AllocationProblem, config: GammaConfig, ctx: Allo
     from tqdm.auto import tqdm
 
     layer_of = torch.tensor([u.layer for u in problem.units])
-    budget = Budget(problem.bits.float(), layer_of, train_bits * problem.n_weights, problem.n_weights)
+    budget = Budget(problem.bits.double(), layer_of, train_bits * problem.n_weights, problem.n_weights)
     layers = int(layer_of.max()) + 1
     prefs = load_preferences(path)
     if prefs is not None and prefs.done == layers:
         return prefs
     if prefs is None:
-        prefs = initial_preferences(problem.costs, problem.bits, budget.total, layers, config.init)
+        prefs = initial_preferences(problem.costs, problem.bits, budget.total, config.init)
     else:
         tqdm.write(f"windquant: resuming gamma training at block {prefs.done} of {layers} ({path.name})")
     recon = ctx.reconstruction(config.batch)
@@ -276,16 +303,16 @@ def train_preferences(problem: AllocationProblem, config: GammaConfig, ctx: Allo
     help="preferences learned on the real blocks under a Lagrangian, projected by the exact knapsack (GAMMA)",
 )
 def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationContext) -> Allocation:
-    import torch
-
     from windquant.alloc.ilp import solve
 
     config.validate()
     if ctx.reconstruction is None or problem.costs is None:
         raise WindquantError("the gamma allocator needs the model's blocks: make the plan with windquant.pipeline.make_plan")
     train_bits = problem.target_bits if config.train_bits is None else config.train_bits
-    # Named by what it computes: a table trained at 2.5 is the same whether 2.5 was the target or given.
-    digest = settings_digest(replace(config, train_bits=train_bits), {"accounting": problem.accounting})
+    # Named by what it computes: a table trained at 2.5 is the same whether 2.5 was the target or
+    # given; the scores it starts from (fisher or block) are part of its name.
+    scores = hashlib.sha1(problem.costs.double().numpy().tobytes()).hexdigest()[:16]
+    digest = settings_digest(replace(config, train_bits=train_bits), {"accounting": problem.accounting, "scores": scores})
     folder = ctx.work_dir.parent  # shared by every target: one table serves them all
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"preferences-{problem.accounting}-{train_bits:g}-{digest}.safetensors"
@@ -293,16 +320,14 @@ def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationCon
     prefs = train_preferences(problem, config, ctx, train_bits, path)
     trained = time.perf_counter() - start
     start = time.perf_counter()
-    layer_of = torch.tensor([u.layer for u in problem.units])
-    sol = solve(prefs.costs(layer_of, problem.bits), problem.bits, problem.budget, time_limit=config.time_limit)
+    sol = solve(prefs.costs, problem.bits, problem.budget, time_limit=config.time_limit)
     projected = time.perf_counter() - start
     curve = folder / f"{path.stem}.png"
     if not curve.is_file():
         plot_curve(prefs, curve, train_bits)
-    expected = float(expected_bits(prefs.theta, problem.bits.float(), config.tau_end)) / problem.n_weights
     info = {
         "train_bits": train_bits,
-        "expected_bits_after_training": expected,
+        "expected_bits_after_training": train_bits + prefs.log[-1]["over_bits"],  # at the last step
         "table": path.name,
         "seconds_to_train_or_load": round(trained, 2),
         "seconds_to_project": round(projected, 3),
