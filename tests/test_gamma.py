@@ -9,6 +9,7 @@ from conftest import block_error, block_outputs_and_gradients
 from windquant.actions import ACTIONS
 from windquant.alloc.gamma import (
     GammaConfig,
+    cross_gradient,
     expected_bits,
     initial_preferences,
     load_preferences,
@@ -80,6 +81,24 @@ def test_mirror_step_is_the_exponentiated_gradient_update():
     reference = p * torch.exp(-step * grad / scale)
     reference /= reference.sum(-1, keepdim=True)
     torch.testing.assert_close(preferences(mirror_step(costs, grad, p, step), bits, price, scale), reference)
+
+
+def test_cross_gradient_of_a_quadratic_is_the_interaction_with_the_other_units():
+    """Reference: E = (Σ_j e_j)ᵀ H (Σ_j e_j) with H-orthogonal candidate errors; the gradient
+    against unit 0's candidates, less its own part, is its candidates' products with the others'."""
+    torch.manual_seed(0)
+    n = 6
+    h = torch.randn(n, n, dtype=torch.float64)
+    h = h @ h.T + n * torch.eye(n, dtype=torch.float64)
+    vals, vecs = torch.linalg.eigh(h)
+    basis = vecs / vals.sqrt()  # columns are H-orthonormal
+    own = basis[:, :3] * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)  # unit 0's three candidate errors
+    other = torch.randn(n, dtype=torch.float64)  # the rest of the block's error
+    p = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    e = own @ p + other
+    (grad,) = torch.autograd.grad(e @ h @ e, p)
+    scores = torch.einsum("na,nm,ma->a", own, h, own)
+    torch.testing.assert_close(cross_gradient(grad[None], p.detach()[None], scores[None])[0], 2 * own.T @ h @ other)
 
 
 def test_zero_strength_gives_ilps_plan(prepared):
