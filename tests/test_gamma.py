@@ -10,6 +10,7 @@ from windquant.actions import ACTIONS
 from windquant.alloc.gamma import (
     GammaConfig,
     cross_gradient,
+    error_correlation,
     expected_bits,
     initial_preferences,
     load_preferences,
@@ -84,21 +85,32 @@ def test_mirror_step_is_the_exponentiated_gradient_update():
 
 
 def test_cross_gradient_of_a_quadratic_is_the_interaction_with_the_other_units():
-    """Reference: E = (Σ_j e_j)ᵀ H (Σ_j e_j) with H-orthogonal candidate errors; the gradient
-    against unit 0's candidates, less its own part, is its candidates' products with the others'."""
+    """Reference: E = (Σ_j e_j)ᵀ H (Σ_j e_j); the gradient against unit 0's candidates, less its
+    own part (from the scores and the errors' correlation under H), is 2·e(a)ᵀ H e_others."""
     torch.manual_seed(0)
     n = 6
     h = torch.randn(n, n, dtype=torch.float64)
     h = h @ h.T + n * torch.eye(n, dtype=torch.float64)
-    vals, vecs = torch.linalg.eigh(h)
-    basis = vecs / vals.sqrt()  # columns are H-orthonormal
-    own = basis[:, :3] * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)  # unit 0's three candidate errors
+    own = torch.randn(n, 3, dtype=torch.float64)  # unit 0's three candidate errors, correlated
     other = torch.randn(n, dtype=torch.float64)  # the rest of the block's error
     p = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
     e = own @ p + other
     (grad,) = torch.autograd.grad(e @ h @ e, p)
-    scores = torch.einsum("na,nm,ma->a", own, h, own)
-    torch.testing.assert_close(cross_gradient(grad[None], p.detach()[None], scores[None])[0], 2 * own.T @ h @ other)
+    gram = own.T @ h @ own
+    scores, corr = gram.diagonal(), gram / (gram.diagonal()[:, None] * gram.diagonal()[None]).sqrt()
+    got = cross_gradient(grad[None], p.detach()[None], scores[None], corr[None])[0]
+    torch.testing.assert_close(got, 2 * own.T @ h @ other)
+
+
+def test_error_correlation_brute_force():
+    torch.manual_seed(1)
+    cands = torch.randn(4, 3, 5)
+    corr = error_correlation(cands, 0)
+    for a in range(1, 4):
+        for b in range(1, 4):
+            ea, eb = (cands[a] - cands[0]).double(), (cands[b] - cands[0]).double()
+            assert float(corr[a, b]) == pytest.approx(float((ea * eb).sum() / (ea.norm() * eb.norm())), rel=1e-9)
+    assert torch.equal(corr[0], torch.zeros(4, dtype=torch.float64))
 
 
 def test_zero_strength_gives_ilps_plan(prepared):
