@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from windquant.alloc.problem import AllocationProblem
 
 CURVE = "gamma_curve.png"
+TABLE_VERSION = 3  # part of a table's name: bump it when training changes, so no stale table is reused
 
 
 @dataclass
@@ -345,7 +346,7 @@ def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationCon
     # Named by what it computes: a table trained at 2.5 is the same whether 2.5 was the target or
     # given; the scores it starts from (fisher or block) are part of its name.
     scores = hashlib.sha1(problem.costs.double().numpy().tobytes()).hexdigest()[:16]
-    digest = settings_digest(replace(config, train_bits=train_bits), {"accounting": problem.accounting, "scores": scores})
+    digest = settings_digest(replace(config, train_bits=train_bits), {"accounting": problem.accounting, "scores": scores, "version": TABLE_VERSION})
     folder = ctx.work_dir.parent  # shared by every target: one table serves them all
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"preferences-{problem.accounting}-{train_bits:g}-{digest}.safetensors"
