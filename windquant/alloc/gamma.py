@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from windquant.alloc.base import BlockTask
     from windquant.alloc.problem import AllocationProblem
 
-CURVE = "gamma_curve.png"
 TABLE_VERSION = 3  # part of a table's name: bump it when training changes, so no stale table is reused
 
 
