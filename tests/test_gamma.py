@@ -200,3 +200,35 @@ def test_scores_and_gamma_share_one_backward_pass(tiny_model, tokenizer, tiny_fi
     make_plan(prepared, gamma_plan(2.5, steps=2))
     assert len(passes) == 1
 
+
+
+def test_module_gradient_is_the_directional_derivative_at_the_unquantized_linear(prepared):
+    """Reference: central finite differences of the real block error, moving one unit from its
+    unquantized weight towards each candidate with its whole linear unquantized and the rest of
+    the block at a random mixture."""
+    from windquant.actions import SKIP
+    from windquant.alloc.gamma import mixture, module_gradient
+
+    task = prepared.reconstruction(progress=False)(4).block(1)
+    skip = ACTIONS.index(SKIP)
+    probs = torch.rand(len(task.units), len(ACTIONS), generator=torch.Generator().manual_seed(0)).softmax(-1)
+    error, grad = module_gradient(task, probs, 0, skip)
+    mixed = [mixture(probs[k], c) for k, c in enumerate(task.candidates)]
+    torch.testing.assert_close(float(error), float(task.loss(mixed, 0)))
+    name, positions = next(iter(task.columns.items()))
+    k = positions[-1]
+    base = list(mixed)
+    for j in positions:
+        base[j] = task.candidates[j][skip]
+    for a in range(len(ACTIONS)):
+        direction = task.candidates[k][a] - task.candidates[k][skip]
+
+        def at(t: float, direction: torch.Tensor = direction) -> float:
+            weights = list(base)
+            weights[k] = task.candidates[k][skip] + t * direction
+            return float(task.loss(weights, 0))
+
+        h = 0.05
+        expected = (at(h) - at(-h)) / (2 * h)
+        got = float(grad[k, a] - grad[k, skip])  # ⟨∇E, W(a) − W(skip)⟩
+        assert got == pytest.approx(expected, rel=2e-2, abs=1e-10)

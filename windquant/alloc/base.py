@@ -58,6 +58,7 @@ class BlockTask(Protocol):
 
     units: list[int]  # indices of the block's units, in model order
     candidates: list[torch.Tensor]  # per unit: [A, out, cols] float32 weights applied for each requested action
+    columns: dict[str, list[int]]  # per linear (weight name inside the block): its units' positions in ``units``, column order
     batches: int  # calibration batches ``loss`` can be asked for
 
     def loss(self, weights: list[torch.Tensor], batch: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ by the loss gradient, so every block's error is in nats per token):
   probability moves to action ``a``, with every other unit of the block at its current mixture.
   Part of that gradient is the unit's own error, which the scores ``c`` already count: with the
   block error quadratic, the own part is ``2·Σ_b p_i(b)·ρ_ab·√(c_i(a)·c_i(b))``, ``ρ`` the
-  correlation of the candidates' errors (``cross_gradient``, ``cross_only``). What is left is the interaction with the rest
+  correlation of the candidates' errors (``cross_gradient``, ``interactions="block"``). What is left is the interaction with the rest
   of the block, so the learned cost is the score plus the in-context cross term, averaged over
   the steps (``strength`` = 1). Measured at 2.0 bits on SmolLM2, keeping the own part doubles it
   and loses to ilp (73.52 vs 70.11). Everything is in nats, so sensitive units move more than
@@ -64,13 +64,19 @@ TABLE_VERSION = 3  # part of a table's name: bump it when training changes, so n
 
 @dataclass
 class GammaConfig:
-    steps: int = setting(48, "optimisation steps per decoder block", flag="--gamma-steps")
+    steps: int = setting(16, "optimisation steps per decoder block", flag="--gamma-steps")
     train_bits: float | None = setting(
         None, "budget the preferences are trained at (default: the target); any other target re-projects the same table", flag="--gamma-train-bits"
     )
     batch: int = 8  # calibration windows per step (the default 64 windows: 8 batches, visited in turn)
     strength: float = 1.0  # the steps add up to this many times the average in-context gradient, in nats
-    cross_only: bool = True  # take each unit's own part out of the gradient: the scores count it
+    # What the gradient against a unit's preferences sees, beyond the unit's own error that the
+    # scores already count: "modules" (default), the other linears' errors only — one pass per
+    # linear with that linear at its unquantized weight, so neither the unit's own error nor its
+    # own linear's other chunks enter (the carry step compensates those when the plan is stored);
+    # "block", every other unit's error, the unit's own part taken out through the correlation of
+    # its candidates' errors (one pass per step; session 12).
+    interactions: str = "modules"
     tau_start: float = 1.0  # softmax temperature of the first step of a block
     tau_end: float = 0.05  # ... and of its last: nearly the plan the projection picks
     penalty: float = 4.0  # ρ = penalty · μ₀: a violation of 1/penalty bits per weight doubles the bit price
@@ -85,6 +91,7 @@ class GammaConfig:
             ("tau_end", 0 < self.tau_end <= self.tau_start, "in (0, tau_start]"),
             ("penalty", self.penalty >= 0, ">= 0"),
             ("init", self.init in ("scores", "free"), "'scores' or 'free'"),
+            ("interactions", self.interactions in ("modules", "block"), "'modules' or 'block'"),
         )
         require(self, checks, "gamma ")
         return self
@@ -199,6 +206,28 @@ def mirror_step(costs: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, st
     return costs + step_size * (grad - (probs * grad).sum(-1, keepdim=True))
 
 
+def module_gradient(task: BlockTask, probs: torch.Tensor, batch: int, reference: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block error at the mixture, and ``∂E/∂p_i(a) = ⟨∇_{W_i} E, W_i(a)⟩`` taken with unit
+    ``i``'s whole linear at its ``reference`` candidate and every other linear at its mixture
+    ([N, A] float64). At the unquantized linear the block error has no first-order term of its
+    own, so this is the linear's interaction with the others' errors alone: for a quadratic error
+    ``Σ_mn e_mᵀ A_mn e_n`` it is ``2·e_i(a)ᵀ Σ_{n≠m} A_mn e_n``. One backward pass per linear."""
+    import torch
+
+    with torch.no_grad():
+        mixed = [mixture(probs[k], c) for k, c in enumerate(task.candidates)]
+        error = task.loss(mixed, batch)
+    grad = torch.zeros(probs.shape, dtype=torch.float64)
+    for positions in task.columns.values():
+        weights = list(mixed)
+        leaves = [task.candidates[k][reference].clone().requires_grad_(True) for k in positions]
+        for k, leaf in zip(positions, leaves):
+            weights[k] = leaf
+        for k, g in zip(positions, torch.autograd.grad(task.loss(weights, batch), leaves)):
+            grad[k] = torch.einsum("oc,aoc->a", g.double(), task.candidates[k].double())
+    return error, grad
+
+
 @dataclass
 class Budget:
     """The bits side of the problem, as training sees it."""
@@ -220,7 +249,7 @@ def train_block(task: BlockTask, prefs: Preferences, layer: int, budget: Budget,
     costs, block_bits, block_scores = prefs.costs[rows].clone(), bits[rows], budget.scores[rows]
     rho = config.penalty * prefs.mu0
     skip = ACTIONS.index(SKIP)  # the 16-bit candidate stands for the unquantized weight
-    corr = torch.stack([error_correlation(c, skip) for c in task.candidates]) if config.cross_only else None
+    corr = torch.stack([error_correlation(c, skip) for c in task.candidates]) if config.interactions == "block" else None
     untrained_bits = float(prefs.prior[untrained].sum())
     for step in range(config.steps):
         t = temperature(step, config.steps, config.tau_start, config.tau_end)
@@ -234,11 +263,14 @@ def train_block(task: BlockTask, prefs: Preferences, layer: int, budget: Budget,
 
         price = penalized_price(prefs.mu, rho, over_at)  # ∂/∂g of μ·g + ρ/2·max(g, 0)², per bit
         over = over_at(price)
-        probs = preferences(costs, block_bits, price, prefs.scale, t).float().requires_grad_(True)
-        error = task.loss([mixture(probs[k], c) for k, c in enumerate(task.candidates)], step % task.batches)
-        (grad,) = torch.autograd.grad(error, probs)
-        p = probs.detach().double()
-        grad = cross_gradient(grad.double(), p, block_scores, corr) if config.cross_only else grad.double()
+        p = preferences(costs, block_bits, price, prefs.scale, t)
+        if config.interactions == "modules":
+            error, grad = module_gradient(task, p.float(), step % task.batches, skip)
+        else:
+            probs = p.float().requires_grad_(True)
+            error = task.loss([mixture(probs[k], c) for k, c in enumerate(task.candidates)], step % task.batches)
+            (grad,) = torch.autograd.grad(error, probs)
+            grad = cross_gradient(grad.double(), p, block_scores, corr)
         costs = mirror_step(costs, grad, p, config.strength / config.steps)
         row = {"layer": layer, "step": step, "tau": t, "error": float(error.detach()), "over_bits": over, "mu": prefs.mu, "price": price}
         prefs.log.append(row)
