@@ -185,3 +185,35 @@ def test_sweep_writes_rows_table_and_plot(tiny_model_dir, corpus_file, tmp_path,
     }
     assert all(r["true_bits"] <= r["budget"] for r in scored)
     assert (out / "pareto.png").stat().st_size > 1000 and "| ilp |" in (out / "results.md").read_text()
+
+
+def test_an_interrupted_sweep_resumes_at_its_first_unfinished_row(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    import windquant.sweep as sweep
+
+    out = tmp_path / "sweep"
+    args = quantize_args(tiny_model_dir, tmp_path / "unused", corpus_file, tmp_path / "c")
+    args = [a for a in args[1:] if a not in ("--out", str(tmp_path / "unused"), "--target-bits", "3.2")]
+    argv = ["sweep", *args, "--budgets", "3.0,4.5", "--allocators", "uniform,ilp", "--corpus", str(corpus_file), "--ctx", "64"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["rows"]
+
+    real, planned = sweep.make_plan, []
+
+    def killed_at_the_third_row(prepared, cfg, *a, **k):
+        if len(planned) == 2:
+            raise KeyboardInterrupt
+        planned.append((cfg.allocator, cfg.target_bits))
+        return real(prepared, cfg, *a, **k)
+
+    monkeypatch.setattr(sweep, "make_plan", killed_at_the_third_row)
+    assert main([*argv, "--out", str(out)]) != 0  # interrupted
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 3  # the reference and two rows
+    planned.clear()
+    monkeypatch.setattr(sweep, "make_plan", lambda prepared, cfg, *a, **k: planned.append((cfg.allocator, cfg.target_bits)) or real(prepared, cfg, *a, **k))
+    assert main([*argv, "--out", str(out)]) == 0
+    assert planned == [("uniform", 4.5), ("ilp", 4.5)]  # only the unfinished rows
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["allocator"], r["budget"], r["ppl"]) for r in rows] == [(r["allocator"], r["budget"], r["ppl"]) for r in whole]
+    planned.clear()
+    assert main([*argv, "--out", str(out), "--budgets", "3.0", "--max-windows", "1"]) == 0  # other settings: nothing kept
+    assert planned == [("uniform", 3.0), ("ilp", 3.0)]

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"windquant: error: {exc}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("windquant: interrupted; nothing was written", file=sys.stderr)
+        print("windquant: interrupted; no partial output was written (a sweep keeps its finished rows: run it again to go on)", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from windquant.calib.corpus import corpus_tokens, window_bos
-from windquant.config import PlanConfig
+from windquant.config import PlanConfig, config_to_dict, settings_digest
 from windquant.errors import WindquantError
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
@@ -37,15 +38,36 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     model = prepared.model
     tokens = corpus_tokens(prepared.tokenizer, corpus, "eval", prepared.fit.data_dir)
+    # Rows of an interrupted run with the same settings are kept (written after every row).
+    key = {
+        "cache": prepared.folder.name,
+        "fit": settings_digest(prepared.fit),
+        "base": settings_digest(base),
+        "allocators": {n: None if c is None else config_to_dict(c) for n, c in allocators.items()},
+        "eval": [corpus, ctx, max_windows],
+    }
+    done = previous_rows(out / "results.json", key)
 
     def ppl():
         return perplexity(model, tokens, ctx=ctx, max_windows=max_windows, progress=progress, bos_id=window_bos(prepared.tokenizer))
 
-    with torch.no_grad(), timings.stage("eval"):
-        reference = ppl()
-    rows = [{"allocator": "reference", "budget": None, "true_bits": 32.0, "paper_bits": 32.0, "ppl": reference.ppl}]
+    def save() -> None:
+        atomic_write_json(out / "results.json", {"key": key, "rows": rows, "timings": timings.report()})
+
+    if (None, "reference") in done:
+        rows = [done[(None, "reference")]]
+        eval_tokens = rows[0]["eval_tokens"]
+    else:
+        with torch.no_grad(), timings.stage("eval"):
+            reference = ppl()
+        eval_tokens = reference.tokens
+        rows = [{"allocator": "reference", "budget": None, "true_bits": 32.0, "paper_bits": 32.0, "ppl": reference.ppl, "eval_tokens": eval_tokens}]
     for budget in budgets:
         for name, allocator_config in allocators.items():
+            if (budget, name) in done:
+                rows.append(done[(budget, name)])
+                continue
+            save()
             cfg = replace(base, target_bits=budget, allocator=name, allocator_config=copy.deepcopy(allocator_config))
             row = {"allocator": name, "budget": budget, "accounting": base.accounting}
             start = time.perf_counter()
@@ -65,14 +87,25 @@ def run_sweep(
                     "paper_bits": plan.paper_bits,
                     "ppl": res.ppl,
                     "action_distribution": plan.action_distribution(),
+                    "eval_tokens": eval_tokens,
                 }
             )
     for r in rows:
-        r |= {"corpus": corpus, "ctx": ctx, "eval_tokens": reference.tokens}
-    atomic_write_json(out / "results.json", {"rows": rows, "timings": timings.report()})
+        r |= {"corpus": corpus, "ctx": ctx, "eval_tokens": eval_tokens}
+    save()
     write_table(rows, out / "results.md")
     plot(rows, out / "pareto.png")
     return rows
+
+
+def previous_rows(path: Path, key: dict) -> dict[tuple[float | None, str], dict]:
+    """(budget, allocator) -> the finished rows of ``path`` when it was written with ``key``."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("key") != key:
+        return {}
+    return {(r["budget"], r["allocator"]): r for r in saved["rows"] if "ppl" in r}
 
 
 def write_table(rows: list[dict], path: Path) -> None:
