@@ -232,3 +232,20 @@ def test_module_gradient_is_the_directional_derivative_at_the_unquantized_linear
         expected = (at(h) - at(-h)) / (2 * h)
         got = float(grad[k, a] - grad[k, skip])  # ⟨∇E, W(a) − W(skip)⟩
         assert got == pytest.approx(expected, rel=2e-2, abs=1e-10)
+
+
+def test_score_scale_puts_each_linears_measured_block_error_on_the_scores_scale(prepared):
+    from windquant.alloc.gamma import score_scale
+
+    task = prepared.reconstruction(progress=False)(4).block(0)
+    scores = prepared.problem(2.5, "true").costs.double()[task.units]
+    kappa = score_scale(task, scores)
+    measured = task.linear_errors(batches=1)
+    for name, rows in task.columns.items():
+        for a, action in enumerate(ACTIONS):
+            if measured[name][a] > 0:  # reference: the linear's scores total, by hand
+                assert float(kappa[rows[0], a] * measured[name][a]) == pytest.approx(float(scores[rows, a].sum()), rel=1e-9)
+                assert torch.equal(kappa[rows, a], kappa[rows[0], a].expand(len(rows)))
+            else:
+                assert torch.equal(kappa[rows, a], torch.ones(len(rows), dtype=torch.float64))
+    assert (kappa != 1).any()
