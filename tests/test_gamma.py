@@ -234,18 +234,21 @@ def test_module_gradient_is_the_directional_derivative_at_the_unquantized_linear
         assert got == pytest.approx(expected, rel=2e-2, abs=1e-10)
 
 
-def test_score_scale_puts_each_linears_measured_block_error_on_the_scores_scale(prepared):
-    from windquant.alloc.gamma import score_scale
 
-    task = prepared.reconstruction(progress=False)(4).block(0)
-    scores = prepared.problem(2.5, "true").costs.double()[task.units]
-    kappa = score_scale(task, scores)
-    measured = task.linear_errors(batches=1)
-    for name, rows in task.columns.items():
-        for a, action in enumerate(ACTIONS):
-            if measured[name][a] > 0:  # reference: the linear's scores total, by hand
-                assert float(kappa[rows[0], a] * measured[name][a]) == pytest.approx(float(scores[rows, a].sum()), rel=1e-9)
-                assert torch.equal(kappa[rows, a], kappa[rows[0], a].expand(len(rows)))
-            else:
-                assert torch.equal(kappa[rows, a], torch.ones(len(rows), dtype=torch.float64))
-    assert (kappa != 1).any()
+def test_trusted_costs_clip_each_correction_to_its_share_of_the_score():
+    from windquant.actions import SKIP
+    from windquant.alloc.gamma import trusted_costs
+
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(6, len(ACTIONS), generator=gen, dtype=torch.float64)
+    costs = scores + torch.randn(6, len(ACTIONS), generator=gen, dtype=torch.float64)
+    skip = ACTIONS.index(SKIP)
+    got = trusted_costs(costs, scores, 0.3)
+    for i in range(6):  # reference: unit by unit, action by action
+        for a in range(len(ACTIONS)):
+            own = max(float(scores[i, a] - scores[i, skip]), 0.0)
+            corr = float((costs[i, a] - scores[i, a]) - (costs[i, skip] - scores[i, skip]))
+            assert float(got[i, a]) == pytest.approx(float(scores[i, a]) + min(max(corr, -0.3 * own), 0.3 * own), abs=1e-12)
+    torch.testing.assert_close(trusted_costs(costs, scores, 0.0), scores)
+    as_learned = trusted_costs(costs, scores, float("inf"))  # the learned costs up to a constant per unit
+    torch.testing.assert_close(as_learned - costs, (as_learned - costs)[:, :1].expand_as(costs))

@@ -68,11 +68,6 @@ class BlockTask(Protocol):
         sensitivity scores)."""
         ...
 
-    def linear_errors(self, batches: int | None = None) -> dict[str, torch.Tensor]:
-        """Weight name -> [A] the block's error with that linear alone at each action (the rest
-        unquantized), over the first ``batches`` batches (default: all)."""
-        ...
-
 
 class Reconstruction(Protocol):
     """The model's decoder blocks one at a time, in order (built by the pipeline)."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -59,12 +60,12 @@ if TYPE_CHECKING:
     from windquant.alloc.base import BlockTask
     from windquant.alloc.problem import AllocationProblem
 
-TABLE_VERSION = 4  # part of a table's name: bump it when training changes, so no stale table is reused
+TABLE_VERSION = 3  # part of a table's name: bump it when training changes, so no stale table is reused
 
 
 @dataclass
 class GammaConfig:
-    steps: int = setting(48, "optimisation steps per decoder block", flag="--gamma-steps")
+    steps: int = setting(16, "optimisation steps per decoder block", flag="--gamma-steps")
     train_bits: float | None = setting(
         None, "budget the preferences are trained at (default: the target); any other target re-projects the same table", flag="--gamma-train-bits"
     )
@@ -76,18 +77,18 @@ class GammaConfig:
     # own linear's other chunks enter (the carry step compensates those when the plan is stored);
     # "block", every other unit's error, the unit's own part taken out through the correlation of
     # its candidates' errors (one pass per step; session 12).
-    interactions: str = "block"
-    # Put the block's error on the scores' scale before it is used: per linear and action, the
-    # scores' total over the ratio of the block error with that linear alone at the action (first
-    # calibration batch). The teacher-forced error weighs each residual channel by its own Fisher
-    # and overstates some blocks by far (SmolLM2's blocks 11 and 28: their learned corrections were
-    # 3–5x their scores), and an uncalibrated own part leaks into the interaction term.
-    calibrate: bool = True
+    interactions: str = "modules"
     tau_start: float = 1.0  # softmax temperature of the first step of a block
     tau_end: float = 0.05  # ... and of its last: nearly the plan the projection picks
     penalty: float = 4.0  # ρ = penalty · μ₀: a violation of 1/penalty bits per weight doubles the bit price
     init: str = "scores"  # the multiplier starts at "scores": the budget's price μ₀; "free": 0
     time_limit: float = 30.0  # seconds HiGHS may search per projection
+    # Trust region of the projection: each unit's learned correction (relative to its unquantized
+    # column) is clipped to ±trust × its own score there; inf = as learned. Projection only, so
+    # not part of the table's name. Why: the teacher-forced error overstates a few blocks
+    # (SmolLM2's blocks 11 and 28 learned corrections of 3–5x their scores) and their costs then
+    # buy them bits the real loss does not reward.
+    trust: float = setting(0.3, "clip each learned correction to this fraction of the unit's score at projection (inf: as learned)", flag="--gamma-trust", run=True)
 
     def validate(self) -> GammaConfig:
         checks = (
@@ -97,6 +98,7 @@ class GammaConfig:
             ("tau_end", 0 < self.tau_end <= self.tau_start, "in (0, tau_start]"),
             ("penalty", self.penalty >= 0, ">= 0"),
             ("init", self.init in ("scores", "free"), "'scores' or 'free'"),
+            ("trust", self.trust >= 0, ">= 0"),
             ("interactions", self.interactions in ("modules", "block"), "'modules' or 'block'"),
         )
         require(self, checks, "gamma ")
@@ -234,18 +236,18 @@ def module_gradient(task: BlockTask, probs: torch.Tensor, batch: int, reference:
     return error, grad
 
 
-def score_scale(task: BlockTask, scores: torch.Tensor) -> torch.Tensor:
-    """[N, A] per unit: its linear's scores total at each action over the block error measured
-    with that linear alone at the action (1 where either is 0: the unquantized column)."""
+def trusted_costs(costs: torch.Tensor, scores: torch.Tensor, trust: float) -> torch.Tensor:
+    """The projection's costs: the scores plus each unit's learned correction, both taken
+    relative to the unit's unquantized column, the correction clipped to ``±trust·score`` there
+    (a constant per unit changes no plan, so none is kept)."""
     import torch
 
-    kappa = torch.ones_like(scores)
-    for name, measured in task.linear_errors(batches=1).items():
-        rows = task.columns[name]
-        total = scores[rows].sum(0)
-        ok = (measured > 0) & (total > 0)
-        kappa[rows] = torch.where(ok, total / measured.clamp_min(1e-300), 1.0)
-    return kappa
+    skip = ACTIONS.index(SKIP)
+    own = (scores - scores[:, skip : skip + 1]).clamp_min(0)
+    correction = (costs - scores) - (costs - scores)[:, skip : skip + 1]
+    if math.isfinite(trust):
+        correction = torch.minimum(torch.maximum(correction, -trust * own), trust * own)
+    return scores + correction
 
 
 @dataclass
@@ -270,7 +272,6 @@ def train_block(task: BlockTask, prefs: Preferences, layer: int, budget: Budget,
     rho = config.penalty * prefs.mu0
     skip = ACTIONS.index(SKIP)  # the 16-bit candidate stands for the unquantized weight
     corr = torch.stack([error_correlation(c, skip) for c in task.candidates]) if config.interactions == "block" else None
-    kappa = score_scale(task, block_scores) if config.calibrate else torch.ones_like(block_scores)
     untrained_bits = float(prefs.prior[untrained].sum())
     for step in range(config.steps):
         t = temperature(step, config.steps, config.tau_start, config.tau_end)
@@ -287,12 +288,11 @@ def train_block(task: BlockTask, prefs: Preferences, layer: int, budget: Budget,
         p = preferences(costs, block_bits, price, prefs.scale, t)
         if config.interactions == "modules":
             error, grad = module_gradient(task, p.float(), step % task.batches, skip)
-            grad = kappa * grad
         else:
             probs = p.float().requires_grad_(True)
             error = task.loss([mixture(probs[k], c) for k, c in enumerate(task.candidates)], step % task.batches)
             (grad,) = torch.autograd.grad(error, probs)
-            grad = cross_gradient(kappa * grad.double(), p, block_scores, corr)
+            grad = cross_gradient(grad.double(), p, block_scores, corr)
         costs = mirror_step(costs, grad, p, config.strength / config.steps)
         row = {"layer": layer, "step": step, "tau": t, "error": float(error.detach()), "over_bits": over, "mu": prefs.mu, "price": price}
         prefs.log.append(row)
@@ -407,7 +407,7 @@ def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationCon
     prefs = train_preferences(problem, config, ctx, train_bits, path)
     trained = time.perf_counter() - start
     start = time.perf_counter()
-    sol = solve(prefs.costs, problem.bits, problem.budget, time_limit=config.time_limit)
+    sol = solve(trusted_costs(prefs.costs, problem.costs.double(), config.trust), problem.bits, problem.budget, time_limit=config.time_limit)
     projected = time.perf_counter() - start
     curve = folder / f"{path.stem}.png"
     if not curve.is_file():
@@ -420,5 +420,6 @@ def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationCon
         "seconds_to_project": round(projected, 3),
         "method": sol.method,
         "final_multiplier": prefs.mu,
+        "trust": config.trust,
     }
     return Allocation([ACTIONS[j] for j in sol.choice], info, files=[path, curve])

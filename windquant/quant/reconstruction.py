@@ -52,15 +52,13 @@ class TeacherForcedBlock:
         return ((y - self.outputs[batch]) ** 2 * self.fisher).sum() / x.shape[:2].numel()
 
     @torch.no_grad()
-    def linear_errors(self, batches: int | None = None) -> dict[str, torch.Tensor]:
+    def linear_errors(self) -> dict[str, torch.Tensor]:
         """Weight name -> [len(ACTIONS)] the block's error with that linear's units all at each
-        action's candidate and the rest of the block at 16 bit (the 16-bit column is 0), over the
-        first ``batches`` calibration batches (default: all)."""
+        action's candidate and the rest of the block at 16 bit (the 16-bit column is 0)."""
         reference = [c[ACTIONS.index(SKIP)] for c in self.candidates]
-        n = self.batches if batches is None else min(batches, self.batches)
 
         def error(weights: list[torch.Tensor]) -> float:
-            return sum(float(self.loss(weights, b)) for b in range(n)) / n
+            return sum(float(self.loss(weights, b)) for b in range(self.batches)) / self.batches
 
         base = error(reference)  # the 16-bit candidates' own (fp16 rounding) error
         errors = {}
