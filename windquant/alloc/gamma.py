@@ -14,17 +14,24 @@ by the loss gradient, so every block's error is in nats per token):
   over the block's steps, so the last steps see (almost) the plan the projection will pick. This
   is a deterministic softmax relaxation with no Gumbel noise: with tens of steps per block, the
   noise's variance would cost more than its bias;
-* the costs take mirror-descent steps on the simplex: ``ĉ_i(a) += η·(∂E/∂p_i(a) − 2·p_i(a)·c_i(a))``.
+* the costs take mirror-descent steps on the simplex: ``ĉ_i(a) += η·(∂E/∂p_i(a) − Σ_b p_i(b)·∂E/∂p_i(b))``,
+  ``η = strength/steps``, so the learned cost is the score plus the average in-context gradient.
   ``∂E/∂p_i(a) = ⟨∇_{W_i} E, W_i(a)⟩`` is the first-order change of the block's error when
-  probability moves to action ``a``, with every other unit of the block at its current mixture.
-  Part of that gradient is the unit's own error, which the scores ``c`` already count: with the
-  block error quadratic, the own part is ``2·Σ_b p_i(b)·ρ_ab·√(c_i(a)·c_i(b))``, ``ρ`` the
-  correlation of the candidates' errors (``cross_gradient``, ``interactions="block"``). What is left is the interaction with the rest
-  of the block, so the learned cost is the score plus the in-context cross term, averaged over
-  the steps (``strength`` = 1). Measured at 2.0 bits on SmolLM2, keeping the own part doubles it
-  and loses to ilp (73.52 vs 70.11). Everything is in nats, so sensitive units move more than
-  insensitive ones. (Adam, used until session 11, moved every logit by about the same step and
-  lost that scale.)
+  probability moves to action ``a``. The scores already count the unit's own error, so only its
+  interaction with the rest of the block should be added. Two ways (``interactions``):
+
+  - ``"modules"`` (the default, ``module_gradient``): the gradient is taken with the unit's whole
+    linear at its unquantized weight and every other linear at its mixture. There the block error
+    has no first-order term of its own, so what is measured is the interaction with the other
+    linears' errors alone; chunks of the same linear are left to the carry step, which
+    compensates them when the plan is stored. One backward pass per linear and step (16 steps a
+    block: ~14 min on SmolLM2, 2 cores);
+  - ``"block"`` (session 12): one pass with every unit at its mixture, the own part
+    ``2·Σ_b p_i(b)·ρ_ab·√(c_i(a)·c_i(b))`` taken out through the scores and the correlation
+    ``ρ`` of the candidates' errors (``cross_gradient``). It leaks whatever the block's own error
+    and the scores disagree on.
+
+  Everything is in nats, so sensitive units move more than insensitive ones.
 * the constraint is the whole model's expected bits per weight over the budget, ``g``: the
   trained blocks at the current price, the others at the scores' preferences at the budget. The
   augmented Lagrangian ``μ·g + ρ/2·max(g, 0)²`` prices a bit at ``λ = μ + ρ·max(g, 0)``, and the
@@ -33,8 +40,10 @@ by the loss gradient, so every block's error is in nats per token):
   the budget (``init="scores"``), or at 0 (``init="free"``).
 
 Projection: the learned costs go to the multiple-choice knapsack of the ``ilp`` allocator, which
-picks the plan that meets any budget exactly. Untrained, the table is the scores, and the
-projection is ilp's plan. One table serves every budget (``train_bits``). It is cached beside
+picks the plan that meets any budget exactly, each unit's correction first clipped to ``±trust``
+times its own score (``trusted_costs``): on SmolLM2 the teacher-forced error of blocks 11 and 28
+gives them corrections of 3–5× their scores, which the knapsack then pays for in bits that the
+real loss does not reward. Untrained, the table is the scores, and the projection is ilp's plan. One table serves every budget (``train_bits``). It is cached beside
 the runs, checkpointed after every block, and a killed run resumes.
 """
 
