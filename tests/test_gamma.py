@@ -201,7 +201,6 @@ def test_scores_and_gamma_share_one_backward_pass(tiny_model, tokenizer, tiny_fi
     assert len(passes) == 1
 
 
-
 def test_module_gradient_is_the_directional_derivative_at_the_unquantized_linear(prepared):
     """Reference: central finite differences of the real block error, moving one unit from its
     unquantized weight towards each candidate with its whole linear unquantized and the rest of
@@ -232,7 +231,6 @@ def test_module_gradient_is_the_directional_derivative_at_the_unquantized_linear
         expected = (at(h) - at(-h)) / (2 * h)
         got = float(grad[k, a] - grad[k, skip])  # ⟨∇E, W(a) − W(skip)⟩
         assert got == pytest.approx(expected, rel=2e-2, abs=1e-10)
-
 
 
 def test_trusted_costs_clip_each_correction_to_its_share_of_the_score():

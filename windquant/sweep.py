@@ -87,7 +87,6 @@ def run_sweep(
                     "paper_bits": plan.paper_bits,
                     "ppl": res.ppl,
                     "action_distribution": plan.action_distribution(),
-                    "eval_tokens": eval_tokens,
                 }
             )
     for r in rows:

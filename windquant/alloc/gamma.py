@@ -42,9 +42,10 @@ by the loss gradient, so every block's error is in nats per token):
 Projection: the learned costs go to the multiple-choice knapsack of the ``ilp`` allocator, which
 picks the plan that meets any budget exactly, each unit's correction first clipped to ``±trust``
 times its own score (``trusted_costs``): on SmolLM2 the teacher-forced error of blocks 11 and 28
-gives them corrections of 2–6× their scores at 1–2 bits, which the knapsack then pays for in bits that the
-real loss does not reward. Untrained, the table is the scores, and the projection is ilp's plan. One table serves every budget (``train_bits``). It is cached beside
-the runs, checkpointed after every block, and a killed run resumes.
+gives them corrections of 2–6× their scores at 1–2 bits, which the knapsack then pays for in
+bits that the real loss does not reward. Untrained, the table is the scores, and the projection
+is ilp's plan. One table serves every budget (``train_bits``). It is cached beside the runs,
+checkpointed after every block, and a killed run resumes.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class GammaConfig:
     # Trust region of the projection: each unit's learned correction (relative to its unquantized
     # column) is clipped to ±trust × its own score there; inf = as learned. Projection only, so
     # not part of the table's name. Why: the teacher-forced error overstates a few blocks
-    # (SmolLM2's blocks 11 and 28 learned corrections of 2–6x their scores at 1–2 bits) and their costs then
-    # buy them bits the real loss does not reward.
+    # (SmolLM2's blocks 11 and 28 learned corrections of 2–6x their scores at 1–2 bits), and
+    # their costs then buy them bits the real loss does not reward.
     trust: float = setting(0.3, "clip each learned correction to this fraction of the unit's score at projection (inf: as learned)", flag="--gamma-trust", run=True)
 
     def validate(self) -> GammaConfig:
