@@ -34,7 +34,7 @@ from windquant.model.units import Unit
 from windquant.quant.accounting import unit_bits
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit, relative_error
 
-CACHE_VERSION = 2  # 2: fingerprinted by all parameters and the calibration tokens; shards hold traces
+CACHE_VERSION = 3  # 2: fingerprinted by all parameters and the calibration tokens; shards hold traces; 3: the fit with hand-written LSQ gradients (float noise apart, the same candidates)
 
 
 def default_cache_dir() -> Path:

@@ -49,20 +49,22 @@ def error_feedback(
     will really quantize. One chunk spanning ``w`` is GPTQ on one unit. Computed in float32
     (float64 if ``w`` is).
     """
-    w = w.to(torch.promote_types(w.dtype, torch.float32)).clone()
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(damped(h.to(w.dtype), damp)))
+    # Worked on the transpose: a column of ``w`` is then a contiguous row, and every update below
+    # touches contiguous memory (column slices of a row-major ``w`` made this loop 5x slower).
+    wt = w.to(torch.promote_types(w.dtype, torch.float32)).T.contiguous()
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(damped(h.to(wt.dtype), damp)))
     u = torch.linalg.cholesky(hinv, upper=True)
-    q = torch.empty_like(w)
+    qt = torch.empty_like(wt)
     for k, (col0, col1) in enumerate(chunks):
-        quantize_column = start(k, w[:, col0:col1])
+        quantize_column = start(k, wt[col0:col1].T)
         # GPTQ's lazy batch: updates inside a block column by column, the rest of w once per block.
         for b0 in range(col0, col1, BLOCK):
             b1 = min(b0 + BLOCK, col1)
-            errs = torch.empty(w.shape[0], b1 - b0, dtype=w.dtype)
+            errs = torch.empty(b1 - b0, wt.shape[1], dtype=wt.dtype)
             for j in range(b0, b1):
-                q[:, j] = quantize_column(w[:, j], j - col0)
-                err = (w[:, j] - q[:, j]) / u[j, j]
-                w[:, j + 1 : b1] -= err[:, None] * u[j, j + 1 : b1][None, :]
-                errs[:, j - b0] = err
-            w[:, b1:] -= errs @ u[b0:b1, b1:]
-    return q
+                qt[j] = quantize_column(wt[j], j - col0)
+                err = errs[j - b0]
+                torch.sub(wt[j], qt[j], out=err).div_(u[j, j])
+                wt[j + 1 : b1].addr_(u[j, j + 1 : b1], err, alpha=-1)
+            wt[b1:].addmm_(u[b0:b1, b1:].T, errs, alpha=-1)
+    return qt.T.contiguous()

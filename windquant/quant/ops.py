@@ -81,24 +81,50 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, grid: 
     return scale * grid.step * (codes.float() - grid.center) + shift
 
 
-def _fake_quant(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Differentiable quantize-dequantize with straight-through rounding (LSQ)."""
-    x = (w - shift[:, None]) / (scale[:, None] * grid.step) + grid.center
-    x = x.clamp(0, grid.levels - 1)
-    x = x + (x.round() - x).detach()
-    return scale[:, None] * grid.step * (x - grid.center) + shift[:, None]
-
-
-def weighted_row_error(w: torch.Tensor, w_hat: torch.Tensor, d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per-row Σ_j d_j (w − ŵ)² over the positions in ``keep``."""
-    return (((w - w_hat) ** 2) * d[None, :] * keep).sum(dim=1)
-
-
 @dataclass
 class FitResult:
     codes: torch.Tensor  # int64 [out, g], 0..K-1
     scale: torch.Tensor  # fp16 [out]
     shift: torch.Tensor  # fp16 [out] (zeros unless the grid learns a shift)
+
+
+# Adam's constants (torch.optim.Adam's defaults): the fit below runs its update by hand.
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def _grid_error(wc: torch.Tensor, scale: torch.Tensor, d: torch.Tensor, keep: torch.Tensor | None, grid: Grid, buf: torch.Tensor):
+    """Per-row ``Σ_j d_j keep (w − ŵ)²`` of ``wc = w − shift`` at ``scale``, computed in place in ``buf``
+    (the grid search runs it 16 times per candidate: no temporaries, one matmul for the sum)."""
+    s = (scale * grid.step)[:, None]
+    torch.div(wc, s, out=buf)
+    buf.add_(grid.center).clamp_(0, grid.levels - 1).round_().sub_(grid.center).mul_(s).sub_(wc).square_()
+    if keep is not None:
+        buf.mul_(keep)
+    return buf @ d
+
+
+def _lsq_step(wc: torch.Tensor, scale: torch.Tensor, dk: torch.Tensor, grid: Grid, learn_shift: bool):
+    """Per-row error and its gradients w.r.t. ``log(scale)`` and the row shift at ``scale``.
+
+    The straight-through (LSQ) derivative of ``ŵ = S·(round(clamp(x)) − c) + shift`` with
+    ``S = scale·step`` and ``x = (w − shift)/S + c`` is ``(round(x̃) − c) − 1[in]·(x − c)`` w.r.t. ``S``
+    and ``1[out]`` w.r.t. the shift (``in``: ``x`` inside the grid's range). Written out instead of
+    taken by autograd because the fit runs once per unit and action and autograd tripled its cost
+    (tested against the autograd form in ``tests/test_ops.py``)."""
+    s = (scale * grid.step)[:, None]
+    x = wc / s  # x − c
+    clamped = (x + grid.center).clamp_(0, grid.levels - 1)
+    inside = clamped == x + grid.center
+    r = clamped.round_().sub_(grid.center)  # round(x̃) − c
+    resid = wc - s * r  # w − ŵ
+    weighted = resid * dk
+    row_err = (weighted * resid).sum(1)
+    # dL/dŵ = −2 d k (w − ŵ); dŵ/dlog(scale) = S · dŵ/dS.
+    d_s = r.sub_(x.mul_(inside))
+    grad_log = -2.0 * (weighted * d_s).sum(1) * s[:, 0]
+    grad_shift = -2.0 * (weighted * ~inside).sum(1) if learn_shift else None
+    return row_err, grad_log, grad_shift
 
 
 def fit(
@@ -118,46 +144,48 @@ def fit(
     """
     w = w.float()
     d = d.float().clamp_min(1e-12)
-    keep_f = torch.ones_like(w) if keep is None else keep.float()
-    dk = d[None, :] * keep_f
+    keep_f = None if keep is None or bool(keep.all()) else keep.float()
+    dk = d[None, :] if keep_f is None else d[None, :] * keep_f
     if grid.learn_shift:
-        shift0 = (w * dk).sum(1) / dk.sum(1).clamp_min(1e-12)
+        shift0 = (w * dk).sum(1) / dk.expand_as(w).sum(1).clamp_min(1e-12)
     else:
         shift0 = torch.zeros(w.shape[0], dtype=w.dtype)
-    centred = (w - shift0[:, None]).abs() * keep_f
+    wc = w - shift0[:, None]
+    centred = wc.abs() if keep_f is None else wc.abs() * keep_f
     absmax = centred.amax(dim=1).clamp_min(1e-8)
     # Grid search over clipping ratios: scale so that the top level sits at ratio·absmax.
     best_scale = absmax / grid.max_level()
     best_err = torch.full_like(absmax, float("inf"))
+    buf = torch.empty_like(w)
     for ratio in torch.linspace(1.0, 1.0 / ratios, ratios):
         scale = absmax * ratio / grid.max_level()
-        err = weighted_row_error(w, _fake_quant(w, scale, shift0, grid), d, keep_f)
+        err = _grid_error(wc, scale, d, keep_f, grid, buf)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
     best_shift = shift0.clone()
-    # Callers may hold no_grad (re-quantizing while a plan is scored): the fit needs autograd.
     if steps > 0:
-        with torch.enable_grad():
-            log_scale = torch.zeros_like(best_scale, requires_grad=True)
-            shift_delta = torch.zeros_like(best_scale, requires_grad=grid.learn_shift)
-            params = [log_scale] + ([shift_delta] if grid.learn_shift else [])
-            opt = torch.optim.Adam(params, lr=lr)
-            scale0, unit_shift = best_scale.clone(), best_scale.clone()
-            # Normalise by the row's weighted energy so the lr is scale-free.
-            norm = ((w**2) * dk).sum(1).clamp_min(1e-12)
-            for _ in range(steps):
-                scale = scale0 * log_scale.exp()
-                shift = shift0 + unit_shift * shift_delta
-                row_err = weighted_row_error(w, _fake_quant(w, scale, shift, grid), d, keep_f)
-                with torch.no_grad():
-                    better = row_err < best_err
-                    best_err = torch.where(better, row_err, best_err)
-                    best_scale = torch.where(better, scale, best_scale)
-                    best_shift = torch.where(better, shift, best_shift)
-                opt.zero_grad()
-                (row_err / norm).sum().backward()
-                opt.step()
+        # Adam on log(scale) (and the shift in units of the initial scale), loss normalised by
+        # each row's weighted energy so the lr is scale-free.
+        beta1, beta2 = ADAM_BETAS
+        scale0, unit_shift = best_scale.clone(), best_scale.clone()
+        norm = ((w**2) * dk).sum(1).clamp_min(1e-12)
+        params = [torch.zeros_like(best_scale)] + ([torch.zeros_like(best_scale)] if grid.learn_shift else [])
+        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        for t in range(1, steps + 1):
+            scale = scale0 * params[0].exp()
+            shift = shift0 + unit_shift * params[1] if grid.learn_shift else shift0
+            row_err, grad_log, grad_shift = _lsq_step(w - shift[:, None], scale, dk, grid, grid.learn_shift)
+            better = row_err < best_err
+            best_err = torch.where(better, row_err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_shift = torch.where(better, shift, best_shift)
+            grads = [grad_log / norm] + ([grad_shift * unit_shift / norm] if grid.learn_shift else [])
+            for p, g, (m, v) in zip(params, grads, moments):
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(ADAM_EPS)
+                p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
     scale = best_scale.detach().half()
     shift = best_shift.detach().half()
     # Codes are taken with the fp16 scale/shift that are actually stored.
