@@ -118,3 +118,26 @@ def test_each_linears_block_scores_sum_to_its_measured_block_error_and_keep_the_
     # Reloaded from the cache folder: the same table, no measurement.
     again = prepare(tiny_model, tokenizer, replace(tiny_fit, scores="block"), needs={"scores"}, progress=False)
     assert again.scores.equal(scores)
+
+
+def test_auto_scores_choose_the_table_whose_plan_scores_lower_on_heldout_text(tiny_model, tokenizer, tiny_fit):
+    from windquant.config import PlanConfig
+    from windquant.pipeline import SCORE_CHECK_WINDOWS
+
+    assert tiny_fit.scores == "auto"  # the default
+    prepared = prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False)
+    assert set(prepared.score_tables) == {"fisher", "block"}
+    plan = make_plan(prepared, PlanConfig(target_bits=2.5), progress=False)
+    record = plan.info["scores"]
+    # Reference: each table's exact-knapsack plan scored on its own on the same held-out windows.
+    proxy = prepared.proxy(SCORE_CHECK_WINDOWS, tiny_fit.calib_len, heldout=True)
+    plans = {}
+    for kind in ("fisher", "block"):
+        prepared.use_scores(kind)
+        plans[kind] = run_allocator("ilp", prepared.problem(2.5, "true"))
+        assert proxy(plans[kind]) == pytest.approx(record["heldout_ppl"][kind], rel=1e-6)
+    assert record["chosen"] == min(record["heldout_ppl"], key=record["heldout_ppl"].get)
+    assert plan.requested == plans[record["chosen"]]
+    # Recorded in plan.json and reproducible from a fresh preparation (tables from the cache).
+    again = make_plan(prepare(tiny_model, tokenizer, tiny_fit, needs={"scores"}, progress=False), PlanConfig(target_bits=2.5), progress=False)
+    assert again.info["scores"] == record and again.requested == plan.requested

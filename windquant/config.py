@@ -98,7 +98,7 @@ class FitConfig:
     feedback: bool = setting(True, "OBQ/GPTQ error feedback along each unit's columns (needs one more statistic, same bits)")
     rotate: bool = setting(True, "store power-of-two-wide units rotated (random signs x Hadamard) instead of with INT8 salient weights")
     storage_variants: bool = setting(False, "also fit every unit with the other outlier storage (unrotated with INT8 salient weights when --rotate, rotated otherwise) so allocators that can (ilp) choose it per unit; doubles the candidate fit")
-    scores: str = setting("block", "sensitivity scores: fisher (F·tr(ΔW H ΔWᵀ) per unit) | block (each linear's total at each action set to its measured teacher-forced block error, which sees norms after the linear; ~1 block pass per linear and action)")
+    scores: str = setting("auto", "sensitivity scores: auto (both tables below; at each budget the one whose exact-knapsack plan scores lower on held-out calibration text) | fisher (F·tr(ΔW H ΔWᵀ) per unit) | block (each linear's total at each action set to its measured teacher-forced block error, which sees norms after the linear; ~1 block pass per linear and action)")
     carry: bool = setting(True, "after allocation, re-quantize each linear chunk by chunk carrying every chunk's error into later columns")
     fold: bool = setting(False, "Scale Folding: per-input-channel scales act_rms^alpha (alpha searched per group) folded into the preceding norm / linear, an exact equivalence")
     tune_steps: int = setting(0, "after allocation, tune the stored fp16 scales (codes frozen) for at most this many Adam steps on KL to the unquantized model over the calibration windows; 0 = off")
@@ -121,7 +121,7 @@ class FitConfig:
             ("calib_samples", self.calib_samples >= 1, ">= 1"),
             ("calib_len", self.calib_len >= 2, ">= 2"),
             ("dense_candidates", self.dense_candidates in ("ram", "disk"), "ram or disk"),
-            ("scores", self.scores in ("fisher", "block"), "fisher or block"),
+            ("scores", self.scores in ("auto", "fisher", "block"), "auto, fisher or block"),
         )
         require(self, checks)
         return self

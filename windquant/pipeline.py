@@ -53,6 +53,9 @@ RESIDUAL_FISHER = "residual_fisher.safetensors"  # beside the candidates: block 
 # Calibration windows of the block-measured scores: per-linear totals over 4k tokens are stable
 # (the measurement is paired: the same tokens with and without the linear quantized).
 BLOCK_SCORE_WINDOWS = 16
+SCORE_KINDS = ("fisher", "block")  # what --scores auto computes and chooses between
+# Held-out calibration-corpus windows on which --scores auto compares the tables' plans.
+SCORE_CHECK_WINDOWS = 16
 
 
 def fit_settings(fit: FitConfig, rotate: bool | None = None) -> FitSettings:
@@ -117,6 +120,7 @@ class VariantCandidates:
 
     cache: CandidateCache
     scores: torch.Tensor | None = None
+    score_tables: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,6 +136,7 @@ class Prepared:
     cache: CandidateCache
     folded: dict[str, float]  # fold producer -> its α (empty: not folded)
     scores: torch.Tensor | None = None  # [N, A] sensitivity per (unit, applied action)
+    score_tables: dict[str, torch.Tensor] = field(default_factory=dict)  # every computed kind ("fisher", "block")
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
     proxies: dict[tuple[int, int, bool, bool, int], PlanProxy] = field(default_factory=dict)
     variant: VariantCandidates | None = None  # the other outlier storage, when fitted
@@ -212,11 +217,13 @@ class Prepared:
 
     def _scores(self, progress: bool) -> None:
         """Sensitivity tables of the candidates (and of the variant's), each loaded from its cache
-        folder when already computed; the backward pass for the Fisher runs at most once."""
+        folder when already computed; the backward pass for the Fisher runs at most once. With
+        ``scores="auto"`` both tables are kept (``score_tables``) and :func:`make_plan` chooses."""
         fisher: dict[str, float] = {}
         meta = {"actions": ",".join(f"{a:g}" for a in ACTIONS)}
+        kinds = SCORE_KINDS if self.fit.scores == "auto" else (self.fit.scores,)
 
-        def table(cache: CandidateCache) -> torch.Tensor:
+        def tables(cache: CandidateCache) -> dict[str, torch.Tensor]:
             path = cache.folder / "scores.safetensors"
             if path.is_file():
                 scores = load_file(str(path))["scores"]
@@ -225,21 +232,31 @@ class Prepared:
                     fisher.update(self._fisher_pass(progress))
                 scores = sensitivity_scores(self.units, cache.traces_table(), fisher)
                 atomic_save_tensors({"scores": scores}, path, meta)
-            if self.fit.scores == "fisher":
-                return scores
-            path = cache.folder / f"scores-{self.fit.scores}.safetensors"
+            out = {"fisher": scores}
+            if "block" not in kinds:
+                return out
+            path = cache.folder / "scores-block.safetensors"
             if path.is_file():
-                return load_file(str(path))["scores"]
+                out["block"] = load_file(str(path))["scores"]
+                return out
             windows = self.stats.windows[:BLOCK_SCORE_WINDOWS]
             # No fallback threshold: each column is measured with that action's own candidates.
             recon = BlockReconstruction(self.model, windows, cache, math.inf, self.residual_fisher(progress), batch_size=8)
-            scores = block_measured(scores, recon, progress)
-            atomic_save_tensors({"scores": scores}, path, meta)
-            return scores
+            out["block"] = block_measured(scores, recon, progress)
+            atomic_save_tensors({"scores": out["block"]}, path, meta)
+            return out
 
-        self.scores = table(self.cache)
+        self.score_tables = tables(self.cache)
+        self.scores = self.score_tables[kinds[-1]]  # auto: block until a plan's budget chooses
         if self.variant is not None:
-            self.variant.scores = table(self.variant.cache)
+            self.variant.score_tables = tables(self.variant.cache)
+            self.variant.scores = self.variant.score_tables[kinds[-1]]
+
+    def use_scores(self, kind: str) -> None:
+        """Make ``kind``'s table the one allocators see (``score_tables`` holds every computed one)."""
+        self.scores = self.score_tables[kind]
+        if self.variant is not None:
+            self.variant.scores = self.variant.score_tables[kind]
 
     def proxy(self, samples: int, length: int, stored: bool = False, heldout: bool = False, skip: int = 0) -> PlanProxy:
         """The proxy on ``samples`` windows of ``length`` tokens of the calibration corpus (built
@@ -368,6 +385,9 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
     spec = get_allocator(config.allocator)
     timings = timings if timings is not None else Timings()
     prepared.ensure(spec.needs, timings, progress)
+    if "scores" in spec.needs and prepared.fit.scores == "auto":
+        with timings.stage("choose scores"):
+            choice = choose_scores(prepared, config)
     with timings.stage("allocate"):
         problem = prepared.problem(config.budget_bits, config.accounting)
         problem.check_feasible()
@@ -378,6 +398,8 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
         problem.check_plan(allocation.requested, spec.name, allocation.variant)
         applied = prepared.applied(allocation.requested, allocation.variant)
     info = {"config": {**prepared.fit.to_dict(), **config.to_dict()}}
+    if "scores" in spec.needs and prepared.fit.scores == "auto":
+        info["scores"] = choice
     if prepared.folded:
         info["fold_alphas"] = prepared.folded
     if allocation.files:
@@ -401,6 +423,33 @@ def make_plan(prepared: Prepared, config: PlanConfig, timings: Timings | None = 
         tune_steps=prepared.fit.tune_steps,
         unit_rotate=None if allocation.variant is None else [prepared.fit.rotate != v for v in allocation.variant],
     )
+
+
+def choose_scores(prepared: Prepared, config: PlanConfig) -> dict:
+    """Which sensitivity table serves this budget (``--scores auto``): each table's exact-knapsack
+    plan at the budget is scored on :data:`SCORE_CHECK_WINDOWS` held-out calibration-corpus windows
+    (text no candidate, statistic or score was fitted on) and the lower perplexity wins. Neither
+    table is better everywhere: the Fisher table cannot see a norm after a linear (Gemma-3), the
+    block table measures each linear alone at every action, far from the mixed plans a tight budget
+    makes (SmolLM2 at <= 2.5 bits). Returns the record kept in ``plan.json`` under ``scores``."""
+    from windquant.alloc.ilp import solve
+
+    proxy = prepared.proxy(SCORE_CHECK_WINDOWS, prepared.fit.calib_len, heldout=True)
+    heldout = {}
+    for kind in prepared.score_tables:
+        prepared.use_scores(kind)
+        problem = prepared.problem(config.budget_bits, config.accounting)
+        problem.check_feasible()
+        requested = [ACTIONS[j] for j in solve(problem.costs, problem.bits, problem.budget).choice]
+        heldout[kind] = proxy(requested)
+    chosen = min(heldout, key=heldout.get)
+    prepared.use_scores(chosen)
+    return {
+        "chosen": chosen,
+        "heldout_ppl": heldout,
+        "reference_ppl": proxy.reference,
+        "windows": f"{SCORE_CHECK_WINDOWS} x {prepared.fit.calib_len} held-out calibration-corpus tokens, candidates as fitted",
+    }
 
 
 def carried_modules(
