@@ -9,6 +9,8 @@ TARGET ?= 2.5
 # Windows of 2048 tokens scored per model: 8 is the README table's span (its figures reappear),
 # 0 = the full split (~10 min per model on 2 cores).
 EVAL_WINDOWS ?= 8
+# The question both models answer at the end of the demo.
+PROMPT ?= What is the capital of France?
 
 .PHONY: install test lint demo bench llamacpp clean
 
@@ -33,13 +35,16 @@ lint: install
 
 # The default (best) allocator at $(TARGET) true bits, then the reference and the quantized model
 # scored on the same span (WikiText-2 test from $(DATA) when present, else the built-in corpus),
-# ending with one side-by-side summary (also in $(OUT)/eval.json).
+# then one side-by-side summary (also in $(OUT)/eval.json) and the same chat prompt answered by both.
 demo: install
 	$(WQ) quantize --model smollm2-135m --target-bits $(TARGET) --out $(OUT) --overwrite
 	$(WQ) inspect $(OUT)
 	@if [ -f $(DATA)/wikitext-2-raw/wiki.test.raw ]; then C="wikitext2 --data-dir $(DATA)"; else C=builtin; fi; \
 	$(WQ) eval $(OUT) --reference smollm2-135m --corpus $$C --ctx 2048 \
 		$(if $(filter-out 0,$(EVAL_WINDOWS)),--max-windows $(EVAL_WINDOWS)) --json $(OUT)/eval.json
+	@echo; echo "== chat: $(PROMPT) =="
+	@printf 'reference:  '; $(WQ) generate smollm2-135m --chat --prompt "$(PROMPT)" --max-new-tokens 48
+	@printf 'windquant:  '; $(WQ) generate $(OUT) --chat --prompt "$(PROMPT)" --max-new-tokens 48
 
 bench: install
 	$(PY) benchmarks/operators.py --out benchmarks/results

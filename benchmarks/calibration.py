@@ -1,0 +1,163 @@
+"""Which calibration text should be the default? One row per (calibration, budget): the product's
+defaults (ilp, ``--scores auto``, carried errors) with only ``--calib`` changed, each plan scored as
+stored on WikiText-2 test, on a text of another domain that no calibration set draws from, and
+(at ``--zs-budgets``) on PIQA and ARC-Easy. Every figure is also given as a ratio to the reference
+scored on the same span in the same run. Resumable: finished rows are kept in ``results.json``.
+
+    python benchmarks/calibration.py --calibs builtin,mix,self,mix+self --budgets 2,2.5,3,4 \\
+        --other /work/other_domain.txt --out benchmarks/results/calibration
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import Evaluator, add_eval_args, fmt, load_rows, results_folder, save_rows, write_markdown, zs_cell  # noqa: E402
+
+from windquant.calib.corpus import window_bos  # noqa: E402
+from windquant.config import FitConfig, PlanConfig  # noqa: E402
+from windquant.eval.perplexity import perplexity  # noqa: E402
+from windquant.model.loading import load_model  # noqa: E402
+from windquant.pipeline import make_plan, prepare  # noqa: E402
+from windquant.runinfo import Timings  # noqa: E402
+
+
+def other_domain_ppl(model, tokens: torch.Tensor, args, bos_id) -> dict:
+    start = time.perf_counter()
+    res = perplexity(model, tokens, ctx=args.other_ctx, max_windows=args.other_windows, bos_id=bos_id)
+    print(f"  other ppl={res.ppl:.3f} ({res.windows}x{res.ctx} tokens)", flush=True)
+    return {"ppl": res.ppl, "ctx": res.ctx, "windows": res.windows, "tokens": res.tokens, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def ratio(row: dict, ref: dict, part: str) -> str:
+    if part not in row or part not in ref:
+        return "—"
+    return f"{row[part]['ppl']:.2f} (×{row[part]['ppl'] / ref[part]['ppl']:.3f})"
+
+
+def table(rows: dict[str, dict], args) -> list[str]:
+    ref = rows.get("reference", {})
+    w = ref.get("wiki2", {})
+    o = ref.get("other", {})
+    lines = [
+        f"WikiText-2 test: ctx {w.get('ctx')}, {w.get('windows')} windows ({w.get('tokens')} tokens); "
+        f"other-domain text ({args.other}): ctx {o.get('ctx')}, {o.get('windows')} windows ({o.get('tokens')} tokens); "
+        f"zero-shot: {args.tasks or 'none'} ({'full sets' if args.limit is None else f'first {args.limit}'}), accuracy %. "
+        "Ratios to the reference on the same span.",
+        "",
+        "| calibration | target bits | true bits | WikiText-2 PPL (ratio) | other-domain PPL (ratio) | "
+        + " | ".join(t for t in args.tasks.split(",") if t)
+        + " | scores chosen | quantize s |",
+        "|---|---|---|---|---|" + "---|" * len([t for t in args.tasks.split(",") if t]) + "---|---|",
+    ]
+    tasks = [t for t in args.tasks.split(",") if t]
+    for key, r in rows.items():
+        zs = r.get("zeroshot") or {}
+        cells = [zs_cell(zs.get(t), args.limit) for t in tasks]
+        bits = "" if key == "reference" else f"{r['budget']:g}"
+        true_bits = "32" if key == "reference" else f"{r['true_bits']:.3f}"
+        lines.append(
+            f"| {r.get('calib', 'reference')} | {bits} | {true_bits} | {ratio(r, ref, 'wiki2')} | {ratio(r, ref, 'other')} | "
+            + " | ".join(cells)
+            + f" | {r.get('scores_chosen', '')} | {fmt(r.get('prepare_seconds'), 0)} |"
+        )
+    return lines
+
+
+def plot(rows: dict[str, dict], out: Path) -> None:
+    from windquant.reports import pyplot
+
+    plt = pyplot()
+    ref = rows["reference"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, part, title in zip(axes, ("wiki2", "other"), ("WikiText-2 test", "other-domain text")):
+        for calib in dict.fromkeys(r["calib"] for k, r in rows.items() if k != "reference"):
+            pts = sorted((r["true_bits"], r[part]["ppl"] / ref[part]["ppl"]) for k, r in rows.items() if r.get("calib") == calib and part in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=calib)
+        ax.set_yscale("log")
+        ax.set_xlabel("true bits per weight (block linears)")
+        ax.set_ylabel("perplexity / reference")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calibs", default="builtin,mix,self,mix+self")
+    ap.add_argument("--budgets", default="2,2.5,3,4")
+    ap.add_argument("--zs-budgets", default="2.5,3", help="budgets also scored zero-shot")
+    ap.add_argument("--other", required=True, help="text file of another domain (never a calibration source)")
+    ap.add_argument("--other-ctx", type=int, default=512)
+    ap.add_argument("--other-windows", type=int, default=None, help="windows of --other-ctx tokens (default: all)")
+    ap.add_argument("--out", default="benchmarks/results/calibration")
+    add_eval_args(ap)
+    args = ap.parse_args()
+    out, _ = results_folder(args.out)
+    path = out / "results.json"
+    rows = load_rows(path)
+    meta = {"args": vars(args)}
+    model, tokenizer = load_model(args.model)
+    evaluator = Evaluator(tokenizer, args)
+    other_tokens = torch.tensor(tokenizer(Path(args.other).read_text(encoding="utf-8"))["input_ids"])
+    bos = window_bos(tokenizer)
+
+    def checkpoint():
+        save_rows(path, rows, meta)
+
+    ref = rows.setdefault("reference", {"key": "reference"})
+    evaluator.run(model, tokenizer, ref, checkpoint=checkpoint)
+    if "other" not in ref:
+        ref["other"] = other_domain_ppl(model, other_tokens, args, bos)
+    checkpoint()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    zs_budgets = {float(b) for b in args.zs_budgets.split(",") if b}
+    for calib in [c for c in args.calibs.split(",") if c]:
+        keys = [f"{calib}@{b:g}" for b in budgets]
+        if all(k in rows and "other" in rows[k] and not evaluator.missing(rows[k], rows[k]["budget"] in zs_budgets) for k in keys):
+            continue
+        print(f"== calibration {calib}", flush=True)
+        timings = Timings()
+        start = time.perf_counter()
+        prepared = prepare(model, tokenizer, FitConfig(calib=calib, data_dir=args.data_dir), {"scores"}, timings)
+        prepare_seconds = time.perf_counter() - start
+        for budget, key in zip(budgets, keys):
+            row = rows.setdefault(key, {"key": key, "calib": calib, "budget": budget})
+            zs = budget in zs_budgets
+            if "other" in row and not evaluator.missing(row, zs):
+                continue
+            print(f"-- {key}", flush=True)
+            plan = make_plan(prepared, PlanConfig(target_bits=budget), timings)
+            row |= {
+                "true_bits": plan.true_bits,
+                "scores_chosen": plan.info.get("scores", {}).get("chosen", prepared.fit.scores),
+                "scores_check": plan.info.get("scores"),
+                "prepare_seconds": round(prepare_seconds, 1),
+                "timings": timings.report(),
+            }
+            with torch.no_grad(), prepared.plan_model(plan):
+                evaluator.run(model, tokenizer, row, zeroshot=zs, checkpoint=checkpoint)
+                if "other" not in row:
+                    row["other"] = other_domain_ppl(model, other_tokens, args, bos)
+            checkpoint()
+        del prepared
+    lines = table(rows, args)
+    write_markdown(out, lines, "python " + " ".join(sys.argv))
+    plot(rows, out)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
