@@ -5,7 +5,7 @@ import torch
 from conftest import block_error, block_outputs_and_gradients, full_model_statistics, run_allocator
 from safetensors.torch import load_file
 
-from windquant.actions import ACTIONS, SKIP
+from windquant.actions import ACTIONS, INT8, SKIP
 from windquant.calib.statistics import calibrate, layer_fisher
 from windquant.pipeline import calibration_windows, make_plan, prepare
 
@@ -108,6 +108,11 @@ def test_each_linears_block_scores_sum_to_its_measured_block_error_and_keep_the_
         for col, action in enumerate(ACTIONS):
             if action == SKIP:
                 assert scores[idx, col].eq(0).all()
+                continue
+            if action == INT8:  # not measured: the 4-bit column's measured/predicted factor
+                four = ACTIONS.index(4.0)
+                factor = scores[idx, four].sum() / fisher_scores[idx, four].sum()
+                torch.testing.assert_close(scores[idx, col], fisher_scores[idx, col] * factor, rtol=1e-6, atol=0)
                 continue
             weight = one_linear_at(cache, set(idx), action)
             measured = max(block_error(tiny_model, layer, windows, outputs[layer], residual[layer], prepared.units, weight) - sixteen, 0.0)

@@ -50,12 +50,15 @@ from windquant.runinfo import Timings, release_freed_memory
 
 TUNE_HELDOUT_WINDOWS = 4  # calibration-corpus windows (another seed) that stop scale tuning
 RESIDUAL_FISHER = "residual_fisher.safetensors"  # beside the candidates: block -> per-channel Fisher
-# Calibration windows of the block-measured scores: per-linear totals over 4k tokens are stable
+# Calibration windows of the block-measured scores: per-linear totals over 2k tokens are stable
 # (the measurement is paired: the same tokens with and without the linear quantized).
-BLOCK_SCORE_WINDOWS = 16
+BLOCK_SCORE_WINDOWS = 8
+# Calibration windows of the backward pass (per-linear and residual-stream Fisher): means of
+# squared gradients over 8k tokens.
+FISHER_WINDOWS = 32
 SCORE_KINDS = ("fisher", "block")  # what --scores auto computes and chooses between
 # Held-out calibration-corpus windows on which --scores auto compares the tables' plans.
-SCORE_CHECK_WINDOWS = 16
+SCORE_CHECK_WINDOWS = 8
 
 
 def fit_settings(fit: FitConfig, rotate: bool | None = None) -> FitSettings:
@@ -85,7 +88,8 @@ def heldout_windows(tokenizer, fit: FitConfig, samples: int, length: int) -> tor
 @torch.no_grad()
 def proxy_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     """Perplexity of ``model`` (as it is now) on the proxy windows [samples, len]: the RL reward's pass."""
-    return perplexity(model, windows.reshape(-1), ctx=windows.shape[1], batch_size=8, progress=False).ppl
+    # Two windows a batch: the logits of eight (vocab-sized, with their log-softmax) took 1.2 GB.
+    return perplexity(model, windows.reshape(-1), ctx=windows.shape[1], batch_size=2, progress=False).ppl
 
 
 CARRY_MEMO = 3  # carried versions kept per linear for stored proxies (incumbent, candidate, one more)
@@ -283,7 +287,7 @@ class Prepared:
         stream's per-channel Fisher at every block output (kept in the cache folder for
         :meth:`reconstruction`, so an allocator that needs both runs the pass once)."""
         residual: dict[int, torch.Tensor] = {}
-        fisher = layer_fisher(self.model, self.stats.windows, progress=progress, residual=residual)
+        fisher = layer_fisher(self.model, self.stats.windows[:FISHER_WINDOWS], progress=progress, residual=residual)
         atomic_save_tensors({str(layer): g for layer, g in residual.items()}, self.folder / RESIDUAL_FISHER, {})
         return fisher
 

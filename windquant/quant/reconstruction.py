@@ -13,6 +13,7 @@ Only one block's candidates and hidden states are held at a time.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -52,9 +53,10 @@ class TeacherForcedBlock:
         return ((y - self.outputs[batch]) ** 2 * self.fisher).sum() / x.shape[:2].numel()
 
     @torch.no_grad()
-    def linear_errors(self) -> dict[str, torch.Tensor]:
+    def linear_errors(self, unmeasured: tuple[float, ...] = ()) -> dict[str, torch.Tensor]:
         """Weight name -> [len(ACTIONS)] the block's error with that linear's units all at each
-        action's candidate and the rest of the block at 16 bit (the 16-bit column is 0)."""
+        action's candidate and the rest of the block at 16 bit (the 16-bit column is 0; the
+        ``unmeasured`` actions' columns are NaN: one block pass saved per linear each)."""
         reference = [c[ACTIONS.index(SKIP)] for c in self.candidates]
 
         def error(weights: list[torch.Tensor]) -> float:
@@ -68,7 +70,12 @@ class TeacherForcedBlock:
                 weights = list(reference)
                 for k in positions:
                     weights[k] = self.candidates[k][col]
-                row.append(0.0 if action == SKIP else max(error(weights) - base, 0.0))
+                if action == SKIP:
+                    row.append(0.0)
+                elif action in unmeasured:
+                    row.append(math.nan)
+                else:
+                    row.append(max(error(weights) - base, 0.0))
             errors[name] = torch.tensor(row, dtype=torch.float64)
         return errors
 
