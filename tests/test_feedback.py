@@ -126,3 +126,22 @@ def test_column_quantizer_is_encode_then_decode_with_int8_salient_values(action)
     expected = torch.where(quantizer.mask, sal, by_codes)
     columns = torch.stack([quantizer.column(w[:, j].clone(), j) for j in range(32)], dim=1)
     assert torch.equal(columns, expected)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_all_actions_of_a_unit_at_once_equal_one_at_a_time(rotate):
+    """quantize_unit_actions stacks the fits' rows into one feedback pass: each action's packed
+    tensors are those of quantizing it alone (same arithmetic per row)."""
+    from windquant.actions import ACTIONS
+    from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit, quantize_unit_actions
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 64, generator=gen) * 0.02
+    x = torch.randn(512, 64, generator=gen) * (torch.rand(64, generator=gen) + 0.2)
+    h = x.T @ x / len(x)
+    settings = FitSettings(salient_rate=0.03, steps=3, feedback=True, rotate=rotate)
+    together = quantize_unit_actions(w, h.diagonal().sqrt(), list(ACTIONS), settings, h, seed=9)
+    for action, packed in zip(ACTIONS, together):
+        alone = quantize_unit(w, h.diagonal().sqrt(), action, settings, h, seed=9)
+        assert set(packed) == set(alone)
+        torch.testing.assert_close(dequantize_unit(packed, action, *w.shape), dequantize_unit(alone, action, *w.shape), rtol=0, atol=1e-6)

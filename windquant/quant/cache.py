@@ -32,7 +32,7 @@ from windquant.actions import ACTIONS, INT8, LADDER, LOW_BIT_ACTIONS, SKIP
 from windquant.errors import WindquantError
 from windquant.model.units import Unit
 from windquant.quant.accounting import unit_bits
-from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit, relative_error
+from windquant.quant.unit import FitSettings, dequantize_unit, quantize_unit_actions, relative_error
 
 CACHE_VERSION = 3  # 2: fingerprinted by all parameters and the calibration tokens; shards hold traces; 3: the fit with hand-written LSQ gradients (float noise apart, the same candidates)
 
@@ -171,8 +171,7 @@ class CandidateCache:
             s = act_scales[u.module][u.col0 : u.col1]
             h = moments[u.module][u.col0 : u.col1, u.col0 : u.col1]
             row = []
-            for a in ACTIONS:
-                packed = quantize_unit(w, s, a, self.settings, h, seed=u.index) if a != SKIP else quantize_unit(w, s, a, self.settings)
+            for a, packed in zip(ACTIONS, quantize_unit_actions(w, s, list(ACTIONS), self.settings, h, seed=u.index)):
                 w_hat = dequantize_unit(packed, a, *u.shape)
                 self.errors.setdefault(u.index, {})[a] = relative_error(w, w_hat, s)
                 row.append(output_trace(w, w_hat.half().float(), h))
