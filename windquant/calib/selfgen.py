@@ -18,6 +18,7 @@ computes the same function with other parameters and must not regenerate).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import weakref
 from pathlib import Path
@@ -56,14 +57,16 @@ def generate(model: nn.Module, start: int, n: int, length: int, seed: int, progr
     the model's whole distribution, as in the paper)."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    # transformers 5 names the KV cache argument ``cache``; 4.x ``past_key_values``.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = []
     bar = tqdm(total=n * (length - 1), desc="self-calibration text", unit="tok", disable=not progress)
     for b0 in range(0, n, BATCH):
         ids = torch.full((min(BATCH, n - b0), 1), start, dtype=torch.long, device=device)
         seq, past = [ids], None
         for step in range(length - 1):
-            o = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = o.past_key_values
+            o = model(input_ids=ids, use_cache=True, **({cache_arg: past} if past is not None else {}))
+            past = o[cache_arg]
             probs = torch.softmax(o.logits[:, -1].float() / temperature(step), dim=-1).cpu()
             ids = torch.multinomial(probs, 1, generator=gen).to(device)
             seq.append(ids)
