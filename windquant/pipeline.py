@@ -70,7 +70,7 @@ def fit_settings(fit: FitConfig, rotate: bool | None = None) -> FitSettings:
     return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr, feedback=fit.feedback, rotate=rotate)
 
 
-def calibration_sources(tokenizer, fit: FitConfig, model: nn.Module | None = None) -> list[tuple[str, torch.Tensor]]:
+def calibration_sources(tokenizer, fit: FitConfig, model: nn.Module | None = None, progress: bool = True) -> list[tuple[str, torch.Tensor]]:
     """(part, tokens) of each part of ``fit.calib`` (``mix+self``: two): a corpus's 1-D token
     ids, or for ``self`` the [sequences, calib_len] text ``model`` wrote (its share of the
     calibration windows plus spares for held-out windows; generated once, then cached)."""
@@ -83,18 +83,24 @@ def calibration_sources(tokenizer, fit: FitConfig, model: nn.Module | None = Non
             raise WindquantError("--calib self needs the model to write its text and none was given here; use another --calib for this command")
         else:
             root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
-            sources.append((part, self_tokens(model, tokenizer, share + SPARE_SEQUENCES, fit.calib_len, fit.seed, root)))
+            sources.append((part, self_tokens(model, tokenizer, share + SPARE_SEQUENCES, fit.calib_len, fit.seed, root, progress)))
     return sources
 
 
 def calibration_windows(
-    tokenizer, fit: FitConfig, samples: int | None = None, length: int | None = None, seed: int | None = None, model: nn.Module | None = None
+    tokenizer,
+    fit: FitConfig,
+    samples: int | None = None,
+    length: int | None = None,
+    seed: int | None = None,
+    model: nn.Module | None = None,
+    progress: bool = True,
 ) -> torch.Tensor:
     """[samples, length] token windows of the calibration corpus (``fit``'s numbers unless
     given), in equal shares from each part of ``fit.calib`` (``model``: for ``self``)."""
     seed = fit.seed if seed is None else seed
     samples, length = samples or fit.calib_samples, length or fit.calib_len
-    sources = calibration_sources(tokenizer, fit, model)
+    sources = calibration_sources(tokenizer, fit, model, progress)
     windows = []
     for (part, tokens), k in zip(sources, split_evenly(samples, len(sources))):
         if k:
@@ -384,7 +390,8 @@ def prepare(
     fit = (fit or FitConfig()).validate()
     timings = timings if timings is not None else Timings()
     units = enumerate_units(model, fit.chunk)
-    windows = calibration_windows(tokenizer, fit, model=model)
+    with timings.stage("calibrate"):  # the windows' text: tokenizing a corpus, or the model writing its own
+        windows = calibration_windows(tokenizer, fit, model=model, progress=progress)
     cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
     digests = parameters_digest(model), tensor_digest([windows])
     # The other outlier storage is a second, independently fingerprinted cache: a warm cache of
