@@ -70,10 +70,13 @@ def fit_settings(fit: FitConfig, rotate: bool | None = None) -> FitSettings:
     return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr, feedback=fit.feedback, rotate=rotate)
 
 
-def calibration_sources(tokenizer, fit: FitConfig, model: nn.Module | None = None, progress: bool = True) -> list[tuple[str, torch.Tensor]]:
+def calibration_sources(
+    tokenizer, fit: FitConfig, model: nn.Module | None = None, progress: bool = True, heldout: bool = False
+) -> list[tuple[str, torch.Tensor]]:
     """(part, tokens) of each part of ``fit.calib`` (``mix+self``: two): a corpus's 1-D token
-    ids, or for ``self`` the [sequences, calib_len] text ``model`` wrote (its share of the
-    calibration windows plus spares for held-out windows; generated once, then cached)."""
+    ids, or for ``self`` [sequences, calib_len] of text ``model`` wrote: its share of the
+    calibration windows or, ``heldout``, other sequences written for held-out windows (only
+    when asked for: most runs never need them). Written once, then cached."""
     parts = calib_parts(fit.calib)
     sources = []
     for part, share in zip(parts, split_evenly(fit.calib_samples, len(parts))):
@@ -83,7 +86,8 @@ def calibration_sources(tokenizer, fit: FitConfig, model: nn.Module | None = Non
             raise WindquantError("--calib self needs the model to write its text and none was given here; use another --calib for this command")
         else:
             root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
-            sources.append((part, self_tokens(model, tokenizer, share + SPARE_SEQUENCES, fit.calib_len, fit.seed, root, progress)))
+            n, seed = (SPARE_SEQUENCES, 2 * fit.seed + 1) if heldout else (share, 2 * fit.seed)  # two pools, never the same text
+            sources.append((part, self_tokens(model, tokenizer, n, fit.calib_len, seed, root, progress)))
     return sources
 
 
@@ -112,13 +116,13 @@ def heldout_windows(tokenizer, fit: FitConfig, samples: int, length: int, model:
     """[samples, length] windows of the calibration corpus that overlap no calibration window: a
     score on them is out of sample for everything fitted to the calibration (candidates, carried
     errors, sensitivity scores). Each part of ``fit.calib`` gives its share."""
-    sources = calibration_sources(tokenizer, fit, model)
+    sources = calibration_sources(tokenizer, fit, model, heldout=True)
     windows = []
     for (part, tokens), k, c in zip(sources, split_evenly(samples, len(sources)), split_evenly(fit.calib_samples, len(sources))):
         if not k:
             continue
-        if part == "self":  # whole sequences the calibration windows did not take
-            windows.append(pick(tokens, k, length, fit.seed + 1, exclude=c, exclude_seed=fit.seed))
+        if part == "self":  # sequences written apart from the calibration ones
+            windows.append(pick(tokens, k, length, fit.seed + 1))
         else:
             calib = [(s, s + fit.calib_len) for s in window_starts(tokens.numel(), c, fit.calib_len, fit.seed)]
             windows.append(disjoint_windows(tokens, k, length, fit.seed + 1, calib, window_bos(tokenizer)))

@@ -35,7 +35,7 @@ from windquant.errors import WindquantError
 
 SELF_VERSION = 1
 T_INITIAL, T_FINAL, T_STEPS = 1.2, 0.8, 16  # the temperature schedule (see the module docstring)
-SPARE_SEQUENCES = 32  # generated beyond the calibration windows: held-out windows come from these
+SPARE_SEQUENCES = 32  # written apart, only when held-out windows are asked for (proxy validation)
 BATCH = 16  # sequences sampled together: their KV cache is ~190 MB for SmolLM2-135M at 256 tokens (64: 755 MB)
 
 _pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: [n, length] tokens}
@@ -105,17 +105,12 @@ def self_tokens(model: nn.Module, tokenizer, n: int, length: int, seed: int, cac
     return held[mem_key]
 
 
-def pick(pool: torch.Tensor, n: int, length: int, seed: int, exclude: int = 0, exclude_seed: int = 0) -> torch.Tensor:
-    """[n, length]: ``n`` of the pool's sequences in a seeded order, cut to their first ``length``
-    tokens (each still opens with the start token), leaving out the first ``exclude`` of the
-    order ``exclude_seed`` gives (the calibration windows, for a held-out set)."""
+def pick(pool: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
+    """[n, length]: ``n`` of the pool's sequences in a seeded order, cut to their first
+    ``length`` tokens (each still opens with the start token)."""
     rows, have = pool.shape
     if length > have:
         raise WindquantError(f"self-calibration sequences have {have} tokens, fewer than a window of {length}; raise --calib-len to {length}")
-    taken = set(torch.randperm(rows, generator=torch.Generator().manual_seed(exclude_seed))[:exclude].tolist())
-    order = [r for r in torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).tolist() if r not in taken]
-    if len(order) < n:
-        raise WindquantError(
-            f"self-calibration has {len(order)} sequences to give, fewer than {n} windows; use fewer proxy windows or mix+self"
-        )
-    return pool[order[:n], :length]
+    if n > rows:
+        raise WindquantError(f"self-calibration wrote {rows} sequences here, fewer than {n} windows; raise --calib-samples or use mix+self")
+    return pool[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:n], :length]
