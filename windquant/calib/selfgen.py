@@ -57,7 +57,8 @@ def start_token(tokenizer) -> int:
 def generate(model: nn.Module, start: int, n: int, length: int, seed: int, progress: bool = False) -> torch.Tensor:
     """[n, length] token ids: ``n`` sequences that open with ``start`` and go on with
     ``length - 1`` tokens sampled from ``model`` under :func:`temperature` (no top-k/top-p:
-    the model's whole distribution, as in the paper)."""
+    the model's whole distribution). The draws depend on :data:`BATCH` (rows share one
+    generator), which is why the cache key holds it."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     # transformers 5 names the KV cache argument ``cache``; 4.x ``past_key_values``.
@@ -81,7 +82,7 @@ def generate(model: nn.Module, start: int, n: int, length: int, seed: int, progr
 
 def self_key(model_digest: str, start: int, n: int, length: int, seed: int) -> str:
     payload = {"v": SELF_VERSION, "model": model_digest, "start": start, "n": n, "length": length, "seed": seed}
-    payload |= {"t_initial": T_INITIAL, "t_final": T_FINAL, "t_steps": T_STEPS}
+    payload |= {"t_initial": T_INITIAL, "t_final": T_FINAL, "t_steps": T_STEPS, "batch": BATCH}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -92,7 +93,7 @@ def self_tokens(model: nn.Module, tokenizer, n: int, length: int, seed: int, cac
 
     start = start_token(tokenizer)
     held = _pools.setdefault(model, {})
-    mem_key = (start, n, length, seed, T_INITIAL, T_FINAL, T_STEPS)
+    mem_key = (start, n, length, seed, T_INITIAL, T_FINAL, T_STEPS, BATCH)
     if mem_key not in held:
         key = self_key(parameters_digest(model), start, n, length, seed)
         path = Path(cache_root) / "selfcalib" / f"{key}.safetensors"
