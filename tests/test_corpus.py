@@ -88,3 +88,59 @@ def test_disjoint_windows_overlap_no_avoided_span_nor_each_other():
         seen |= set(range(s, s + 40))
     with pytest.raises(WindquantError, match="no room"):
         disjoint_windows(tokens, 30, 40, seed=1, avoid=calib)
+
+
+def test_mix_corpus_loads_through_importlib_resources(tokenizer):
+    from importlib.resources import files
+
+    from windquant.calib.corpus import MIX_FILES, MIX_SEPARATOR, mix_text
+
+    text = mix_text()
+    docs = {name: files("windquant.calib").joinpath("data", name).read_text(encoding="utf-8").split(MIX_SEPARATOR) for name in MIX_FILES}
+    assert 500_000 < len(text.encode()) < 1_500_000  # "at most ~1.5 MB"
+    assert "\f" not in text
+    # Every document of every file is there once, and each fifth of the corpus (so the
+    # evaluation hold-out at its end too) holds documents of all three files.
+    for name, ds in docs.items():
+        assert all(text.count(d.strip("\n")[:200]) >= 1 for d in ds), name
+    fifth = len(text) // 5
+    for k in range(5):
+        part = text[k * fifth : (k + 1) * fifth]
+        assert sum(any(d.strip("\n")[:200] in part for d in ds) for ds in docs.values()) == 3, k
+    calib, ev = corpus_tokens(tokenizer, "mix", "calib"), corpus_tokens(tokenizer, "mix", "eval")
+    assert len(calib) > 4 * len(ev) * 0.99 and len(ev) > 50_000
+
+
+def test_mix_corpus_loads_from_an_installed_wheel(tmp_path):
+    """Package data, not the source tree: build the wheel, install it into a bare folder, and read
+    the corpus from there in a process that cannot see the source tree."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    from windquant.calib.corpus import mix_text
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w"), str(root)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "w").glob("windquant-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"windquant/calib/data/wikitext.txt", "windquant/calib/data/books.txt", "windquant/calib/data/NOTICE"} <= set(names)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)], check=True, capture_output=True)
+    probe = "import windquant.calib.corpus as c; print(c.__file__); print(len(c.mix_text()))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""}, check=True, capture_output=True, text=True).stdout.split()
+    assert out[0].startswith(str(tmp_path / "site")) and int(out[1]) == len(mix_text())
+
+
+def test_calib_values_are_checked_with_one_line_naming_the_choices():
+    from windquant.calib.corpus import calib_parts, split_evenly
+    from windquant.config import FitConfig
+
+    assert calib_parts("mix+self") == ["mix", "self"] and calib_parts("self") == ["self"]
+    for bad, what in (("mixx", "neither"), ("mix+", "neither"), ("self+self", "twice"), ("mix+nofile.txt", "neither")):
+        with pytest.raises(WindquantError, match=what) as err:
+            FitConfig(calib=bad).validate()
+        assert "\n" not in str(err.value) and "mix | self" in str(err.value)
+    with pytest.raises(WindquantError, match="--calib only"):
+        corpus_tokens(None, "self", "eval")
+    assert split_evenly(7, 2) == [4, 3] and split_evenly(64, 1) == [64] and split_evenly(1, 2) == [1, 0]

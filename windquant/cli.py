@@ -48,7 +48,7 @@ def _add_sweep(sub) -> dict[str, str]:
     flags |= add_allocator_flags(p)
     p.add_argument("--budgets", default="1.8,2.0,2.25,2.5,3,4", help="comma-separated targets (default %(default)s)")
     p.add_argument("--allocators", default="uniform,heuristic,ilp", help="comma-separated (default %(default)s)")
-    p.add_argument("--corpus", default="builtin", help="evaluation corpus: builtin | wikitext2 | PATH (default %(default)s)")
+    p.add_argument("--corpus", default="builtin", help="evaluation corpus: builtin | mix | wikitext2 | PATH (default %(default)s)")
     p.add_argument("--ctx", type=int, default=2048, help="evaluation context (default %(default)s)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--out", required=True, help="folder for plans, results.json, results.md, pareto.png")
@@ -66,7 +66,7 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--corpus",
         default=None,
-        help="builtin | wikitext2 | PATH (default wikitext2; with --tasks, perplexity runs only if --corpus is given)",
+        help="builtin | mix | wikitext2 | PATH (default wikitext2; with --tasks, perplexity runs only if --corpus is given)",
     )
     p.add_argument("--ctx", type=int, default=None, help="context length (default 2048; llamacpp protocol 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows (llamacpp protocol: 100)")
@@ -149,7 +149,7 @@ def _add_gguf(sub) -> None:
         "reference, imatrix and candidate costs",
     )
     p.add_argument("--output-type", default=None, help="type of output.weight when untied (default: the embedding's)")
-    p.add_argument("--calib", default="builtin", help="calibration corpus: builtin | wikitext2 | PATH (default %(default)s)")
+    p.add_argument("--calib", default="builtin", help="calibration corpus: builtin | mix | self | wikitext2 | PATH, or parts joined by + (mix+self) (default %(default)s)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default %(default)s)")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default %(default)s)")
     p.add_argument("--data-dir", default=None, help="folder holding WikiText-2 (else $WINDQUANT_DATA)")

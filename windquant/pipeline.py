@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 from windquant.actions import ACCOUNTINGS, ACTIONS
 from windquant.alloc import AllocationContext, get_allocator
 from windquant.alloc.problem import AllocationProblem, StorageVariant
-from windquant.calib.corpus import corpus_tokens, disjoint_windows, sample_windows, window_bos, window_starts
+from windquant.calib.corpus import (
+    calib_parts,
+    corpus_tokens,
+    disjoint_windows,
+    sample_windows,
+    split_evenly,
+    window_bos,
+    window_starts,
+)
+from windquant.calib.selfgen import SPARE_SEQUENCES, pick, self_tokens
 from windquant.calib.statistics import CalibrationStats, layer_fisher
 from windquant.config import FitConfig, PlanConfig, settings_digest
 from windquant.errors import WindquantError
@@ -67,22 +76,63 @@ def fit_settings(fit: FitConfig, rotate: bool | None = None) -> FitSettings:
     return FitSettings(salient_rate=fit.salient, steps=fit.steps, lr=fit.fit_lr, feedback=fit.feedback, rotate=rotate)
 
 
+def calibration_sources(
+    tokenizer, fit: FitConfig, model: nn.Module | None = None, progress: bool = True, heldout: bool = False
+) -> list[tuple[str, torch.Tensor]]:
+    """(part, tokens) of each part of ``fit.calib`` (``mix+self``: two): a corpus's 1-D token
+    ids, or for ``self`` [sequences, calib_len] of text ``model`` wrote: its share of the
+    calibration windows or, ``heldout``, other sequences written for held-out windows (only
+    when asked for: most runs never need them). Written once, then cached."""
+    parts = calib_parts(fit.calib)
+    sources = []
+    for part, share in zip(parts, split_evenly(fit.calib_samples, len(parts))):
+        if part != "self":
+            sources.append((part, corpus_tokens(tokenizer, part, "calib", fit.data_dir)))
+        elif model is None:
+            raise WindquantError("--calib self needs the model to write its text and none was given here; use another --calib for this command")
+        else:
+            root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
+            n, seed = (SPARE_SEQUENCES, 2 * fit.seed + 1) if heldout else (share, 2 * fit.seed)  # two pools, never the same text
+            sources.append((part, self_tokens(model, tokenizer, n, fit.calib_len, seed, root, progress)))
+    return sources
+
+
 def calibration_windows(
-    tokenizer, fit: FitConfig, samples: int | None = None, length: int | None = None, seed: int | None = None
+    tokenizer,
+    fit: FitConfig,
+    samples: int | None = None,
+    length: int | None = None,
+    seed: int | None = None,
+    model: nn.Module | None = None,
+    progress: bool = True,
 ) -> torch.Tensor:
-    """[samples, length] token windows of the calibration corpus (``fit``'s numbers unless given)."""
-    tokens = corpus_tokens(tokenizer, fit.calib, "calib", fit.data_dir)
+    """[samples, length] token windows of the calibration corpus (``fit``'s numbers unless
+    given), in equal shares from each part of ``fit.calib`` (``model``: for ``self``)."""
     seed = fit.seed if seed is None else seed
-    return sample_windows(tokens, samples or fit.calib_samples, length or fit.calib_len, seed, window_bos(tokenizer))
+    samples, length = samples or fit.calib_samples, length or fit.calib_len
+    sources = calibration_sources(tokenizer, fit, model, progress)
+    windows = []
+    for (part, tokens), k in zip(sources, split_evenly(samples, len(sources))):
+        if k:
+            windows.append(pick(tokens, k, length, seed) if part == "self" else sample_windows(tokens, k, length, seed, window_bos(tokenizer)))
+    return torch.cat(windows)
 
 
-def heldout_windows(tokenizer, fit: FitConfig, samples: int, length: int) -> torch.Tensor:
+def heldout_windows(tokenizer, fit: FitConfig, samples: int, length: int, model: nn.Module | None = None) -> torch.Tensor:
     """[samples, length] windows of the calibration corpus that overlap no calibration window: a
     score on them is out of sample for everything fitted to the calibration (candidates, carried
-    errors, sensitivity scores)."""
-    tokens = corpus_tokens(tokenizer, fit.calib, "calib", fit.data_dir)
-    calib = [(s, s + fit.calib_len) for s in window_starts(tokens.numel(), fit.calib_samples, fit.calib_len, fit.seed)]
-    return disjoint_windows(tokens, samples, length, fit.seed + 1, calib, window_bos(tokenizer))
+    errors, sensitivity scores). Each part of ``fit.calib`` gives its share."""
+    sources = calibration_sources(tokenizer, fit, model, heldout=True)
+    windows = []
+    for (part, tokens), k, c in zip(sources, split_evenly(samples, len(sources)), split_evenly(fit.calib_samples, len(sources))):
+        if not k:
+            continue
+        if part == "self":  # sequences written apart from the calibration ones
+            windows.append(pick(tokens, k, length, fit.seed + 1))
+        else:
+            calib = [(s, s + fit.calib_len) for s in window_starts(tokens.numel(), c, fit.calib_len, fit.seed)]
+            windows.append(disjoint_windows(tokens, k, length, fit.seed + 1, calib, window_bos(tokenizer)))
+    return torch.cat(windows)
 
 
 @torch.no_grad()
@@ -275,9 +325,9 @@ class Prepared:
                 windows, reference = twin.windows, twin.reference
             else:
                 if heldout:
-                    windows = heldout_windows(self.tokenizer, self.fit, skip + samples, length)[skip:]
+                    windows = heldout_windows(self.tokenizer, self.fit, skip + samples, length, self.model)[skip:]
                 else:
-                    windows = calibration_windows(self.tokenizer, self.fit, skip + samples, length)[skip:]
+                    windows = calibration_windows(self.tokenizer, self.fit, skip + samples, length, model=self.model)[skip:]
                 reference = proxy_perplexity(self.model, windows)
             self.proxies[key] = PlanProxy(self, windows, reference, stored)
         return self.proxies[key]
@@ -365,7 +415,8 @@ def prepare(
     fit = (fit or FitConfig()).validate()
     timings = timings if timings is not None else Timings()
     units = enumerate_units(model, fit.chunk)
-    windows = calibration_windows(tokenizer, fit)
+    with timings.stage("calibrate"):  # the windows' text: tokenizing a corpus, or the model writing its own
+        windows = calibration_windows(tokenizer, fit, model=model, progress=progress)
     cache_root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
     digests = parameters_digest(model), tensor_digest([windows])
     # The other outlier storage is a second, independently fingerprinted cache: a warm cache of
@@ -493,7 +544,7 @@ def plan_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> di
         packed = {(u.index, a): caches[u.index].packed_of(u.index, a) for u, a in zip(plan.units, plan.applied)}
     if plan.tune_steps:
         fit = prepared.fit
-        heldout = calibration_windows(prepared.tokenizer, fit, TUNE_HELDOUT_WINDOWS, seed=fit.seed + 1)
+        heldout = calibration_windows(prepared.tokenizer, fit, TUNE_HELDOUT_WINDOWS, seed=fit.seed + 1, model=prepared.model)
         settings = TuneSettings(steps=plan.tune_steps, lr=fit.tune_lr)
         packed, plan.info["tune"] = tune_scales(prepared.model, module_chunks(plan), packed, prepared.stats.windows, heldout, settings, progress)
     return packed

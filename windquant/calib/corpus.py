@@ -2,6 +2,13 @@
 
 * ``builtin``: every ``pydoc_data.topics`` entry (ships with CPython), joined by blank lines.
   The last :data:`HOLDOUT` of its tokens is the evaluation span; calibration never sees it.
+* ``mix``: the bundled general-purpose corpus (package data ``windquant/calib/data``, built by
+  ``benchmarks/build_mix_corpus.py``; sources and licences in its ``NOTICE``): Wikipedia
+  articles, public-domain books and windquant's own README and code, their documents
+  interleaved (:func:`mix_text`). Same hold-out split as ``builtin``.
+* ``self``: text the model writes itself (``calib.selfgen``); calibration only, and built where
+  the model is at hand (``pipeline.calibration_windows``).
+* ``A+B`` (e.g. ``mix+self``): windows drawn from each part in equal shares.
 * ``wikitext2``: WikiText-2 raw from a data folder (``--data-dir`` or ``$WINDQUANT_DATA``),
   else the ``datasets`` library when online. Evaluation uses ``wiki.test.raw`` joined as
   in the GPTQ/AWQ protocol; calibration draws from train, or valid when train is absent.
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -21,6 +29,45 @@ from windquant.errors import WindquantError
 
 HOLDOUT = 0.2  # fraction of a single-text corpus reserved for evaluation
 _WIKI_DIRS = ("", "wikitext-2-raw", "wikitext-2", "wikitext-2-raw-v1")
+MIX_FILES = ("wikitext.txt", "books.txt", "windquant.txt")  # one file per licence (see data/NOTICE)
+MIX_SEPARATOR = "\n\f\n"  # between two documents of a mix file
+NAMED = ("builtin", "mix", "self", "wikitext2")
+CALIB_CHOICES = "builtin | mix | self | wikitext2 | PATH to .txt/.jsonl, or parts joined by + (e.g. mix+self)"
+
+
+def calib_parts(spec: str) -> list[str]:
+    """The parts of a ``--calib`` value (``mix+self`` -> ["mix", "self"]), checked: each a named
+    corpus or an existing file, none twice."""
+    parts = [p.strip() for p in spec.split("+")] if spec not in NAMED and not Path(spec).expanduser().is_file() else [spec]
+    for p in parts:
+        if not p or (p not in NAMED and not Path(p).expanduser().is_file()):
+            raise WindquantError(f"--calib {spec!r}: {p!r} is neither a corpus name nor a file; give {CALIB_CHOICES}")
+    if len(set(parts)) < len(parts):
+        raise WindquantError(f"--calib {spec!r} names a part twice; give each of {CALIB_CHOICES} at most once")
+    return parts
+
+
+def split_evenly(n: int, parts: int) -> list[int]:
+    """``n`` as ``parts`` shares that differ by at most one, the larger first (7, 2 -> [4, 3])."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def mix_text() -> str:
+    """The bundled corpus, read through ``importlib.resources`` (so from an installed wheel
+    too). Each file's documents are interleaved with the others' by how far through their own
+    file they stand: every stretch of the result, and so the evaluation hold-out at its end,
+    mixes encyclopedic prose, books and code in the files' proportions."""
+    keyed = []
+    for rank, name in enumerate(MIX_FILES):
+        resource = files("windquant.calib").joinpath("data", name)
+        if not resource.is_file():
+            raise WindquantError(f"the bundled corpus file {name} is missing from the windquant package; reinstall windquant")
+        docs = [d.strip("\n") for d in resource.read_text(encoding="utf-8").split(MIX_SEPARATOR)]
+        total, done = sum(len(d) for d in docs), 0
+        for d in docs:
+            keyed.append(((done + len(d) / 2) / total, rank, d))
+            done += len(d)
+    return "\n\n".join(d for _, _, d in sorted(keyed))
 
 
 def builtin_text() -> str:
@@ -31,7 +78,7 @@ def builtin_text() -> str:
 
 def _read_text_file(path: Path) -> str:
     if not path.is_file():
-        raise WindquantError(f"corpus file not found: {path}; give 'builtin', 'wikitext2' or a text/.jsonl file")
+        raise WindquantError(f"corpus file not found: {path}; give 'builtin', 'mix', 'wikitext2' or a text/.jsonl file")
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".jsonl":
         texts = []
@@ -90,7 +137,10 @@ def corpus_text(corpus: str, role: str, data_dir: str | None = None, raw: bool =
     """Text for ``role`` in {"calib", "eval"}; the bool says whether it must be split."""
     if corpus == "wikitext2":
         return wikitext2("test" if role == "eval" else "calib", data_dir, raw), False
-    text = builtin_text() if corpus == "builtin" else _read_text_file(Path(corpus).expanduser())
+    if corpus == "self" or "+" in corpus and not Path(corpus).expanduser().is_file():
+        raise WindquantError(f"corpus {corpus!r} is for --calib only (self is written by the model being quantized); give one corpus here: builtin, mix, wikitext2 or a file")
+    named = {"builtin": builtin_text, "mix": mix_text}
+    text = named[corpus]() if corpus in named else _read_text_file(Path(corpus).expanduser())
     return text, True
 
 

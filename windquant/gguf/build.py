@@ -105,7 +105,7 @@ def calibration_statistics(spec: str, fit: FitConfig, progress: bool) -> tuple[d
 
     model, tok = load_model(spec)
     names = {name: gguf_linear_name(layer, proj) for layer, name, proj, _ in block_linears(model)}
-    windows = calibration_windows(tok, fit)
+    windows = calibration_windows(tok, fit, model=model)
     stats = calibrate(model, windows, moments=True, progress=progress)
     fisher = layer_fisher(model, windows, progress=progress)
     assert stats.moments is not None
