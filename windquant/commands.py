@@ -93,6 +93,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"quantized_bytes={acc['quantized_bytes']:,} untouched_bytes={acc['untouched_bytes']:,}"
     )
     print("actions: " + "  ".join(f"{k}:{v:.1%}" for k, v in plan.action_distribution().items()))
+    if "scores" in plan.info:  # --scores auto: which table this budget used, and why
+        check = plan.info["scores"]
+        tried = ", ".join(f"{k} {v:.2f}" for k, v in check["heldout_ppl"].items())
+        print(f"scores: {check['chosen']} (held-out perplexity of each table's plan: {tried}; reference {check['reference_ppl']:.2f})")
     t = report["timings"]
     print(
         f"time={t['total_seconds']:.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in t['seconds'].items())}) peak_rss={t['peak_rss_mib']:.0f}MiB"
