@@ -119,10 +119,10 @@ def _lsq_step(wc: torch.Tensor, scale: torch.Tensor, dk: torch.Tensor, grid: Gri
     r = clamped.round_().sub_(grid.center)  # round(x̃) − c
     resid = wc - s * r  # w − ŵ
     weighted = resid * dk
-    row_err = (weighted * resid).sum(1)
+    row_err = torch.linalg.vecdot(weighted, resid, dim=1)  # one pass, not a product and a sum
     # dL/dŵ = −2 d k (w − ŵ); dŵ/dlog(scale) = S · dŵ/dS.
     d_s = r.sub_(x.mul_(inside))
-    grad_log = -2.0 * (weighted * d_s).sum(1) * s[:, 0]
+    grad_log = -2.0 * torch.linalg.vecdot(weighted, d_s, dim=1) * s[:, 0]
     grad_shift = -2.0 * (weighted * ~inside).sum(1) if learn_shift else None
     return row_err, grad_log, grad_shift
 
