@@ -114,6 +114,7 @@ def test_mix_corpus_loads_through_importlib_resources(tokenizer):
 def test_mix_corpus_loads_from_an_installed_wheel(tmp_path):
     """Package data, not the source tree: build the wheel, install it into a bare folder, and read
     the corpus from there in a process that cannot see the source tree."""
+    import shutil
     import subprocess
     import sys
     import zipfile
@@ -121,8 +122,12 @@ def test_mix_corpus_loads_from_an_installed_wheel(tmp_path):
 
     from windquant.calib.corpus import mix_text
 
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w"), str(root)], check=True, capture_output=True)
+    root, src = Path(__file__).resolve().parent.parent, tmp_path / "src"
+    # Built from a copy: no build/ folder of an earlier build can slip stale files in.
+    shutil.copytree(root / "windquant", src / "windquant", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w"), str(src)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "w").glob("windquant-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"windquant/calib/data/wikitext.txt", "windquant/calib/data/books.txt", "windquant/calib/data/NOTICE"} <= set(names)
