@@ -1,0 +1,115 @@
+"""The runtime against the reference: every action's int4 form against ``dequantize_unit``, a
+RuntimeLinear against ``F.linear`` of the dequantized weights, a checkpoint's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from windquant.actions import LOW_BIT_ACTIONS, SKIP
+from windquant.pack.qlinear import QuantLinear
+from windquant.quant.ops import decode, grid_for
+from windquant.quant.rotation import unrotate
+from windquant.quant.unit import FitSettings, _unpacked, dequantize_unit, quantize_unit
+from windquant.runtime.int4 import fits_int4, int4_unit, int4_weight
+from windquant.runtime.linear import RuntimeLinear
+
+BF16_UNIT = 2.0**-8  # bf16 unit roundoff (8 significant bits)
+
+
+def random_unit(action: float, out: int, columns: int, rotate: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, columns, generator=g) * 0.05
+    w[3, 1] = 0.9  # an outlier: a salient position when the unit is stored unrotated
+    act = torch.rand(columns, generator=g) + 0.5
+    h = torch.diag(act**2)
+    return quantize_unit(w, act, action, FitSettings(steps=2, rotate=rotate), h=h, seed=seed)
+
+
+INT4_CASES = [(a, c, r) for a in LOW_BIT_ACTIONS if a != 8.0 for c, r in ((64, False), (64, True), (96, False))]
+
+
+@pytest.mark.parametrize("action,columns,rotate", INT4_CASES)
+def test_int4_form_reproduces_dequantize_unit_exactly(action, columns, rotate):
+    """The kernel's formula on the int4 form equals the grid's decode bit for bit; with the salient
+    values and rotation of the unit and ``dequantize_unit``'s final fp16 rounding it is the reference."""
+    packed = random_unit(action, 32, columns, rotate)
+    unit = int4_unit(packed, action, 32, columns)
+    assert (unit.signs is not None) == rotate and (unit.sal_delta.numel() > 0) == (not rotate)
+    grid = grid_for(action)
+    codes, mask, _sal = _unpacked(packed, grid, 32, columns)
+    decoded = decode(codes, packed["scale"], packed.get("shift", torch.zeros(32)), grid)
+    kernel = int4_weight(unit)
+    assert torch.equal(kernel[~mask], decoded[~mask])
+    kernel[unit.sal_rows, unit.sal_cols] += unit.sal_delta  # the sparse correction
+    if rotate:
+        kernel = unrotate(kernel, unit.signs)
+    assert torch.equal(kernel.half().float(), dequantize_unit(packed, action, 32, columns))
+
+
+def test_binary_with_shift_uses_codes_7_and_9_and_salient_at_8():
+    packed = random_unit(1.0, 32, 64, rotate=False)
+    unit = int4_unit(packed, 1.0, 32, 64)
+    mask = torch.zeros(32, 64, dtype=torch.bool)
+    mask[unit.sal_rows, unit.sal_cols] = True
+    assert set(unit.codes[~mask].unique().tolist()) <= {7, 9} and set(unit.codes[mask].tolist()) == {8}
+    assert unit.zero.abs().sum() > 0  # the elastic shift is the kernel's zero
+
+
+def test_only_up_to_four_bits_fit_int4():
+    assert [a for a in LOW_BIT_ACTIONS if fits_int4(a)] == [4.0, 3.0, 2.0, 1.58, 1.0] and not fits_int4(SKIP)
+
+
+def make_linear(chunks, out=32, seed=0, bias=False) -> QuantLinear:
+    """A QuantLinear whose chunks ``(col0, col1, action, rotate)`` hold random quantized units."""
+    q = QuantLinear(chunks[-1][1], out, chunks, 0.03, bias=bias)
+    for k, (a, b, action, rotate) in enumerate(chunks):
+        q.set_chunk(k, random_unit(action, out, b - a, rotate, seed + k))
+    if bias:
+        q.bias.copy_(torch.randn(out))
+    return q
+
+
+# Every kind in one linear: int4 (rotated, salient, binary with shift), 8-bit, skip, a narrow last chunk.
+MIXED = [(0, 64, 4.0, True), (64, 128, 1.0, False), (128, 192, 8.0, True), (192, 256, SKIP, False), (256, 288, 2.0, True)]
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [MIXED, [(0, 64, 3.0, True), (64, 128, 1.58, False), (128, 160, 2.0, False)], [(0, 48, 4.0, False)]],
+    ids=["mixed", "int4-group32", "width48-dense-fallback"],
+)
+def test_runtime_linear_fp32_matches_the_dequantized_linear(chunks):
+    q = make_linear(chunks, bias=True)
+    fast = RuntimeLinear(q, torch.float32)
+    x = torch.randn(3, 5, q.in_features)
+    ref = F.linear(x.double(), q.dequantize().double(), q.bias.double())
+    # Only fp32 rounding of the sums and the fp16 rounding dequantize_unit adds (<= 2^-12 per weight).
+    bound = 2.0**-11 * (x.double().abs() @ q.dequantize().double().abs().T) + 1e-5
+    assert ((fast(x).double() - ref).abs() <= bound).all()
+
+
+def test_runtime_linear_bf16_within_the_derived_tolerance():
+    """bf16 path error, first order in the unit roundoff u = 2^-8 (bf16 round-to-nearest: u/2 per
+    rounding): the rotated activation is rounded once (u/2 per element), each scale and zero once
+    (u/2 per weight), the output once (u/2 of |y|); the kernel accumulates in fp32. So
+    |y_bf16 − y| <= 1.5·u·Σ_j |w_ij||x'_j| with x' the rotated activation, plus second order;
+    the test allows 2·u·Σ|w||x'|."""
+    q = make_linear(MIXED)
+    exact, fast = RuntimeLinear(q, torch.float32), RuntimeLinear(q, torch.bfloat16)
+    x = torch.randn(4, q.in_features)
+    xr = exact._rotate(x)  # the rotated activation the stored weights multiply
+    w_stored = torch.cat([_stored_weight(q, k) for k in range(len(q.chunks))], dim=1)
+    bound = 2 * BF16_UNIT * (xr.abs() @ w_stored.abs().T)
+    assert ((fast(x) - exact(x)).abs() <= bound).all()
+
+
+def _stored_weight(q: QuantLinear, k: int) -> torch.Tensor:
+    """Chunk ``k``'s weights in its stored (possibly rotated) basis, salient values included."""
+    col0, col1, action, _r = q.chunks[k]
+    packed = q.chunk_tensors(k)
+    if "rot_signs" not in packed:
+        return dequantize_unit(packed, action, q.out_features, col1 - col0)
+    unrotated = {n: t for n, t in packed.items() if n != "rot_signs"}
+    return dequantize_unit(unrotated, action, q.out_features, col1 - col0)
