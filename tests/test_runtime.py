@@ -113,3 +113,33 @@ def _stored_weight(q: QuantLinear, k: int) -> torch.Tensor:
         return dequantize_unit(packed, action, q.out_features, col1 - col0)
     unrotated = {n: t for n, t in packed.items() if n != "rot_signs"}
     return dequantize_unit(unrotated, action, q.out_features, col1 - col0)
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
+    """A saved tiny checkpoint (rotated and salient units, chunk 32) and its in-memory model."""
+    from windquant import quantize_, save
+
+    plan, _ = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
+    return save(tiny_model, tokenizer, plan, tmp_path / "ckpt"), tiny_model
+
+
+def test_checkpoint_logits_through_the_runtime_match_the_dequantized_model(tiny_checkpoint):
+    """fp32 runtime: weights differ from the dequantized ones only by dequantize_unit's fp16
+    rounding (<= 2^-12 relative), so logits agree to ~1e-4 of their scale (bound 1e-3). bf16
+    runtime: each linear adds <= 1.5·2^-8 relative error (see the bf16 test) over 2 blocks plus
+    the head, i.e. a few 2^-8; bound 2e-2 of the logit scale, and the same greedy tokens."""
+    from windquant import load
+    from windquant.runtime.convert import to_runtime
+
+    out, _ = tiny_checkpoint
+    dequantized = load(out, runtime=False)
+    fast, exact = load(out), to_runtime(load(out, runtime=False), torch.float32)
+    assert any(isinstance(m, RuntimeLinear) and m.group for m in fast.modules())
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got_exact, got_fast = dequantized(x).logits, exact(x).logits, fast(x).logits
+    scale = ref.abs().max()
+    assert (got_exact - ref).abs().max() <= 1e-3 * scale
+    assert (got_fast - ref).abs().max() <= 2e-2 * scale
+    assert (got_fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95

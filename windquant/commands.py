@@ -56,11 +56,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from windquant.alloc import get_allocator
-    from windquant.model.loading import load_model
     from windquant.pack.checkpoint import prepare_out_dir
     from windquant.pipeline import make_plan, prepare, write_checkpoint
     from windquant.quant.streamed import process_group
     from windquant.runinfo import Timings
+    from windquant.runtime.loading import load_model
 
     fit, plan_config = fit_config_from_args(args), plan_config_from_args(args)
     # Under torchrun (several processes share the candidate fit) the first one writes the checkpoint.
@@ -103,10 +103,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: list[str] | None) -> dict:
     """Perplexity on ``corpus`` and/or zero-shot ``tasks`` of one model spec; prints each result."""
     from windquant.eval.perplexity import PROTOCOLS, model_max_context, perplexity
-    from windquant.model.loading import load_model
+    from windquant.runtime.loading import load_model
 
     start = time.perf_counter()
-    model, tokenizer = load_model(spec, dense_cache=True)  # scoring many tokens: unpack each layer once
+    # Scoring long windows: the dequantized path, each layer unpacked once (see the eval help).
+    model, tokenizer = load_model(spec, dense_cache=True, runtime=False)
     payload: dict = {"model": spec}
     if corpus is not None:
         from windquant.calib.corpus import corpus_tokens, window_bos
@@ -182,9 +183,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from windquant.model.loading import load_model
+    from windquant.runtime.loading import load_model
 
-    model, tokenizer = load_model(args.model, dense_cache=args.dense_cache)
+    model, tokenizer = load_model(args.model, dense_cache=args.dense_cache, runtime=not (args.no_runtime or args.dense_cache))
     text = args.prompt
     if args.chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
@@ -201,9 +202,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from windquant.alloc import get_allocator
     from windquant.cliflags import allocator_configs, config_from_args
     from windquant.config import PlanConfig
-    from windquant.model.loading import load_model
     from windquant.pipeline import needs_of, prepare
     from windquant.runinfo import Timings
+    from windquant.runtime.loading import load_model
     from windquant.sweep import run_sweep
 
     fit = fit_config_from_args(args)

@@ -1,4 +1,5 @@
-"""Packed checkpoint folder: model.safetensors, plan.json, quant_config.json, config, tokenizer.
+"""Packed checkpoint folder: model.safetensors, plan.json, quant_config.json, config, tokenizer
+(written here; read by :mod:`windquant.runtime.loading`).
 
 Written to a temporary sibling folder and renamed into place at the end, so an error or
 Ctrl-C never leaves a half-written checkpoint. No pickle anywhere: safetensors and JSON.
@@ -13,15 +14,12 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from windquant.errors import WindquantError
-from windquant.pack.apply import build_quant_linears
 from windquant.pack.qlinear import QuantLinear
 from windquant.plan import Plan
-from windquant.runinfo import release_freed_memory
 
 FORMAT = "windquant-packed"
 # 2: units may be stored rotated (rot_signs); 3: the rotation may be chosen per unit (plan.json
@@ -109,61 +107,3 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise WindquantError(f"{path.parent} is not a windquant checkpoint: {path.name} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WindquantError(f"{path} is corrupt ({exc}); re-run quantize to rebuild the checkpoint") from exc
-
-
-def load(path: str | Path, dense_cache: bool = False) -> nn.Module:
-    """A working ``transformers`` model from a windquant checkpoint folder. Its block linears stay
-    packed and are dequantized per layer per forward; ``dense_cache`` keeps each layer's dense
-    weight after its first forward instead (faster, the memory of a dense model)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise WindquantError(f"checkpoint folder not found: {path}")
-    qconf = _read_json(path / "quant_config.json")
-    if qconf.get("format") != FORMAT:
-        raise WindquantError(f"{path}/quant_config.json is not a {FORMAT} config")
-    if qconf.get("version", 1) > FORMAT_VERSION:
-        raise WindquantError(
-            f"{path} uses checkpoint format version {qconf['version']}, newer than this windquant reads "
-            f"({FORMAT_VERSION}); upgrade windquant"
-        )
-    plan = Plan.load(path / "plan.json")
-    config = AutoConfig.from_pretrained(path)
-    dtype = getattr(torch, qconf.get("dtype", "float32"))
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    build_quant_linears(model, plan, dense_cache)
-    prefixes = tuple(q + ".c" for q in qconf["modules"])
-    state = {}
-    try:
-        # Tensor by tensor: an fp16 tensor is converted to the model dtype before the next is read,
-        # so the file is never held twice.
-        with safe_open(str(path / WEIGHTS), "pt") as f:
-            for n in f.keys():
-                t = f.get_tensor(n)
-                state[n] = t if n.startswith(prefixes) or not t.is_floating_point() else t.to(dtype)
-    except (SafetensorError, FileNotFoundError, OSError) as exc:
-        raise WindquantError(
-            f"cannot read {path / WEIGHTS} ({exc}); the checkpoint is corrupt or truncated: re-run quantize"
-        ) from exc
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise WindquantError(
-            f"{path / WEIGHTS} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run quantize"
-        )
-    release_freed_memory()
-    return model.eval()
