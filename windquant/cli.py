@@ -35,6 +35,14 @@ def _add_quantize(sub) -> dict[str, str]:
     p.epilog = "allocators: " + "; ".join(f"{s.name}: {s.help}" for s in ALLOCATORS.values())
     flags |= add_allocator_flags(p)
     p.add_argument("--out", help="checkpoint folder to write")
+    p.add_argument(
+        "--embedding-bits",
+        type=int,
+        choices=(16, 8, 4),
+        default=8,
+        help="the token embedding (and an untied head) stored per row: 16 fp16, 8 INT8 with a scale per row, "
+        "4 INT4 with a scale per 32 columns (default %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dry-run", action="store_true", help="print units and sizes, then stop")
     return flags

@@ -56,9 +56,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from windquant.alloc import get_allocator
-    from windquant.pack.checkpoint import prepare_out_dir
+    from windquant.pack.checkpoint import expected_bytes, prepare_out_dir
+    from windquant.pack.integrity import check_free_space
     from windquant.pipeline import make_plan, prepare, write_checkpoint
     from windquant.quant.streamed import process_group
+    from windquant.reports import file_line
     from windquant.runinfo import Timings
     from windquant.runtime.loading import load_model
 
@@ -79,12 +81,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=torch.float32 if whole else "auto")
     if args.dry_run:
         return _dry_run(model, fit)
+    if first:  # fail now, not after the long fit, when --out cannot hold the checkpoint
+        out = Path(args.out).expanduser()
+        # Paper accounting does not count scales and indices: allow one more bit per weight.
+        bits = plan_config.target_bits + (1 if plan_config.accounting == "paper" else 0)
+        check_free_space(out.parent, expected_bytes(model, bits, args.embedding_bits), "the checkpoint")
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
     if not first:  # its share of the fit is written
         return 0
     plan = make_plan(prepared, plan_config, timings, progress)
     out, report = write_checkpoint(
-        prepared, plan, args.out, args.overwrite, model_name=args.model, timings=timings, progress=not args.quiet
+        prepared,
+        plan,
+        args.out,
+        args.overwrite,
+        model_name=args.model,
+        timings=timings,
+        progress=not args.quiet,
+        embedding_bits=args.embedding_bits,
     )
     acc = report["accounting"]
     print(f"wrote {out} (plan digest {report['plan_digest']})")
@@ -92,6 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"true_bits={acc['true_bits']:.4f} paper_bits={acc['paper_bits']:.4f} "
         f"quantized_bytes={acc['quantized_bytes']:,} untouched_bytes={acc['untouched_bytes']:,}"
     )
+    print(file_line(acc))
     print("actions: " + "  ".join(f"{k}:{v:.1%}" for k, v in plan.action_distribution().items()))
     t = report["timings"]
     print(

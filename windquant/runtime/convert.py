@@ -8,16 +8,30 @@ from torch import nn
 from windquant.pack.apply import set_submodule
 from windquant.pack.qlinear import QuantLinear
 from windquant.runinfo import release_freed_memory
+from windquant.runtime.embedding import RowEmbedding, RowHead
 from windquant.runtime.linear import RuntimeLinear
 
 
 @torch.no_grad()
-def to_runtime(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def to_runtime(
+    model: nn.Module, dtype: torch.dtype = torch.bfloat16, rows: dict[str, tuple[dict[str, torch.Tensor], int]] | None = None
+) -> nn.Module:
     """Swap every :class:`QuantLinear` of ``model`` for a :class:`RuntimeLinear` computing in
     ``dtype`` (bfloat16: the fast path; float32: exact, slow). The packed buffers are dropped as
-    each linear is converted, so at most one linear is held twice."""
+    each linear is converted, so at most one linear is held twice. ``rows`` (module name ->
+    packed tensors and bits, as a checkpoint stores them) become a :class:`RowEmbedding` for the
+    input embedding and a :class:`RowHead` for the head; a tied head shares the embedding's."""
     for name in [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         set_submodule(model, name, RuntimeLinear(model.get_submodule(name), dtype))
+    emb_name = next((n for n, m in model.named_modules() if m is model.get_input_embeddings()), None)
+    head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    for name, (packed, bits) in (rows or {}).items():
+        if name == emb_name:
+            set_submodule(model, name, RowEmbedding(packed, bits, next(model.parameters()).dtype))
+            if getattr(model.config, "tie_word_embeddings", False) and head_name is not None:
+                set_submodule(model, head_name, RowHead(packed, bits, dtype))
+        else:
+            set_submodule(model, name, RowHead(packed, bits, dtype))
     release_freed_memory()
     return model
 
