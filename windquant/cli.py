@@ -109,6 +109,11 @@ def _add_eval(sub) -> None:
         help="also evaluate this model (e.g. the unquantized one) on the same span and end with a side-by-side summary",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking a checkpoint's tensors against their digests (trusted folders only)",
+    )
 
 
 def _add_inspect(sub) -> None:
@@ -133,6 +138,11 @@ def _add_generate(sub) -> None:
         "--dense-cache",
         action="store_true",
         help="without the runtime, keep each layer's dense weights after its first use (the memory of a dense model)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking a checkpoint's tensors against their digests (trusted folders only)",
     )
 
 

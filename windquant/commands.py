@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from windquant.errors import WindquantError
+from windquant.errors import WindquantError, non_finite_logits
 
 
 def fit_config_from_args(args: argparse.Namespace):
@@ -118,12 +118,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: list[str] | None) -> dict:
     """Perplexity on ``corpus`` and/or zero-shot ``tasks`` of one model spec; prints each result."""
     from windquant.eval.perplexity import PROTOCOLS, model_max_context, perplexity
-    from windquant.runtime.loading import load_model
+    from windquant.reports import file_line
+    from windquant.runtime.loading import is_checkpoint, load_model, read_quant_config
 
     start = time.perf_counter()
     # Scoring long windows: the dequantized path, each layer unpacked once (see the eval help).
-    model, tokenizer = load_model(spec, dense_cache=True, runtime=False)
+    model, tokenizer = load_model(spec, dense_cache=True, runtime=False, verify=not args.no_verify)
     payload: dict = {"model": spec}
+    if is_checkpoint(Path(spec).expanduser()):
+        payload["sizes"] = read_quant_config(Path(spec).expanduser()).get("sizes", {})
+        print(file_line(payload["sizes"]))
     if corpus is not None:
         from windquant.calib.corpus import corpus_tokens, window_bos
 
@@ -195,12 +199,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_finite_logits(_input_ids, scores):
+    """generate() logits processor: nan/+inf scores are an error, not garbage tokens (-inf is a
+    legitimate mask from other processors)."""
+    if scores.isnan().any() or scores.isposinf().any():
+        raise non_finite_logits("generate")
+    return scores
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from windquant.runtime.loading import load_model
 
-    model, tokenizer = load_model(args.model, dense_cache=args.dense_cache, runtime=not (args.no_runtime or args.dense_cache))
+    runtime = not (args.no_runtime or args.dense_cache)
+    model, tokenizer = load_model(args.model, dense_cache=args.dense_cache, runtime=runtime, verify=not args.no_verify)
     text = args.prompt
     if args.chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
@@ -208,7 +221,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("note: this model's tokenizer has no chat template; --chat sends the prompt as plain text", file=sys.stderr)
     ids = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(
+            **ids, max_new_tokens=args.max_new_tokens, do_sample=False, logits_processor=[_require_finite_logits]
+        )
     print(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0
 
