@@ -13,7 +13,7 @@ from windquant.quant.ops import decode, grid_for
 from windquant.quant.rotation import unrotate
 from windquant.quant.unit import FitSettings, _unpacked, dequantize_unit, quantize_unit
 from windquant.runtime.int4 import fits_int4, int4_unit, int4_weight
-from windquant.runtime.linear import RuntimeLinear
+from windquant.runtime.linear import RuntimeLinear, pack_int4
 
 BF16_UNIT = 2.0**-8  # bf16 unit roundoff (8 significant bits)
 
@@ -46,6 +46,19 @@ def test_int4_form_reproduces_dequantize_unit_exactly(action, columns, rotate):
     if rotate:
         kernel = unrotate(kernel, unit.signs)
     assert torch.equal(kernel.half().float(), dequantize_unit(packed, action, 32, columns))
+
+
+def test_the_cpu_kernel_computes_fma_of_code_minus_8_scale_and_zero():
+    """What the runtime builds on, measured: with fp32 activations the kernel's weight is
+    ``fma(q − 8, scale, zero)`` per row and group, bit for bit (identity input reads it out)."""
+    g = torch.Generator().manual_seed(0)
+    n, k, group = 32, 128, 64
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(k // group, n, generator=g) + 0.5, torch.randn(k // group, n, generator=g)
+    w, sz = pack_int4(codes, scale, zero, group, torch.float32)
+    got = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k), w, group, sz).T
+    expand = lambda t: t.repeat_interleave(group, 0).T  # noqa: E731
+    assert torch.equal(got, torch.addcmul(expand(zero), codes.float() - 8, expand(scale)))
 
 
 def test_binary_with_shift_uses_codes_7_and_9_and_salient_at_8():
