@@ -83,8 +83,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _dry_run(model, fit)
     if first:  # fail now, not after the long fit, when --out cannot hold the checkpoint
         out = Path(args.out).expanduser()
-        # Paper accounting does not count scales and indices: allow one more bit per weight.
-        bits = plan_config.target_bits + (1 if plan_config.accounting == "paper" else 0)
+        # The budget bounds the true bits; paper accounting does not count scales and indices:
+        # allow one more bit per weight (no target: an all-fp16 plan).
+        bits = min(16.0, plan_config.budget_bits + (1 if plan_config.accounting == "paper" else 0))
         check_free_space(out.parent, expected_bytes(model, bits, args.embedding_bits), "the checkpoint")
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
     if not first:  # its share of the fit is written
