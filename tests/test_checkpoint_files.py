@@ -59,7 +59,7 @@ def test_rows_dequantize_independently(bits):
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4])
-def test_bytes_on_disk_equal_the_reported_whole_file(tiny_model, tokenizer, plan, tmp_path, bits):
+def test_bytes_on_disk_equal_the_reported_whole_file(tiny_model, tokenizer, plan, tmp_path, bits, capsys):
     out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt", embedding_bits=bits)
     sizes = json.loads((out / "quant_config.json").read_text())["sizes"]
     spans = tensor_spans(out / "model.safetensors")
@@ -70,6 +70,8 @@ def test_bytes_on_disk_equal_the_reported_whole_file(tiny_model, tokenizer, plan
         m.in_features * m.out_features for m in tiny_model.modules() if hasattr(m, "chunks")
     )
     assert json.loads((out / "plan.json").read_text())["info"]["file"] == sizes
+    assert main(["inspect", str(out), "--png", str(tmp_path / "b.png")]) == 0
+    assert f"whole file: {sizes['file_bits_per_param']:.3f} bits per parameter" in capsys.readouterr().out
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # the model was rounded in place: it computes exactly what is stored
         assert torch.equal(tiny_model(x).logits, load(out, runtime=False)(x).logits)

@@ -156,3 +156,26 @@ def test_checkpoint_logits_through_the_runtime_match_the_dequantized_model(tiny_
     assert (got_exact - ref).abs().max() <= 1e-3 * scale
     assert (got_fast - ref).abs().max() <= 2e-2 * scale
     assert (got_fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+
+def test_a_format_3_folder_runs_through_the_runtime(tiny_checkpoint, capsys):
+    """Folders written before format 4 (fp16 embedding, no digests, no sizes) load and run."""
+    import json
+
+    from windquant import load
+    from windquant.cli import main
+
+    out, _ = tiny_checkpoint
+    qconf = json.loads((out / "quant_config.json").read_text())
+    old = {k: v for k, v in qconf.items() if k not in ("rows", "sizes", "digest", "digests")} | {"version": 3}
+    (out / "quant_config.json").write_text(json.dumps(old))
+    x = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, got = load(out, runtime=False)(x).logits, load(out)(x).logits
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert main(["generate", str(out), "--prompt", "ab", "--max-new-tokens", "2"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    plan["info"].pop("file", None)
+    (out / "plan.json").write_text(json.dumps(plan))
+    assert main(["inspect", str(out), "--png", str(out / "b.png")]) == 0
+    assert "whole file: not recorded" in capsys.readouterr().out
