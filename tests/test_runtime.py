@@ -128,13 +128,14 @@ def _stored_weight(q: QuantLinear, k: int) -> torch.Tensor:
     return dequantize_unit(unrotated, action, q.out_features, col1 - col0)
 
 
-@pytest.fixture
-def tiny_checkpoint(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
-    """A saved tiny checkpoint (rotated and salient units, chunk 32) and its in-memory model."""
+@pytest.fixture(params=[16, 8, 4], ids=["emb16", "emb8", "emb4"])
+def tiny_checkpoint(request, tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
+    """A saved tiny checkpoint (rotated and salient units, chunk 32; its embedding at 16, 8 and
+    4 bits) and its in-memory model."""
     from windquant import quantize_, save
 
     plan, _ = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
-    return save(tiny_model, tokenizer, plan, tmp_path / "ckpt"), tiny_model
+    return save(tiny_model, tokenizer, plan, tmp_path / "ckpt", embedding_bits=request.param), tiny_model
 
 
 def test_checkpoint_logits_through_the_runtime_match_the_dequantized_model(tiny_checkpoint):
@@ -143,12 +144,22 @@ def test_checkpoint_logits_through_the_runtime_match_the_dequantized_model(tiny_
     runtime: each linear adds <= 1.5·2^-8 relative error (see the bf16 test) over 2 blocks plus
     the head, i.e. a few 2^-8; bound 2e-2 of the logit scale, and the same greedy tokens."""
     from windquant import load
+    from windquant.pack.embedding import split_rows
     from windquant.runtime.convert import to_runtime
 
+    from windquant.runtime.embedding import RowHead
+    from windquant.runtime.loading import _read_state, read_quant_config
+
     out, _ = tiny_checkpoint
+    qconf = read_quant_config(out)
     dequantized = load(out, runtime=False)
-    fast, exact = load(out), to_runtime(load(out, runtime=False), torch.float32)
+    fast = load(out)
+    # The exact path: the same conversion with fp32 activations (the int8 kernel and the int4
+    # kernel's scalar loop), the embedding's packed rows included.
+    rows = split_rows(_read_state(out, qconf, torch.float32, True), list(qconf["rows"]))
+    exact = to_runtime(load(out, runtime=False), torch.float32, {n: (p, qconf["rows"][n]) for n, p in rows.items()})
     assert any(isinstance(m, RuntimeLinear) and m.group for m in fast.modules())
+    assert isinstance(fast.lm_head, RowHead) == bool(qconf["rows"])
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, got_exact, got_fast = dequantized(x).logits, exact(x).logits, fast(x).logits
@@ -158,6 +169,7 @@ def test_checkpoint_logits_through_the_runtime_match_the_dequantized_model(tiny_
     assert (got_fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
 
 
+@pytest.mark.parametrize("tiny_checkpoint", [16], indirect=True)  # format 3 stored the embedding in fp16
 def test_a_format_3_folder_runs_through_the_runtime(tiny_checkpoint, capsys):
     """Folders written before format 4 (fp16 embedding, no digests, no sizes) load and run."""
     import json
