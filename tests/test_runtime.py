@@ -146,7 +146,6 @@ def test_checkpoint_logits_through_the_runtime_match_the_dequantized_model(tiny_
     from windquant import load
     from windquant.pack.embedding import split_rows
     from windquant.runtime.convert import to_runtime
-
     from windquant.runtime.embedding import RowHead
     from windquant.runtime.loading import _read_state, read_quant_config
 
