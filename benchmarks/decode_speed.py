@@ -8,8 +8,8 @@ batch × (new tokens − 1) / (that call − the 1-token call), median over the 
 ``--prompt-tokens``-token slices of the WikiText-2 training text (one per sequence of the batch).
 Model RSS = RSS after load and every generate() minus RSS after the imports. Perplexity:
 WikiText-2 test, ``--ctx`` windows, the first ``--windows`` of them, through that row's path;
-runtime rows also score the same checkpoint dequantized (what ``windquant eval`` runs) in the
-same process, after the RSS is taken.
+runtime rows of the ``--dequantized-ppl`` checkpoints also score it dequantized (what ``windquant
+eval`` runs) in the same process, after the RSS is taken.
 
 Rows: the reference as transformers runs it by default in fp32 and bf16 (the GGUF dequantized),
 a checkpoint's dense cache (its QuantLinears, each dequantized once), and the runtime at each
@@ -117,7 +117,7 @@ def worker(args: argparse.Namespace) -> dict:
     row["model_rss_mib"] = round(row["rss_after_generate_mib"] - after_imports, 1)
     if args.windows:
         row["ppl"] = row_perplexity(model, tokenizer, args)
-        if args.worker.startswith("runtime"):
+        if args.worker.startswith("runtime") and args.worker.rsplit("@", 1)[1] in args.dequantized_ppl.split(","):
             del model
             dequantized, _ = load_model(load_row_path(args), dense_cache=True, runtime=False)
             row["ppl_dequantized"] = row_perplexity(dequantized, tokenizer, args)
@@ -208,6 +208,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--windows", type=int, default=16, help="perplexity windows per row (0: none)")
+    p.add_argument(
+        "--dequantized-ppl", default="2.5,4.0", help="checkpoints whose runtime row also scores the dequantized model"
+    )
     p.add_argument("--rows", default=None, help="only these rows, comma-separated (default: all)")
     p.add_argument("--out", default="benchmarks/results/decode_speed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
