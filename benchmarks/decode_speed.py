@@ -2,9 +2,10 @@
 through the runtime (issue 31).
 
 Every row runs in its own process (RSS is per process): imports, load, then for each batch size
-``--repeats`` rounds of one greedy ``generate()`` of 1 new token (time to first token: the
-prompt's prefill) and one of ``--new-tokens`` (forced with ``min_new_tokens``); decode tokens/s =
-batch × (new tokens − 1) / (that call − the 1-token call), median over the rounds. Prompts are
+``--repeats`` rounds of one greedy ``generate()`` of ``--new-tokens`` (forced with
+``min_new_tokens``): time to first token = until the first logits reach the logits processors
+(the prompt's prefill); decode tokens/s = batch × (new tokens − 1) / (the rest of the call),
+median over the rounds. Prompts are
 ``--prompt-tokens``-token slices of the WikiText-2 training text (one per sequence of the batch).
 Model RSS = RSS after load and every generate() minus RSS after the imports. Perplexity:
 WikiText-2 test, ``--ctx`` windows, the first ``--windows`` of them, through that row's path;
@@ -36,12 +37,14 @@ REFERENCE = "smollm2-135m"
 
 
 def prompts(tokenizer, args, batch: int):
-    """``batch`` distinct prompts of exactly ``--prompt-tokens`` tokens from WikiText-2 train."""
+    """``batch`` distinct prompts of exactly ``--prompt-tokens`` tokens from WikiText-2 train (only
+    its first characters are tokenized: the whole text's token list would inflate the RSS)."""
     import torch
 
-    from windquant.calib.corpus import corpus_tokens
+    from windquant.calib.corpus import corpus_text
 
-    ids = corpus_tokens(tokenizer, "wikitext2", "calib", args.data_dir)
+    text, _split = corpus_text("wikitext2", "calib", args.data_dir)
+    ids = torch.tensor(tokenizer(text[: 16 * batch * args.prompt_tokens])["input_ids"])
     n = args.prompt_tokens
     rows = torch.stack([ids[i * n : (i + 1) * n] for i in range(batch)])
     return {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
@@ -61,17 +64,30 @@ def load_row(mode: str, args):
     return load_model(path)
 
 
-def timed_generate(model, inputs, new_tokens: int, pad_id: int) -> float:
+def timed_generate(model, inputs, new_tokens: int, pad_id: int) -> tuple[float, float]:
+    """(time to the first logits = the prefill, time of the whole call) of one greedy generate()."""
     import torch
+
+    first: list[float] = []
+
+    def clock(_ids, scores):  # a logits processor: first called right after the prefill forward
+        if not first:
+            first.append(time.perf_counter())
+        return scores
 
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            logits_processor=[clock],
         )
-    elapsed = time.perf_counter() - start
+    end = time.perf_counter()
     assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
-    return elapsed
+    return first[0] - start, end - start
 
 
 def row_perplexity(model, tokenizer, args) -> float:
@@ -102,8 +118,7 @@ def worker(args: argparse.Namespace) -> dict:
         timed_generate(model, inputs, 2, pad)  # warm-up
         firsts, decodes = [], []
         for _ in range(args.repeats):
-            first = timed_generate(model, inputs, 1, pad)
-            total = timed_generate(model, inputs, args.new_tokens, pad)
+            first, total = timed_generate(model, inputs, args.new_tokens, pad)
             firsts.append(first)
             decodes.append(batch * (args.new_tokens - 1) / (total - first))
         row["batches"][str(batch)] = {
