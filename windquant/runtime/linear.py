@@ -129,7 +129,8 @@ class RuntimeLinear(nn.Module):
         for a, b, g in self._rotated:
             if a > at:
                 parts.append(xs[:, at:a])
-            parts.append((xs[:, a:b].unflatten(1, (-1, g)) @ hadamard(g).to(xs.dtype)).flatten(1))
+            had = hadamard(g).to(xs.dtype)
+            parts.append(xs[:, a:b] @ had if b - a == g else (xs[:, a:b].unflatten(1, (-1, g)) @ had).flatten(1))
             at = b
         if at < x.shape[1]:
             parts.append(xs[:, at:])
