@@ -154,6 +154,7 @@ def side_by_side(reference: dict, quantized: dict) -> str:
         rows += [
             ("true bits per block-linear weight", "16 (fp16)", f"{plan['true_bits']:.3f}"),
             ("paper bits (Eq. 6)", "16", f"{plan['paper_bits']:.3f}"),
+            ("whole file bits per parameter", "-", f"{plan['info']['file']['file_bits_per_param']:.3f}" if "file" in plan.get("info", {}) else "not recorded"),
             (
                 "block linears (MiB)",
                 f"{fp16_bytes / 2**20:.1f}",
