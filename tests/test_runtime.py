@@ -190,3 +190,23 @@ def test_a_format_3_folder_runs_through_the_runtime(tiny_checkpoint, capsys):
     (out / "plan.json").write_text(json.dumps(plan))
     assert main(["inspect", str(out), "--png", str(out / "b.png")]) == 0
     assert "whole file: not recorded" in capsys.readouterr().out
+
+
+def test_siblings_share_one_rotation_and_compute_the_same():
+    from torch import nn
+
+    from windquant.runtime.convert import share_rotations
+
+    chunks = [(0, 64, 4.0, True), (64, 128, 2.0, True), (128, 160, 3.0, True)]
+    attn = nn.Module()
+    for seed, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        setattr(attn, name, RuntimeLinear(make_linear(chunks, seed=10 * seed), torch.float32))
+    x = torch.randn(2, 3, 160)
+    alone = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+    share_rotations(attn)
+    assert attn.q_proj.shared is attn.v_proj.shared is not None
+    for _ in range(2):  # a second input recomputes; the cache is dropped once every sibling is served
+        together = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(alone, together))
+        assert attn.q_proj.shared._out is None
+    assert torch.allclose(attn.k_proj(x), alone[1], rtol=1e-5, atol=1e-5)  # one sibling alone still works

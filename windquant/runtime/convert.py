@@ -9,7 +9,7 @@ from windquant.pack.apply import set_submodule
 from windquant.pack.qlinear import QuantLinear
 from windquant.runinfo import release_freed_memory
 from windquant.runtime.embedding import RowEmbedding, RowHead
-from windquant.runtime.linear import RuntimeLinear
+from windquant.runtime.linear import RuntimeLinear, SharedRotation
 
 
 @torch.no_grad()
@@ -23,6 +23,7 @@ def to_runtime(
     input embedding and a :class:`RowHead` for the head; a tied head shares the embedding's."""
     for name in [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         set_submodule(model, name, RuntimeLinear(model.get_submodule(name), dtype))
+    share_rotations(model)
     emb_name = next((n for n, m in model.named_modules() if m is model.get_input_embeddings()), None)
     head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
     for name, (packed, bits) in (rows or {}).items():
@@ -34,6 +35,22 @@ def to_runtime(
             set_submodule(model, name, RowHead(packed, bits, dtype))
     release_freed_memory()
     return model
+
+
+# Projections that read the same input in every transformers decoder we know (LLaMA, Gemma,
+# Qwen, Mistral): their rotations are computed together.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def share_rotations(model: nn.Module) -> None:
+    """Give each group of sibling runtime linears one :class:`SharedRotation`."""
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, RuntimeLinear) for m in members) and SharedRotation.fits(members):
+                shared = SharedRotation(members)
+                for m in members:
+                    m.shared = shared
 
 
 def runtime_bytes(model: nn.Module) -> int:

@@ -121,26 +121,20 @@ class RuntimeLinear(nn.Module):
         self.register_buffer("sal_cols", torch.cat(sal_cols) if has_sal else None, persistent=False)
         self.register_buffer("sal_delta", torch.cat(sal_delta) if has_sal else None, persistent=False)
         self.register_buffer("bias", None if q.bias is None else q.bias.detach().float().clone(), persistent=False)
+        self.shared: SharedRotation | None = None
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with every rotated chunk's columns replaced by ``Had · (s ⊙ x)``."""
-        xs = x * self.signs
-        parts, at = [], 0
-        for a, b, g in self._rotated:
-            if a > at:
-                parts.append(xs[:, at:a])
-            had = hadamard(g).to(xs.dtype)
-            parts.append(xs[:, a:b] @ had if b - a == g else (xs[:, a:b].unflatten(1, (-1, g)) @ had).flatten(1))
-            at = b
-        if at < x.shape[1]:
-            parts.append(xs[:, at:])
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return rotate_runs(x * self.signs, self._rotated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, out_dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features)
-        if self.signs is not None:
-            x = self._rotate(x)
+        if self.shared is not None:
+            x = self.shared.rotated(self, x)
+        else:
+            x = x.reshape(-1, self.in_features)
+            if self.signs is not None:
+                x = self._rotate(x)
         xc = x.to(self.dtype)
         y = None
         if self.group is not None:
@@ -166,6 +160,54 @@ class RuntimeLinear(nn.Module):
     def extra_repr(self) -> str:
         kinds = f"int4 group {self.group}" if self.group else "no int4"
         return f"in={self.in_features}, out={self.out_features}, {kinds}, int8 chunks={len(self._int8)}, dtype={self.dtype}"
+
+
+def rotate_runs(xs: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """``xs`` [..., in] (signs applied) with each run (a, b, g) of rotated chunks multiplied by the
+    order-g Hadamard matrix, chunk by chunk: one 2-D product per run."""
+    parts, at = [], 0
+    lead = xs.shape[:-1]
+    for a, b, g in runs:
+        if a > at:
+            parts.append(xs[..., at:a])
+        parts.append((xs[..., a:b].reshape(-1, g) @ hadamard(g).to(xs.dtype)).reshape(*lead, b - a))
+        at = b
+    if at < xs.shape[-1]:
+        parts.append(xs[..., at:])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class SharedRotation:
+    """Linears that read the same input (q/k/v, gate/up) rotate it in one batched product: the
+    first one called rotates the input for all of them (each with its own signs) and the others
+    take their share while the input is the same, unmodified tensor."""
+
+    def __init__(self, members: list[RuntimeLinear]):
+        self.signs = torch.stack([m.signs for m in members])[:, None, :]  # [n, 1, in]
+        self.runs = members[0]._rotated
+        self.index = {id(m): i for i, m in enumerate(members)}
+        self._key: tuple | None = None
+        self._out: torch.Tensor | None = None
+        self._left = 0
+
+    @staticmethod
+    def fits(members: list[RuntimeLinear]) -> bool:
+        first = members[0]
+        return len(members) > 1 and all(
+            m.signs is not None and m._rotated == first._rotated and m.in_features == first.in_features for m in members
+        )
+
+    def rotated(self, member: RuntimeLinear, x: torch.Tensor) -> torch.Tensor:
+        key = (x, x._version)
+        if self._key is None or self._key[0] is not x or self._key[1] != x._version or self._left == 0:
+            x2 = x.reshape(-1, x.shape[-1])
+            self._out = rotate_runs(x2[None] * self.signs.to(x2.dtype), self.runs)
+            self._key, self._left = key, len(self.index)
+        out = self._out[self.index[id(member)]]
+        self._left -= 1
+        if self._left == 0:  # every member served: drop the input and the rotated copies
+            self._key = self._out = None
+        return out
 
 
 def _merge_rotations(rotated: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
