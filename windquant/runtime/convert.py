@@ -27,6 +27,9 @@ def to_runtime(
     emb_name = next((n for n, m in model.named_modules() if m is model.get_input_embeddings()), None)
     head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
     for name, (packed, bits) in (rows or {}).items():
+        # Own, allocator-aligned copies: a tensor read from the safetensors file may sit at any
+        # offset of its buffer, and the int8 kernel's vector loads then crash (measured: M >= 8).
+        packed = {k: v.clone() for k, v in packed.items()}
         if name == emb_name:
             set_submodule(model, name, RowEmbedding(packed, bits, next(model.parameters()).dtype))
             if getattr(model.config, "tie_word_embeddings", False) and head_name is not None:
