@@ -23,9 +23,9 @@ from benchlib import Evaluator, add_eval_args, fmt, load_rows, results_folder, s
 from windquant.calib.corpus import window_bos  # noqa: E402
 from windquant.config import FitConfig, PlanConfig  # noqa: E402
 from windquant.eval.perplexity import perplexity  # noqa: E402
-from windquant.model.loading import load_model  # noqa: E402
 from windquant.pipeline import make_plan, prepare  # noqa: E402
 from windquant.runinfo import Timings  # noqa: E402
+from windquant.runtime.loading import load_model  # noqa: E402
 
 
 def other_domain_ppl(model, tokens: torch.Tensor, args, bos_id) -> dict:

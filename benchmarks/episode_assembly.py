@@ -32,9 +32,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     from windquant.alloc.ppo import PPOConfig
     from windquant.config import FitConfig
-    from windquant.model.loading import load_model
     from windquant.pipeline import prepare
     from windquant.runinfo import set_threads
+    from windquant.runtime.loading import load_model
 
     set_threads(args.threads)
     model, tok = load_model(args.model)

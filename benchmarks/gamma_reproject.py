@@ -26,8 +26,8 @@ from windquant.config import FitConfig
 from windquant.errors import WindquantError
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
-from windquant.model.loading import load_model
 from windquant.pipeline import prepare
+from windquant.runtime.loading import load_model
 
 
 def main() -> None:

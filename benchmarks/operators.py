@@ -33,7 +33,6 @@ from windquant.calib.corpus import corpus_tokens
 from windquant.calib.statistics import calibrate
 from windquant.config import FitConfig
 from windquant.eval.perplexity import perplexity
-from windquant.model.loading import load_model
 from windquant.model.units import enumerate_units
 from windquant.pack.apply import plan_weights
 from windquant.pipeline import calibration_windows, fit_settings, prepare
@@ -41,6 +40,7 @@ from windquant.quant.accounting import summarize
 from windquant.quant.fold_search import fold_model
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear, quantize_unit, relative_error
 from windquant.runinfo import peak_rss_mib
+from windquant.runtime.loading import load_model
 
 RTN_SCALE_ZERO_BITS = 32  # fp16 scale + fp16 zero per row and group
 

@@ -27,9 +27,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One mode, measured in this process."""
     import torch
 
-    from windquant.model.loading import load_model, load_tokenizer
-    from windquant.pack.checkpoint import load
+    from windquant.model.loading import load_tokenizer
     from windquant.runinfo import set_threads
+    from windquant.runtime.loading import load, load_model
 
     set_threads(args.threads)
     # Import what loading and generate() pull in, so 'after imports' is the process without a model.
@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.worker == "reference":
         model, _ = load_model(args.reference)  # a GGUF builds its own tokenizer as well
     else:
-        model = load(args.checkpoint, dense_cache=args.worker == "dense-cache")
+        model = load(args.checkpoint, dense_cache=args.worker == "dense-cache", runtime=False)
     after_load = rss_mib()
     ids = tokenizer(args.prompt, return_tensors="pt")
 

@@ -26,9 +26,9 @@ from windquant.alloc.ilp import solve
 from windquant.config import FitConfig, PlanConfig
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
-from windquant.model.loading import load_model
 from windquant.pipeline import Prepared, calibration_windows, prepare
 from windquant.runinfo import Timings
+from windquant.runtime.loading import load_model
 from windquant.sweep import run_sweep
 
 

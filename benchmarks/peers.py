@@ -40,9 +40,9 @@ from benchlib import Evaluator, add_eval_args, fmt, load_rows, phase_peak_rss_mi
 from tqdm.auto import tqdm
 
 from windquant.files import atomic_write_json, atomic_write_text
-from windquant.model.loading import load_model
 from windquant.model.units import block_linears
 from windquant.runinfo import set_threads
+from windquant.runtime.loading import load_model
 
 HQQ_CONFIGS = "4g64,3g64,2g16,2g32,2g64"  # HQQ README: 4-bit g64, 3-bit g64, 2-bit g16/g32 (g64 extra)
 AR_CONFIGS = "W2A16G64,W3A16,W4A16,auto2.0,auto2.5,auto3.0"  # uniform 2/3/4-bit + AutoScheme targets

@@ -31,8 +31,8 @@ from windquant.alloc.ppo.report import read_episodes
 from windquant.calib.corpus import corpus_tokens
 from windquant.config import FitConfig, PlanConfig
 from windquant.eval.perplexity import perplexity
-from windquant.model.loading import load_model
 from windquant.pipeline import calibration_windows, make_plan, prepare
+from windquant.runtime.loading import load_model
 
 SIZES = (8, 16, 32, 64)
 

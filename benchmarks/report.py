@@ -157,8 +157,9 @@ def evaluate_rows(specs: list[dict], rows: dict, rows_path: Path, args) -> dict:
     import torch
 
     import windquant
-    from windquant.model.loading import load_model, load_tokenizer
+    from windquant.model.loading import load_tokenizer
     from windquant.model.units import block_linears
+    from windquant.runtime.loading import load_model
 
     reset_peak_rss()
     start = time.perf_counter()
@@ -186,7 +187,7 @@ def evaluate_rows(specs: list[dict], rows: dict, rows_path: Path, args) -> dict:
                     row.update(checkpoint_row(Path(spec["existing"]), f"(checkpoint written earlier) {spec['existing']}"))
                 else:
                     row.update(quantizer.quantize(spec))
-                model, tok = windquant.load(row["checkpoint"]), load_tokenizer(row["checkpoint"])
+                model, tok = windquant.load(row["checkpoint"], runtime=False), load_tokenizer(row["checkpoint"])
         except Exception as exc:  # one failed row must not lose the others
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(f"{key}: FAILED {row['error']}", file=sys.stderr, flush=True)

@@ -40,9 +40,9 @@ from windquant.cliflags import parse_overrides
 from windquant.config import FitConfig, PlanConfig
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
-from windquant.model.loading import load_model
 from windquant.pipeline import make_plan, prepare, proxy_perplexity
 from windquant.runinfo import Timings, peak_rss_mib, set_threads
+from windquant.runtime.loading import load_model
 
 
 def parse() -> argparse.Namespace:

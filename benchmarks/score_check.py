@@ -29,8 +29,8 @@ from scipy.stats import pearsonr, spearmanr
 from windquant.actions import ACTIONS
 from windquant.config import FitConfig
 from windquant.eval.perplexity import perplexity
-from windquant.model.loading import load_model
 from windquant.pipeline import calibration_windows, prepare
+from windquant.runtime.loading import load_model
 
 KINDS = ("fisher", "block")
 NOISE = 0.005  # nats: linears measured below this are within the proxy's noise (some measure < 0)

@@ -34,9 +34,9 @@ from windquant.calib.corpus import corpus_tokens, window_bos
 from windquant.config import FitConfig, PlanConfig
 from windquant.eval.perplexity import perplexity
 from windquant.files import atomic_write_json
-from windquant.model.loading import load_model
 from windquant.pipeline import make_plan, prepare
 from windquant.runinfo import Timings, peak_rss_mib, set_threads
+from windquant.runtime.loading import load_model
 
 SOURCE_ROWS = ("ilp", "sac", "ppo")
 TARGET_ROWS = ("uniform", "heuristic", "sac zero-shot", "ilp", "ppo zero-shot", "sac", "ppo", "sac zero-shot (policy projection)")

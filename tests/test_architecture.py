@@ -80,7 +80,7 @@ def test_loading_a_checkpoint_imports_no_allocator_stack(tiny_model, tokenizer, 
     plan, _ = quantize_(tiny_model, tokenizer, PlanConfig(target_bits=4.0, allocator="heuristic"), tiny_fit, progress=False)
     out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
     code = (
-        "import sys, windquant; from windquant.model.loading import load_model; "
+        "import sys, windquant; from windquant.runtime.loading import load_model; "
         "print(sorted(k for k in ('scipy.optimize', 'gymnasium', 'windquant.alloc') if k in sys.modules)); "
         f"m, t = load_model({str(out)!r}); "
         "print(sorted(k for k in ('gymnasium', 'windquant.alloc') if k in sys.modules))"

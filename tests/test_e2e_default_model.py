@@ -8,9 +8,9 @@ import torch
 from windquant import FitConfig, PlanConfig, load, save
 from windquant.calib.corpus import corpus_tokens
 from windquant.eval.perplexity import perplexity
-from windquant.model.loading import load_model
 from windquant.pack.apply import apply_plan, plan_weights
 from windquant.pipeline import make_plan, prepare
+from windquant.runtime.loading import load_model
 
 pytestmark = [
     pytest.mark.slow,
@@ -50,7 +50,7 @@ def test_default_model_quantize_pack_reload(tmp_path):
     quantized = perplexity(model, tokens, ctx=256, max_windows=4, progress=False).ppl
     assert quantized > uniform4
     out = save(model, tok, plan, tmp_path / "ckpt")
-    reloaded = load(out)
+    reloaded = load(out, runtime=False)
     x = tokens[:64][None]
     with torch.no_grad():
         assert torch.equal(model(x).logits, reloaded(x).logits)

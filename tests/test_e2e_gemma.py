@@ -15,9 +15,9 @@ from windquant import FitConfig, PlanConfig, load, save
 from windquant.alloc.sac import SACConfig
 from windquant.calib.corpus import corpus_tokens
 from windquant.eval.perplexity import perplexity
-from windquant.model.loading import load_model
 from windquant.pack.apply import apply_plan
 from windquant.pipeline import make_plan, prepare
+from windquant.runtime.loading import load_model
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,7 +60,7 @@ def test_gemma_quantize_allocate_pack_reload_generate(tmp_path, capsys):
     apply_plan(model, plan, prepared.cache.packed_of)
     assert math.isfinite(perplexity(model, tokens, ctx=256, max_windows=2, progress=False).ppl)
     ckpt = save(model, tok, plan, tmp_path / "ckpt")
-    reloaded = load(ckpt)
+    reloaded = load(ckpt, runtime=False)
     x = tokens[:64][None]
     with torch.no_grad():
         assert torch.equal(model(x).logits, reloaded(x).logits)

@@ -142,7 +142,7 @@ def test_llamacpp_writer_exercises_k_quants_and_matches_its_recipe(tmp_path):
 
 
 def test_export_gguf_writes_the_checkpoints_own_weights(tmp_path, monkeypatch, capsys, tiny_model_dir):
-    from windquant.model.loading import load_model
+    from windquant.runtime.loading import load_model
 
     monkeypatch.setenv("WINDQUANT_LLAMACPP", str(tmp_path / "no-llamacpp"))
     src = write_random_llama(tmp_path / "tiny.gguf")
@@ -154,7 +154,7 @@ def test_export_gguf_writes_the_checkpoints_own_weights(tmp_path, monkeypatch, c
     f16 = tmp_path / "f16.gguf"
     assert main(["export-gguf", str(ck), "--out", str(f16), "--types", "F16", "--embedding-type", "F16", *work]) == 0
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
-    packed, _ = load_model(str(ck))
+    packed, _ = load_model(str(ck), runtime=False)
     with torch.no_grad():
         assert torch.allclose(_logits(f16, ids), packed(ids).logits, atol=1e-5, rtol=0)
     # Its 3 true bits have no GGUF type on 64-wide rows: the nearest (Q4_0) and a plain note.

@@ -3,8 +3,9 @@
 import torch
 
 from windquant.gguf.files import write_random_llama
-from windquant.model.loading import READY, load_model, reference_dir
+from windquant.model.loading import READY, reference_dir
 from windquant.quant.cache import parameters_digest
+from windquant.runtime.loading import load_model
 
 
 def test_gguf_reference_is_cached_and_reads_back_the_same(tmp_path, monkeypatch):

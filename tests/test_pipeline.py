@@ -25,7 +25,7 @@ def test_quantize_save_load_roundtrip(tiny_model, tokenizer, tiny_plan, tiny_fit
     assert plan.true_bits <= tiny_plan.target_bits
     assert set(timings) == {"calibrate", "fit", "scores", "allocate", "apply"}  # ilp (default) needs scores
     out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
-    loaded = load(out)
+    loaded = load(out, runtime=False)
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(tiny_model(x).logits, loaded(x).logits)
@@ -146,7 +146,7 @@ def test_loaded_model_stays_packed_unless_dense_cache(tiny_model, tokenizer, tin
 
     plan, _ = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
     out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
-    packed, dense = load(out), load(out, dense_cache=True)
+    packed, dense = load(out, runtime=False), load(out, dense_cache=True)
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(packed(x).logits, dense(x).logits)

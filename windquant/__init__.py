@@ -15,7 +15,7 @@ _EXPORTS = {
     "PlanConfig": "windquant.config",
     "Plan": "windquant.plan",
     "WindquantError": "windquant.errors",
-    "load": "windquant.pack.checkpoint",
+    "load": "windquant.runtime.loading",
     "save": "windquant.pack.checkpoint",
     "prepare": "windquant.pipeline",
     "make_plan": "windquant.pipeline",

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from windquant.errors import WindquantError
+from windquant.errors import WindquantError, non_finite_logits
 
 
 def fit_config_from_args(args: argparse.Namespace):
@@ -56,11 +56,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from windquant.alloc import get_allocator
-    from windquant.model.loading import load_model
-    from windquant.pack.checkpoint import prepare_out_dir
+    from windquant.pack.checkpoint import expected_bytes, prepare_out_dir
+    from windquant.pack.integrity import check_free_space
     from windquant.pipeline import make_plan, prepare, write_checkpoint
     from windquant.quant.streamed import process_group
+    from windquant.reports import file_line
     from windquant.runinfo import Timings
+    from windquant.runtime.loading import load_model
 
     fit, plan_config = fit_config_from_args(args), plan_config_from_args(args)
     # Under torchrun (several processes share the candidate fit) the first one writes the checkpoint.
@@ -79,12 +81,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=torch.float32 if whole else "auto")
     if args.dry_run:
         return _dry_run(model, fit)
+    if first:  # fail now, not after the long fit, when --out cannot hold the checkpoint
+        out = Path(args.out).expanduser()
+        # The budget bounds the true bits; paper accounting does not count scales and indices:
+        # allow one more bit per weight (no target: an all-fp16 plan).
+        bits = min(16.0, plan_config.budget_bits + (1 if plan_config.accounting == "paper" else 0))
+        check_free_space(out.parent, expected_bytes(model, bits, args.embedding_bits), "the checkpoint")
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
     if not first:  # its share of the fit is written
         return 0
     plan = make_plan(prepared, plan_config, timings, progress)
     out, report = write_checkpoint(
-        prepared, plan, args.out, args.overwrite, model_name=args.model, timings=timings, progress=not args.quiet
+        prepared,
+        plan,
+        args.out,
+        args.overwrite,
+        model_name=args.model,
+        timings=timings,
+        progress=not args.quiet,
+        embedding_bits=args.embedding_bits,
     )
     acc = report["accounting"]
     print(f"wrote {out} (plan digest {report['plan_digest']})")
@@ -92,6 +107,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"true_bits={acc['true_bits']:.4f} paper_bits={acc['paper_bits']:.4f} "
         f"quantized_bytes={acc['quantized_bytes']:,} untouched_bytes={acc['untouched_bytes']:,}"
     )
+    print(file_line(acc))
     print("actions: " + "  ".join(f"{k}:{v:.1%}" for k, v in plan.action_distribution().items()))
     if "scores" in plan.info:  # --scores auto: which table this budget used, and why
         check = plan.info["scores"]
@@ -107,11 +123,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: list[str] | None) -> dict:
     """Perplexity on ``corpus`` and/or zero-shot ``tasks`` of one model spec; prints each result."""
     from windquant.eval.perplexity import PROTOCOLS, model_max_context, perplexity
-    from windquant.model.loading import load_model
+    from windquant.reports import file_line
+    from windquant.runtime.loading import is_checkpoint, load_model, read_quant_config
 
     start = time.perf_counter()
-    model, tokenizer = load_model(spec, dense_cache=True)  # scoring many tokens: unpack each layer once
+    # Scoring long windows: the dequantized path, each layer unpacked once (see the eval help).
+    model, tokenizer = load_model(spec, dense_cache=True, runtime=False, verify=not args.no_verify)
     payload: dict = {"model": spec}
+    if is_checkpoint(Path(spec).expanduser()):
+        payload["sizes"] = read_quant_config(Path(spec).expanduser()).get("sizes", {})
+        print(file_line(payload["sizes"]))
     if corpus is not None:
         from windquant.calib.corpus import corpus_tokens, window_bos
 
@@ -183,12 +204,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_finite_logits(_input_ids, scores):
+    """generate() logits processor: nan/+inf scores are an error, not garbage tokens (-inf is a
+    legitimate mask from other processors)."""
+    if scores.isnan().any() or scores.isposinf().any():
+        raise non_finite_logits("generate")
+    return scores
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from windquant.model.loading import load_model
+    from windquant.runtime.loading import load_model
 
-    model, tokenizer = load_model(args.model, dense_cache=args.dense_cache)
+    runtime = not (args.no_runtime or args.dense_cache)
+    model, tokenizer = load_model(args.model, dense_cache=args.dense_cache, runtime=runtime, verify=not args.no_verify)
     text = args.prompt
     if args.chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
@@ -196,7 +226,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("note: this model's tokenizer has no chat template; --chat sends the prompt as plain text", file=sys.stderr)
     ids = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(
+            **ids, max_new_tokens=args.max_new_tokens, do_sample=False, logits_processor=[_require_finite_logits]
+        )
     print(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0
 
@@ -205,9 +237,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from windquant.alloc import get_allocator
     from windquant.cliflags import allocator_configs, config_from_args
     from windquant.config import PlanConfig
-    from windquant.model.loading import load_model
     from windquant.pipeline import needs_of, prepare
     from windquant.runinfo import Timings
+    from windquant.runtime.loading import load_model
     from windquant.sweep import run_sweep
 
     fit = fit_config_from_args(args)

@@ -20,3 +20,11 @@ def reject_unknown_fields(cls: type, d: dict, what: str) -> None:
     unknown = set(d) - {f.name for f in fields(cls)}
     if unknown:
         raise WindquantError(f"unknown {what} fields: {', '.join(sorted(unknown))}")
+
+
+def non_finite_logits(where: str) -> WindquantError:
+    """The one message for nan/inf logits: never report a ``nan`` result instead."""
+    return WindquantError(
+        f"the model produced non-finite logits ({where}); likely causes: corrupt weights (a damaged checkpoint "
+        "loaded without digest verification) or values overflowing the model's dtype (load it in float32)"
+    )

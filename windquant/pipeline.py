@@ -570,15 +570,17 @@ def write_checkpoint(
     model_name: str | None = None,
     timings: Timings | None = None,
     progress: bool = True,
+    embedding_bits: int = 8,
 ) -> tuple[Path, dict]:
     """Apply ``plan`` to ``model`` (default: the prepared model, in place), pack it into the
     checkpoint folder ``out`` with the allocator's attached files and ``run_report.json``
-    (accounting, per-layer bit map, stage timings, peak RSS). Returns the folder and the report."""
+    (accounting, per-layer bit map, stage timings, peak RSS); the embedding (and an untied
+    head) is stored per row at ``embedding_bits``. Returns the folder and the report."""
     timings = timings if timings is not None else Timings()
     model = apply(prepared, plan, model, timings, progress)
     with timings.stage("pack"):
+        out = save(model, prepared.tokenizer, plan, out, overwrite, copy_files=plan.attachments, embedding_bits=embedding_bits)
         report = plan_report(plan, model)
-        out = save(model, prepared.tokenizer, plan, out, overwrite=overwrite, copy_files=plan.attachments)
     report = {"model": model_name, **report, "timings": timings.report()}
     atomic_write_json(out / "run_report.json", report)
     return out, report

@@ -32,6 +32,17 @@ def embedding_report(model: nn.Module) -> dict:
     }
 
 
+def file_line(acc: dict) -> str:
+    """The whole file's bits per parameter beside the block linears' (folders before format 4: unknown)."""
+    if "file_bits_per_param" not in acc:
+        return "whole file: not recorded (checkpoint written before format 4)"
+    return (
+        f"whole file: {acc['file_bits_per_param']:.3f} bits per parameter ({acc['parameters']:,} parameters, "
+        f"{acc['tensor_bytes'] / 2**20:.1f} MiB of tensors; embedding {acc['embedding_bits']} bit: "
+        f"{acc['embedding_bytes'] / 2**20:.1f} MiB)"
+    )
+
+
 def layer_bit_map(plan: Plan) -> tuple[list[int], list[str], list[list[float]]]:
     """Average true bits per weight for each (layer, projection)."""
     bits: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -48,7 +59,7 @@ def layer_bit_map(plan: Plan) -> tuple[list[int], list[str], list[list[float]]]:
 
 
 def plan_report(plan: Plan, model: nn.Module | None = None) -> dict:
-    acc = plan.summary().as_dict()
+    acc = plan.summary().as_dict() | plan.info.get("file", {})
     if model is not None:
         acc |= {"untouched_bytes": untouched_bytes(model), **embedding_report(model)}
     layers, projs, grid = layer_bit_map(plan)
@@ -107,6 +118,7 @@ def inspect_checkpoint(path: Path, png: str | None = None) -> str:
         f"allocator: {plan.allocator}  target: {plan.target_bits} ({plan.accounting} bits)",
         f"true bits: {acc['true_bits']:.4f}   paper bits: {acc['paper_bits']:.4f}   "
         f"quantized weights: {acc['n_weights']:,}   packed bytes: {acc['quantized_bytes']:,}",
+        file_line(acc),
         f"units: {len(plan.units)}   operator fallbacks: {report['fallbacks']}",
         "action distribution (share of weights):",
     ]
@@ -142,6 +154,7 @@ def side_by_side(reference: dict, quantized: dict) -> str:
         rows += [
             ("true bits per block-linear weight", "16 (fp16)", f"{plan['true_bits']:.3f}"),
             ("paper bits (Eq. 6)", "16", f"{plan['paper_bits']:.3f}"),
+            ("whole file bits per parameter", "-", f"{plan['info']['file']['file_bits_per_param']:.3f}" if "file" in plan.get("info", {}) else "not recorded"),
             (
                 "block linears (MiB)",
                 f"{fp16_bytes / 2**20:.1f}",

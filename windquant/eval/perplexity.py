@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from windquant.errors import WindquantError
+from windquant.errors import WindquantError, non_finite_logits
 
 
 @dataclass
@@ -86,6 +86,8 @@ def perplexity(
     for i in tqdm(range(0, n, batch_size), desc=f"perplexity ctx={ctx}", disable=not progress, unit="batch"):
         batch = windows[i : i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
+        if not torch.isfinite(logits).all():
+            raise non_finite_logits(f"perplexity window {i + 1} of {n}")
         pred, target = logits[:, first:-1], batch[:, first + 1 :]
         total += float(F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"))
     nll = total / (n * (ctx - 1 - first))

@@ -99,9 +99,9 @@ def calibration_statistics(spec: str, fit: FitConfig, progress: bool) -> tuple[d
     """(gguf name -> input second moment [cols, cols], -> imatrix values [cols], -> output Fisher)
     of every block linear of the model ``spec`` on ``fit``'s calibration windows."""
     from windquant.calib.statistics import calibrate, layer_fisher
-    from windquant.model.loading import load_model
     from windquant.model.units import block_linears
     from windquant.pipeline import calibration_windows
+    from windquant.runtime.loading import load_model
 
     model, tok = load_model(spec)
     names = {name: gguf_linear_name(layer, proj) for layer, name, proj, _ in block_linears(model)}

@@ -73,9 +73,9 @@ def export_gguf(
 ) -> dict:
     """Write the checkpoint's projection to ``out`` (atomic); returns the report written beside it."""
     from windquant.config import FitConfig
-    from windquant.model.loading import is_checkpoint, load_model
     from windquant.model.units import block_linears
     from windquant.pack.qlinear import QuantLinear
+    from windquant.runtime.loading import is_checkpoint, load_model
 
     if not is_checkpoint(checkpoint):
         raise WindquantError(f"{checkpoint} is not a windquant checkpoint folder (no quant_config.json); give one written by windquant quantize")
@@ -93,7 +93,7 @@ def export_gguf(
     if not chosen_types:
         raise WindquantError(f"none of the --types can be written by {writer} without an importance matrix; it writes {', '.join(t.name for t in available)}")
 
-    packed, _ = load_model(str(checkpoint))
+    packed, _ = load_model(str(checkpoint), runtime=False)
     reference, _ = load_model(spec)
     modules = dict(packed.named_modules())
     src = {t.name: t for t in open_gguf(source).tensors}

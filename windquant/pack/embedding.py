@@ -1,0 +1,45 @@
+"""The token embedding and an untied output head, quantized per row into the checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from windquant.quant.accounting import layout_bytes
+from windquant.quant.rows import dequantize_rows, quantize_rows, row_layout
+
+PREFIX = "rows_"  # stored as ``{module}.rows_{field}`` in place of ``{module}.weight``
+
+
+def row_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module of the input embedding and, when it is not tied to it, the output head."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    wanted = [emb] + ([head] if head is not None and head.weight is not emb.weight else [])
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(m)]: m for m in wanted}
+
+
+@torch.no_grad()
+def round_rows_(model: nn.Module, bits: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Quantize the embedding (and an untied head) per row at ``bits``; their weights are replaced
+    by the dequantized values in place, so the model computes exactly what is stored. Returns
+    name -> packed tensors (:func:`windquant.quant.rows.row_layout`)."""
+    packed = {}
+    for name, m in row_modules(model).items():
+        packed[name] = quantize_rows(m.weight, bits)
+        m.weight.data = dequantize_rows(packed[name], bits).to(m.weight.dtype)
+    return packed
+
+
+def rows_bytes(model: nn.Module, bits: int) -> int:
+    """Bytes the checkpoint stores for the row-quantized matrices at ``bits``."""
+    return sum(layout_bytes(row_layout(bits, *m.weight.shape)) for m in row_modules(model).values())
+
+
+def split_rows(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Remove every ``{name}.rows_*`` tensor from a loaded ``state``: name -> its packed tensors."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name in names:
+        prefix = f"{name}.{PREFIX}"
+        out[name] = {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+    return out

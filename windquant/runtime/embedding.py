@@ -1,0 +1,56 @@
+"""The row-quantized embedding and output head at run time, weights kept packed.
+
+The embedding gathers the rows of its tokens and dequantizes only those. The head multiplies
+through the int8 kernel (one scale per output row: exactly the 8-bit row format) or the int4
+kernel (group 32); a tied head shares the embedding's INT8 tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from windquant.quant.rows import GROUP4, dequantize_rows, unpack_q4
+from windquant.runtime.linear import pack_int4
+
+
+class RowEmbedding(nn.Module):
+    def __init__(self, packed: dict[str, torch.Tensor], bits: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.bits, self.out_dtype = bits, dtype
+        self.fields = list(packed)
+        for field, t in packed.items():
+            self.register_buffer(field, t, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows({f: getattr(self, f)[ids] for f in self.fields}, self.bits).to(self.out_dtype)
+
+
+class RowHead(nn.Module):
+    """``x @ Wᵀ`` for a row-quantized ``W`` [vocab, hidden]; ``dtype`` is the kernels' activation dtype."""
+
+    def __init__(self, packed: dict[str, torch.Tensor], bits: int, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.bits, self.dtype = bits, dtype
+        if bits == 8:
+            self.register_buffer("q8", packed["q8"], persistent=False)
+            self.register_buffer("scale", packed["scale"].to(dtype), persistent=False)
+        elif bits == 4:
+            scale = packed["scale"].float().T.contiguous()  # [groups, vocab]
+            w, sz = pack_int4(unpack_q4(packed["q4"]), scale, torch.zeros_like(scale), GROUP4, dtype)
+            self.register_buffer("int4_w", w, persistent=False)
+            self.register_buffer("int4_sz", sz, persistent=False)
+        else:
+            self.register_buffer("weight", dequantize_rows(packed, bits).to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, out_dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1]).to(self.dtype)
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.q8, self.scale)
+        elif self.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.int4_w, GROUP4, self.int4_sz)
+        else:
+            y = F.linear(x2, self.weight)
+        return y.to(out_dtype).reshape(*shape[:-1], -1)
