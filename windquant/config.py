@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from windquant.actions import ACCOUNTINGS
-from windquant.calib.corpus import calib_parts
 from windquant.errors import WindquantError, reject_unknown_fields
 
 MAX_TARGET = 16.0  # bits per weight of an all-fp16 plan: "no budget"
@@ -125,6 +124,8 @@ class FitConfig:
             ("scores", self.scores in ("auto", "fisher", "block"), "auto, fisher or block"),
         )
         require(self, checks)
+        from windquant.calib.corpus import calib_parts  # deferred: it imports torch, the CLI's --help must not
+
         calib_parts(self.calib)  # one line naming the bad part and the choices
         return self
 
