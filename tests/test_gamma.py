@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import block_error, block_outputs_and_gradients
@@ -25,6 +27,13 @@ from windquant.pipeline import make_plan, prepare
 
 def gamma_plan(target: float, **config) -> PlanConfig:
     return PlanConfig(target_bits=target, allocator="gamma", allocator_config=GammaConfig(**config))
+
+
+@pytest.fixture
+def tiny_fit(tiny_fit):
+    # One score table throughout: with --scores auto each budget may take another table, and a
+    # GAMMA table is trained on the scores it is given (one table per score kind).
+    return replace(tiny_fit, scores="block")
 
 
 @pytest.fixture

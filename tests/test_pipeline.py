@@ -23,7 +23,7 @@ def data_bytes_by_tensor(path):
 def test_quantize_save_load_roundtrip(tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
     plan, timings = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
     assert plan.true_bits <= tiny_plan.target_bits
-    assert set(timings) == {"calibrate", "fit", "scores", "allocate", "apply"}  # ilp (default) needs scores
+    assert set(timings) == {"calibrate", "fit", "scores", "choose scores", "allocate", "apply"}  # ilp (default) needs scores; auto chooses
     out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
     loaded = load(out, runtime=False)
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -8,6 +8,7 @@ import torch
 from scipy.linalg import hadamard as scipy_hadamard
 from test_feedback import correlated_inputs, output_error
 
+from windquant.pack.checkpoint import FORMAT_VERSION
 from windquant.quant.accounting import unit_layout, unit_true_bits
 from windquant.quant.codes import unpack_codes
 from windquant.quant.ops import decode, grid_for
@@ -121,7 +122,7 @@ def test_rotated_carried_checkpoint_round_trips_and_old_formats_load(tiny_model,
     with torch.no_grad():
         assert torch.equal(tiny_model(x).logits, load(out, runtime=False)(x).logits)
     qconf = json.loads((out / "quant_config.json").read_text())
-    assert qconf["version"] == 3 and qconf["rotate"] is True
+    assert qconf["version"] == FORMAT_VERSION and qconf["rotate"] is True
     qconf["version"] = 99
     (out / "quant_config.json").write_text(json.dumps(qconf))
     with pytest.raises(WindquantError, match="format version 99.*upgrade windquant"):
