@@ -175,7 +175,7 @@ def _add_gguf(sub) -> None:
         "reference, imatrix and candidate costs",
     )
     p.add_argument("--output-type", default=None, help="type of output.weight when untied (default: the embedding's)")
-    p.add_argument("--calib", default="builtin", help="calibration corpus: builtin | mix | self | wikitext2 | PATH, or parts joined by + (mix+self) (default %(default)s)")
+    p.add_argument("--calib", default="mix", help="calibration corpus: builtin | mix | self | wikitext2 | PATH, or parts joined by + (mix+self) (default %(default)s)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default %(default)s)")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default %(default)s)")
     p.add_argument("--data-dir", default=None, help="folder holding WikiText-2 (else $WINDQUANT_DATA)")

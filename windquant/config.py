@@ -103,7 +103,7 @@ class FitConfig:
     fold: bool = setting(False, "Scale Folding: per-input-channel scales act_rms^alpha (alpha searched per group) folded into the preceding norm / linear, an exact equivalence")
     tune_steps: int = setting(0, "after allocation, tune the stored fp16 scales (codes frozen) for at most this many Adam steps on KL to the unquantized model over the calibration windows; 0 = off")
     tune_lr: float = setting(1e-3, "Adam learning rate of scale tuning (relative change of each scale)")
-    calib: str = setting("builtin", "calibration corpus: builtin (Python docs) | mix (bundled general English text and code) | self (text the model writes itself, generated once and cached) | wikitext2 | PATH to .txt/.jsonl; parts joined by + share the windows equally (mix+self)")
+    calib: str = setting("mix", "calibration corpus: mix (default: bundled general English text and code) | builtin (Python docs) | self (text the model writes itself, generated once and cached) | wikitext2 | PATH to .txt/.jsonl; parts joined by + share the windows equally (mix+self)")
     calib_samples: int = setting(64, "calibration windows")
     calib_len: int = setting(256, "tokens per calibration window")
     seed: int = setting(0, "seed of the calibration windows and of allocators that sample")
