@@ -238,7 +238,8 @@ def ppo_prepared(tmp_path_factory):
     from windquant.pipeline import prepare
 
     cache = tmp_path_factory.mktemp("cache")
-    fit = FitConfig(chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(cache))
+    # The recorded episode log (tests/data) was written on the builtin calibration corpus.
+    fit = FitConfig(chunk=32, calib_samples=4, calib_len=32, steps=3, cache_dir=str(cache), calib="builtin")
     return prepare(make_model(), make_tokenizer(), fit, needs={"features", "proxy"}, progress=False)
 
 
