@@ -104,7 +104,7 @@ def _grid_error(wc: torch.Tensor, scale: torch.Tensor, d: torch.Tensor, keep: to
     return buf @ d
 
 
-def _lsq_step(wc: torch.Tensor, scale: torch.Tensor, dk: torch.Tensor, grid: Grid, learn_shift: bool):
+def _lsq_step(wc: torch.Tensor, scale: torch.Tensor, dk: torch.Tensor, grid: Grid):
     """Per-row error and its gradients w.r.t. ``log(scale)`` and the row shift at ``scale``.
 
     The straight-through (LSQ) derivative of ``ŵ = S·(round(clamp(x)) − c) + shift`` with
@@ -123,7 +123,7 @@ def _lsq_step(wc: torch.Tensor, scale: torch.Tensor, dk: torch.Tensor, grid: Gri
     # dL/dŵ = −2 d k (w − ŵ); dŵ/dlog(scale) = S · dŵ/dS.
     d_s = r.sub_(x.mul_(inside))
     grad_log = -2.0 * torch.linalg.vecdot(weighted, d_s, dim=1) * s[:, 0]
-    grad_shift = -2.0 * (weighted * ~inside).sum(1) if learn_shift else None
+    grad_shift = -2.0 * (weighted * ~inside).sum(1) if grid.learn_shift else None
     return row_err, grad_log, grad_shift
 
 
@@ -175,7 +175,7 @@ def fit(
         for t in range(1, steps + 1):
             scale = scale0 * params[0].exp()
             shift = shift0 + unit_shift * params[1] if grid.learn_shift else shift0
-            row_err, grad_log, grad_shift = _lsq_step(w - shift[:, None], scale, dk, grid, grid.learn_shift)
+            row_err, grad_log, grad_shift = _lsq_step(w - shift[:, None], scale, dk, grid)
             better = row_err < best_err
             best_err = torch.where(better, row_err, best_err)
             best_scale = torch.where(better, scale, best_scale)
