@@ -7,7 +7,9 @@ Every row runs in its own process (RSS is per process): imports, load, then for 
 (the prompt's prefill); decode tokens/s = batch × (new tokens − 1) / (the rest of the call),
 median over the rounds. Prompts are
 ``--prompt-tokens``-token slices of the WikiText-2 training text (one per sequence of the batch).
-Model RSS = RSS after load and every generate() minus RSS after the imports. Perplexity:
+Model RSS = RSS after load and every generate() minus RSS after the imports; every row runs with
+glibc's mmap threshold fixed at 256 KiB (``runinfo.return_large_frees_to_os``, which the runtime's
+loader sets), so freed KV caches and activations leave RSS in every row alike. Perplexity:
 WikiText-2 test, ``--ctx`` windows, the first ``--windows`` of them, through that row's path;
 runtime rows of the ``--dequantized-ppl`` checkpoints also score it dequantized (what ``windquant
 eval`` runs) in the same process, after the RSS is taken.
@@ -99,9 +101,11 @@ def row_perplexity(model, tokenizer, args) -> float:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from windquant.runinfo import set_threads
+    from windquant.runinfo import return_large_frees_to_os, set_threads
 
     set_threads(args.threads)
+    # The runtime's loader sets this; every row gets it, so RSS compares models, not allocators.
+    return_large_frees_to_os()
     # Import what loading and generate() pull in, so 'after imports' is the process without a model.
     import transformers.generation  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401

