@@ -161,12 +161,14 @@ def add_allocator_flags(parser) -> dict[str, str]:
         made |= add_config_flags(group, spec.config, f"{spec.name}.")
         extra = override_fields(spec.config)
         if extra:
+            defaults = {f.name: f.default for f in fields(spec.config)}
+            shown = ", ".join(f"{k}={defaults[k]:g}" if isinstance(defaults[k], float) else f"{k}={defaults[k]}" for k in extra)
             group.add_argument(
                 set_flag(spec.name),
                 dest=f"{spec.name}.set",
                 default=None,
                 metavar="K=V,...",
-                help=f"other {spec.name} settings, e.g. {extra[0]}=... (any of: {', '.join(extra)})",
+                help=f"other {spec.name} settings, comma-separated KEY=VALUE (default: {shown})".replace("%", "%%"),
             )
     return made
 
