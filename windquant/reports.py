@@ -48,7 +48,8 @@ CHAT_PROMPT = "What is the capital of France?"  # the demo's question (Makefile 
 
 
 def mib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**20:,.1f} MiB"
+    m = n_bytes / 2**20
+    return f"{m:,.1f} MiB" if m >= 1 or m == 0 else f"{m:.3f} MiB"
 
 
 def quantize_summary(out: Path, plan: Plan, report: dict, model: str, data_dir: str | None = None) -> str:
