@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchlib import Evaluator, add_eval_args, fmt, load_rows, phase_peak_rss_mib, reset_peak_rss, save_rows, zs_cell
 
-from windquant.actions import canonical_accounting
+from windquant.actions import bits_name, canonical_accounting
 from windquant.files import atomic_write_text
 from windquant.runinfo import set_threads
 
@@ -140,7 +140,7 @@ def checkpoint_specs(spec: str) -> list[dict]:
                 f"--checkpoints {item!r}: expected KEY=DIR with DIR/run_report.json (a `windquant quantize --out DIR` folder)"
             )
         report = json.loads(report_path.read_text())
-        alloc, mode, target = report["allocator"], report.get("accounting_mode", "true"), report.get("target_bits")
+        alloc, mode, target = report["allocator"], bits_name(report.get("accounting_mode", "stored")), report.get("target_bits")
         budget = f" @{target:g} {mode} bits" if target is not None else ""
         specs.append(
             {
