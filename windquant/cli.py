@@ -31,9 +31,10 @@ def _add_model(group) -> None:
     group.add_argument("--model", default="smollm2-135m", help=f"the model to quantize: {MODEL_HELP} (default: %(default)s)")
 
 
-def _add_fit_flags(p, plan_fields: tuple[str, ...]) -> dict[str, str]:
+def _add_fit_flags(p, plan_fields: tuple[str, ...]) -> tuple[dict[str, str], argparse._ArgumentGroup]:
     """Groups shared by quantize and sweep after their essential flags: what is calibrated and
-    fitted, how the budget is counted (``plan_fields`` of PlanConfig), files and run."""
+    fitted, how the budget is counted (``plan_fields`` of PlanConfig), files and run (returned,
+    for the command's own run flags)."""
     from windquant.cliflags import add_config_flags
     from windquant.config import FitConfig
 
@@ -44,7 +45,7 @@ def _add_fit_flags(p, plan_fields: tuple[str, ...]) -> dict[str, str]:
     files = p.add_argument_group("files and run")
     flags |= add_config_flags(files, FitConfig, "fit.", only=run)
     files.add_argument("--quiet", action="store_true", help="no progress bars")
-    return flags
+    return flags, files
 
 
 def _add_plan_flags(group, only: tuple[str, ...]) -> dict[str, str]:
@@ -93,8 +94,8 @@ def _add_quantize(sub) -> dict[str, str]:
         help="the token embedding (and an untied head) stored per row: 16 fp16, 8 INT8 with a scale per row, "
         "4 INT4 with a scale per 32 columns (default: %(default)s)",
     )
-    flags |= _add_fit_flags(p, ("accounting", "seed"))
-    run = next(g for g in p._action_groups if g.title == "files and run")
+    fit_flags, run = _add_fit_flags(p, ("accounting", "seed"))
+    flags |= fit_flags
     run.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     run.add_argument("--dry-run", action="store_true", help="print units and sizes, then stop (no --out needed)")
     flags |= add_allocator_flags(p)
@@ -136,7 +137,7 @@ def _add_sweep(sub) -> dict[str, str]:
     evaluation = p.add_argument_group("evaluation")
     evaluation.add_argument("--ctx", type=int, default=2048, help="evaluation context (default: %(default)s)")
     evaluation.add_argument("--max-windows", type=int, default=None, help="score at most this many windows (default: all)")
-    flags |= _add_fit_flags(p, ("accounting", "seed"))
+    flags |= _add_fit_flags(p, ("accounting", "seed"))[0]
     flags |= add_allocator_flags(p)
     _options_last(p)
     return flags
