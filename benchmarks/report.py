@@ -25,6 +25,7 @@ from pathlib import Path
 
 from benchlib import Evaluator, add_eval_args, fmt, load_rows, phase_peak_rss_mib, reset_peak_rss, save_rows, zs_cell
 
+from windquant.actions import bits_name, canonical_accounting
 from windquant.files import atomic_write_text
 from windquant.runinfo import set_threads
 
@@ -139,7 +140,7 @@ def checkpoint_specs(spec: str) -> list[dict]:
                 f"--checkpoints {item!r}: expected KEY=DIR with DIR/run_report.json (a `windquant quantize --out DIR` folder)"
             )
         report = json.loads(report_path.read_text())
-        alloc, mode, target = report["allocator"], report.get("accounting_mode", "true"), report.get("target_bits")
+        alloc, mode, target = report["allocator"], bits_name(report.get("accounting_mode", "stored")), report.get("target_bits")
         budget = f" @{target:g} {mode} bits" if target is not None else ""
         specs.append(
             {
@@ -238,7 +239,8 @@ def attach_prior(rows: list[dict], specs: list[dict], path: Path) -> None:
     if not path.is_file():
         return
     sweep = json.loads(path.read_text())["rows"]
-    by_key = {(r["allocator"], r.get("accounting", "true"), r.get("budget")): r for r in sweep if "ppl" in r}
+    # Sweeps before the rename say "true" for stored (canonical_accounting maps it).
+    by_key = {(r["allocator"], canonical_accounting(r.get("accounting", "stored")), r.get("budget")): r for r in sweep if "ppl" in r}
     for spec in specs:
         row = next((r for r in rows if r["key"] == spec["key"]), None)
         if row is not None and (row.get("wiki2") or {}).get("ppl") is not None:
@@ -246,9 +248,9 @@ def attach_prior(rows: list[dict], specs: list[dict], path: Path) -> None:
         flags = dict(zip(spec.get("flags", [])[::2], spec.get("flags", [])[1::2]))
         hit = None
         if spec["key"] == "fp":
-            hit = by_key.get(("reference", "true", None))
+            hit = by_key.get(("reference", "stored", None))
         elif "--target-bits" in flags:
-            hit = by_key.get((flags["--allocator"], flags.get("--accounting", "true"), float(flags["--target-bits"])))
+            hit = by_key.get((flags["--allocator"], canonical_accounting(flags.get("--accounting", "stored")), float(flags["--target-bits"])))
         elif "--uniform-action" in flags:  # the sweep's "highest uniform action that fits" rows
             want = {f"{float(flags['--uniform-action']):g}": 1.0}
             hit = next((r for r in sweep if r["allocator"] == "uniform" and r.get("action_distribution") == want), None)

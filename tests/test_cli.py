@@ -21,7 +21,7 @@ def quantize_args(model_dir, out, corpus, cache, *extra):
         str(model_dir),
         "--out",
         str(out),
-        "--chunk",
+        "--group-size",
         "32",
         "--calib",
         str(corpus),
@@ -44,7 +44,11 @@ def test_quantize_eval_inspect_generate(tiny_model_dir, corpus_file, tmp_path, c
     out = tmp_path / "ckpt"
     assert main(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c", "--target-bits", "3.2")) == 0
     printed = capsys.readouterr().out
-    assert "true_bits=" in printed and "paper_bits=" in printed
+    labels = [line.split(":")[0] for line in printed.splitlines() if line[:1].strip()]
+    assert [x for x in labels if x != "scores"][:6] == ["wrote", "whole file", "block linears", "actions", "time", "next"]
+    assert "MiB of tensors" in printed and "bits per parameter" in printed and "true bits per weight" in printed
+    assert "share of block-linear weights" in printed and "calibrate" in printed
+    assert f"windquant eval {out} --reference {tiny_model_dir}" in printed and f"windquant generate {out} --chat" in printed
     plan = json.loads((out / "plan.json").read_text())
     assert plan["true_bits"] <= 3.2 and "paper_bits" in plan
     report = json.loads((out / "run_report.json").read_text())
@@ -114,7 +118,7 @@ def test_target_below_cheapest_plan(tiny_model_dir, corpus_file, tmp_path, capsy
 
 
 def test_chunk_zero(tmp_path, capsys):
-    expect_error(["quantize", "--chunk", "0", "--out", str(tmp_path / "o")], capsys, "chunk must be a positive number of columns, got 0 (set with --chunk)")
+    expect_error(["quantize", "--group-size", "0", "--out", str(tmp_path / "o")], capsys, "chunk must be a positive number of columns, got 0 (set with --group-size)")
 
 
 def test_empty_calibration_file(tiny_model_dir, tmp_path, capsys):
@@ -165,7 +169,7 @@ def test_sweep_writes_rows_table_and_plot(tiny_model_dir, corpus_file, tmp_path,
     argv = [
         "sweep",
         *args,
-        "--budgets",
+        "--target-bits",
         "3.0,4.5",
         "--allocators",
         "uniform,heuristic,ilp",
@@ -193,7 +197,7 @@ def test_an_interrupted_sweep_resumes_at_its_first_unfinished_row(tiny_model_dir
     out = tmp_path / "sweep"
     args = quantize_args(tiny_model_dir, tmp_path / "unused", corpus_file, tmp_path / "c")
     args = [a for a in args[1:] if a not in ("--out", str(tmp_path / "unused"), "--target-bits", "3.2")]
-    argv = ["sweep", *args, "--budgets", "3.0,4.5", "--allocators", "uniform,ilp", "--corpus", str(corpus_file), "--ctx", "64"]
+    argv = ["sweep", *args, "--target-bits", "3.0,4.5", "--allocators", "uniform,ilp", "--corpus", str(corpus_file), "--ctx", "64"]
     assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())["rows"]
 
@@ -215,5 +219,5 @@ def test_an_interrupted_sweep_resumes_at_its_first_unfinished_row(tiny_model_dir
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["allocator"], r["budget"], r["ppl"]) for r in rows] == [(r["allocator"], r["budget"], r["ppl"]) for r in whole]
     planned.clear()
-    assert main([*argv, "--out", str(out), "--budgets", "3.0", "--max-windows", "1"]) == 0  # other settings: nothing kept
+    assert main([*argv, "--out", str(out), "--target-bits", "3.0", "--max-windows", "1"]) == 0  # other settings: nothing kept
     assert planned == [("uniform", 3.0), ("ilp", 3.0)]

@@ -1,9 +1,10 @@
 """CLI flags generated from config dataclasses, and configs read back from parsed flags.
 
 A config field with help text in its metadata (``config.setting``) becomes a flag (``--field-name``
-unless the field names another); allocator fields without help are set with ``--<allocator>-set
-KEY=VALUE,...``. Flags default to None so that only what the user typed overrides a config's
-own defaults. Imports nothing heavy: ``windquant --help`` builds every flag.
+unless the field names another, and any older spellings as aliases); allocator fields without help
+are set with ``--<allocator>-set KEY=VALUE,...``. Flags default to None so that only what the user
+typed overrides a config's own defaults; the help shows the config's default instead, the values a
+flag takes and its older names. Imports nothing heavy: ``windquant --help`` builds every flag.
 """
 
 from __future__ import annotations
@@ -18,25 +19,92 @@ from windquant.errors import WindquantError
 SCALARS = (int, float, str, bool)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Lists a flag under its own name only (an action's ``shown`` strings); its older spellings,
+    still accepted, are named at the end of its help."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=30, width=None):
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _format_action_invocation(self, action):
+        shown = getattr(action, "shown", None)
+        if not shown:
+            return super()._format_action_invocation(action)
+        every = action.option_strings
+        action.option_strings = shown
+        try:
+            return super()._format_action_invocation(action)
+        finally:
+            action.option_strings = every
+
+
+def add_flag(parser, names: tuple[str, ...] | list[str], help: str, **kwargs) -> argparse.Action:
+    """``parser.add_argument`` with ``names[0]`` the flag and the rest its older spellings: accepted,
+    named in the help (``(old name ...)``), not listed beside it."""
+    primary, *aliases = names
+    if aliases:
+        help += f" (old name{'s' if len(aliases) > 1 else ''} {', '.join(aliases)})"
+    action = parser.add_argument(primary, *aliases, help=help, **kwargs)
+    if aliases:
+        bool_switch = isinstance(action, argparse.BooleanOptionalAction)
+        action.shown = [primary, "--no-" + primary[2:]] if bool_switch else [primary]
+        if bool_switch:  # its usage part lists every spelling otherwise
+            action.format_usage = lambda: " | ".join(action.shown)
+    return action
+
+
+def flag_names(f) -> tuple[str, ...]:
+    """A field's flag, then its older spellings."""
+    flag = f.metadata.get("flag")
+    if not flag:
+        return ("--" + f.name.replace("_", "-"),)
+    return (flag,) if isinstance(flag, str) else tuple(flag)
+
+
 def flag_of(f) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return flag_names(f)[0]
 
 
-def add_config_flags(parser, cls: type, prefix: str, exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """Add a flag for every field of ``cls`` with help; returns setting name -> flag."""
+def shown_default(f, kind: type) -> str | None:
+    """How a field's default reads in its help: on/off for switches, the value, or the field's ``shown``."""
+    if f.metadata.get("shown"):
+        return f.metadata["shown"]
+    if f.default is MISSING or f.default is None:
+        return None
+    if kind is bool:
+        return "on" if f.default else "off"
+    return f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+
+
+def add_config_flags(
+    parser,
+    cls: type,
+    prefix: str,
+    exclude: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> dict[str, str]:
+    """Add a flag for every field of ``cls`` with help (of ``only``, when given, in that order; none
+    of ``exclude``); ``choices`` lists the values of fields whose values the config cannot know
+    (e.g. the registered allocators). Returns setting name -> flag."""
     types = field_types(cls)
+    by_name = {f.name: f for f in fields(cls)}
     made = {}
-    for f in fields(cls):
+    for name in only if only is not None else list(by_name):
+        f = by_name[name]
         text = f.metadata.get("help")
         if not text or f.name in exclude:
             continue
-        flag, dest = flag_of(f), prefix + f.name
-        if types[f.name] is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        names, dest, kind = flag_names(f), prefix + f.name, types[f.name]
+        default = shown_default(f, kind)
+        text = text.replace("%", "%%") + ("" if default is None else f" (default: {default})")
+        if kind is bool:
+            add_flag(parser, names, text, dest=dest, action=argparse.BooleanOptionalAction, default=None)
         else:
-            default = "" if f.default is MISSING or f.default is None else f" (default {f.default})"
-            parser.add_argument(flag, dest=dest, type=types[f.name], default=None, metavar=f.name.upper(), help=text + default)
-        made[f.name] = flag
+            values = (choices or {}).get(f.name) or f.metadata.get("choices")
+            metavar = "{" + ",".join(values) + "}" if values else f.metadata.get("metavar") or f.name.upper()
+            add_flag(parser, names, text, dest=dest, type=kind, default=None, metavar=metavar)
+        made[f.name] = names[0]
     return made
 
 
@@ -93,12 +161,14 @@ def add_allocator_flags(parser) -> dict[str, str]:
         made |= add_config_flags(group, spec.config, f"{spec.name}.")
         extra = override_fields(spec.config)
         if extra:
+            defaults = {f.name: f.default for f in fields(spec.config)}
+            shown = ", ".join(f"{k}={defaults[k]:g}" if isinstance(defaults[k], float) else f"{k}={defaults[k]}" for k in extra)
             group.add_argument(
                 set_flag(spec.name),
                 dest=f"{spec.name}.set",
                 default=None,
                 metavar="K=V,...",
-                help=f"other {spec.name} settings, e.g. {extra[0]}=... (any of: {', '.join(extra)})",
+                help=f"other {spec.name} settings, comma-separated KEY=VALUE (default: {shown})".replace("%", "%%"),
             )
     return made
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from windquant.errors import WindquantError, non_finite_logits
 
+DEFAULT_EVAL_CORPUS = "wikitext2"  # eval's and sweep's --corpus: WikiText-2 test, from --data-dir or $WINDQUANT_DATA
+
 
 def fit_config_from_args(args: argparse.Namespace):
     from windquant.cliflags import config_from_args
@@ -60,7 +62,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from windquant.pack.integrity import check_free_space
     from windquant.pipeline import make_plan, prepare, write_checkpoint
     from windquant.quant.streamed import process_group
-    from windquant.reports import file_line
+    from windquant.reports import quantize_summary
     from windquant.runinfo import Timings
     from windquant.runtime.loading import load_model
 
@@ -101,22 +103,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         embedding_bits=args.embedding_bits,
     )
-    acc = report["accounting"]
-    print(f"wrote {out} (plan digest {report['plan_digest']})")
-    print(
-        f"true_bits={acc['true_bits']:.4f} paper_bits={acc['paper_bits']:.4f} "
-        f"quantized_bytes={acc['quantized_bytes']:,} untouched_bytes={acc['untouched_bytes']:,}"
-    )
-    print(file_line(acc))
-    print("actions: " + "  ".join(f"{k}:{v:.1%}" for k, v in plan.action_distribution().items()))
-    if "scores" in plan.info:  # --scores auto: which table this budget used, and why
-        check = plan.info["scores"]
-        tried = ", ".join(f"{k} {v:.2f}" for k, v in check["heldout_ppl"].items())
-        print(f"scores: {check['chosen']} (held-out perplexity of each table's plan: {tried}; reference {check['reference_ppl']:.2f})")
-    t = report["timings"]
-    print(
-        f"time={t['total_seconds']:.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in t['seconds'].items())}) peak_rss={t['peak_rss_mib']:.0f}MiB"
-    )
+    print(quantize_summary(out, plan, report, args.model, fit.data_dir))
     return 0
 
 
@@ -171,7 +158,7 @@ def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: li
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity on --corpus (default wikitext2); with --tasks zero-shot accuracy, plus perplexity if --corpus is given;
+    """Perplexity on --corpus (default wikitext2, as sweep); with --tasks zero-shot accuracy, plus perplexity if --corpus is given;
     with --reference the same for a second model and a side-by-side summary."""
     tasks = None
     if args.tasks is not None:
@@ -180,7 +167,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks = parse_tasks(args.tasks)
         if args.data_dir is not None:
             resolve_data_dir(args.data_dir, tasks)  # a missing file fails now, not after loading the model
-    corpus = args.corpus if args.corpus is not None or tasks is not None else "wikitext2"
+    corpus = args.corpus if args.corpus is not None or tasks is not None else DEFAULT_EVAL_CORPUS
+    if corpus is not None:
+        from windquant.calib.corpus import check_eval_corpus
+
+        check_eval_corpus(corpus, args.data_dir)  # a missing corpus fails now, not after loading the model
     payload = _evaluate(args.model, args, corpus, tasks)
     if args.reference:
         from windquant.reports import side_by_side
@@ -235,6 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from windquant.alloc import get_allocator
+    from windquant.calib.corpus import check_eval_corpus
     from windquant.cliflags import allocator_configs, config_from_args
     from windquant.config import PlanConfig
     from windquant.pipeline import needs_of, prepare
@@ -249,18 +241,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
-        raise WindquantError(f"--budgets must be comma-separated numbers, got {args.budgets!r}") from None
+        raise WindquantError(f"--target-bits must be comma-separated numbers, got {args.budgets!r}") from None
+    corpus = args.corpus or DEFAULT_EVAL_CORPUS
+    check_eval_corpus(corpus, fit.data_dir)  # a missing corpus fails now, not after the fit
     model, tokenizer = load_model(args.model)
     timings = Timings()
     progress = not args.quiet
     prepared = prepare(model, tokenizer, fit, needs_of(names), timings, progress)
-    run_sweep(prepared, budgets, configs, base, args.corpus, args.ctx, args.max_windows, Path(args.out), timings, progress)
+    run_sweep(prepared, budgets, configs, base, corpus, args.ctx, args.max_windows, Path(args.out), timings, progress)
     print((Path(args.out) / "results.md").read_text())
     return 0
 
 
 def cmd_gguf(args: argparse.Namespace) -> int:
-    """Choose one llama.cpp type per block linear for --target-bpw; write the GGUF unless --dry-run."""
+    """Choose one llama.cpp type per block linear for --target-bits; write the GGUF unless --dry-run."""
     from windquant.config import FitConfig
     from windquant.gguf.build import GGUFConfig, build_gguf
     from windquant.gguf.types import parse_type
@@ -269,10 +263,10 @@ def cmd_gguf(args: argparse.Namespace) -> int:
         raise WindquantError("give --out FILE.gguf (or --dry-run to print the recipe only)")
     out = None if args.dry_run else Path(args.out)
     _refuse_existing(out, args.overwrite)
-    if args.target_bpw <= 0:
-        raise WindquantError(f"--target-bpw must be positive, got {args.target_bpw:g}")
+    if args.target_bits <= 0:
+        raise WindquantError(f"--target-bits must be positive, got {args.target_bits:g}")
     cfg = GGUFConfig(
-        target_bpw=args.target_bpw,
+        target_bpw=args.target_bits,
         types=tuple(parse_type(t) for t in args.types.split(",")) if args.types else None,
         embedding_type=parse_type(args.embedding_type),
         output_type=parse_type(args.output_type) if args.output_type else None,

@@ -6,9 +6,9 @@
 * :class:`PlanConfig`: which plan is wanted: target, accounting, allocator name and that
   allocator's own config dataclass (declared where the allocator is, in ``alloc/``).
 
-Every field is declared with :func:`setting`: its help text (and flag name, where the CLI keeps
-an older one) lives in the field's metadata, and the CLI generates its flags from them, so a new
-setting is one edit. This module imports nothing heavy (``windquant --help`` reads it).
+Every field is declared with :func:`setting`: its help text, flag name and older spellings, the
+values it takes and how its default reads live in the field's metadata, and the CLI generates its
+flags (and their help) from them, so a new setting is one edit. This module imports nothing heavy (``windquant --help`` reads it).
 """
 
 from __future__ import annotations
@@ -21,17 +21,30 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from windquant.actions import ACCOUNTINGS
+from windquant.actions import ACCOUNTING_ALIASES, ACCOUNTINGS, canonical_accounting
 from windquant.errors import WindquantError, reject_unknown_fields
 
 MAX_TARGET = 16.0  # bits per weight of an all-fp16 plan: "no budget"
 
 
-def setting(default: Any = None, help: str | None = None, *, flag: str | None = None, run: bool = False, factory=None):
+def setting(
+    default: Any = None,
+    help: str | None = None,
+    *,
+    flag: str | tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | None = None,
+    shown: str | None = None,
+    metavar: str | None = None,
+    run: bool = False,
+    factory=None,
+):
     """A config field. ``help`` makes it a CLI flag (``--field-name`` unless ``flag`` says
-    otherwise; fields without help are set with ``--<allocator>-set``); ``run=True`` marks how
-    to run rather than what to compute (paths, resume), left out of :func:`settings_digest`."""
-    meta = {"help": help, "flag": flag, "run": run}
+    otherwise: one name, or the name then older spellings still accepted; fields without help are
+    set with ``--<allocator>-set``). ``choices``: the values it takes, listed in the help (the
+    config's ``validate`` checks them); ``shown``: how the help words the default when the value
+    alone would not say (None defaults); ``run=True`` marks how to run rather than what to compute
+    (paths, resume), left out of :func:`settings_digest`."""
+    meta = {"help": help, "flag": flag, "choices": choices, "shown": shown, "metavar": metavar, "run": run}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -86,30 +99,46 @@ def require(cfg: Any, checks: tuple[tuple[str, bool, str], ...], what: str = "")
             raise WindquantError(f"{what}{name} must be {want}, got {getattr(cfg, name)}", setting=name)
 
 
+SCORES = ("auto", "fisher", "block")
+DENSE_CANDIDATES = ("ram", "disk")
+
+
 @dataclass
 class FitConfig:
     """Calibration and candidate fitting (the candidate cache's fingerprint)."""
 
-    chunk: int = setting(256, "columns per unit (G)")
-    salient: float = setting(0.03, "fraction of each unit's weights kept in INT8")
+    # The CLI's --group-size (what other quantizers call the columns sharing a scale group here:
+    # one unit); the field keeps its name, which the candidate cache's fingerprint reads.
+    chunk: int = setting(256, "columns per unit, the group of columns one action is chosen for (G)", flag=("--group-size", "--chunk"), metavar="COLUMNS")
+    salient: float = setting(
+        0.03,
+        "fraction of each unit's weights kept in INT8; only units stored unrotated have them: with --rotate (the default) "
+        "power-of-two-wide units keep none, so this changes only the other units (or all of them with --no-rotate)",
+    )
     steps: int = setting(10, "Adam steps per operator fit")
     fit_lr: float = setting(0.02, "Adam learning rate on an operator's log-scale")
     fallback_threshold: float = setting(0.5, "relative weighted error above which a unit moves to the next precision")
     feedback: bool = setting(True, "OBQ/GPTQ error feedback along each unit's columns (needs one more statistic, same bits)")
     rotate: bool = setting(True, "store power-of-two-wide units rotated (random signs x Hadamard) instead of with INT8 salient weights")
     storage_variants: bool = setting(False, "also fit every unit with the other outlier storage (unrotated with INT8 salient weights when --rotate, rotated otherwise) so allocators that can (ilp) choose it per unit; doubles the candidate fit")
-    scores: str = setting("auto", "sensitivity scores: auto (both tables below; at each budget the one whose exact-knapsack plan scores lower on held-out calibration text) | fisher (F·tr(ΔW H ΔWᵀ) per unit) | block (each linear's total at each action set to its measured teacher-forced block error, which sees norms after the linear; ~1 block pass per linear and action)")
+    scores: str = setting(SCORES[0], "sensitivity scores: auto (both tables below; at each budget the one whose exact-knapsack plan scores lower on held-out calibration text) | fisher (F·tr(ΔW H ΔWᵀ) per unit) | block (each linear's total at each action set to its measured teacher-forced block error, which sees norms after the linear; ~1 block pass per linear and action)", choices=SCORES)
     carry: bool = setting(True, "after allocation, re-quantize each linear chunk by chunk carrying every chunk's error into later columns")
     fold: bool = setting(False, "Scale Folding: per-input-channel scales act_rms^alpha (alpha searched per group) folded into the preceding norm / linear, an exact equivalence")
     tune_steps: int = setting(0, "after allocation, tune the stored fp16 scales (codes frozen) for at most this many Adam steps on KL to the unquantized model over the calibration windows; 0 = off")
     tune_lr: float = setting(1e-3, "Adam learning rate of scale tuning (relative change of each scale)")
-    calib: str = setting("mix", "calibration corpus: mix (default: bundled general English text and code) | builtin (Python docs) | self (text the model writes itself, generated once and cached) | wikitext2 | PATH to .txt/.jsonl; parts joined by + share the windows equally (mix+self)")
+    calib: str = setting("mix", "calibration corpus: mix (bundled general English text and code) | builtin (Python docs) | self (text the model writes itself, generated once and cached) | wikitext2 | PATH to .txt/.jsonl; parts joined by + share the windows equally (mix+self)")
     calib_samples: int = setting(64, "calibration windows")
     calib_len: int = setting(256, "tokens per calibration window")
     seed: int = setting(0, "seed of the calibration windows and of allocators that sample")
-    dense_candidates: str = setting("ram", "where allocators that score plans on the real model (ppo) keep every candidate's dense fp16 weights: ram | disk (written once beside the cache, memory-mapped)", run=True)
-    data_dir: str | None = setting(None, "folder holding WikiText-2 (else $WINDQUANT_DATA)", run=True)
-    cache_dir: str | None = setting(None, "candidate cache root (default ~/.cache/windquant)", run=True)
+    dense_candidates: str = setting(
+        "ram",
+        "where allocators that score plans on the real model (ppo) keep every candidate's dense fp16 weights: "
+        "ram | disk (written once beside the cache, memory-mapped)",
+        choices=DENSE_CANDIDATES,
+        run=True,
+    )
+    data_dir: str | None = setting(None, "folder holding WikiText-2 (wikitext-2-raw/wiki.*.raw), for the wikitext2 corpus", shown="$WINDQUANT_DATA", run=True)
+    cache_dir: str | None = setting(None, "candidate cache root", shown="$WINDQUANT_CACHE, else ~/.cache/windquant", run=True)
 
     def validate(self) -> FitConfig:
         checks = (
@@ -120,8 +149,8 @@ class FitConfig:
             ("tune_lr", self.tune_lr > 0, "> 0"),
             ("calib_samples", self.calib_samples >= 1, ">= 1"),
             ("calib_len", self.calib_len >= 2, ">= 2"),
-            ("dense_candidates", self.dense_candidates in ("ram", "disk"), "ram or disk"),
-            ("scores", self.scores in ("auto", "fisher", "block"), "auto, fisher or block"),
+            ("dense_candidates", self.dense_candidates in DENSE_CANDIDATES, " or ".join(DENSE_CANDIDATES)),
+            ("scores", self.scores in SCORES, ", ".join(SCORES[:-1]) + " or " + SCORES[-1]),
         )
         require(self, checks)
         from windquant.calib.corpus import calib_parts  # deferred: it imports torch, the CLI's --help must not
@@ -141,12 +170,27 @@ class FitConfig:
 class PlanConfig:
     """Which plan: the budget and the allocator that meets it."""
 
-    target_bits: float | None = setting(2.5, "average bits per weight on --accounting (none: no budget)")
-    accounting: str = setting("true", "which bits the budget counts: true (everything stored) or paper (Eq. 6)")
-    allocator: str = setting("ilp", "the allocator (measured best at 2.0-4.0 true bits: ilp)")
-    seed: int | None = setting(None, "seed of allocators that sample (default: --seed)", flag="--allocator-seed")
+    # None: no budget (an all-fp16 plan fits), for allocators that fix the plan themselves.
+    target_bits: float | None = setting(
+        2.5,
+        "average bits per block-linear weight the plan may use, counted as --accounting says; "
+        "an allocator that fixes the plan itself (--uniform-action) needs none",
+        metavar="BITS",
+    )
+    accounting: str = setting(
+        ACCOUNTINGS[0],
+        "what --target-bits counts: stored (every bit stored for a block linear: codes, scales, indices, salient INT8 "
+        "weights; reported as true bits) | paper (the paper's Eq. 6: codes and salient weights, no scales or indices); "
+        "'true' is accepted as the old name of stored",
+        choices=ACCOUNTINGS,
+    )
+    allocator: str = setting("ilp", "how the budget is shared out between units (each allocator is described at the end)")
+    seed: int | None = setting(None, "seed of allocators that sample", flag="--allocator-seed", shown="--seed")
     # The allocator's own config dataclass, or a dict of its fields; None = its defaults.
     allocator_config: Any = None
+
+    def __post_init__(self):
+        self.accounting = canonical_accounting(self.accounting)  # configs and flags before the rename say "true"
 
     @property
     def budget_bits(self) -> float:
@@ -158,7 +202,8 @@ class PlanConfig:
         from windquant.alloc import get_allocator
 
         if self.accounting not in ACCOUNTINGS:
-            raise WindquantError(f"accounting must be one of {', '.join(ACCOUNTINGS)}, got {self.accounting!r}", setting="accounting")
+            old = ", ".join(f"{k} (old name of {v})" for k, v in ACCOUNTING_ALIASES.items())
+            raise WindquantError(f"accounting must be one of {', '.join(ACCOUNTINGS)} or {old}, got {self.accounting!r}", setting="accounting")
         if self.target_bits is not None and not 0.0 < self.target_bits <= MAX_TARGET:
             raise WindquantError(f"target_bits must be in (0, {MAX_TARGET:g}], got {self.target_bits:g}", setting="target_bits")
         spec = get_allocator(self.allocator)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from windquant.actions import ACCOUNTINGS, ACTIONS
+from windquant.actions import ACCOUNTINGS, ACTIONS, bits_name, canonical_accounting
 from windquant.alloc import AllocationContext, get_allocator
 from windquant.alloc.problem import AllocationProblem, StorageVariant
 from windquant.calib.corpus import (
@@ -366,6 +366,7 @@ class Prepared:
         return cache.bits_table(accounting, threshold), costs, torch.tensor(applied, dtype=torch.float64)
 
     def problem(self, target_bits: float, accounting: str) -> AllocationProblem:
+        accounting = canonical_accounting(accounting)
         bits, costs, applied = self._tables(self.cache, self.scores, accounting)
         tables = {acc: bits if acc == accounting else self.cache.bits_table(acc, self.fit.fallback_threshold) for acc in ACCOUNTINGS}
         variant = None
@@ -390,7 +391,8 @@ class Prepared:
         """Where an allocator run keeps its files: named by its settings, so re-running the
         same command (e.g. to resume) finds them."""
         digest = settings_digest(plan.allocator_config)
-        return self.folder / plan.allocator / f"{plan.accounting}-{plan.budget_bits:g}-seed{self.allocator_seed(plan)}-{digest}"
+        # The accounting by its bits' name ("true" for stored): the folders runs were written under.
+        return self.folder / plan.allocator / f"{bits_name(plan.accounting)}-{plan.budget_bits:g}-seed{self.allocator_seed(plan)}-{digest}"
 
     def allocator_seed(self, plan: PlanConfig) -> int:
         return self.fit.seed if plan.seed is None else plan.seed

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from windquant.actions import canonical_action, fmt_action
+from windquant.actions import canonical_accounting, canonical_action, fmt_action
 from windquant.errors import WindquantError
 from windquant.files import atomic_write_json
 from windquant.model.units import Unit
@@ -115,7 +115,7 @@ class Plan:
         units = [Unit(**{k: v for k, v in row.items() if k in fields}) for row in d["units"]]
         return cls(
             allocator=d["allocator"],
-            accounting=d["accounting"],
+            accounting=canonical_accounting(d["accounting"]),  # plans before "stored" say "true"
             target_bits=d["target_bits"],
             chunk=d["chunk"],
             salient_rate=d["salient_rate"],

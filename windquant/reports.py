@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from windquant.actions import bits_name
 from windquant.errors import WindquantError
 from windquant.model.units import decoder_blocks
 from windquant.plan import Plan
@@ -41,6 +42,62 @@ def file_line(acc: dict) -> str:
         f"{acc['tensor_bytes'] / 2**20:.1f} MiB of tensors; embedding {acc['embedding_bits']} bit: "
         f"{acc['embedding_bytes'] / 2**20:.1f} MiB)"
     )
+
+
+CHAT_PROMPT = "What is the capital of France?"  # the demo's question (Makefile PROMPT)
+
+
+def mib(n_bytes: float) -> str:
+    m = n_bytes / 2**20
+    return f"{m:,.1f} MiB" if m >= 1 or m == 0 else f"{m:.3f} MiB"
+
+
+def quantize_summary(out: Path, plan: Plan, report: dict, model: str, data_dir: str | None = None) -> str:
+    """What ``windquant quantize`` prints at the end, one labelled line per question: what was
+    written, how big (MiB; whole-file and block-linear bits), which actions the weights got,
+    where the time went, and the commands to run next."""
+    import os
+    import shlex
+
+    acc, t = report["accounting"], report["timings"]
+    target = "no target" if plan.target_bits is None else f"target {plan.target_bits:g} {bits_name(plan.accounting)} bits"
+    fp16 = 2 * acc["n_weights"]
+    rows = [("wrote", f"{out} (plan digest {report['plan_digest']}, allocator {plan.allocator})")]
+    if "file_bits_per_param" in acc:
+        rows.append(
+            (
+                "whole file",
+                f"{mib(acc['tensor_bytes'])} of tensors = {acc['file_bits_per_param']:.3f} bits per parameter "
+                f"({acc['parameters']:,} parameters; embedding at {acc['embedding_bits']} bit: {mib(acc['embedding_bytes'])})",
+            )
+        )
+    rows.append(
+        (
+            "block linears",
+            f"{mib(acc['quantized_bytes'])} = {acc['true_bits']:.3f} true bits per weight ({target}; paper bits "
+            f"{acc['paper_bits']:.3f}); fp16: {mib(fp16)}, {fp16 / max(acc['quantized_bytes'], 1):.1f}x smaller",
+        )
+    )
+    shares = "  ".join(f"{k} bit {v:.1%}" for k, v in plan.action_distribution().items())
+    rows.append(("actions", f"share of block-linear weights at each precision: {shares}"))
+    if "scores" in plan.info:  # --scores auto: which table this budget used, and why
+        check = plan.info["scores"]
+        tried = ", ".join(f"{k} {v:.2f}" for k, v in check["heldout_ppl"].items())
+        rows.append(("scores", f"{check['chosen']} (held-out perplexity of each table's plan: {tried}; reference {check['reference_ppl']:.2f})"))
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in t["seconds"].items())
+    rows.append(("time", f"{t['total_seconds']:.1f} s ({stages}); peak RSS {t['peak_rss_mib']:,.0f} MiB"))
+    folder, spec = shlex.quote(str(out)), shlex.quote(model)
+    if data_dir:
+        corpus = f"--corpus wikitext2 --data-dir {shlex.quote(data_dir)}"
+    elif os.environ.get("WINDQUANT_DATA"):
+        corpus = "--corpus wikitext2"  # found under $WINDQUANT_DATA
+    else:
+        corpus = "--corpus wikitext2 --data-dir FOLDER   (FOLDER holding wikitext-2-raw/; or --corpus mix)"
+    rows.append(("next", f"windquant eval {folder} --reference {spec} {corpus}"))
+    rows.append(("", f"windquant generate {folder} --chat --prompt {shlex.quote(CHAT_PROMPT)}"))
+    rows.append(("", f"windquant inspect {folder}   (per-layer bit map)"))
+    width = max(len(label) for label, _ in rows) + 1
+    return "\n".join(f"{(label + ':') if label else '':<{width}} {text}" for label, text in rows)
 
 
 def layer_bit_map(plan: Plan) -> tuple[list[int], list[str], list[list[float]]]:
@@ -115,7 +172,7 @@ def inspect_checkpoint(path: Path, png: str | None = None) -> str:
     acc = report["accounting"]
     lines = [
         f"checkpoint: {path}",
-        f"allocator: {plan.allocator}  target: {plan.target_bits} ({plan.accounting} bits)",
+        f"allocator: {plan.allocator}  target: {plan.target_bits} {bits_name(plan.accounting)} bits per weight (--accounting {plan.accounting})",
         f"true bits: {acc['true_bits']:.4f}   paper bits: {acc['paper_bits']:.4f}   "
         f"quantized weights: {acc['n_weights']:,}   packed bytes: {acc['quantized_bytes']:,}",
         file_line(acc),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from windquant.actions import bits_name
 from windquant.calib.corpus import corpus_tokens, window_bos
 from windquant.config import PlanConfig, config_to_dict, settings_digest
 from windquant.errors import WindquantError
@@ -42,7 +43,8 @@ def run_sweep(
     key = {
         "cache": prepared.folder.name,
         "fit": settings_digest(prepared.fit),
-        "base": settings_digest(base),
+        # The accounting under its bits' name ("true" for stored): rows kept before the rename still match.
+        "base": settings_digest(base, {"accounting": bits_name(base.accounting)}),
         "allocators": {n: None if c is None else config_to_dict(c) for n, c in allocators.items()},
         "eval": [corpus, ctx, max_windows],
     }

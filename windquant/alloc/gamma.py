@@ -59,7 +59,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from windquant.actions import ACTIONS, SKIP
+from windquant.actions import ACTIONS, SKIP, bits_name
 from windquant.alloc.base import Allocation, AllocationContext, register_allocator
 from windquant.config import config_to_dict, require, setting, settings_digest
 from windquant.errors import WindquantError
@@ -77,7 +77,7 @@ TABLE_VERSION = 3  # part of a table's name: bump it when training changes, so n
 class GammaConfig:
     steps: int = setting(16, "optimisation steps per decoder block", flag="--gamma-steps")
     train_bits: float | None = setting(
-        None, "budget the preferences are trained at (default: the target); any other target re-projects the same table", flag="--gamma-train-bits"
+        None, "budget the preferences are trained at; any other target re-projects the same table", flag="--gamma-train-bits", shown="--target-bits", metavar="BITS"
     )
     batch: int = 8  # calibration windows per step (the default 64 windows: 8 batches, visited in turn)
     strength: float = 1.0  # the steps add up to this many times the average in-context gradient, in nats
@@ -409,10 +409,12 @@ def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationCon
     # Named by what it computes: a table trained at 2.5 is the same whether 2.5 was the target or
     # given; the scores it starts from (fisher or block) are part of its name.
     scores = hashlib.sha1(problem.costs.double().numpy().tobytes()).hexdigest()[:16]
-    digest = settings_digest(replace(config, train_bits=train_bits), {"accounting": problem.accounting, "scores": scores, "version": TABLE_VERSION})
+    # The accounting by its bits' name ("true" for stored), the name tables were written under.
+    accounting = bits_name(problem.accounting)
+    digest = settings_digest(replace(config, train_bits=train_bits), {"accounting": accounting, "scores": scores, "version": TABLE_VERSION})
     folder = ctx.work_dir.parent  # shared by every target: one table serves them all
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"preferences-{problem.accounting}-{train_bits:g}-{digest}.safetensors"
+    path = folder / f"preferences-{accounting}-{train_bits:g}-{digest}.safetensors"
     start = time.perf_counter()
     prefs = train_preferences(problem, config, ctx, train_bits, path)
     trained = time.perf_counter() - start

@@ -137,10 +137,10 @@ def solve(
 
 @dataclass
 class ILPConfig:
-    time_limit: float = setting(30.0, "seconds HiGHS may search before the Lagrangian plan is used")
+    time_limit: float = setting(30.0, "seconds HiGHS may search before the Lagrangian plan is used", flag=("--ilp-time-limit", "--time-limit"), metavar="SECONDS")
 
 
-@register_allocator("ilp", ILPConfig, needs=("scores",), help="exact knapsack on per-unit sensitivity scores (default, best measured)")
+@register_allocator("ilp", ILPConfig, needs=("scores",), help="exact knapsack on per-unit sensitivity scores (the default)")
 def allocate(problem: AllocationProblem, config: ILPConfig, ctx: AllocationContext) -> Allocation:
     """Minimum total sensitivity under the bit budget."""
     if problem.costs is None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from windquant.actions import ACTIONS, below_floor_error, within_budget
+from windquant.actions import ACTIONS, below_floor_error, bits_name, canonical_accounting, within_budget
 from windquant.errors import WindquantError
 from windquant.model.units import Unit
 
@@ -34,6 +34,9 @@ class AllocationProblem:
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (model.stats.unit_features)
     all_bits: dict[str, torch.Tensor] | None = None  # accounting -> [N, A] bits table (for reports)
     variant: StorageVariant | None = None  # the other outlier storage, when it was fitted
+
+    def __post_init__(self):
+        self.accounting = canonical_accounting(self.accounting)  # "true": the old name of "stored"
 
     @property
     def n_weights(self) -> int:
@@ -69,7 +72,7 @@ class AllocationProblem:
             raise WindquantError(f"the {allocator} allocator chose storage variants, but none were fitted for these {len(self.units)} units")
         if not self.fits(self.total_bits(requested, variant)):
             raise WindquantError(
-                f"the {allocator} allocator's plan needs {self.average_bits(requested, variant):.3f} {self.accounting} bits per weight, "
+                f"the {allocator} allocator's plan needs {self.average_bits(requested, variant):.3f} {bits_name(self.accounting)} bits per weight, "
                 f"above target_bits {self.target_bits:g}",
                 setting="target_bits",
             )

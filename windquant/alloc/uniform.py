@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from windquant.actions import ACTIONS, canonical_action, fmt_action
+from windquant.actions import ACTIONS, bits_name, canonical_action, fmt_action
 from windquant.alloc.base import Allocation, AllocationContext, register_allocator
 from windquant.config import setting
 from windquant.errors import WindquantError
@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class UniformConfig:
-    action: float | None = setting(None, "this action everywhere (default: the highest that fits)", flag="--uniform-action")
+    action: float | None = setting(
+        None, f"this action everywhere: one of {', '.join(map(fmt_action, ACTIONS))}", flag="--uniform-action", shown="the highest that fits --target-bits", metavar="BITS"
+    )
 
     @property
     def fixes_plan(self) -> bool:
@@ -40,7 +42,7 @@ def allocate(problem: AllocationProblem, config: UniformConfig, ctx: AllocationC
         actions = [config.action] * n
         if not problem.fits(problem.total_bits(actions)):
             raise WindquantError(
-                f"uniform {fmt_action(config.action)} bit needs {problem.average_bits(actions):.3f} {problem.accounting} bits, "
+                f"uniform {fmt_action(config.action)} bit needs {problem.average_bits(actions):.3f} {bits_name(problem.accounting)} bits, "
                 f"above target_bits {problem.target_bits:g}; raise the target or pick a lower action",
                 setting="target_bits",
             )
@@ -49,7 +51,7 @@ def allocate(problem: AllocationProblem, config: UniformConfig, ctx: AllocationC
         if problem.fits(problem.total_bits([a] * n)):
             return Allocation([a] * n)
     raise WindquantError(
-        f"no single action fits target_bits {problem.target_bits:g} ({problem.accounting} bits); "
+        f"no single action fits target_bits {problem.target_bits:g} ({bits_name(problem.accounting)} bits); "
         "raise the target or use the heuristic allocator",
         setting="target_bits",
     )

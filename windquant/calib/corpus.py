@@ -106,14 +106,19 @@ def _wiki_file(data_dir: str | None, names: tuple[str, ...]) -> Path | None:
     return None
 
 
+WIKI_HINT = "give --data-dir FOLDER (holding wikitext-2-raw/wiki.test.raw) or set $WINDQUANT_DATA, or pick another corpus (--corpus mix)"
+
+
 def _wiki_from_datasets(split: str, raw: bool) -> str:
     try:
         import datasets
     except ImportError:
-        raise WindquantError(
-            "WikiText-2 not found: pass --data-dir (a folder with wiki.test.raw) or set WINDQUANT_DATA"
-        ) from None
-    ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        raise WindquantError(f"WikiText-2 not found (no data folder, no datasets library); {WIKI_HINT}") from None
+    try:
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    except Exception as exc:  # offline, no cached copy: one line, not the library's traceback
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WindquantError(f"WikiText-2 not found (no data folder; the Hugging Face Hub copy failed: {reason}); {WIKI_HINT}") from None
     return "".join(ds["text"]) if raw else "\n\n".join(ds["text"])
 
 
@@ -124,7 +129,8 @@ def wikitext2(split: str, data_dir: str | None = None, raw: bool = False) -> str
     path = _wiki_file(data_dir, names)
     if path is None:
         if data_dir or os.environ.get("WINDQUANT_DATA"):
-            raise WindquantError(f"no {' or '.join(names)} under {data_dir or os.environ['WINDQUANT_DATA']}")
+            where = data_dir or os.environ["WINDQUANT_DATA"]
+            raise WindquantError(f"no {' or '.join(names)} under {where} (nor its wikitext-2-raw/); {WIKI_HINT}")
         return _wiki_from_datasets("test" if split == "test" else "train", raw)
     if raw:
         return path.read_text(encoding="utf-8")
@@ -142,6 +148,12 @@ def corpus_text(corpus: str, role: str, data_dir: str | None = None, raw: bool =
     named = {"builtin": builtin_text, "mix": mix_text}
     text = named[corpus]() if corpus in named else _read_text_file(Path(corpus).expanduser())
     return text, True
+
+
+def check_eval_corpus(corpus: str, data_dir: str | None = None) -> None:
+    """Fail now, before a model is loaded or fitted, when evaluation text cannot be read (it is read
+    again where it is scored: a file read, or the ``datasets`` library's cached copy)."""
+    corpus_text(corpus, "eval", data_dir)
 
 
 def corpus_tokens(tokenizer, corpus: str, role: str, data_dir: str | None = None, raw: bool = False) -> torch.Tensor:

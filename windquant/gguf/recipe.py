@@ -117,7 +117,7 @@ def make_recipe(options: list[TensorOptions], target_bpw: float) -> Recipe:
     floor = sum(min(o.size(t) for t in o.costs) for o in options) * 8 / weights
     if target_bpw + 1e-9 < floor:
         raise WindquantError(
-            f"--target-bpw {target_bpw:g} is below the cheapest valid types ({floor:.4f} bits per weight); "
+            f"--target-bits {target_bpw:g} is below the cheapest valid types ({floor:.4f} bits per weight); "
             f"give at least {math.ceil(floor * 1000) / 1000:g} or allow cheaper --types"
         )
     chosen = knapsack_types(options, lambda o, t: o.costs[t], int(math.floor(target_bpw * weights / 8 + 1e-6)))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from windquant.actions import ACCOUNTINGS, SKIP, canonical_action
+from windquant.actions import ACCOUNTINGS, SKIP, canonical_accounting, canonical_action
 from windquant.quant import salient
 from windquant.quant.codes import packed_code_bytes
 from windquant.quant.ops import grid_for
@@ -82,7 +82,8 @@ def unit_paper_bits(action: float, out_features: int, columns: int, rate: float,
 
 
 def unit_bits(action: float, out_features: int, columns: int, rate: float, accounting: str, rotate: bool = False) -> float:
-    if accounting == "true":
+    accounting = canonical_accounting(accounting)
+    if accounting == "stored":
         return float(unit_true_bits(action, out_features, columns, rate, rotate))
     if accounting == "paper":
         return unit_paper_bits(action, out_features, columns, rate, rotate)

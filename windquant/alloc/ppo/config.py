@@ -10,22 +10,38 @@ from dataclasses import dataclass
 from windquant.alloc.ppo.rewards import RewardConfig
 from windquant.config import require, setting
 
+MODES = ("construct", "refine")
+STATES = ("paper", "sensitivity")
+SHAPINGS = ("none", "potential")
+ORDERS = ("model", "sensitive")
+REFINE_MOVES = ("group", "unit")
+REFINE_PROXIES = ("stored", "candidates")
+PROXY_WINDOWS = ("heldout", "calibration")
 
+
+# Flags: --ppo-<setting>; the unprefixed spellings of the first releases stay accepted.
 @dataclass
 class PPOConfig:
-    mode: str = setting("refine", "construct: the paper's MDP, one decision per unit; refine: budget-neutral moves from ilp's plan, rewarded by the change in real proxy loss", flag="--ppo-mode")
-    episodes: int = setting(100, "training episodes (the paper's value)")  # paper §4.1 (1B-8B runs)
+    mode: str = setting(
+        "refine",
+        "construct: the paper's MDP, one decision per unit; refine: budget-neutral moves from ilp's plan, rewarded by the change in real proxy loss",
+        flag="--ppo-mode",
+        choices=MODES,
+    )
+    episodes: int = setting(100, "training episodes (the paper's value)", flag=("--ppo-episodes", "--episodes"))  # paper §4.1 (1B-8B runs)
     # The proxy: calibration windows scored per episode. The paper uses 64 x 256; 8 keeps an
     # episode at ~10 s on one CPU core (use 64 on a GPU).
-    proxy_samples: int = setting(8, "calibration windows scored per episode (paper 64)")
-    proxy_len: int = setting(256, "tokens per proxy window")
+    proxy_samples: int = setting(8, "calibration windows scored per episode (paper 64)", flag=("--ppo-proxy-samples", "--proxy-samples"))
+    proxy_len: int = setting(256, "tokens per proxy window", flag=("--ppo-proxy-len", "--proxy-len"))
     # heldout: windows of the calibration corpus that overlap no calibration window, so the reward
     # is out of sample for everything fitted there (candidates, carried errors); calibration: the
     # first calibration windows (the paper's proxy is a calibration subset).
     proxy_windows: str = "heldout"
-    work_dir: str | None = setting(None, "checkpoints + episode log (default: under the candidate cache)", flag="--ppo-dir", run=True)
-    resume: bool = setting(False, "continue a killed PPO run from its last checkpoint", run=True)
-    policy: str | None = setting(None, "reuse a trained policy.safetensors zero-shot (no training)")
+    work_dir: str | None = setting(None, "checkpoints + episode log", flag="--ppo-dir", shown="under the candidate cache", run=True)
+    resume: bool = setting(False, "continue a killed PPO run from its last checkpoint", flag=("--ppo-resume", "--resume"), run=True)
+    policy: str | None = setting(
+        None, "reuse a trained policy.safetensors zero-shot (no training)", flag=("--ppo-policy", "--policy"), shown="train one", metavar="PATH"
+    )
     curriculum: tuple[float, ...] = (3.0, 2.5, 2.0, 2.0)  # paper §3.3; last stage = the user's target
     lr: float = 5e-4  # Adam learning rate (paper §4.1)
     gamma: float = 0.99  # discount (paper §3.2.3)
@@ -93,14 +109,6 @@ class PPOConfig:
         require(self, checks, "PPO ")
         return self
 
-
-MODES = ("construct", "refine")
-STATES = ("paper", "sensitivity")
-SHAPINGS = ("none", "potential")
-ORDERS = ("model", "sensitive")
-REFINE_MOVES = ("group", "unit")
-REFINE_PROXIES = ("stored", "candidates")
-PROXY_WINDOWS = ("heldout", "calibration")
 
 # Named settings (``--ppo-set`` keys): "paper" is the paper's controller as published (§3.2-3.4);
 # "guided" adds the sensitivity state, potential shaping and the sensitive-first order to it;

@@ -283,7 +283,7 @@ def refine_ppo(
         try:
             policy.load_state_dict(load_file(str(cfg.policy)))
         except (OSError, RuntimeError) as exc:
-            raise WindquantError(f"--policy {cfg.policy} is not a windquant refine policy ({exc}); point it at its policy.safetensors") from exc
+            raise WindquantError(f"--ppo-policy {cfg.policy} is not a windquant refine policy ({exc}); point it at its policy.safetensors") from exc
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
     checkpoints = Checkpointer(work_dir / "checkpoint.safetensors", run_digest(problem, cfg, seed))
     state = RefineState()
@@ -302,7 +302,7 @@ def refine_ppo(
             start_time, proxy.seconds = time.perf_counter(), 0.0
             mask = space.mask(incumbent, cols, state.tried)
             if not bool(mask.any()):
-                raise WindquantError(f"refine: no untried move is left after {episode} episodes; run fewer --episodes")
+                raise WindquantError(f"refine: no untried move is left after {episode} episodes; run fewer --ppo-episodes")
             with torch.no_grad():
                 option, logp = sample(policy(features, prior, mask), generator)
             candidate = space.move(incumbent, option)

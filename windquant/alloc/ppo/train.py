@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from windquant.actions import ACTIONS, within_budget
+from windquant.actions import ACTIONS, bits_name, within_budget
 from windquant.alloc.base import Allocation, Proxy
 from windquant.alloc.ppo import rewards
 from windquant.alloc.ppo.agent import ActorCritic, Rollout, act, ppo_update
@@ -78,7 +78,7 @@ def plan_bits(problem: AllocationProblem, cols: list[int]) -> dict[str, float]:
     """Average bits of a plan on every accounting the problem carries."""
     idx = torch.tensor(cols)[:, None]
     tables = problem.all_bits or {problem.accounting: problem.bits}
-    return {f"{k}_bits": float(t.gather(1, idx).sum()) / problem.n_weights for k, t in tables.items()}
+    return {f"{bits_name(k)}_bits": float(t.gather(1, idx).sum()) / problem.n_weights for k, t in tables.items()}
 
 
 def action_histogram(problem: AllocationProblem, cols: list[int]) -> dict[str, float]:
@@ -182,7 +182,7 @@ def load_policy(path: str | Path, cfg: PPOConfig) -> ActorCritic:
     try:
         agent.load_state_dict(load_file(str(path)))
     except (OSError, RuntimeError, SafetensorError) as exc:
-        raise WindquantError(f"--policy {path} is not a windquant PPO policy ({exc}); point it at a policy.safetensors") from exc
+        raise WindquantError(f"--ppo-policy {path} is not a windquant PPO policy ({exc}); point it at a policy.safetensors") from exc
     return agent
 
 

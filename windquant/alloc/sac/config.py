@@ -12,15 +12,19 @@ from dataclasses import dataclass
 
 from windquant.config import require, setting
 
+PROJECTIONS = ("costs", "policy")
+
 
 @dataclass
 class SACConfig:
     episodes: int = setting(60, "training episodes: one per-layer plan and one proxy pass each", flag="--sac-episodes")
     proxy_samples: int = setting(8, "calibration windows scored per episode", flag="--sac-proxy-samples")
     proxy_len: int = setting(256, "tokens per proxy window", flag="--sac-proxy-len")
-    work_dir: str | None = setting(None, "checkpoint, replay buffer, episode log (default: under the candidate cache)", flag="--sac-dir", run=True)
+    work_dir: str | None = setting(None, "checkpoint, replay buffer, episode log", flag="--sac-dir", shown="under the candidate cache", run=True)
     resume: bool = setting(False, "continue a killed SAC run from its last checkpoint", flag="--sac-resume", run=True)
-    policy: str | None = setting(None, "apply a trained SAC policy.safetensors zero-shot: no training episodes", flag="--sac-policy")
+    policy: str | None = setting(
+        None, "apply a trained SAC policy.safetensors zero-shot: no training episodes", flag="--sac-policy", shown="train one", metavar="PATH"
+    )
     # Discrete SAC.
     gamma: float = 0.99  # discount
     tau: float = 0.005  # Polyak rate of the target Q-networks
@@ -37,7 +41,7 @@ class SACConfig:
     # The final projection's costs. costs: ilp's sensitivity table (whole layers trimmed where it
     # predicts the least loss per bit saved); policy: -log π of each layer's actions, so the plan
     # follows the policy's own preferences and does not lean on the sensitivity table.
-    projection: str = setting("costs", "what the projection onto the budget trims by: costs (the sensitivity scores) | policy (-log π)", flag="--sac-projection")
+    projection: str = setting("costs", "what the projection onto the budget trims by: costs (the sensitivity scores) | policy (-log π)", flag="--sac-projection", choices=PROJECTIONS)
     hidden: int = 256  # width of the 2-layer bodies (actor and both critics)
     # Reward (quality first): per step -scale x (the layer's predicted loss + price x its bits
     # above target); at the end -scale x (proxy log PPL ratio of the projected plan - the
@@ -67,5 +71,3 @@ class SACConfig:
         require(self, checks, "SAC ")
         return self
 
-
-PROJECTIONS = ("costs", "policy")
