@@ -3,6 +3,9 @@ RuntimeLinear against ``F.linear`` of the dequantized weights, a checkpoint's lo
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,3 +215,33 @@ def test_siblings_share_one_rotation_and_compute_the_same():
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(alone, together))
         assert attn.q_proj.shared._out is None
     assert torch.allclose(attn.k_proj(x), alone[1], rtol=1e-5, atol=1e-5)  # one sibling alone still works
+
+
+FREED_RSS_SCRIPT = """
+import sys, torch
+from pathlib import Path
+def rss():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+if sys.argv[1] == "fixed":
+    from windquant.runinfo import return_large_frees_to_os
+    return_large_frees_to_os()
+big = torch.ones(1 << 20); del big  # a 4 MiB block freed: glibc raises its mmap threshold to 4 MiB
+base = rss()
+held = [torch.ones(1 << 19) for _ in range(100)]  # 100 x 2 MiB, as a growing KV cache leaves them
+del held
+print(rss() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_large_blocks_leave_rss_once_the_mmap_threshold_is_fixed():
+    """What the runtime's loader sets: 200 MiB freed after generate()-like growth stays resident
+    under glibc's dynamic threshold and leaves RSS with the fixed one."""
+
+    def retained(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", FREED_RSS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout.strip())
+
+    assert retained("dynamic") > 150
+    assert retained("fixed") < 20
