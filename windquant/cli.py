@@ -341,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is first imported: silences the GGUF conversion bar too
     try:
         from windquant import commands
-        from windquant.runinfo import set_threads
+        from windquant.runinfo import return_large_frees_to_os, set_threads
 
         set_threads()
+        return_large_frees_to_os()  # freed activations and candidates leave RSS, in every command
         return getattr(commands, f"cmd_{args.command.replace('-', '_')}")(args)
     except WindquantError as exc:
         hint = f" (set with {flags[exc.setting]})" if exc.setting in flags else ""
