@@ -137,7 +137,7 @@ def save(
     overwrite: bool = False,
     extra_files: dict | None = None,
     copy_files: list[Path] | None = None,
-    embedding_bits: int = 16,
+    embedding_bits: int = 8,
 ) -> Path:
     """Write the checkpoint folder atomically; returns its path.
 
