@@ -39,6 +39,7 @@ import torch
 from benchlib import Evaluator, add_eval_args, fmt, load_rows, phase_peak_rss_mib, reset_peak_rss, save_rows, zs_cell
 from tqdm.auto import tqdm
 
+from windquant.config import FitConfig
 from windquant.files import atomic_write_json, atomic_write_text
 from windquant.model.units import block_linears
 from windquant.runinfo import set_threads
@@ -115,7 +116,6 @@ def quantize_hqq(model, config: str) -> dict:
 def calib_windows(tokenizer, args) -> torch.Tensor:
     """windquant's default calibration windows (``--ar-calib`` corpus, 64 x 256, seed 0): [64, 256]
     tokens, the calibration data of every calibrated peer (AutoRound, GPTQ)."""
-    from windquant.config import FitConfig
     from windquant.pipeline import calibration_windows
 
     return calibration_windows(tokenizer, FitConfig(calib=args.ar_calib, data_dir=args.data_dir))
@@ -457,7 +457,13 @@ def main() -> None:
     ap.add_argument("--ar-nsamples", type=int, default=64, help="calibration samples (default %(default)s, as windquant)")
     ap.add_argument("--ar-seqlen", type=int, default=256, help="calibration length (default %(default)s, as windquant)")
     ap.add_argument("--ar-batch", type=int, default=8, help="AutoRound batch size (default %(default)s)")
-    ap.add_argument("--ar-calib", default="builtin", help="AutoRound+GPTQ calibration corpus, as --calib (default %(default)s)")
+    ap.add_argument(
+        "--calib",
+        "--ar-calib",
+        dest="ar_calib",
+        default=FitConfig().calib,
+        help="calibration corpus of every calibrated peer (AutoRound, GPTQ), as quantize --calib: the product's default (default %(default)s)",
+    )
     ap.add_argument("--ar-compile", action="store_true", help="let AutoRound torch.compile its blocks (stalls on CPU here)")
     ap.add_argument("--ar-device", default="cuda" if torch.cuda.is_available() else "cpu", help="AutoRound device_map")
     ap.add_argument("--gptq-configs", default=GPTQ_CONFIGS, help="GPTQ BITSgGROUP list (default %(default)s)")
