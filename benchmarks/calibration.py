@@ -45,27 +45,28 @@ def table(rows: dict[str, dict], args) -> list[str]:
     ref = rows.get("reference", {})
     w = ref.get("wiki2", {})
     o = ref.get("other", {})
+    tasks = [t for t in args.tasks.split(",") if t]
+    zeroshot = f"zero-shot: {', '.join(tasks)} ({'full sets' if args.limit is None else f'first {args.limit}'}), accuracy %" if tasks else "no zero-shot"
     lines = [
         f"WikiText-2 test: ctx {w.get('ctx')}, {w.get('windows')} windows ({w.get('tokens')} tokens); "
-        f"other-domain text ({args.other}): ctx {o.get('ctx')}, {o.get('windows')} windows ({o.get('tokens')} tokens); "
-        f"zero-shot: {args.tasks or 'none'} ({'full sets' if args.limit is None else f'first {args.limit}'}), accuracy %. "
-        "Ratios to the reference on the same span.",
+        f"other-domain text ({Path(args.other).name}): ctx {o.get('ctx')}, {o.get('windows')} windows ({o.get('tokens')} tokens); "
+        f"{zeroshot}. Ratios to the reference on the same span. Prepare s: calibration, fit and scores "
+        "(wall time of that run, cache state and machine load as they were).",
         "",
         "| calibration | target bits | true bits | WikiText-2 PPL (ratio) | other-domain PPL (ratio) | "
-        + " | ".join(t for t in args.tasks.split(",") if t)
-        + " | scores chosen | quantize s |",
-        "|---|---|---|---|---|" + "---|" * len([t for t in args.tasks.split(",") if t]) + "---|---|",
+        + "".join(f"{t} | " for t in tasks)
+        + "scores chosen | prepare s |",
+        "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|",
     ]
-    tasks = [t for t in args.tasks.split(",") if t]
     for key, r in rows.items():
         zs = r.get("zeroshot") or {}
-        cells = [zs_cell(zs.get(t), args.limit) for t in tasks]
+        cells = "".join(f"{zs_cell(zs.get(t), args.limit)} | " for t in tasks)
         bits = "" if key == "reference" else f"{r['budget']:g}"
         true_bits = "32" if key == "reference" else f"{r['true_bits']:.3f}"
         lines.append(
             f"| {r.get('calib', 'reference')} | {bits} | {true_bits} | {ratio(r, ref, 'wiki2')} | {ratio(r, ref, 'other')} | "
-            + " | ".join(cells)
-            + f" | {r.get('scores_chosen', '')} | {fmt(r.get('prepare_seconds'), 0)} |"
+            + cells
+            + f"{r.get('scores_chosen', '')} | {fmt(r.get('prepare_seconds'), 0)} |"
         )
     return lines
 
@@ -102,12 +103,15 @@ def main() -> int:
     ap.add_argument("--other-ctx", type=int, default=512)
     ap.add_argument("--other-windows", type=int, default=None, help="windows of --other-ctx tokens (default: all)")
     ap.add_argument("--out", default="benchmarks/results/calibration")
+    ap.add_argument("--only-table", action="store_true", help="rewrite results.md and the plot from results.json, then stop")
     add_eval_args(ap)
     args = ap.parse_args()
     out, _ = results_folder(args.out)
     path = out / "results.json"
     rows = load_rows(path)
     meta = {"args": vars(args)}
+    if args.only_table:
+        return write_outputs(rows, args, out)
     model, tokenizer = load_model(args.model)
     evaluator = Evaluator(tokenizer, args)
     other_tokens = torch.tensor(tokenizer(Path(args.other).read_text(encoding="utf-8"))["input_ids"])
@@ -152,8 +156,12 @@ def main() -> int:
                     row["other"] = other_domain_ppl(model, other_tokens, args, bos)
             checkpoint()
         del prepared
+    return write_outputs(rows, args, out)
+
+
+def write_outputs(rows: dict[str, dict], args, out: Path) -> int:
     lines = table(rows, args)
-    write_markdown(out, lines, "python " + " ".join(sys.argv))
+    write_markdown(out, lines, "python " + " ".join(a for a in sys.argv if a != "--only-table"))
     plot(rows, out)
     print("\n".join(lines))
     return 0
