@@ -27,7 +27,7 @@ from windquant.calib.corpus import corpus_tokens, mix_text, sample_windows, wind
 from windquant.eval.perplexity import perplexity  # noqa: E402
 from windquant.model.loading import load_base_model  # noqa: E402
 from windquant.quant.feedback import error_feedback  # noqa: E402
-from windquant.quant.rows import CLIP_RATIOS, GROUP4, _round4, _scales, dequantize_rows, quantize_rows  # noqa: E402
+from windquant.quant.rows import GROUP4, clip_scales4, dequantize_rows, quantize_rows  # noqa: E402
 
 
 def head_moment(model, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
@@ -53,13 +53,7 @@ def gptq_4g32(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     absmax of least squared error on the columns as compensated so far."""
 
     def start(_k, wk):
-        best, best_err = None, None
-        for ratio in CLIP_RATIOS:
-            s = _scales(wk * ratio, 7)
-            err = ((_round4(wk, s) * s.float()[..., None] - wk) ** 2).sum(-1)
-            best = s if best is None else torch.where(err < best_err, s, best)
-            best_err = err if best_err is None else torch.minimum(err, best_err)
-        scale = best.float()
+        scale = clip_scales4(wk).float()
         return lambda col, _j: (col / scale).round().clamp(-7, 7) * scale
 
     chunks = [(c, c + GROUP4) for c in range(0, w.shape[1], GROUP4)]

@@ -44,6 +44,18 @@ def _round4(groups: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (groups / scale.float()[..., None]).round().clamp(-7, 7)
 
 
+def clip_scales4(groups: torch.Tensor) -> torch.Tensor:
+    """fp16 INT4 scale of each group (last dim): the clipped absmax / 7 of least squared error
+    among :data:`CLIP_RATIOS`."""
+    best, best_err = None, None
+    for ratio in CLIP_RATIOS:
+        scale = _scales(groups * ratio, 7)
+        err = ((_round4(groups, scale) * scale.float()[..., None] - groups) ** 2).sum(-1)
+        best = scale if best is None else torch.where(err < best_err, scale, best)
+        best_err = err if best_err is None else torch.minimum(err, best_err)
+    return best
+
+
 def quantize_rows(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     """Packed tensors of ``w`` [rows, columns] at ``bits`` (exactly :func:`row_layout`)."""
     rows, columns = w.shape
@@ -55,13 +67,7 @@ def quantize_rows(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
         scale = _scales(w, 127)
         return {"q8": (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8), "scale": scale}
     groups = w.view(rows, columns // GROUP4, GROUP4)
-    best, best_err = None, None
-    for ratio in CLIP_RATIOS:
-        scale = _scales(groups * ratio, 7)
-        err = ((_round4(groups, scale) * scale.float()[..., None] - groups) ** 2).sum(-1)
-        best = scale if best is None else torch.where(err < best_err, scale, best)
-        best_err = err if best_err is None else torch.minimum(err, best_err)
-    scale = best
+    scale = clip_scales4(groups)
     q = (_round4(groups, scale) + 8).to(torch.uint8).view(rows, columns)
     return {"q4": q[:, 0::2] | (q[:, 1::2] << 4), "scale": scale}
 
