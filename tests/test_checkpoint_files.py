@@ -16,7 +16,7 @@ import torch
 from windquant import load, quantize_, save
 from windquant.cli import main
 from windquant.errors import WindquantError
-from windquant.quant.rows import dequantize_rows, quantize_rows
+from windquant.quant.rows import dequantize_rows, gather_rows, quantize_rows
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
@@ -52,20 +52,41 @@ def test_4_bit_rows_beat_plain_absmax_scales():
 
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_rows_dequantize_independently(bits):
-    packed = quantize_rows(torch.randn(48, 64), bits)
-    assert torch.equal(dequantize_rows({k: v[[5, 2]] for k, v in packed.items()}, bits), dequantize_rows(packed, bits)[[5, 2]])
+@pytest.mark.parametrize("bits", [8, 4, "mixed"])
+def test_gathered_rows_equal_the_dequantized_matrix(bits):
+    packed = quantize_rows(torch.randn(48, 64), bits, torch.arange(48) % 7)
+    ids = torch.tensor([[5, 2, 47], [0, 6, 13]])
+    assert torch.equal(gather_rows(packed, bits, ids), dequantize_rows(packed, bits)[ids])
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_mixed_rows_keep_the_most_frequent_tokens_at_8_bits():
+    """Rows ranked by count (ties by id): the top share is stored exactly as the 8-bit format
+    stores it, every other row as the 4-bit format; the 4-bit rest is a multiple of 16 rows."""
+    w = torch.randn(100, 64, generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(100, dtype=torch.long)
+    counts[[90, 3, 57, 12]] = torch.tensor([5, 9, 2, 9])  # ranks: 3, 12 (tie: id), 90, 57, then ids 0, 1, 2, ...
+    packed = quantize_rows(w, "mixed", counts)
+    k = 100 - 16 * ((100 - 20) // 16)  # 20 % of the rows, the rest rounded down to 16s
+    assert len(packed["idx8"]) == k == 20
+    assert packed["idx8"].tolist() == sorted([3, 12, 90, 57] + [i for i in range(100) if i not in (3, 12, 90, 57)][: k - 4])
+    full = dequantize_rows(packed, "mixed")
+    is8 = torch.zeros(100, dtype=torch.bool)
+    is8[packed["idx8"].long()] = True
+    assert torch.equal(full[is8], dequantize_rows(quantize_rows(w, 8), 8)[is8])
+    assert torch.equal(full[~is8], dequantize_rows(quantize_rows(w, 4), 4)[~is8])
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, "mixed"])
 def test_bytes_on_disk_equal_the_reported_whole_file(tiny_model, tokenizer, plan, tmp_path, bits, capsys):
     out = save(tiny_model, tokenizer, plan, tmp_path / "ckpt", embedding_bits=bits)
     sizes = json.loads((out / "quant_config.json").read_text())["sizes"]
     spans = tensor_spans(out / "model.safetensors")
     assert sum(n for _o, n in spans.values()) == sizes["tensor_bytes"]
     rows = sum(n for k, (_o, n) in spans.items() if k.startswith("model.embed_tokens."))
-    assert rows == sizes["embedding_bytes"] == {16: 2, 8: 1, 4: 0.5}[bits] * 256 * 64 + {16: 0, 8: 2 * 256, 4: 2 * 256 * 2}[bits]
+    per_row = {16: 2 * 64, 8: 64 + 2, 4: 32 + 2 * 2}  # codes and fp16 scales (4 bits: one per 32 columns)
+    # mixed: 64 rows at 8 bits with their int32 ids (20 % of 256, the 4-bit rest in 16s), 192 at 4
+    expected = 64 * (per_row[8] + 4) + 192 * per_row[4] if bits == "mixed" else 256 * per_row[bits]
+    assert rows == sizes["embedding_bytes"] == expected
     assert sizes["parameters"] == sum(p.numel() for p in tiny_model.parameters()) + sum(
         m.in_features * m.out_features for m in tiny_model.modules() if hasattr(m, "chunks")
     )

@@ -131,10 +131,10 @@ def _stored_weight(q: QuantLinear, k: int) -> torch.Tensor:
     return dequantize_unit(unrotated, action, q.out_features, col1 - col0)
 
 
-@pytest.fixture(params=[16, 8, 4], ids=["emb16", "emb8", "emb4"])
+@pytest.fixture(params=[16, 8, 4, "mixed"], ids=["emb16", "emb8", "emb4", "embmixed"])
 def tiny_checkpoint(request, tiny_model, tokenizer, tiny_plan, tiny_fit, tmp_path):
-    """A saved tiny checkpoint (rotated and salient units, chunk 32; its embedding at 16, 8 and
-    4 bits) and its in-memory model."""
+    """A saved tiny checkpoint (rotated and salient units, chunk 32; its embedding at 16, 8, 4
+    bits and mixed) and its in-memory model."""
     from windquant import quantize_, save
 
     plan, _ = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)

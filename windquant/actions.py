@@ -55,7 +55,9 @@ def within_budget(total_bits: float, budget_bits: float) -> bool:
     return total_bits <= budget_bits * (1 + BUDGET_RTOL) + BUDGET_ATOL
 
 
-def below_floor_error(target_bits: float, floor_bits: float, accounting: str, what: str = "the cheapest possible plan") -> WindquantError:
+def below_floor_error(
+    target_bits: float, floor_bits: float, accounting: str, what: str = "the cheapest possible plan"
+) -> WindquantError:
     """The one message for a target no plan can meet (``floor_bits`` per weight)."""
     return WindquantError(
         f"target_bits {target_bits:g} is below {what} ({floor_bits:.3f} {bits_name(accounting)} bits per weight); "

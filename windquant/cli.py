@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 from windquant.errors import WindquantError
+from windquant.quant.row_formats import MIXED, ROW_BITS, parse_row_format
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -88,11 +89,13 @@ def _add_quantize(sub) -> dict[str, str]:
     flags |= _add_calib(essential)
     essential.add_argument(
         "--embedding-bits",
-        type=int,
-        choices=(16, 8, 4),
-        default=8,
+        type=parse_row_format,
+        choices=ROW_BITS,
+        default=MIXED,
+        metavar="{16,8,4,mixed}",
         help="the token embedding (and an untied head) stored per row: 16 fp16, 8 INT8 with a scale per row, "
-        "4 INT4 with a scale per 32 columns (default: %(default)s)",
+        "4 INT4 with a scale per 32 columns, mixed: the 20%% most frequent tokens of the calibration text at 8, "
+        "the rest at 4 (default: %(default)s)",
     )
     fit_flags, run = _add_fit_flags(p, ("accounting", "seed"))
     flags |= fit_flags
@@ -171,10 +174,20 @@ def _add_eval(sub) -> None:
         help="folder holding wikitext-2-raw/ and, for --tasks, piqa/, arc_easy/, ... (directly or under zeroshot/) "
         "(default: $WINDQUANT_DATA; zero-shot data without it: the Hugging Face Hub)",
     )
-    p.add_argument("--reference", default=None, metavar="SPEC", help="also evaluate this model (e.g. the unquantized one) on the same span "
-                   "and end with a side-by-side summary (default: none)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="SPEC",
+        help="also evaluate this model (e.g. the unquantized one) on the same span "
+        "and end with a side-by-side summary (default: none)",
+    )
     p.add_argument("--ctx", type=int, default=None, help="context length (default: 2048; 512 with --protocol llamacpp)")
-    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows (default: all; 100 with --protocol llamacpp)")
+    p.add_argument(
+        "--max-windows",
+        type=int,
+        default=None,
+        help="score at most this many windows (default: all; 100 with --protocol llamacpp)",
+    )
     p.add_argument(
         "--protocol",
         choices=("windows", "llamacpp"),
@@ -190,9 +203,13 @@ def _add_eval(sub) -> None:
         help="zero-shot tasks through lm-eval, comma-separated: arc_easy,arc_challenge,boolq,piqa,hellaswag,winogrande "
         "(default: none, perplexity only)",
     )
-    p.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N examples of each task (default: all)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="zero-shot: score only the first N examples of each task (default: all)"
+    )
     p.add_argument("--zs-batch-size", type=int, default=8, help="zero-shot: lm-eval batch size (default: %(default)s)")
-    p.add_argument("--json", dest="json_out", default=None, metavar="PATH", help="also write the result to this JSON file (default: none)")
+    p.add_argument(
+        "--json", dest="json_out", default=None, metavar="PATH", help="also write the result to this JSON file (default: none)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--no-verify",
@@ -243,7 +260,9 @@ def _add_gguf_writer_flags(types, run, types_help: str, embedding_help: str, wor
     types.add_argument("--types", default=None, metavar="TYPE,...", help=types_help)
     types.add_argument("--embedding-type", default="Q8_0", metavar="TYPE", help=f"{embedding_help} (default: %(default)s)")
     run.add_argument("--no-llamacpp", action="store_true", help="write with gguf-py even when llama.cpp is built")
-    run.add_argument("--work-dir", default=None, help=f"{work_help} (default: $WINDQUANT_CACHE/gguf, else ~/.cache/windquant/gguf)")
+    run.add_argument(
+        "--work-dir", default=None, help=f"{work_help} (default: $WINDQUANT_CACHE/gguf, else ~/.cache/windquant/gguf)"
+    )
     run.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -262,7 +281,9 @@ def _add_gguf(sub) -> None:
     )
     essential = p.add_argument_group("essential")
     essential.add_argument(
-        "--model", default="smollm2-135m", help="the model to re-quantize: smollm2-135m, gemma3-270m or a .gguf file (default: %(default)s)"
+        "--model",
+        default="smollm2-135m",
+        help="the model to re-quantize: smollm2-135m, gemma3-270m or a .gguf file (default: %(default)s)",
     )
     add_flag(
         essential,
@@ -290,10 +311,14 @@ def _add_gguf(sub) -> None:
         "type of token_embd.weight",
         "reference, imatrix and candidate costs",
     )
-    types.add_argument("--output-type", default=None, metavar="TYPE", help="type of output.weight when untied (default: the embedding's)")
+    types.add_argument(
+        "--output-type", default=None, metavar="TYPE", help="type of output.weight when untied (default: the embedding's)"
+    )
     calib.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default: %(default)s)")
     calib.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default: %(default)s)")
-    calib.add_argument("--data-dir", default=None, help="folder holding WikiText-2, for --calib wikitext2 (default: $WINDQUANT_DATA)")
+    calib.add_argument(
+        "--data-dir", default=None, help="folder holding WikiText-2, for --calib wikitext2 (default: $WINDQUANT_DATA)"
+    )
     _options_last(p)
 
 
@@ -351,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"windquant: error: {exc}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("windquant: interrupted; no partial output was written (a sweep keeps its finished rows: run it again to go on)", file=sys.stderr)
+        print(
+            "windquant: interrupted; no partial output was written (a sweep keeps its finished rows: run it again to go on)",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
 
 

@@ -272,7 +272,9 @@ def cmd_gguf(args: argparse.Namespace) -> int:
         output_type=parse_type(args.output_type) if args.output_type else None,
         llamacpp=not args.no_llamacpp,
     )
-    fit = FitConfig(calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len, data_dir=args.data_dir).validate()
+    fit = FitConfig(
+        calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len, data_dir=args.data_dir
+    ).validate()
     report = build_gguf(args.model, out, cfg, fit, _gguf_work_dir(args), progress=not args.quiet)
     if args.dry_run:
         for name, qtype in report["types"].items():
@@ -314,7 +316,11 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"writer={report['writer']} types: " + "  ".join(f"{k}:{v}" for k, v in report["type_counts"].items()))
-    fit = "within the checkpoint's bytes" if report["within_checkpoint_bytes"] else "above the checkpoint's bytes: no allowed type that small fits these rows"
+    fit = (
+        "within the checkpoint's bytes"
+        if report["within_checkpoint_bytes"]
+        else "above the checkpoint's bytes: no allowed type that small fits these rows"
+    )
     print(f"block linears: checkpoint {report['checkpoint_linear_bpw']:.4f} bpw -> GGUF {report['linear_bpw']:.4f} bpw ({fit})")
     print(f"file {report['file_bytes']:,} bytes, {report['file_bpw']:.4f} bpw over all tensors -> {out}")
     return 0

@@ -109,7 +109,12 @@ class FitConfig:
 
     # The CLI's --group-size (what other quantizers call the columns sharing a scale group here:
     # one unit); the field keeps its name, which the candidate cache's fingerprint reads.
-    chunk: int = setting(256, "columns per unit, the group of columns one action is chosen for (G)", flag=("--group-size", "--chunk"), metavar="COLUMNS")
+    chunk: int = setting(
+        256,
+        "columns per unit, the group of columns one action is chosen for (G)",
+        flag=("--group-size", "--chunk"),
+        metavar="COLUMNS",
+    )
     salient: float = setting(
         0.03,
         "fraction of each unit's weights kept in INT8; only units stored unrotated have them: with --rotate (the default) "
@@ -119,14 +124,34 @@ class FitConfig:
     fit_lr: float = setting(0.02, "Adam learning rate on an operator's log-scale")
     fallback_threshold: float = setting(0.5, "relative weighted error above which a unit moves to the next precision")
     feedback: bool = setting(True, "OBQ/GPTQ error feedback along each unit's columns (needs one more statistic, same bits)")
-    rotate: bool = setting(True, "store power-of-two-wide units rotated (random signs x Hadamard) instead of with INT8 salient weights")
-    storage_variants: bool = setting(False, "also fit every unit with the other outlier storage (unrotated with INT8 salient weights when --rotate, rotated otherwise) so allocators that can (ilp) choose it per unit; doubles the candidate fit")
-    scores: str = setting(SCORES[0], "sensitivity scores: auto (both tables below; at each budget the one whose exact-knapsack plan scores lower on held-out calibration text) | fisher (F·tr(ΔW H ΔWᵀ) per unit) | block (each linear's total at each action set to its measured teacher-forced block error, which sees norms after the linear; ~1 block pass per linear and action)", choices=SCORES)
-    carry: bool = setting(True, "after allocation, re-quantize each linear chunk by chunk carrying every chunk's error into later columns")
-    fold: bool = setting(False, "Scale Folding: per-input-channel scales act_rms^alpha (alpha searched per group) folded into the preceding norm / linear, an exact equivalence")
-    tune_steps: int = setting(0, "after allocation, tune the stored fp16 scales (codes frozen) for at most this many Adam steps on KL to the unquantized model over the calibration windows; 0 = off")
+    rotate: bool = setting(
+        True, "store power-of-two-wide units rotated (random signs x Hadamard) instead of with INT8 salient weights"
+    )
+    storage_variants: bool = setting(
+        False,
+        "also fit every unit with the other outlier storage (unrotated with INT8 salient weights when --rotate, rotated otherwise) so allocators that can (ilp) choose it per unit; doubles the candidate fit",
+    )
+    scores: str = setting(
+        SCORES[0],
+        "sensitivity scores: auto (both tables below; at each budget the one whose exact-knapsack plan scores lower on held-out calibration text) | fisher (F·tr(ΔW H ΔWᵀ) per unit) | block (each linear's total at each action set to its measured teacher-forced block error, which sees norms after the linear; ~1 block pass per linear and action)",
+        choices=SCORES,
+    )
+    carry: bool = setting(
+        True, "after allocation, re-quantize each linear chunk by chunk carrying every chunk's error into later columns"
+    )
+    fold: bool = setting(
+        False,
+        "Scale Folding: per-input-channel scales act_rms^alpha (alpha searched per group) folded into the preceding norm / linear, an exact equivalence",
+    )
+    tune_steps: int = setting(
+        0,
+        "after allocation, tune the stored fp16 scales (codes frozen) for at most this many Adam steps on KL to the unquantized model over the calibration windows; 0 = off",
+    )
     tune_lr: float = setting(1e-3, "Adam learning rate of scale tuning (relative change of each scale)")
-    calib: str = setting("mix", "calibration corpus: mix (bundled general English text and code) | builtin (Python docs) | self (text the model writes itself, generated once and cached) | wikitext2 | PATH to .txt/.jsonl; parts joined by + share the windows equally (mix+self)")
+    calib: str = setting(
+        "mix",
+        "calibration corpus: mix (bundled general English text and code) | builtin (Python docs) | self (text the model writes itself, generated once and cached) | wikitext2 | PATH to .txt/.jsonl; parts joined by + share the windows equally (mix+self)",
+    )
     calib_samples: int = setting(64, "calibration windows")
     calib_len: int = setting(256, "tokens per calibration window")
     seed: int = setting(0, "seed of the calibration windows and of allocators that sample")
@@ -137,7 +162,9 @@ class FitConfig:
         choices=DENSE_CANDIDATES,
         run=True,
     )
-    data_dir: str | None = setting(None, "folder holding WikiText-2 (wikitext-2-raw/wiki.*.raw), for the wikitext2 corpus", shown="$WINDQUANT_DATA", run=True)
+    data_dir: str | None = setting(
+        None, "folder holding WikiText-2 (wikitext-2-raw/wiki.*.raw), for the wikitext2 corpus", shown="$WINDQUANT_DATA", run=True
+    )
     cache_dir: str | None = setting(None, "candidate cache root", shown="$WINDQUANT_CACHE, else ~/.cache/windquant", run=True)
 
     def validate(self) -> FitConfig:
@@ -203,7 +230,9 @@ class PlanConfig:
 
         if self.accounting not in ACCOUNTINGS:
             old = ", ".join(f"{k} (old name of {v})" for k, v in ACCOUNTING_ALIASES.items())
-            raise WindquantError(f"accounting must be one of {', '.join(ACCOUNTINGS)} or {old}, got {self.accounting!r}", setting="accounting")
+            raise WindquantError(
+                f"accounting must be one of {', '.join(ACCOUNTINGS)} or {old}, got {self.accounting!r}", setting="accounting"
+            )
         if self.target_bits is not None and not 0.0 < self.target_bits <= MAX_TARGET:
             raise WindquantError(f"target_bits must be in (0, {MAX_TARGET:g}], got {self.target_bits:g}", setting="target_bits")
         spec = get_allocator(self.allocator)

@@ -51,6 +51,7 @@ from windquant.quant.cache import (
     tensor_digest,
 )
 from windquant.quant.reconstruction import BlockReconstruction
+from windquant.quant.row_formats import MIXED, RowFormat
 from windquant.quant.sensitivity import block_measured, sensitivity_scores
 from windquant.quant.streamed import fit_streamed, process_group
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
@@ -89,7 +90,9 @@ def calibration_sources(
         if part != "self":
             sources.append((part, corpus_tokens(tokenizer, part, "calib", fit.data_dir)))
         elif model is None:
-            raise WindquantError("--calib self needs the model to write its text and none was given here; use another --calib for this command")
+            raise WindquantError(
+                "--calib self needs the model to write its text and none was given here; use another --calib for this command"
+            )
         else:
             root = Path(fit.cache_dir) if fit.cache_dir else default_cache_dir()
             n, seed = (SPARE_SEQUENCES, 2 * fit.seed + 1) if heldout else (share, 2 * fit.seed)  # two pools, never the same text
@@ -114,7 +117,11 @@ def calibration_windows(
     windows = []
     for (part, tokens), k in zip(sources, split_evenly(samples, len(sources))):
         if k:
-            windows.append(pick(tokens, k, length, seed) if part == "self" else sample_windows(tokens, k, length, seed, window_bos(tokenizer)))
+            windows.append(
+                pick(tokens, k, length, seed)
+                if part == "self"
+                else sample_windows(tokens, k, length, seed, window_bos(tokenizer))
+            )
     return torch.cat(windows)
 
 
@@ -194,7 +201,9 @@ class Prepared:
     features: torch.Tensor | None = None  # [N, 8] static unit statistics (PPO state)
     proxies: dict[tuple[int, int, bool, bool, int], PlanProxy] = field(default_factory=dict)
     variant: VariantCandidates | None = None  # the other outlier storage, when fitted
-    carry_memo: dict[str, OrderedDict] = field(default_factory=dict, repr=False)  # linear -> its chunks' actions -> {unit: carried weights}
+    carry_memo: dict[str, OrderedDict] = field(
+        default_factory=dict, repr=False
+    )  # linear -> its chunks' actions -> {unit: carried weights}
 
     def caches(self, variant: list[bool] | None = None) -> list[CandidateCache]:
         """Each unit's candidate cache: the default one, or the variant's where ``variant`` says."""
@@ -368,7 +377,9 @@ class Prepared:
     def problem(self, target_bits: float, accounting: str) -> AllocationProblem:
         accounting = canonical_accounting(accounting)
         bits, costs, applied = self._tables(self.cache, self.scores, accounting)
-        tables = {acc: bits if acc == accounting else self.cache.bits_table(acc, self.fit.fallback_threshold) for acc in ACCOUNTINGS}
+        tables = {
+            acc: bits if acc == accounting else self.cache.bits_table(acc, self.fit.fallback_threshold) for acc in ACCOUNTINGS
+        }
         variant = None
         if self.variant is not None:
             v = self.variant
@@ -392,7 +403,11 @@ class Prepared:
         same command (e.g. to resume) finds them."""
         digest = settings_digest(plan.allocator_config)
         # The accounting by its bits' name ("true" for stored): the folders runs were written under.
-        return self.folder / plan.allocator / f"{bits_name(plan.accounting)}-{plan.budget_bits:g}-seed{self.allocator_seed(plan)}-{digest}"
+        return (
+            self.folder
+            / plan.allocator
+            / f"{bits_name(plan.accounting)}-{plan.budget_bits:g}-seed{self.allocator_seed(plan)}-{digest}"
+        )
 
     def allocator_seed(self, plan: PlanConfig) -> int:
         return self.fit.seed if plan.seed is None else plan.seed
@@ -548,7 +563,9 @@ def plan_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> di
         fit = prepared.fit
         heldout = calibration_windows(prepared.tokenizer, fit, TUNE_HELDOUT_WINDOWS, seed=fit.seed + 1, model=prepared.model)
         settings = TuneSettings(steps=plan.tune_steps, lr=fit.tune_lr)
-        packed, plan.info["tune"] = tune_scales(prepared.model, module_chunks(plan), packed, prepared.stats.windows, heldout, settings, progress)
+        packed, plan.info["tune"] = tune_scales(
+            prepared.model, module_chunks(plan), packed, prepared.stats.windows, heldout, settings, progress
+        )
     return packed
 
 
@@ -572,16 +589,28 @@ def write_checkpoint(
     model_name: str | None = None,
     timings: Timings | None = None,
     progress: bool = True,
-    embedding_bits: int = 8,
+    embedding_bits: RowFormat = MIXED,
 ) -> tuple[Path, dict]:
     """Apply ``plan`` to ``model`` (default: the prepared model, in place), pack it into the
     checkpoint folder ``out`` with the allocator's attached files and ``run_report.json``
     (accounting, per-layer bit map, stage timings, peak RSS); the embedding (and an untied
-    head) is stored per row at ``embedding_bits``. Returns the folder and the report."""
+    head) is stored per row at ``embedding_bits`` (mixed: ranked by the tokens' counts in the
+    calibration windows). Returns the folder and the report."""
     timings = timings if timings is not None else Timings()
     model = apply(prepared, plan, model, timings, progress)
     with timings.stage("pack"):
-        out = save(model, prepared.tokenizer, plan, out, overwrite, copy_files=plan.attachments, embedding_bits=embedding_bits)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        counts = torch.bincount(prepared.stats.windows.reshape(-1), minlength=vocab)
+        out = save(
+            model,
+            prepared.tokenizer,
+            plan,
+            out,
+            overwrite,
+            copy_files=plan.attachments,
+            embedding_bits=embedding_bits,
+            token_counts=counts,
+        )
         report = plan_report(plan, model)
     report = {"model": model_name, **report, "timings": timings.report()}
     atomic_write_json(out / "run_report.json", report)

@@ -83,7 +83,12 @@ def quantize_summary(out: Path, plan: Plan, report: dict, model: str, data_dir: 
     if "scores" in plan.info:  # --scores auto: which table this budget used, and why
         check = plan.info["scores"]
         tried = ", ".join(f"{k} {v:.2f}" for k, v in check["heldout_ppl"].items())
-        rows.append(("scores", f"{check['chosen']} (held-out perplexity of each table's plan: {tried}; reference {check['reference_ppl']:.2f})"))
+        rows.append(
+            (
+                "scores",
+                f"{check['chosen']} (held-out perplexity of each table's plan: {tried}; reference {check['reference_ppl']:.2f})",
+            )
+        )
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in t["seconds"].items())
     rows.append(("time", f"{t['total_seconds']:.1f} s ({stages}); peak RSS {t['peak_rss_mib']:,.0f} MiB"))
     folder, spec = shlex.quote(str(out)), shlex.quote(model)
@@ -211,7 +216,11 @@ def side_by_side(reference: dict, quantized: dict) -> str:
         rows += [
             ("true bits per block-linear weight", "16 (fp16)", f"{plan['true_bits']:.3f}"),
             ("paper bits (Eq. 6)", "16", f"{plan['paper_bits']:.3f}"),
-            ("whole file bits per parameter", "-", f"{plan['info']['file']['file_bits_per_param']:.3f}" if "file" in plan.get("info", {}) else "not recorded"),
+            (
+                "whole file bits per parameter",
+                "-",
+                f"{plan['info']['file']['file_bits_per_param']:.3f}" if "file" in plan.get("info", {}) else "not recorded",
+            ),
             (
                 "block linears (MiB)",
                 f"{fp16_bytes / 2**20:.1f}",
@@ -224,7 +233,9 @@ def side_by_side(reference: dict, quantized: dict) -> str:
         rows.append((f"perplexity ({span})", f"{reference['ppl']:.2f}", f"{q['ppl']:.2f} (x{q['ppl'] / reference['ppl']:.2f})"))
     if "zeroshot_avg_acc" in reference and "zeroshot_avg_acc" in quantized:
         tasks = ",".join(quantized["zeroshot"])
-        rows.append((f"zero-shot avg acc ({tasks})", f"{reference['zeroshot_avg_acc']:.4f}", f"{quantized['zeroshot_avg_acc']:.4f}"))
+        rows.append(
+            (f"zero-shot avg acc ({tasks})", f"{reference['zeroshot_avg_acc']:.4f}", f"{quantized['zeroshot_avg_acc']:.4f}")
+        )
     t = run.get("timings")
     if t:
         rows.append(("quantize: wall time / peak RSS", "-", f"{t['total_seconds']:.0f} s / {t['peak_rss_mib']:.0f} MiB"))

@@ -51,7 +51,9 @@ def run_sweep(
     done = previous_rows(out / "results.json", key)
 
     def ppl():
-        return perplexity(model, tokens, ctx=ctx, max_windows=max_windows, progress=progress, bos_id=window_bos(prepared.tokenizer))
+        return perplexity(
+            model, tokens, ctx=ctx, max_windows=max_windows, progress=progress, bos_id=window_bos(prepared.tokenizer)
+        )
 
     def save() -> None:
         atomic_write_json(out / "results.json", {"key": key, "rows": rows, "timings": timings.report()})
@@ -63,7 +65,16 @@ def run_sweep(
         with torch.no_grad(), timings.stage("eval"):
             reference = ppl()
         eval_tokens = reference.tokens
-        rows = [{"allocator": "reference", "budget": None, "true_bits": 32.0, "paper_bits": 32.0, "ppl": reference.ppl, "eval_tokens": eval_tokens}]
+        rows = [
+            {
+                "allocator": "reference",
+                "budget": None,
+                "true_bits": 32.0,
+                "paper_bits": 32.0,
+                "ppl": reference.ppl,
+                "eval_tokens": eval_tokens,
+            }
+        ]
     for budget in budgets:
         for name, allocator_config in allocators.items():
             if (budget, name) in done:

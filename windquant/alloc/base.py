@@ -89,7 +89,9 @@ class AllocationContext:
     # cache's candidates; heldout: on calibration-corpus windows that no calibration window
     # overlaps; skip: after the first ``skip`` of those windows (a second, disjoint set)
     proxy: Callable[..., Proxy] | None = None
-    reconstruction: Callable[[int], Reconstruction] | None = None  # (windows per batch) -> Reconstruction, with need "reconstruction"
+    reconstruction: Callable[[int], Reconstruction] | None = (
+        None  # (windows per batch) -> Reconstruction, with need "reconstruction"
+    )
 
 
 AllocateFn = Callable[["AllocationProblem", Any, AllocationContext], Allocation]
@@ -107,7 +109,9 @@ class AllocatorSpec:
 ALLOCATORS: dict[str, AllocatorSpec] = {}
 
 
-def register_allocator(name: str, config: type, needs: tuple[str, ...] = (), help: str = "") -> Callable[[AllocateFn], AllocateFn]:
+def register_allocator(
+    name: str, config: type, needs: tuple[str, ...] = (), help: str = ""
+) -> Callable[[AllocateFn], AllocateFn]:
     """Decorator registering ``allocate`` under ``name``."""
     unknown = set(needs) - NEEDS
     if unknown:

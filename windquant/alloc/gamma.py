@@ -77,7 +77,11 @@ TABLE_VERSION = 3  # part of a table's name: bump it when training changes, so n
 class GammaConfig:
     steps: int = setting(16, "optimisation steps per decoder block", flag="--gamma-steps")
     train_bits: float | None = setting(
-        None, "budget the preferences are trained at; any other target re-projects the same table", flag="--gamma-train-bits", shown="--target-bits", metavar="BITS"
+        None,
+        "budget the preferences are trained at; any other target re-projects the same table",
+        flag="--gamma-train-bits",
+        shown="--target-bits",
+        metavar="BITS",
     )
     batch: int = 8  # calibration windows per step (the default 64 windows: 8 batches, visited in turn)
     strength: float = 1.0  # the steps add up to this many times the average in-context gradient, in nats
@@ -98,7 +102,12 @@ class GammaConfig:
     # not part of the table's name. Why: the teacher-forced error overstates a few blocks
     # (SmolLM2's blocks 11 and 28 learned corrections of 2–6x their scores at 1–2 bits), and
     # their costs then buy them bits the real loss does not reward.
-    trust: float = setting(0.3, "clip each learned correction to this fraction of the unit's score at projection (inf: as learned)", flag="--gamma-trust", run=True)
+    trust: float = setting(
+        0.3,
+        "clip each learned correction to this fraction of the unit's score at projection (inf: as learned)",
+        flag="--gamma-trust",
+        run=True,
+    )
 
     def validate(self) -> GammaConfig:
         checks = (
@@ -142,6 +151,7 @@ def expected_bits(probs: torch.Tensor, bits: torch.Tensor) -> float:
 def soft_price(costs: torch.Tensor, bits: torch.Tensor, scale: float, budget: float) -> float:
     """The bit price μ ≥ 0 at which ``preferences(costs, bits, μ, scale)`` expect ``budget``
     bits (expected bits fall as μ rises: bracket by quadrupling, then bisect)."""
+
     def spent(mu: float) -> float:
         return expected_bits(preferences(costs, bits, mu, scale), bits)
 
@@ -289,7 +299,9 @@ def train_block(task: BlockTask, prefs: Preferences, layer: int, budget: Budget,
         def over_at(price: float, costs: torch.Tensor = costs, t: float = t) -> float:
             """Bits per weight over the budget at ``price``: the trained blocks at the last
             temperature, this one at this step's, the rest at their prior."""
-            spent = expected_bits(preferences(prefs.costs[trained], bits[trained], price, prefs.scale, config.tau_end), bits[trained])
+            spent = expected_bits(
+                preferences(prefs.costs[trained], bits[trained], price, prefs.scale, config.tau_end), bits[trained]
+            )
             spent += untrained_bits + expected_bits(preferences(costs, block_bits, price, prefs.scale, t), block_bits)
             return (spent - budget.total) / n_weights
 
@@ -304,7 +316,15 @@ def train_block(task: BlockTask, prefs: Preferences, layer: int, budget: Budget,
             (grad,) = torch.autograd.grad(error, probs)
             grad = cross_gradient(grad.double(), p, block_scores, corr)
         costs = mirror_step(costs, grad, p, config.strength / config.steps)
-        row = {"layer": layer, "step": step, "tau": t, "error": float(error.detach()), "over_bits": over, "mu": prefs.mu, "price": price}
+        row = {
+            "layer": layer,
+            "step": step,
+            "tau": t,
+            "error": float(error.detach()),
+            "over_bits": over,
+            "mu": prefs.mu,
+            "price": price,
+        }
         prefs.log.append(row)
         # Method of multipliers, spread over the block's steps: μ ← max(0, μ + ρ·g) per block.
         prefs.mu = max(0.0, prefs.mu + rho * over / config.steps)
@@ -342,7 +362,9 @@ def load_preferences(path: Path) -> Preferences | None:
     gamma, tensors = json.loads(meta["gamma"]), load_file(str(path))
     if gamma["actions"] != list(ACTIONS) or "costs" not in tensors:  # another action set, or a pre-session-12 table of logits
         return None
-    return Preferences(tensors["costs"], tensors["prior"], gamma["scale"], gamma["mu"], gamma["mu0"], gamma["done"], json.loads(meta["log"]))
+    return Preferences(
+        tensors["costs"], tensors["prior"], gamma["scale"], gamma["mu"], gamma["mu0"], gamma["done"], json.loads(meta["log"])
+    )
 
 
 def plot_curve(prefs: Preferences, png: Path, train_bits: float) -> None:
@@ -370,7 +392,9 @@ def plot_curve(prefs: Preferences, png: Path, train_bits: float) -> None:
 
 
 # -- the allocator ----------------------------------------------------------------
-def train_preferences(problem: AllocationProblem, config: GammaConfig, ctx: AllocationContext, train_bits: float, path: Path) -> Preferences:
+def train_preferences(
+    problem: AllocationProblem, config: GammaConfig, ctx: AllocationContext, train_bits: float, path: Path
+) -> Preferences:
     """The table trained at ``train_bits`` (loaded, resumed, or trained now; saved after every block)."""
     import torch
     from tqdm.auto import tqdm
@@ -411,7 +435,9 @@ def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationCon
     scores = hashlib.sha1(problem.costs.double().numpy().tobytes()).hexdigest()[:16]
     # The accounting by its bits' name ("true" for stored), the name tables were written under.
     accounting = bits_name(problem.accounting)
-    digest = settings_digest(replace(config, train_bits=train_bits), {"accounting": accounting, "scores": scores, "version": TABLE_VERSION})
+    digest = settings_digest(
+        replace(config, train_bits=train_bits), {"accounting": accounting, "scores": scores, "version": TABLE_VERSION}
+    )
     folder = ctx.work_dir.parent  # shared by every target: one table serves them all
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"preferences-{accounting}-{train_bits:g}-{digest}.safetensors"
@@ -419,7 +445,12 @@ def allocate(problem: AllocationProblem, config: GammaConfig, ctx: AllocationCon
     prefs = train_preferences(problem, config, ctx, train_bits, path)
     trained = time.perf_counter() - start
     start = time.perf_counter()
-    sol = solve(trusted_costs(prefs.costs, problem.costs.double(), config.trust), problem.bits, problem.budget, time_limit=config.time_limit)
+    sol = solve(
+        trusted_costs(prefs.costs, problem.costs.double(), config.trust),
+        problem.bits,
+        problem.budget,
+        time_limit=config.time_limit,
+    )
     projected = time.perf_counter() - start
     curve = folder / f"{path.stem}.png"
     if not curve.is_file():

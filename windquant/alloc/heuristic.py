@@ -44,7 +44,9 @@ def allocate(problem: AllocationProblem, config: HeuristicConfig, ctx: Allocatio
                 total += float(bits[i, col[level]] - bits[i, col[actions[i]]])
                 actions[i] = level
     if not problem.fits(total):
-        raise below_floor_error(problem.target_bits, problem.average_bits(actions), problem.accounting, "the heuristic's all-1-bit plan")
+        raise below_floor_error(
+            problem.target_bits, problem.average_bits(actions), problem.accounting, "the heuristic's all-1-bit plan"
+        )
     for level in PROMOTIONS:
         for i in reversed(ascending):
             if actions[i] < level:

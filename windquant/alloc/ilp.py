@@ -137,7 +137,12 @@ def solve(
 
 @dataclass
 class ILPConfig:
-    time_limit: float = setting(30.0, "seconds HiGHS may search before the Lagrangian plan is used", flag=("--ilp-time-limit", "--time-limit"), metavar="SECONDS")
+    time_limit: float = setting(
+        30.0,
+        "seconds HiGHS may search before the Lagrangian plan is used",
+        flag=("--ilp-time-limit", "--time-limit"),
+        metavar="SECONDS",
+    )
 
 
 @register_allocator("ilp", ILPConfig, needs=("scores",), help="exact knapsack on per-unit sensitivity scores (the default)")
@@ -153,7 +158,9 @@ def allocate(problem: AllocationProblem, config: ILPConfig, ctx: AllocationConte
 
     # Each unit chooses among both storages: columns [default actions | variant actions].
     k = len(ACTIONS)
-    sol = solve(torch.cat([problem.costs, v.costs], 1), torch.cat([problem.bits, v.bits], 1), problem.budget, time_limit=config.time_limit)
+    sol = solve(
+        torch.cat([problem.costs, v.costs], 1), torch.cat([problem.bits, v.bits], 1), problem.budget, time_limit=config.time_limit
+    )
     variant = [bool(j >= k) for j in sol.choice]
     info = {"method": sol.method, "variant_units": sum(variant), "variant_rotate": v.rotate}
     return Allocation([ACTIONS[j % k] for j in sol.choice], info, variant=variant)

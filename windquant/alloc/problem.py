@@ -67,9 +67,13 @@ class AllocationProblem:
     def check_plan(self, requested: list[float], allocator: str, variant: list[bool] | None = None) -> None:
         """Every allocator's answer passes here: one valid action per unit, within the budget."""
         if len(requested) != len(self.units) or any(a not in ACTIONS for a in requested):
-            raise WindquantError(f"the {allocator} allocator returned {len(requested)} actions for {len(self.units)} units (or unknown actions)")
+            raise WindquantError(
+                f"the {allocator} allocator returned {len(requested)} actions for {len(self.units)} units (or unknown actions)"
+            )
         if variant is not None and (self.variant is None or len(variant) != len(self.units)):
-            raise WindquantError(f"the {allocator} allocator chose storage variants, but none were fitted for these {len(self.units)} units")
+            raise WindquantError(
+                f"the {allocator} allocator chose storage variants, but none were fitted for these {len(self.units)} units"
+            )
         if not self.fits(self.total_bits(requested, variant)):
             raise WindquantError(
                 f"the {allocator} allocator's plan needs {self.average_bits(requested, variant):.3f} {bits_name(self.accounting)} bits per weight, "
@@ -80,4 +84,6 @@ class AllocationProblem:
     def check_feasible(self) -> None:
         lo = self.cheapest_average()
         if not self.fits(lo * self.n_weights):
-            raise below_floor_error(self.target_bits, lo, self.accounting, "the cheapest possible plan at this chunk and salient rate")
+            raise below_floor_error(
+                self.target_bits, lo, self.accounting, "the cheapest possible plan at this chunk and salient rate"
+            )

@@ -17,7 +17,11 @@ if TYPE_CHECKING:
 @dataclass
 class UniformConfig:
     action: float | None = setting(
-        None, f"this action everywhere: one of {', '.join(map(fmt_action, ACTIONS))}", flag="--uniform-action", shown="the highest that fits --target-bits", metavar="BITS"
+        None,
+        f"this action everywhere: one of {', '.join(map(fmt_action, ACTIONS))}",
+        flag="--uniform-action",
+        shown="the highest that fits --target-bits",
+        metavar="BITS",
     )
 
     @property

@@ -106,7 +106,9 @@ def _wiki_file(data_dir: str | None, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-WIKI_HINT = "give --data-dir FOLDER (holding wikitext-2-raw/wiki.test.raw) or set $WINDQUANT_DATA, or pick another corpus (--corpus mix)"
+WIKI_HINT = (
+    "give --data-dir FOLDER (holding wikitext-2-raw/wiki.test.raw) or set $WINDQUANT_DATA, or pick another corpus (--corpus mix)"
+)
 
 
 def _wiki_from_datasets(split: str, raw: bool) -> str:
@@ -118,7 +120,9 @@ def _wiki_from_datasets(split: str, raw: bool) -> str:
         ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
     except Exception as exc:  # offline, no cached copy: one line, not the library's traceback
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise WindquantError(f"WikiText-2 not found (no data folder; the Hugging Face Hub copy failed: {reason}); {WIKI_HINT}") from None
+        raise WindquantError(
+            f"WikiText-2 not found (no data folder; the Hugging Face Hub copy failed: {reason}); {WIKI_HINT}"
+        ) from None
     return "".join(ds["text"]) if raw else "\n\n".join(ds["text"])
 
 
@@ -144,7 +148,9 @@ def corpus_text(corpus: str, role: str, data_dir: str | None = None, raw: bool =
     if corpus == "wikitext2":
         return wikitext2("test" if role == "eval" else "calib", data_dir, raw), False
     if corpus == "self" or "+" in corpus and not Path(corpus).expanduser().is_file():
-        raise WindquantError(f"corpus {corpus!r} is for --calib only (self is written by the model being quantized); give one corpus here: builtin, mix, wikitext2 or a file")
+        raise WindquantError(
+            f"corpus {corpus!r} is for --calib only (self is written by the model being quantized); give one corpus here: builtin, mix, wikitext2 or a file"
+        )
     named = {"builtin": builtin_text, "mix": mix_text}
     text = named[corpus]() if corpus in named else _read_text_file(Path(corpus).expanduser())
     return text, True

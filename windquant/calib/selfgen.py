@@ -86,7 +86,9 @@ def self_key(model_digest: str, start: int, n: int, length: int, seed: int) -> s
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def self_tokens(model: nn.Module, tokenizer, n: int, length: int, seed: int, cache_root: Path, progress: bool = True) -> torch.Tensor:
+def self_tokens(
+    model: nn.Module, tokenizer, n: int, length: int, seed: int, cache_root: Path, progress: bool = True
+) -> torch.Tensor:
     """[n, length] self-written calibration sequences of ``model``: from this process's memory,
     else from the cache (``cache_root/selfcalib``), else generated once and stored there."""
     from windquant.quant.cache import atomic_save_tensors, parameters_digest, shard_is_complete
@@ -111,7 +113,11 @@ def pick(pool: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
     ``length`` tokens (each still opens with the start token)."""
     rows, have = pool.shape
     if length > have:
-        raise WindquantError(f"self-calibration sequences have {have} tokens, fewer than a window of {length}; raise --calib-len to {length}")
+        raise WindquantError(
+            f"self-calibration sequences have {have} tokens, fewer than a window of {length}; raise --calib-len to {length}"
+        )
     if n > rows:
-        raise WindquantError(f"self-calibration wrote {rows} sequences here, fewer than {n} windows; raise --calib-samples or use mix+self")
+        raise WindquantError(
+            f"self-calibration wrote {rows} sequences here, fewer than {n} windows; raise --calib-samples or use mix+self"
+        )
     return pool[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:n], :length]

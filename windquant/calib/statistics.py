@@ -112,7 +112,9 @@ def layer_statistics(stream: BlockStream, layer: int, moments: bool = False) -> 
     return CalibrationStats(windows, scales, own | {name: own[owner] for name, owner in shares.items()})
 
 
-def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, batch_size: int = 8, progress: bool = True) -> CalibrationStats:
+def calibrate(
+    model: nn.Module, windows: torch.Tensor, moments: bool = False, batch_size: int = 8, progress: bool = True
+) -> CalibrationStats:
     """:func:`layer_statistics` of every block, held together (for whole-model studies; the
     pipeline consumes them one block at a time)."""
     stream = BlockStream(model, windows, batch_size)
@@ -126,7 +128,11 @@ def calibrate(model: nn.Module, windows: torch.Tensor, moments: bool = False, ba
 
 
 def layer_fisher(
-    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, residual: dict[int, torch.Tensor] | None = None
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    residual: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean squared output gradient of every block linear (per output channel and token) of the
     calibration loss summed over tokens; with ``residual``, also filled with each block's
@@ -168,7 +174,9 @@ def layer_fisher(
                     residual[layer] = residual.get(layer, 0) + (grad * grad).sum((0, 1))
                 x = inputs.pop().requires_grad_(True)
                 with hooked(model, backward=backward, layer=layer):
-                    block_output(call_in_float32(blocks[layer], x, params=float32_copies(blocks[layer]), **batch.kwargs[layer])).backward(grad)
+                    block_output(
+                        call_in_float32(blocks[layer], x, params=float32_copies(blocks[layer]), **batch.kwargs[layer])
+                    ).backward(grad)
                 grad = x.grad
             tokens += batch.tokens.numel()
     finally:

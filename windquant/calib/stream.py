@@ -132,7 +132,9 @@ class BlockStream:
         self.next_layer += 1
 
 
-def head_loss(model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def head_loss(
+    model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """The model's own next-token loss (summed over tokens) with ``last_hidden`` as the last
     block's output: its final norm, head and loss function run, the blocks do not. ``params``:
     float32 copies of the head's parameters (:func:`head_float32_copies`) when it is held in half."""

@@ -120,7 +120,9 @@ def _round_trip(ws: Workspace, qtype: GGMLQuantizationType, writer: str, weights
     not divide)."""
     if writer == "gguf-py":
         return {
-            name: gguf.quants.dequantize(quantized_bytes(w, qtype), qtype) for name, w in weights.items() if fits(qtype, w.shape[1])
+            name: gguf.quants.dequantize(quantized_bytes(w, qtype), qtype)
+            for name, w in weights.items()
+            if fits(qtype, w.shape[1])
         }
     tmp = temp_path_for(ws.folder / f"round-trip-{qtype.name}.gguf")
     try:
@@ -157,7 +159,9 @@ def candidate_options(
             options[n].costs[qtype] = c
     missing = [n for n, o in options.items() if not o.costs]
     if missing:
-        raise WindquantError(f"no candidate type fits {missing[0]} ({options[missing[0]].cols}-wide rows); allow a 32-block type such as Q8_0")
+        raise WindquantError(
+            f"no candidate type fits {missing[0]} ({options[missing[0]].cols}-wide rows); allow a 32-block type such as Q8_0"
+        )
     return list(options.values())
 
 
@@ -256,8 +260,17 @@ def build_gguf(spec: str, out: Path | None, cfg: GGUFConfig, fit: FitConfig, wor
         write_imatrix(ws.imatrix, imatrix, f"windquant {fit.calib} {fit.calib_samples}x{fit.calib_len}", fit.calib_samples)
     options = candidate_options(ws, types, writer, linears, moments, fisher, progress)
     recipe = make_recipe(options, cfg.target_bpw)
-    report = {"source": str(source), "writer": writer, "work_dir": str(ws.folder), "reference": str(ws.reference), **recipe.to_json()}
-    report["config"] = {k: (v.name if isinstance(v, GGMLQuantizationType) else [t.name for t in v] if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    report = {
+        "source": str(source),
+        "writer": writer,
+        "work_dir": str(ws.folder),
+        "reference": str(ws.reference),
+        **recipe.to_json(),
+    }
+    report["config"] = {
+        k: (v.name if isinstance(v, GGMLQuantizationType) else [t.name for t in v] if isinstance(v, tuple) else v)
+        for k, v in asdict(cfg).items()
+    }
     if out is not None:
         write_recipe(ws, recipe, writer, out, cfg.embedding_type, output_type, progress, imatrix=ws.imatrix)
         report |= {"out": str(out), "file_bytes": out.stat().st_size, "file_bpw": file_bpw(out)}

@@ -78,7 +78,9 @@ def export_gguf(
     from windquant.runtime.loading import is_checkpoint, load_model
 
     if not is_checkpoint(checkpoint):
-        raise WindquantError(f"{checkpoint} is not a windquant checkpoint folder (no quant_config.json); give one written by windquant quantize")
+        raise WindquantError(
+            f"{checkpoint} is not a windquant checkpoint folder (no quant_config.json); give one written by windquant quantize"
+        )
     if spec is None:
         run_report = checkpoint / "run_report.json"
         if not run_report.is_file():
@@ -91,7 +93,9 @@ def export_gguf(
     available = [t for t in (LLAMACPP_TYPES if writer == "llama.cpp" else PYTHON_TYPES) if t not in NEED_IMATRIX] + [F16]
     chosen_types = [t for t in (types or available) if t in available]
     if not chosen_types:
-        raise WindquantError(f"none of the --types can be written by {writer} without an importance matrix; it writes {', '.join(t.name for t in available)}")
+        raise WindquantError(
+            f"none of the --types can be written by {writer} without an importance matrix; it writes {', '.join(t.name for t in available)}"
+        )
 
     packed, _ = load_model(str(checkpoint), runtime=False)
     reference, _ = load_model(spec)

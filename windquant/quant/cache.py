@@ -213,7 +213,11 @@ class CandidateCache:
             if where == "disk" and shard_is_complete(path):
                 self.dense |= {_unit_action(k): t for k, t in load_file(str(path)).items()}
                 continue
-            dense = {(u.index, a): dequantize_unit(self.packed_of(u.index, a), a, *u.shape).half() for u in layer_units for a in ACTIONS}
+            dense = {
+                (u.index, a): dequantize_unit(self.packed_of(u.index, a), a, *u.shape).half()
+                for u in layer_units
+                for a in ACTIONS
+            }
             if where == "disk":
                 atomic_save_tensors({f"{i}/{a:g}": t for (i, a), t in dense.items()}, path, {})
                 dense = {_unit_action(k): t for k, t in load_file(str(path)).items()}
@@ -224,7 +228,9 @@ class CandidateCache:
     def weight(self, index: int, action: float) -> torch.Tensor:
         """Dequantized fp16 weights of unit ``index`` at ``action``."""
         held = self.dense.get((index, action))
-        return held if held is not None else dequantize_unit(self.packed_of(index, action), action, *self.units[index].shape).half()
+        return (
+            held if held is not None else dequantize_unit(self.packed_of(index, action), action, *self.units[index].shape).half()
+        )
 
     def applied(self, index: int, action: float, threshold: float) -> float:
         return fallback_action(self.errors[index], action, threshold)

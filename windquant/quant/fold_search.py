@@ -28,7 +28,9 @@ def output_error(w: torch.Tensor, h: torch.Tensor, chunk: int, action: float, se
     return float(((d @ h) * d).sum())
 
 
-def group_errors(model: nn.Module, group: FoldGroup, act_scales: dict, moments: dict, chunk: int, settings: FitSettings) -> dict[float, float]:
+def group_errors(
+    model: nn.Module, group: FoldGroup, act_scales: dict, moments: dict, chunk: int, settings: FitSettings
+) -> dict[float, float]:
     """α -> summed output error of the group's linears quantized at :data:`SEARCH_ACTION`."""
     rms = group.channel_rms(act_scales[group.consumers[0]])
     errors = {}

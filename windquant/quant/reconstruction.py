@@ -84,7 +84,13 @@ class BlockReconstruction:
     """``alloc.base.Reconstruction`` of a prepared model: its blocks walked in order."""
 
     def __init__(
-        self, model: nn.Module, windows: torch.Tensor, cache: CandidateCache, threshold: float, fisher: dict[int, torch.Tensor], batch_size: int
+        self,
+        model: nn.Module,
+        windows: torch.Tensor,
+        cache: CandidateCache,
+        threshold: float,
+        fisher: dict[int, torch.Tensor],
+        batch_size: int,
     ):
         self.model, self.cache, self.threshold = model, cache, threshold
         self.fisher = fisher  # block -> [hidden] mean squared loss gradient at its output

@@ -72,7 +72,9 @@ def _read_state(path: Path, qconf: dict, dtype: torch.dtype, verify: bool) -> di
     except (SafetensorError, FileNotFoundError, OSError) as exc:
         raise WindquantError(f"cannot read {file} ({exc}); the checkpoint is corrupt or truncated: re-run quantize") from exc
     if digests is not None and set(digests) != set(state):
-        raise WindquantError(f"{file} does not hold the tensors quant_config.json lists; the checkpoint is corrupt: re-run quantize")
+        raise WindquantError(
+            f"{file} does not hold the tensors quant_config.json lists; the checkpoint is corrupt: re-run quantize"
+        )
     return state
 
 

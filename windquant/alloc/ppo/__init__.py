@@ -16,7 +16,12 @@ if TYPE_CHECKING:
     from windquant.alloc.problem import AllocationProblem
 
 
-@register_allocator("ppo", PPOConfig, needs=("features", "proxy", "scores"), help="the paper's PPO controller (§3.2-3.4), or PPO refining ilp's plan on the real proxy")
+@register_allocator(
+    "ppo",
+    PPOConfig,
+    needs=("features", "proxy", "scores"),
+    help="the paper's PPO controller (§3.2-3.4), or PPO refining ilp's plan on the real proxy",
+)
 def allocate(problem: AllocationProblem, config: PPOConfig, ctx: AllocationContext) -> Allocation:
     """Train (or reuse ``config.policy``) and return the best budget-meeting plan."""
     from windquant.alloc.ppo.refine import refine_ppo
@@ -29,7 +34,11 @@ def allocate(problem: AllocationProblem, config: PPOConfig, ctx: AllocationConte
     if not refine:
         return train_ppo(problem, proxy, config, work_dir, ctx.seed, ctx.progress)
     # the validation windows come after the proxy's: no window is in both
-    validation = ctx.proxy(config.refine_validate, config.proxy_len, stored, heldout, config.proxy_samples) if config.refine_validate else None
+    validation = (
+        ctx.proxy(config.refine_validate, config.proxy_len, stored, heldout, config.proxy_samples)
+        if config.refine_validate
+        else None
+    )
     return refine_ppo(problem, proxy, config, work_dir, ctx.seed, ctx.progress, validation)
 
 

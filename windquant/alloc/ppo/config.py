@@ -28,19 +28,31 @@ class PPOConfig:
         flag="--ppo-mode",
         choices=MODES,
     )
-    episodes: int = setting(100, "training episodes (the paper's value)", flag=("--ppo-episodes", "--episodes"))  # paper §4.1 (1B-8B runs)
+    episodes: int = setting(
+        100, "training episodes (the paper's value)", flag=("--ppo-episodes", "--episodes")
+    )  # paper §4.1 (1B-8B runs)
     # The proxy: calibration windows scored per episode. The paper uses 64 x 256; 8 keeps an
     # episode at ~10 s on one CPU core (use 64 on a GPU).
-    proxy_samples: int = setting(8, "calibration windows scored per episode (paper 64)", flag=("--ppo-proxy-samples", "--proxy-samples"))
+    proxy_samples: int = setting(
+        8, "calibration windows scored per episode (paper 64)", flag=("--ppo-proxy-samples", "--proxy-samples")
+    )
     proxy_len: int = setting(256, "tokens per proxy window", flag=("--ppo-proxy-len", "--proxy-len"))
     # heldout: windows of the calibration corpus that overlap no calibration window, so the reward
     # is out of sample for everything fitted there (candidates, carried errors); calibration: the
     # first calibration windows (the paper's proxy is a calibration subset).
     proxy_windows: str = "heldout"
-    work_dir: str | None = setting(None, "checkpoints + episode log", flag="--ppo-dir", shown="under the candidate cache", run=True)
-    resume: bool = setting(False, "continue a killed PPO run from its last checkpoint", flag=("--ppo-resume", "--resume"), run=True)
+    work_dir: str | None = setting(
+        None, "checkpoints + episode log", flag="--ppo-dir", shown="under the candidate cache", run=True
+    )
+    resume: bool = setting(
+        False, "continue a killed PPO run from its last checkpoint", flag=("--ppo-resume", "--resume"), run=True
+    )
     policy: str | None = setting(
-        None, "reuse a trained policy.safetensors zero-shot (no training)", flag=("--ppo-policy", "--policy"), shown="train one", metavar="PATH"
+        None,
+        "reuse a trained policy.safetensors zero-shot (no training)",
+        flag=("--ppo-policy", "--policy"),
+        shown="train one",
+        metavar="PATH",
     )
     curriculum: tuple[float, ...] = (3.0, 2.5, 2.0, 2.0)  # paper §3.3; last stage = the user's target
     lr: float = 5e-4  # Adam learning rate (paper §4.1)
@@ -70,7 +82,9 @@ class PPOConfig:
     order: str = "model"  # model: units in model order (paper); sensitive: most sensitive units first
     # Options of the refine mode: each episode is one budget-neutral change to the incumbent plan
     # (ilp's at the start), proposed by the policy and scored by the real proxy.
-    refine_moves: str = "group"  # group: re-weight one projection-in-a-block's ilp costs and re-solve; unit: set one unit, repair greedily
+    refine_moves: str = (
+        "group"  # group: re-weight one projection-in-a-block's ilp costs and re-solve; unit: set one unit, repair greedily
+    )
     refine_step: float = 0.5  # group moves: change of a group's log cost weight per move
     refine_max_weight: float = 3.0  # group moves: |log cost weight| stays within this
     refine_batch: int = 8  # one-step episodes per PPO update (several roll-outs per update)
@@ -115,7 +129,13 @@ class PPOConfig:
 # "refine" is the refinement mode.
 PRESETS: dict[str, dict] = {
     "paper": {"mode": "construct", "state": "paper", "shaping": "none", "order": "model", "proxy_windows": "calibration"},
-    "guided": {"mode": "construct", "state": "sensitivity", "shaping": "potential", "order": "sensitive", "proxy_windows": "calibration"},
+    "guided": {
+        "mode": "construct",
+        "state": "sensitivity",
+        "shaping": "potential",
+        "order": "sensitive",
+        "proxy_windows": "calibration",
+    },
     "refine": {"mode": "refine"},
 }
 

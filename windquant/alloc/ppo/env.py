@@ -79,7 +79,9 @@ def obs_dim(cfg: PPOConfig) -> int:
 
 def need_costs(problem: AllocationProblem, why: str) -> torch.Tensor:
     if problem.costs is None:
-        raise WindquantError(f"the ppo allocator's {why} needs sensitivity scores; build the problem after prepare(..., needs={{'scores'}})")
+        raise WindquantError(
+            f"the ppo allocator's {why} needs sensitivity scores; build the problem after prepare(..., needs={{'scores'}})"
+        )
     return problem.costs.double()
 
 

@@ -149,7 +149,12 @@ class GroupMoves:
     so it is budget-neutral and shifts bits between blocks and projections."""
 
     def __init__(self, problem: AllocationProblem, cfg: PPOConfig):
-        self.costs, self.bits, self.budget, self.cfg = need_costs(problem, "refine mode"), problem.bits.double(), problem.budget, cfg
+        self.costs, self.bits, self.budget, self.cfg = (
+            need_costs(problem, "refine mode"),
+            problem.bits.double(),
+            problem.budget,
+            cfg,
+        )
         keys = sorted({(u.layer, u.proj) for u in problem.units})
         self.group = np.array([keys.index((u.layer, u.proj)) for u in problem.units])  # [N] group of each unit
         projs = sorted({p for _, p in keys})
@@ -226,7 +231,9 @@ def advantages(rewards: torch.Tensor, baseline: float) -> torch.Tensor:
     return adv
 
 
-def update(policy: MovePolicy, optimizer: torch.optim.Optimizer, batch: list[Transition], baseline: float, cfg: PPOConfig) -> dict:
+def update(
+    policy: MovePolicy, optimizer: torch.optim.Optimizer, batch: list[Transition], baseline: float, cfg: PPOConfig
+) -> dict:
     """``cfg.epochs`` clipped-surrogate passes over the batch of one-step episodes."""
     features = torch.stack([t.features for t in batch])
     prior, mask = torch.stack([t.prior for t in batch]), torch.stack([t.mask for t in batch])
@@ -283,7 +290,9 @@ def refine_ppo(
         try:
             policy.load_state_dict(load_file(str(cfg.policy)))
         except (OSError, RuntimeError) as exc:
-            raise WindquantError(f"--ppo-policy {cfg.policy} is not a windquant refine policy ({exc}); point it at its policy.safetensors") from exc
+            raise WindquantError(
+                f"--ppo-policy {cfg.policy} is not a windquant refine policy ({exc}); point it at its policy.safetensors"
+            ) from exc
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
     checkpoints = Checkpointer(work_dir / "checkpoint.safetensors", run_digest(problem, cfg, seed))
     state = RefineState()
@@ -370,7 +379,9 @@ def refine_ppo(
         f"{info['start_proxy_ppl']:.2f} -> {info['final_proxy_ppl']:.2f} ({info['accepted_moves']} moves accepted; reference {proxy.reference:.2f})"
     )
     if checked:
-        info["summary"] += f"; validation windows: ilp {checked['ilp_ppl']:.2f}, refined {checked['refined_ppl']:.2f}, kept {checked['kept']}'s plan"
+        info["summary"] += (
+            f"; validation windows: ilp {checked['ilp_ppl']:.2f}, refined {checked['refined_ppl']:.2f}, kept {checked['kept']}'s plan"
+        )
     files = [p for name in (EPISODES, CURVE, POLICY) if (p := work_dir / name).is_file()]
     return Allocation([ACTIONS[c] for c in cols], info, files)
 
@@ -394,7 +405,12 @@ def greedy_move(space, policy: MovePolicy, incumbent: np.ndarray, cols: np.ndarr
     candidate = space.plan(space.move(incumbent, option))
     same = bool((candidate == cols).all())  # as in the loop: an unchanged plan needs no proxy pass
     nll = state.incumbent_nll if same else math.log(proxy([ACTIONS[c] for c in candidate]))
-    return {"nll": nll, "proxy_ppl": math.exp(nll), "accepted": state.incumbent_nll - nll > space.cfg.refine_min_gain, "plan": candidate}
+    return {
+        "nll": nll,
+        "proxy_ppl": math.exp(nll),
+        "accepted": state.incumbent_nll - nll > space.cfg.refine_min_gain,
+        "plan": candidate,
+    }
 
 
 def plot_refine_curve(log_path: Path, png: Path, start_ppl: float) -> None:

@@ -89,7 +89,9 @@ def action_histogram(problem: AllocationProblem, cols: list[int]) -> dict[str, f
 
 def run_digest(problem: AllocationProblem, cfg: PPOConfig, seed: int) -> str:
     """What a checkpoint must match to be resumed: the problem, the settings and the seed."""
-    return settings_digest(cfg, {"bits": float(problem.bits.sum()), "n": len(problem.units), "target": problem.target_bits, "seed": seed})
+    return settings_digest(
+        cfg, {"bits": float(problem.bits.sum()), "n": len(problem.units), "target": problem.target_bits, "seed": seed}
+    )
 
 
 class Checkpointer:
@@ -99,7 +101,12 @@ class Checkpointer:
         self.path, self.digest = path, digest
 
     def save(
-        self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, state, extra: dict[str, torch.Tensor] | None = None
+        self,
+        agent: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        state,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """``extra``: more tensors to keep (a replay buffer), read back with :meth:`extra`."""
         opt = optimizer.state_dict()
@@ -112,7 +119,9 @@ class Checkpointer:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, self.path)
 
-    def load(self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, state_type: type = TrainState):
+    def load(
+        self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, state_type: type = TrainState
+    ):
         with safe_open(str(self.path), "pt") as f:
             meta = f.metadata()
         if meta.get("settings") != self.digest:
@@ -182,7 +191,9 @@ def load_policy(path: str | Path, cfg: PPOConfig) -> ActorCritic:
     try:
         agent.load_state_dict(load_file(str(path)))
     except (OSError, RuntimeError, SafetensorError) as exc:
-        raise WindquantError(f"--ppo-policy {path} is not a windquant PPO policy ({exc}); point it at a policy.safetensors") from exc
+        raise WindquantError(
+            f"--ppo-policy {path} is not a windquant PPO policy ({exc}); point it at a policy.safetensors"
+        ) from exc
     return agent
 
 
@@ -190,7 +201,9 @@ def new_optimizer(agent: ActorCritic, cfg: PPOConfig) -> torch.optim.Adam:
     return torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)  # eps as CleanRL
 
 
-def episode_row(episode: int, target: float, state: TrainState, problem: AllocationProblem, cols: list[int], terms: dict, stats: dict) -> dict:
+def episode_row(
+    episode: int, target: float, state: TrainState, problem: AllocationProblem, cols: list[int], terms: dict, stats: dict
+) -> dict:
     """One line of ``episodes.jsonl``: bits, reward terms, update statistics and the plan itself
     (``cols``: each unit's column, in model order)."""
     row = {"episode": episode, "target": target, "lambda": state.lam, **plan_bits(problem, cols), **terms, **stats}

@@ -16,7 +16,12 @@ if TYPE_CHECKING:
     from windquant.alloc.problem import AllocationProblem
 
 
-@register_allocator("sac", SACConfig, needs=("features", "proxy", "scores"), help="RAMP: SAC picks one precision per linear layer from an 11-dim layer embedding; --sac-policy transfers zero-shot")
+@register_allocator(
+    "sac",
+    SACConfig,
+    needs=("features", "proxy", "scores"),
+    help="RAMP: SAC picks one precision per linear layer from an 11-dim layer embedding; --sac-policy transfers zero-shot",
+)
 def allocate(problem: AllocationProblem, config: SACConfig, ctx: AllocationContext) -> Allocation:
     from windquant.alloc.sac.train import train_sac
 

@@ -99,7 +99,9 @@ def sac_update(
     alpha = agent.log_alpha.detach().exp().item()
     with torch.no_grad():
         next_probs, next_logp = agent.policy(next_obs)
-        y = soft_q_target(rewards, dones, next_probs, next_logp, agent.q1_target(next_obs), agent.q2_target(next_obs), alpha, cfg.gamma)
+        y = soft_q_target(
+            rewards, dones, next_probs, next_logp, agent.q1_target(next_obs), agent.q2_target(next_obs), alpha, cfg.gamma
+        )
     q1 = agent.q1(obs).gather(1, actions[:, None])[:, 0]
     q2 = agent.q2(obs).gather(1, actions[:, None])[:, 0]
     critic = 0.5 * ((q1 - y) ** 2).mean() + 0.5 * ((q2 - y) ** 2).mean()

@@ -20,10 +20,16 @@ class SACConfig:
     episodes: int = setting(60, "training episodes: one per-layer plan and one proxy pass each", flag="--sac-episodes")
     proxy_samples: int = setting(8, "calibration windows scored per episode", flag="--sac-proxy-samples")
     proxy_len: int = setting(256, "tokens per proxy window", flag="--sac-proxy-len")
-    work_dir: str | None = setting(None, "checkpoint, replay buffer, episode log", flag="--sac-dir", shown="under the candidate cache", run=True)
+    work_dir: str | None = setting(
+        None, "checkpoint, replay buffer, episode log", flag="--sac-dir", shown="under the candidate cache", run=True
+    )
     resume: bool = setting(False, "continue a killed SAC run from its last checkpoint", flag="--sac-resume", run=True)
     policy: str | None = setting(
-        None, "apply a trained SAC policy.safetensors zero-shot: no training episodes", flag="--sac-policy", shown="train one", metavar="PATH"
+        None,
+        "apply a trained SAC policy.safetensors zero-shot: no training episodes",
+        flag="--sac-policy",
+        shown="train one",
+        metavar="PATH",
     )
     # Discrete SAC.
     gamma: float = 0.99  # discount
@@ -41,7 +47,12 @@ class SACConfig:
     # The final projection's costs. costs: ilp's sensitivity table (whole layers trimmed where it
     # predicts the least loss per bit saved); policy: -log π of each layer's actions, so the plan
     # follows the policy's own preferences and does not lean on the sensitivity table.
-    projection: str = setting("costs", "what the projection onto the budget trims by: costs (the sensitivity scores) | policy (-log π)", flag="--sac-projection", choices=PROJECTIONS)
+    projection: str = setting(
+        "costs",
+        "what the projection onto the budget trims by: costs (the sensitivity scores) | policy (-log π)",
+        flag="--sac-projection",
+        choices=PROJECTIONS,
+    )
     hidden: int = 256  # width of the 2-layer bodies (actor and both critics)
     # Reward (quality first): per step -scale x (the layer's predicted loss + price x its bits
     # above target); at the end -scale x (proxy log PPL ratio of the projected plan - the
@@ -70,4 +81,3 @@ class SACConfig:
         )
         require(self, checks, "SAC ")
         return self
-

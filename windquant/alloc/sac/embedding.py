@@ -151,7 +151,9 @@ def group_layers(problem: AllocationProblem) -> Layers:
     return Layers(modules, units, cost, table, size, static)
 
 
-def embedding(static: np.ndarray, budget_left: float, weights_left: float, weights_total: float, target_bits: float) -> np.ndarray:
+def embedding(
+    static: np.ndarray, budget_left: float, weights_left: float, weights_total: float, target_bits: float
+) -> np.ndarray:
     """The full 11-dim state of one layer: its static dims and the budget state before it is decided."""
     slack = np.clip(budget_left / max(weights_left, 1.0) / target_bits - 1.0, -SLACK_CLIP, SLACK_CLIP)
     progress = 1.0 - weights_left / weights_total

@@ -116,7 +116,9 @@ class LayerEnv:
             logps.append(logp)
             obs.append(o)
             actions.append(a)
-            rewards.append(-cfg.reward_scale * (lay.cost[layer, a] + self.price * (lay.bits[layer, a] - target * lay.weights[layer])))
+            rewards.append(
+                -cfg.reward_scale * (lay.cost[layer, a] + self.price * (lay.bits[layer, a] - target * lay.weights[layer]))
+            )
             left_b -= lay.bits[layer, a]
             left_w -= lay.weights[layer]
         raw = np.array(actions)
@@ -156,7 +158,9 @@ def new_agent(cfg: SACConfig, seed: int) -> SACAgent:
 def save_policy(agent: SACAgent, path: Path) -> None:
     """The actor alone: all a zero-shot transfer needs."""
     tensors = {k: v.contiguous() for k, v in agent.actor.state_dict().items()}
-    save_file(tensors, str(path), metadata={"kind": POLICY_KIND, "obs_dim": str(LAYER_DIM), "hidden": str(agent.actor[1].in_features)})
+    save_file(
+        tensors, str(path), metadata={"kind": POLICY_KIND, "obs_dim": str(LAYER_DIM), "hidden": str(agent.actor[1].in_features)}
+    )
 
 
 def load_policy(path: str | Path) -> SACAgent:
@@ -168,7 +172,9 @@ def load_policy(path: str | Path) -> SACAgent:
         agent = SACAgent(LAYER_DIM, N_ACTIONS, int(meta["hidden"]))
         agent.actor.load_state_dict(load_file(str(path)))
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise WindquantError(f"--sac-policy {path} is not a windquant SAC policy ({str(exc)[:120]}); point it at a sac policy.safetensors") from exc
+        raise WindquantError(
+            f"--sac-policy {path} is not a windquant SAC policy ({str(exc)[:120]}); point it at a sac policy.safetensors"
+        ) from exc
     return agent
 
 
@@ -186,7 +192,9 @@ def random_pick(generator: torch.Generator):
     return lambda obs: (int(torch.randint(N_ACTIONS, (1,), generator=generator)), uniform)
 
 
-def train_sac(problem: AllocationProblem, proxy: Proxy, cfg: SACConfig, work_dir: Path, seed: int = 0, progress: bool = True) -> Allocation:
+def train_sac(
+    problem: AllocationProblem, proxy: Proxy, cfg: SACConfig, work_dir: Path, seed: int = 0, progress: bool = True
+) -> Allocation:
     """Train (or, with ``cfg.policy``, apply zero-shot) and return the best budget-meeting plan.
 
     Files in ``work_dir``: ``checkpoint.safetensors`` (agent, optimiser, RNG, replay buffer),
@@ -231,7 +239,9 @@ def train_sac(problem: AllocationProblem, proxy: Proxy, cfg: SACConfig, work_dir
             state.buffer_pos, state.buffer_size = buffer.pos, buffer.size
             if state.episode % cfg.checkpoint_every == 0 or state.episode == episodes:
                 checkpoints.save(agent, optimizer, generator, state, buffer.data)
-            bar.set_postfix(ppl=f"{ep.terms['proxy_ppl']:.1f}", raw_bits=f"{ep.terms['raw_bits']:.3f}", best=f"{state.best_ppl:.1f}")
+            bar.set_postfix(
+                ppl=f"{ep.terms['proxy_ppl']:.1f}", raw_bits=f"{ep.terms['raw_bits']:.3f}", best=f"{state.best_ppl:.1f}"
+            )
             bar.update(1)
     bar.close()
     greedy = env.run(actor_pick(agent, generator, greedy=True))
