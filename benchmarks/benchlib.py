@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from windquant.calib.corpus import corpus_tokens, window_bos
-from windquant.eval.perplexity import perplexity
+from windquant.eval.perplexity import LLAMACPP, perplexity
 from windquant.files import atomic_write_json
 from windquant.reports import pyplot  # noqa: F401  (re-exported: the benchmarks draw with it)
 from windquant.runinfo import peak_rss_mib, set_threads
@@ -69,10 +69,17 @@ class Evaluator:
         self.tasks = [t for t in (args.tasks or "").split(",") if t.strip()]
         self.tokens = corpus_tokens(tokenizer, "wikitext2", "eval", args.data_dir)
         self.bos_id = window_bos(tokenizer)
+        self.raw_tokens = None  # the raw file's tokens, for llama.cpp's protocol (on first use)
 
     def settings(self) -> dict:
         a = self.args
-        return {"ctx": a.ctx, "max_windows": a.max_windows, "tasks": self.tasks, "limit": a.limit}
+        return {
+            "ctx": a.ctx,
+            "max_windows": a.max_windows,
+            "llamacpp_windows": getattr(a, "llamacpp_windows", 0),
+            "tasks": self.tasks,
+            "limit": a.limit,
+        }
 
     def missing(self, row: dict, zeroshot: bool = True) -> list[str]:
         """Which parts of ``row`` are absent or were computed under other settings
@@ -81,6 +88,9 @@ class Evaluator:
         a = self.args
         if row.get("wiki2") is None or row["wiki2"].get("ctx") != a.ctx or row["wiki2"].get("max_windows") != a.max_windows:
             need.append("wiki2")
+        chunks = getattr(a, "llamacpp_windows", 0)
+        if chunks and (row.get("llamacpp") or {}).get("max_windows") != chunks:
+            need.append("llamacpp")
         zs = row.get("zeroshot") or {}
         for t in self.tasks if zeroshot else []:
             if t not in zs or zs[t].get("limit") != a.limit:
@@ -107,6 +117,22 @@ class Evaluator:
             print(f"  wiki2 ppl={res.ppl:.3f} ({res.windows}x{res.ctx} tokens)", flush=True)
             if checkpoint is not None:
                 checkpoint()
+        if "llamacpp" in need:
+            start = time.perf_counter()
+            if self.raw_tokens is None:
+                self.raw_tokens = corpus_tokens(tokenizer, "wikitext2", "eval", a.data_dir, raw=True)
+            ctx = LLAMACPP.ctx
+            res = perplexity(model, self.raw_tokens, ctx=ctx, max_windows=a.llamacpp_windows, bos_id=self.bos_id, first=ctx // 2)
+            row["llamacpp"] = {
+                "ppl": res.ppl,
+                "ctx": ctx,
+                "windows": res.windows,
+                "max_windows": a.llamacpp_windows,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            print(f"  llama.cpp protocol ppl={res.ppl:.3f} ({res.windows} chunks of {ctx}, second halves)", flush=True)
+            if checkpoint is not None:
+                checkpoint()
         tasks = [t for t in self.tasks if t in need]
         if tasks:
             from windquant.eval.zeroshot import evaluate_zeroshot, macro_average, result_line
@@ -127,6 +153,12 @@ def add_eval_args(ap) -> None:
     ap.add_argument("--data-dir", default="/work/shared/data", help="folder holding WikiText-2 raw (default %(default)s)")
     ap.add_argument("--ctx", type=int, default=2048, help="perplexity context (default %(default)s)")
     ap.add_argument("--max-windows", type=int, default=8, help="WikiText-2 test windows of --ctx tokens (default %(default)s)")
+    ap.add_argument(
+        "--llamacpp-windows",
+        type=int,
+        default=0,
+        help="also llama.cpp's protocol (ctx 512, second halves) on this many chunks; 0 skips it",
+    )
     ap.add_argument("--tasks", default="piqa,arc_easy", help="zero-shot tasks, comma-separated; '' skips zero-shot")
     ap.add_argument("--zeroshot-dir", default="/work/shared/data/zeroshot", help="zero-shot data folder (default %(default)s)")
     ap.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (default: the full set)")
@@ -175,5 +207,3 @@ def run_mode_workers(script: str, modes: list[str], flags: dict) -> list[dict]:
 def write_markdown(out: Path, lines: list[str], command: str) -> None:
     """``out/results.md``: ``lines`` then the command that produced them."""
     (out / "results.md").write_text("\n".join(lines + ["", f"Command: `{command}`", ""]))
-
-

@@ -5,6 +5,8 @@ embedding (also its output head) on the unquantized reference, every other weigh
   with a scale per 32 columns, clipped by least squared error);
 * ``freq8-S``: the share S of rows whose tokens are most frequent in the ``mix`` calibration
   corpus at 8 bits, the rest at 4g32 (~5 bits per weight at S = 0.14);
+* ``mixed-by-{windows,corpus,id}``: the checkpoint's ``mixed`` format, its rows ranked by the
+  token counts of quantize's calibration windows, of the whole ``mix`` corpus, or by token id;
 * ``gptq4g32``: 4g32 with GPTQ error feedback (``windquant.quant.feedback``) on the head's
   objective, ``H`` = second moment of the final hidden states on 32 calibration windows.
 
@@ -24,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import results_folder, save_rows, write_markdown  # noqa: E402
 
 from windquant.calib.corpus import corpus_tokens, mix_text, sample_windows, window_bos  # noqa: E402
+from windquant.config import FitConfig  # noqa: E402
 from windquant.eval.perplexity import perplexity  # noqa: E402
 from windquant.model.loading import load_base_model  # noqa: E402
+from windquant.pipeline import calibration_windows  # noqa: E402
 from windquant.quant.feedback import error_feedback  # noqa: E402
 from windquant.quant.rows import GROUP4, clip_scales4, dequantize_rows, quantize_rows  # noqa: E402
 
@@ -67,6 +71,7 @@ def main() -> int:
     ap.add_argument("--other", required=True, help="text of another domain (never a calibration source)")
     ap.add_argument("--wiki-windows", type=int, default=6, help="WikiText-2 test windows of 2048 tokens")
     ap.add_argument("--other-windows", type=int, default=24, help="--other windows of 512 tokens")
+    ap.add_argument("--formats", default="", help="only these formats, comma-separated (default: all; fp32 always)")
     ap.add_argument("--out", default="benchmarks/results/embedding_formats")
     args = ap.parse_args()
     out, rows = results_folder(args.out)
@@ -76,6 +81,8 @@ def main() -> int:
     w = emb.weight.data.clone()
     mix_ids = torch.tensor(tok(mix_text())["input_ids"])
     counts = torch.bincount(mix_ids, minlength=w.shape[0])
+    # What quantize's calibration windows hold (64 x 256 of mix, seed 0): a small sample of it.
+    window_counts = torch.bincount(calibration_windows(tok, FitConfig()).reshape(-1), minlength=w.shape[0])
     wiki = corpus_tokens(tok, "wikitext2", "eval", args.data_dir)
     other = torch.tensor(tok(Path(args.other).read_text(encoding="utf-8"))["input_ids"])
     w8 = dequantize_rows(quantize_rows(w, 8), 8)
@@ -93,10 +100,15 @@ def main() -> int:
         "4g32": lambda: w4,
         "freq8-0.14": lambda: freq8(0.14),
         "freq8-0.25": lambda: freq8(0.25),
+        # The checkpoint's mixed format (MIXED_SHARE8 of the rows at 8 bits), ranked three ways:
+        "mixed-by-windows": lambda: dequantize_rows(quantize_rows(w, "mixed", window_counts), "mixed"),
+        "mixed-by-corpus": lambda: dequantize_rows(quantize_rows(w, "mixed", counts), "mixed"),
+        "mixed-by-id": lambda: dequantize_rows(quantize_rows(w, "mixed"), "mixed"),
         "gptq4g32": lambda: gptq_4g32(w, head_moment(model, sample_windows(mix_ids, 32, 256, 0, bos))),
     }
+    wanted = {"fp32", *filter(None, args.formats.split(","))} if args.formats else set(formats)
     for key, make in formats.items():
-        if key in rows:
+        if key in rows or key not in wanted:
             continue
         emb.weight.data = w.clone()  # the head moment is taken on the unquantized model
         emb.weight.data = make()

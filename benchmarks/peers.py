@@ -1,27 +1,35 @@
-"""Peer quantizers on the same reference model, scored with windquant's own evaluation.
+"""windquant against its peers on one model, in one resumable run: one calibration text, one
+evaluation, honest bit counts for every row; writes peers.json / peers.md / pareto.png in --out
+and regenerates benchmarks/RESULTS.md (--results) from every run folder in --results-from.
 
-    python benchmarks/peers.py                                   # HQQ + AutoRound + GPTQ rows, Wiki2 + zero-shot
-    python benchmarks/peers.py --methods hqq --tasks ""          # HQQ only, perplexity only
-    python benchmarks/peers.py --methods autoround --ar-iters 200 --ar-configs W2A16G64,auto2.5
-    python benchmarks/peers.py --methods gptq --gptq-configs 4g128,3g128 --tasks ""
+    python benchmarks/peers.py                                  # every row, the issue's protocol
+    python benchmarks/peers.py --methods reference,windquant,llamacpp --tasks ""
+    python benchmarks/peers.py --model gemma3-270m --out benchmarks/results/peers-gemma --methods reference,windquant,llamacpp,hqq
+    python benchmarks/peers.py --only-table                     # re-render from peers.json
 
-Every row quantizes the block linears of ``load_model(--model)`` (the dequantized fp32
-SmolLM2-135M by default; embeddings and lm_head untouched), then measures WikiText-2 test
-perplexity (``--ctx`` windows, first ``--max-windows``) and zero-shot accuracy with
-``windquant.eval``. True bits = 8 × every byte the peer's own serialized format stores for
-the block linears (codes, scales, zeros, indices, metadata; each in its stored dtype) / the
-number of block-linear weights, exactly as windquant counts its own checkpoints.
+Rows, in this order (``--methods``): the reference; windquant native (``--wq-configs``
+ALLOCATOR@TRUE_BITS with the product defaults, one shared preparation); llama.cpp presets
+(``llama-quantize`` with an importance matrix from ``llama-imatrix`` on the calibration windows'
+text), each followed by ``windquant gguf`` at that preset's block-linear bits and types; HQQ;
+GPTQ (GPTQModel); AutoRound. Every calibrated method sees the same windows: the product's
+default calibration (``--calib``, 64 x 256, seed 0).
+
+Every row is scored by the same code (``windquant.eval``): WikiText-2 test perplexity (ctx
+``--ctx``, the full split by default), llama.cpp's protocol (``--llamacpp-windows`` chunks of 512,
+second halves) and zero-shot accuracy (``--tasks``, full sets). True bits = 8 × every byte the
+method's own stored format keeps for the block linears (codes, scales, zeros, indices, metadata,
+each in its stored dtype) / the number of block-linear weights: windquant's accounting for its
+checkpoints, the GGUF types' sizes for GGUF files, each Python peer's serialized tensors.
 
 Peers are optional installs: ``pip install -e .[bench]`` (HQQ, AutoRound) and, for GPTQ,
 ``pip install gptqmodel==7.6.0`` (the last release that accepts the project's torch pin; it pins
 numpy==2.2.6 and pulls datasets, pandas and torchao, so it is not among the project's extras:
 install it in a separate environment, with windquant added by ``pip install --no-deps -e .``
-plus its light dependencies). A peer that is not installed gives a row whose error names its
-install command.
+plus its light dependencies). llama.cpp rows need ``make llamacpp``. A peer that cannot run
+gives a row saying why.
 
 Rows are checkpointed in ``--out``/peers.json after each step (atomic rename); a rerun only
-computes what is missing. Rows that failed (a peer not installed, say) are kept as they are:
-``--rerun KEY,...`` recomputes given rows.
+computes what is missing (a new evaluation part, say). ``--rerun KEY,...`` recomputes rows.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -39,7 +48,7 @@ import torch
 from benchlib import Evaluator, add_eval_args, fmt, load_rows, phase_peak_rss_mib, reset_peak_rss, save_rows, zs_cell
 from tqdm.auto import tqdm
 
-from windquant.config import FitConfig
+from windquant.config import FitConfig, PlanConfig
 from windquant.files import atomic_write_json, atomic_write_text
 from windquant.model.units import block_linears
 from windquant.runinfo import set_threads
@@ -50,11 +59,8 @@ AR_CONFIGS = "W2A16G64,W3A16,W4A16,auto2.0,auto2.5,auto3.0"  # uniform 2/3/4-bit
 AR_OPTIONS = "W2A16G64,W3A16,W4A16"  # AutoScheme candidates (its avg_bits counts scales and zeros)
 GPTQ_CONFIGS = "4g128,3g128"  # GPTQ's standard group size 128 at 4 and 3 bits (desc_act off)
 GPTQ_INSTALL = "pip install gptqmodel==7.6.0"  # 7.7 needs torch>=2.14.1, beyond the project's torch pin
-LLAMACPP_NOTE = (
-    "not run here: PyPI has no binary wheel of llama-cpp-python (pip --only-binary :all: finds none), only "
-    "the 0.3.36 sdist, which compiles llama.cpp with CMake; not attempted on 2 saturated shared cores. SPEC.md records llama.cpp figures measured elsewhere (llama-perplexity, ctx 512, "
-    "its own protocol); on this model's 576-wide tensors no llama.cpp type goes below ~3.8 bits per weight."
-)
+WQ_CONFIGS = "ilp@2,ilp@2.5,ilp@3,ilp@4,gamma@2.5,ppo@2.5"  # ALLOCATOR@TRUE_BITS, product defaults otherwise
+LLAMACPP_PRESETS = "Q4_K_M,IQ4_XS,Q4_0,Q2_K,IQ2_M,IQ3_XXS"  # llama-quantize file types
 
 
 def n_block_weights(model) -> int:
@@ -419,37 +425,280 @@ def quantize_gptq(model, tokenizer, config: str, args, work: Path) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- windquant
+
+
+class WindquantRows:
+    """windquant native rows: one preparation (calibration, candidate fit, scores) with the
+    product defaults on ``--calib`` (shared by every row, its time recorded once), then per row
+    a plan at ALLOCATOR@TRUE_BITS, written as a real checkpoint (embedding in fp16, as the peers
+    leave it) and loaded as ``windquant eval`` loads it."""
+
+    def __init__(self, reference, tokenizer, args, work: Path):
+        self.reference, self.tokenizer, self.args, self.work = reference, tokenizer, args, work
+        self.prepared = None
+        self.prepare_seconds = 0.0
+
+    def quantize(self, config: str) -> tuple[dict, torch.nn.Module]:
+        from windquant.pipeline import Timings, make_plan, prepare, write_checkpoint
+        from windquant.runtime.loading import load
+
+        allocator, bits = config.split("@")
+        if self.prepared is None:
+            start = time.perf_counter()
+            fit = FitConfig(calib=self.args.ar_calib, data_dir=self.args.data_dir)
+            self.prepared = prepare(copy.deepcopy(self.reference), self.tokenizer, fit, progress=True)
+            self.prepare_seconds = round(time.perf_counter() - start, 1)
+        timings = Timings()
+        plan_config = PlanConfig(target_bits=float(bits), allocator=allocator)
+        plan = make_plan(self.prepared, plan_config, timings)
+        folder = self.work / f"windquant-{allocator}-{bits}"
+        model = copy.deepcopy(self.reference)
+        write_checkpoint(self.prepared, plan, folder, overwrite=True, model=model, timings=timings, embedding_bits=16)
+        del model
+        sizes = json.loads((folder / "quant_config.json").read_text())["sizes"]
+        return {
+            "method": f"windquant {allocator}",
+            "config": f"{allocator} @ {bits} true bits (product defaults, {self.args.ar_calib} calib {self.prepared.fit.calib_samples}x{self.prepared.fit.calib_len})",
+            "true_bits": plan.true_bits,
+            "paper_bits": plan.paper_bits,
+            "file_bits_per_param": sizes["file_bits_per_param"],
+            "shared_prepare_seconds": self.prepare_seconds,
+            "plan_seconds": timings.report(),
+            "formula": "8 x every stored byte of the block linears / their weights (windquant's own accounting, tested against the file)",
+        }, load(folder, dense_cache=True, runtime=False)
+
+
+# --------------------------------------------------------------------------- llama.cpp
+
+
+class LlamacppRows:
+    """llama.cpp presets (``llama-quantize`` with an importance matrix made by ``llama-imatrix``
+    from the calibration windows' text) and ``windquant gguf`` at each preset's block-linear bits
+    (same embedding and output types). Each GGUF is loaded back (transformers dequantizes it)
+    and scored by the same evaluator as every row. Needs ``make llamacpp``."""
+
+    def __init__(self, spec: str, tokenizer, args, work: Path):
+        from windquant.gguf import llamacpp
+        from windquant.gguf.build import Workspace, source_gguf
+
+        for tool in ("llama-quantize", "llama-imatrix"):
+            if llamacpp.find_tool(tool) is None:
+                raise RuntimeError(f"{tool} not found; {llamacpp.BUILD_HINT}")
+        self.spec, self.args, self.work = spec, args, work / "gguf"
+        self.fit = FitConfig(calib=args.ar_calib, data_dir=args.data_dir)
+        # windquant gguf's work folder: its F16 reference is also what llama-quantize reads.
+        self.ws = Workspace(self.work / "windquant-gguf", source_gguf(spec), self.fit)
+        self.ws.ensure_reference(True)
+        self.reference = self.ws.reference
+        self.imatrix = self.work / f"imatrix-{args.ar_calib}.dat"
+        if not self.imatrix.is_file():
+            windows = calib_windows(tokenizer, args)
+            text = self.work / f"calib-{args.ar_calib}.txt"
+            atomic_write_text(text, "".join(tokenizer.decode(w) for w in windows))
+            start = time.perf_counter()
+            llamacpp.run_tool(
+                "llama-imatrix",
+                [
+                    "-m",
+                    self.reference,
+                    "-f",
+                    text,
+                    "-o",
+                    self.imatrix,
+                    "-c",
+                    windows.shape[1],
+                    "--chunks",
+                    len(windows),
+                    "-t",
+                    str(os.cpu_count() or 1),
+                ],
+            )
+            self.imatrix_seconds = round(time.perf_counter() - start, 1)
+        self.linear_bpw: dict[str, dict] = {}
+
+    def quantize(self, config: str, rows: dict) -> tuple[dict, torch.nn.Module]:
+        """config: a preset name (llama.cpp), or ``windquant@PRESET``: ``windquant gguf`` at the
+        block-linear bits per weight of that preset's row (run first), with its embedding and
+        output types."""
+        from gguf_presets import gguf_stats
+
+        from windquant.gguf import llamacpp
+        from windquant.gguf.build import GGUFConfig, build_gguf
+        from windquant.gguf.types import parse_type
+
+        path = self.work / f"{config.replace('@', '-')}.gguf"
+        if config.startswith("windquant@"):
+            preset = rows.get(f"llamacpp:{config.split('@')[1]}")
+            if preset is None or preset.get("error"):
+                raise RuntimeError(f"needs the row llamacpp:{config.split('@')[1]} first")
+            cfg = GGUFConfig(
+                target_bpw=preset["true_bits"],
+                embedding_type=parse_type(preset["embedding_type"]),
+                output_type=parse_type(preset["output_type"]),
+            )
+            report = build_gguf(self.spec, path, cfg, self.fit, self.work / "windquant-gguf")
+            method, detail = (
+                "windquant gguf",
+                f"at {config.split('@')[1]}'s block-linear bpw and types: "
+                + " ".join(f"{k}:{v}" for k, v in sorted(report["type_counts"].items())),
+            )
+        else:
+            llamacpp.quantize(self.reference, path, config, imatrix=self.imatrix)
+            method, detail = "llama.cpp", f"{config}, imatrix by llama-imatrix on the {self.args.ar_calib} calib windows"
+        stats = gguf_stats(path)
+        model, _ = load_model(str(path))
+        return {
+            "method": method,
+            "config": detail,
+            "true_bits": stats["linear_bpw"],
+            "file_bits_per_param": stats["file_bpw"],
+            "embedding_type": stats["embedding_type"],
+            "output_type": stats["output_type"],
+            "formula": "8 x the GGUF bytes of the block linears' tensors (their types' block sizes) / their weights",
+        }, model
+
+
 # --------------------------------------------------------------------------- driver
 
 
-def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
+ORDER = ("reference", "windquant", "llama.cpp", "HQQ", "GPTQ", "AutoRound")  # table order of the method families
+
+
+def family(row: dict) -> str:
+    return next((f for f in ORDER if row["method"].lower().startswith(f.lower())), row["method"])
+
+
+def ratio_cell(row: dict, ref: dict | None, part: str) -> str:
+    ppl = (row.get(part) or {}).get("ppl")
+    base = ((ref or {}).get(part) or {}).get("ppl")
+    if ppl is None:
+        return "–"
+    return f"{ppl:.2f} (×{ppl / base:.3f})" if base else f"{ppl:.2f}"
+
+
+def table_lines(rows: list[dict], meta: dict) -> list[str]:
+    """The results table of one model: every row, ratios to the reference row of the same run."""
     tasks = meta["tasks"]
-    head = ["method", "config", "true bits", "Wiki2 PPL", *tasks, "avg", "quantize s", "peak RSS MiB", "true-bits formula"]
-    lines = [
-        f"Peers on {meta['model']}, block linears only; WikiText-2 test ctx {meta['ctx']}, "
-        f"first {meta['max_windows']} windows; "
-        + (f"zero-shot limit {meta['limit'] or 'full set'}." if tasks else "no zero-shot in the last run."),
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for r in rows:
+    ref = next((r for r in rows if r["method"] == "reference" and not r.get("error")), None)
+    head = ["method", "config", "true bits", "file bits/param", "Wiki2 PPL (× ref)", "llama.cpp protocol PPL (× ref)", *tasks]
+    head += ["avg", "quantize s", "peak RSS MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    done = sorted(
+        (r for r in rows if not r.get("error")),
+        key=lambda r: (ORDER.index(family(r)) if family(r) in ORDER else 99, r["true_bits"]),
+    )
+    for r in done + [r for r in rows if r.get("error")]:
         if r.get("error"):
-            lines.append(f"| {r['method']} | {r['key']} | – | – |" + " – |" * (len(tasks) + 3) + f" {r['error']} |")
+            lines.append(f"| {r['method']} | {r['key']} | " + " | ".join(["–"] * (len(head) - 3)) + f" | not run: {r['error']} |")
             continue
         zs = r.get("zeroshot") or {}
-        accs = [zs_cell(zs.get(t), meta["limit"]) for t in tasks]
         avg = fmt(100 * r["zeroshot_avg"], 1) if r.get("zeroshot_avg") is not None else "–"
-        cells = [r["method"], r["config"], f"{r['true_bits']:.3f}", fmt((r.get("wiki2") or {}).get("ppl")), *accs, avg]
-        cells += [fmt(r.get("quantize_seconds"), 1), fmt(r.get("peak_rss_mib"), 0), r["formula"]]
+        seconds = r.get("quantize_seconds")
+        if r.get("shared_prepare_seconds"):
+            seconds = f"{fmt(seconds, 0)} (+{fmt(r['shared_prepare_seconds'], 0)} shared)"
+        else:
+            seconds = fmt(seconds, 0)
+        bits = "fp32" if r["method"] == "reference" else f"{r['true_bits']:.3f}"
+        cells = [
+            r["method"],
+            r["config"],
+            bits,
+            fmt(r.get("file_bits_per_param"), 3),
+            ratio_cell(r, ref, "wiki2"),
+            ratio_cell(r, ref, "llamacpp"),
+        ]
+        cells += [zs_cell(zs.get(t), meta["limit"]) for t in tasks] + [avg, seconds, fmt(r.get("peak_rss_mib"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def span_line(meta: dict) -> str:
+    span = "full split" if meta["max_windows"] >= 148 else f"first {meta['max_windows']} windows"
+    parts = [f"WikiText-2 test, ctx {meta['ctx']}, {span} (windquant.eval.perplexity, every prediction scored)"]
+    if meta.get("llamacpp_windows"):
+        parts.append(
+            f"llama.cpp's protocol (ctx 512, first {meta['llamacpp_windows']} chunks of the raw file, second halves scored)"
+        )
+    limit = "full sets" if not meta["limit"] else f"first {meta['limit']} examples"
+    parts.append(f"zero-shot {', '.join(meta['tasks'])} ({limit})" if meta["tasks"] else "no zero-shot yet")
+    return "; ".join(parts) + "."
+
+
+def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
+    """peers.md: the table plus each row's true-bits formula."""
+    lines = [f"Peers on {meta['model']}: {span_line(meta)}", "", *table_lines(rows, meta), "", "True-bits formulas:", ""]
+    lines += [f"* {r['key']}: {r['formula']}" for r in rows if r.get("formula")]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Wiki2 perplexity ratio against true bits, one series per method family."""
+    from benchlib import pyplot
+
+    ref = next((r for r in rows if r["method"] == "reference" and not r.get("error")), None)
+    base = ((ref or {}).get("wiki2") or {}).get("ppl")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        ppl = (r.get("wiki2") or {}).get("ppl")
+        if base and ppl and not r.get("error") and r["method"] != "reference":
+            series.setdefault(r["method"], []).append((r["true_bits"], ppl / base))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("true bits per block-linear weight")
+    ax.set_ylabel("WikiText-2 PPL / reference")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(results: Path, folders: list[Path]) -> None:
+    """benchmarks/RESULTS.md from the runs in ``folders`` (one per model): the command that
+    reproduces each, its table and its Pareto plot. No figure is typed by hand."""
+    lines = [
+        "# Results: windquant against its peers",
+        "",
+        "Generated by `benchmarks/peers.py` from the rows it measured (`--results`); rerunning a command",
+        "below resumes its run and only computes what is missing. True bits = 8 × every byte a method's",
+        "own format stores for the block linears / their weights; whole-file bits per parameter beside it.",
+        "windquant native and the Python peers (HQQ, GPTQ, AutoRound) quantize the block linears only",
+        "(embedding and head as the reference has them); GGUF rows (llama.cpp presets and `windquant gguf`",
+        "at the same bits) also quantize the embedding and output with the preset's types.",
+    ]
+    for folder in folders:
+        saved = json.loads((folder / "peers.json").read_text())
+        meta = {k: v for k, v in saved.items() if k != "rows"}
+        rows = list(load_rows(folder / "peers.json").values())
+        png = folder / "pareto.png"
+        pareto_plot(rows, png, meta["model"])
+        lines += ["", f"## {meta['model']}", "", f"Command: `{meta.get('command', 'python benchmarks/peers.py')}`", ""]
+        lines += [
+            span_line(meta),
+            "",
+            *table_lines(rows, meta),
+            "",
+            f"![{meta['model']}]({png.relative_to(results.parent).as_posix()})",
+        ]
+    atomic_write_text(results, "\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="model spec (default %(default)s)")
-    ap.add_argument("--methods", default="hqq,autoround,gptq,llamacpp", help="comma-separated: hqq, autoround, gptq, llamacpp")
+    ap.add_argument(
+        "--methods",
+        default="reference,windquant,llamacpp,hqq,gptq,autoround",
+        help="comma-separated, run in this order: reference, windquant, llamacpp (presets, each followed by windquant gguf at its bits), hqq, gptq, autoround",
+    )
+    ap.add_argument("--wq-configs", default=WQ_CONFIGS, help="windquant ALLOCATOR@TRUE_BITS list (default %(default)s)")
+    ap.add_argument("--presets", default=LLAMACPP_PRESETS, help="llama.cpp file types (default %(default)s)")
     ap.add_argument("--hqq-configs", default=HQQ_CONFIGS, help="BITSgGROUP list (default %(default)s)")
     ap.add_argument("--ar-configs", default=AR_CONFIGS, help="AutoRound schemes or autoBITS targets (default %(default)s)")
     ap.add_argument("--ar-options", default=AR_OPTIONS, help="AutoScheme candidate schemes (default %(default)s)")
@@ -472,8 +721,16 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/peers", help="folder for peers.json / peers.md")
     ap.add_argument("--work", default="runs/peers", help="scratch folder for exports (git-ignored)")
     ap.add_argument("--rerun", default="", help="comma-separated row keys to recompute")
-    ap.add_argument("--only-table", action="store_true", help="rewrite peers.md from peers.json and stop")
+    ap.add_argument("--only-table", action="store_true", help="rewrite peers.md (and --results) from peers.json and stop")
+    ap.add_argument("--results", default="benchmarks/RESULTS.md", help="the results page to regenerate ('' for none)")
+    ap.add_argument(
+        "--results-from",
+        default="benchmarks/results/peers,benchmarks/results/peers-gemma",
+        help="run folders (one per model) whose tables --results shows, those that exist (default %(default)s)",
+    )
     add_eval_args(ap)
+    # The issue's protocol: the full split (148 windows of 2048 on SmolLM2), llama.cpp's 100 chunks, full zero-shot sets.
+    ap.set_defaults(max_windows=100_000, llamacpp_windows=100)
     args = ap.parse_args()
     threads = set_threads(args.threads)
 
@@ -481,6 +738,7 @@ def main() -> None:
     if args.only_table:
         meta = {k: v for k, v in json.loads((out / "peers.json").read_text()).items() if k != "rows"}
         write_markdown(out / "peers.md", list(load_rows(out / "peers.json").values()), meta)
+        render_results(args)
         print((out / "peers.md").read_text())
         return
     work.mkdir(parents=True, exist_ok=True)
@@ -491,7 +749,8 @@ def main() -> None:
 
     reference, tok = load_model(args.model)
     evaluator = Evaluator(tok, args)
-    meta = {"model": args.model, "threads": threads, **evaluator.settings()}
+    command = "python benchmarks/peers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    meta = {"model": args.model, "threads": threads, "command": command.strip(), **evaluator.settings()}
     original = {name: lin.weight.detach().clone() for _, name, _, lin in block_linears(reference)}
 
     def restore() -> None:
@@ -500,17 +759,23 @@ def main() -> None:
                 lin.weight.copy_(original[name])
 
     touched: set[str] = set()  # rows this run wrote (merged into the file, see save_rows)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    todo = []
-    if "hqq" in methods:
-        todo += [("hqq", c) for c in args.hqq_configs.split(",") if c]
-    if "autoround" in methods:
-        todo += [("autoround", c) for c in args.ar_configs.split(",") if c]
-    if "gptq" in methods:
-        todo += [("gptq", c) for c in args.gptq_configs.split(",") if c]
-    if "llamacpp" in methods:
-        rows["llamacpp"] = {"key": "llamacpp", "method": "llama.cpp", "error": LLAMACPP_NOTE}
-        touched.add("llamacpp")
+    configs = {
+        "reference": ["fp32"],
+        "windquant": args.wq_configs.split(","),
+        "llamacpp": [c for p in args.presets.split(",") for c in (p, f"windquant@{p}")],
+        "hqq": args.hqq_configs.split(","),
+        "gptq": args.gptq_configs.split(","),
+        "autoround": args.ar_configs.split(","),
+    }
+    todo = [(m.strip(), c) for m in args.methods.split(",") if m.strip() for c in configs[m.strip()] if c]
+    handlers: dict[str, object] = {}
+
+    def handler(method: str):
+        if method not in handlers:
+            handlers[method] = (WindquantRows if method == "windquant" else LlamacppRows)(
+                args.model if method == "llamacpp" else reference, tok, args, work
+            )
+        return handlers[method]
 
     for method, config in todo:
         key = f"{method}:{config}"
@@ -523,7 +788,16 @@ def main() -> None:
         reset_peak_rss()
         start = time.perf_counter()
         try:
-            if method == "hqq":
+            if method == "reference":
+                result, model = (
+                    {"method": "reference", "config": f"fp32 {args.model}", "true_bits": 32.0, "formula": "fp32 weights"},
+                    reference,
+                )
+            elif method == "windquant":
+                result, model = handler(method).quantize(config)
+            elif method == "llamacpp":
+                result, model = handler(method).quantize(config, rows)
+            elif method == "hqq":
                 result, model = quantize_hqq(reference, config), reference
             elif method == "gptq":
                 result, model = quantize_gptq(reference, tok, config, args, work), reference
@@ -552,7 +826,14 @@ def main() -> None:
 
     save_rows(json_path, rows, meta, touched)
     write_markdown(out / "peers.md", list(load_rows(json_path).values()), meta)
+    render_results(args)
     print((out / "peers.md").read_text())
+
+
+def render_results(args) -> None:
+    folders = [Path(f) for f in args.results_from.split(",") if f and (Path(f) / "peers.json").is_file()]
+    if args.results and folders:
+        write_results(Path(args.results), folders)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,16 @@ def test_quantize_eval_inspect_generate(tiny_model_dir, corpus_file, tmp_path, c
     assert f"windquant eval {out} --reference {tiny_model_dir}" in printed and f"windquant generate {out} --chat" in printed
     plan = json.loads((out / "plan.json").read_text())
     assert plan["true_bits"] <= 3.2 and "paper_bits" in plan
+    # The default embedding: the calibration text's tokens (ids 64-89 for its letters, beyond the
+    # first 64 ids a ranking by id would pick) are among the 64 rows kept at 8 bits.
+    assert json.loads((out / "quant_config.json").read_text())["rows"] == {"model.embed_tokens": "mixed"}
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        kept = set(f.get_tensor("model.embed_tokens.rows_idx8").tolist())
+    used = set(AutoTokenizer.from_pretrained(tiny_model_dir)(corpus_file.read_text())["input_ids"])
+    assert max(used) >= 64 and used <= kept
     report = json.loads((out / "run_report.json").read_text())
     assert {"load", "calibrate", "fit", "allocate", "apply", "pack"} <= set(report["timings"]["seconds"])
     assert report["timings"]["peak_rss_mib"] > 0

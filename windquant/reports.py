@@ -33,13 +33,18 @@ def embedding_report(model: nn.Module) -> dict:
     }
 
 
+def embedding_name(bits: int | str) -> str:
+    """'8 bit', or 'mixed 8/4 bit' (the format names of ``windquant.quant.row_formats``)."""
+    return "mixed 8/4 bit" if bits == "mixed" else f"{bits} bit"
+
+
 def file_line(acc: dict) -> str:
     """The whole file's bits per parameter beside the block linears' (folders before format 4: unknown)."""
     if "file_bits_per_param" not in acc:
         return "whole file: not recorded (checkpoint written before format 4)"
     return (
         f"whole file: {acc['file_bits_per_param']:.3f} bits per parameter ({acc['parameters']:,} parameters, "
-        f"{acc['tensor_bytes'] / 2**20:.1f} MiB of tensors; embedding {acc['embedding_bits']} bit: "
+        f"{acc['tensor_bytes'] / 2**20:.1f} MiB of tensors; embedding {embedding_name(acc['embedding_bits'])}: "
         f"{acc['embedding_bytes'] / 2**20:.1f} MiB)"
     )
 
@@ -68,7 +73,7 @@ def quantize_summary(out: Path, plan: Plan, report: dict, model: str, data_dir: 
             (
                 "whole file",
                 f"{mib(acc['tensor_bytes'])} of tensors = {acc['file_bits_per_param']:.3f} bits per parameter "
-                f"({acc['parameters']:,} parameters; embedding at {acc['embedding_bits']} bit: {mib(acc['embedding_bytes'])})",
+                f"({acc['parameters']:,} parameters; embedding {embedding_name(acc['embedding_bits'])}: {mib(acc['embedding_bytes'])})",
             )
         )
     rows.append(
