@@ -562,11 +562,19 @@ class LlamacppRows:
 # --------------------------------------------------------------------------- driver
 
 
-ORDER = ("reference", "windquant", "llama.cpp", "HQQ", "GPTQ", "AutoRound")  # table order of the method families
+# Table order of the method families; GGUF rows (llama.cpp presets and windquant gguf at their
+# bits) form one family, each preset followed by windquant at the same bits.
+ORDER = ("reference", "windquant", "gguf", "HQQ", "GPTQ", "AutoRound")
 
 
 def family(row: dict) -> str:
+    if row["method"] in ("llama.cpp", "windquant gguf"):
+        return "gguf"
     return next((f for f in ORDER if row["method"].lower().startswith(f.lower())), row["method"])
+
+
+def row_order(row: dict) -> tuple:
+    return (ORDER.index(family(row)) if family(row) in ORDER else len(ORDER), row["true_bits"], row["method"] != "llama.cpp")
 
 
 def ratio_cell(row: dict, ref: dict | None, part: str) -> str:
@@ -584,10 +592,7 @@ def table_lines(rows: list[dict], meta: dict) -> list[str]:
     head = ["method", "config", "true bits", "file bits/param", "Wiki2 PPL (× ref)", "llama.cpp protocol PPL (× ref)", *tasks]
     head += ["avg", "quantize s", "peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    done = sorted(
-        (r for r in rows if not r.get("error")),
-        key=lambda r: (ORDER.index(family(r)) if family(r) in ORDER else 99, r["true_bits"]),
-    )
+    done = sorted((r for r in rows if not r.get("error")), key=row_order)
     for r in done + [r for r in rows if r.get("error")]:
         if r.get("error"):
             lines.append(f"| {r['method']} | {r['key']} | " + " | ".join(["–"] * (len(head) - 3)) + f" | not run: {r['error']} |")
