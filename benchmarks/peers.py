@@ -683,7 +683,10 @@ def write_results(results: Path, folders: list[Path]) -> None:
         rows = list(load_rows(folder / "peers.json").values())
         png = folder / "pareto.png"
         pareto_plot(rows, png, meta["model"])
-        lines += ["", f"## {meta['model']}", "", f"Command: `{meta.get('command', 'python benchmarks/peers.py')}`", ""]
+        default = folder.as_posix() == "benchmarks/results/peers"
+        reproduce = "python benchmarks/peers.py" + ("" if default else f" --model {meta['model']} --out {folder.as_posix()}")
+        lines += ["", f"## {meta['model']}", "", f"Reproduce (every row, resumable): `{reproduce}`.", ""]
+        lines += ["This table was filled by: " + "; ".join(f"`{c}`" for c in meta.get("commands", [])) + ".", ""]
         lines += [
             span_line(meta),
             "",
@@ -754,8 +757,11 @@ def main() -> None:
 
     reference, tok = load_model(args.model)
     evaluator = Evaluator(tok, args)
-    command = "python benchmarks/peers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    meta = {"model": args.model, "threads": threads, "command": command.strip(), **evaluator.settings()}
+    # Each invocation that filled this run (a run may be resumed in pieces, --methods by --methods).
+    command = ("python benchmarks/peers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+    saved = json.loads(json_path.read_text()).get("commands", []) if json_path.is_file() else []
+    commands = saved + ([command] if command not in saved else [])
+    meta = {"model": args.model, "threads": threads, "commands": commands, **evaluator.settings()}
     original = {name: lin.weight.detach().clone() for _, name, _, lin in block_linears(reference)}
 
     def restore() -> None:
