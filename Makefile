@@ -55,13 +55,13 @@ demo: install
 bench: install
 	$(PY) benchmarks/operators.py --out benchmarks/results
 
-# llama.cpp's llama-quantize, llama-perplexity and llama-imatrix, CPU-only, built from the
+# llama.cpp's llama-quantize, llama-perplexity, llama-imatrix and llama-bench, CPU-only, built from the
 # llama.cpp vendored in the llama-cpp-python sdist (the package registry is the only network we
 # need); ~5 min on 2 cores. `windquant gguf` and benchmarks/gguf.py look in $(LLAMACPP)/bin
 # (or $$WINDQUANT_LLAMACPP). Nothing here is committed.
 LLAMACPP ?= .llamacpp
 LLAMACPP_SDIST := llama-cpp-python==0.3.36
-LLAMACPP_TOOLS := llama-quantize llama-perplexity llama-imatrix
+LLAMACPP_TOOLS := llama-quantize llama-perplexity llama-imatrix llama-bench
 
 $(LLAMACPP)/bin/llama-quantize: | install
 	rm -rf $(LLAMACPP)/src $(LLAMACPP)/build && mkdir -p $(LLAMACPP)/src $(LLAMACPP)/bin

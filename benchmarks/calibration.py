@@ -32,7 +32,13 @@ def other_domain_ppl(model, tokens: torch.Tensor, args, bos_id) -> dict:
     start = time.perf_counter()
     res = perplexity(model, tokens, ctx=args.other_ctx, max_windows=args.other_windows, bos_id=bos_id)
     print(f"  other ppl={res.ppl:.3f} ({res.windows}x{res.ctx} tokens)", flush=True)
-    return {"ppl": res.ppl, "ctx": res.ctx, "windows": res.windows, "tokens": res.tokens, "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "ppl": res.ppl,
+        "ctx": res.ctx,
+        "windows": res.windows,
+        "tokens": res.tokens,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def ratio(row: dict, ref: dict, part: str) -> str:
@@ -46,7 +52,11 @@ def table(rows: dict[str, dict], args) -> list[str]:
     w = ref.get("wiki2", {})
     o = ref.get("other", {})
     tasks = [t for t in args.tasks.split(",") if t]
-    zeroshot = f"zero-shot: {', '.join(tasks)} ({'full sets' if args.limit is None else f'first {args.limit}'}), accuracy %" if tasks else "no zero-shot"
+    zeroshot = (
+        f"zero-shot: {', '.join(tasks)} ({'full sets' if args.limit is None else f'first {args.limit}'}), accuracy %"
+        if tasks
+        else "no zero-shot"
+    )
     lines = [
         f"WikiText-2 test: ctx {w.get('ctx')}, {w.get('windows')} windows ({w.get('tokens')} tokens); "
         f"other-domain text ({Path(args.other).name}): ctx {o.get('ctx')}, {o.get('windows')} windows ({o.get('tokens')} tokens); "
@@ -79,7 +89,11 @@ def plot(rows: dict[str, dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, part, title in zip(axes, ("wiki2", "other"), ("WikiText-2 test", "other-domain text")):
         for calib in dict.fromkeys(r["calib"] for k, r in rows.items() if k != "reference"):
-            pts = sorted((r["true_bits"], r[part]["ppl"] / ref[part]["ppl"]) for k, r in rows.items() if r.get("calib") == calib and part in r)
+            pts = sorted(
+                (r["true_bits"], r[part]["ppl"] / ref[part]["ppl"])
+                for k, r in rows.items()
+                if r.get("calib") == calib and part in r
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=calib)
         ax.set_yscale("log")
@@ -129,7 +143,9 @@ def main() -> int:
     zs_budgets = {float(b) for b in args.zs_budgets.split(",") if b}
     for calib in [c for c in args.calibs.split(",") if c]:
         keys = [f"{calib}@{b:g}" for b in budgets]
-        if all(k in rows and "other" in rows[k] and not evaluator.missing(rows[k], rows[k]["budget"] in zs_budgets) for k in keys):
+        if all(
+            k in rows and "other" in rows[k] and not evaluator.missing(rows[k], rows[k]["budget"] in zs_budgets) for k in keys
+        ):
             continue
         print(f"== calibration {calib}", flush=True)
         timings = Timings()

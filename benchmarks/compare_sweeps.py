@@ -44,7 +44,9 @@ def main() -> None:
         digests = (plan_digest(args.old / plan), plan_digest(args.new / plan)) if plan else ("-", "-")
         same = digests[0] == digests[1] and fmt(old.get("ppl")) == fmt(new.get("ppl"))
         identical &= same
-        print(f"| {name} | {budget} | {digests[0]} | {digests[1]} | {fmt(old.get('ppl'))} | {fmt(new.get('ppl'))} | {'yes' if same else 'NO'} |")
+        print(
+            f"| {name} | {budget} | {digests[0]} | {digests[1]} | {fmt(old.get('ppl'))} | {fmt(new.get('ppl'))} | {'yes' if same else 'NO'} |"
+        )
     print("all identical" if identical else "DIFFERENCES")
 
 

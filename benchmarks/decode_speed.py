@@ -192,8 +192,14 @@ def write_outputs(out: Path, result: dict) -> None:
         ppl = f"{r['ppl']:.3f}" if "ppl" in r else "–"
         if "ppl_dequantized" in r:
             ppl += f" ({r['ppl_dequantized']:.3f}, {100 * (r['ppl'] / r['ppl_dequantized'] - 1):+.2f}%)"
-        lines.append(f"| {r['mode']} | {' | '.join(cells)} | {r['model_rss_mib']:.0f} ({r['model_rss_mib'] / ref_rss:.2f}×) | {ppl} |")
-    lines += ["", "| checkpoint | true bits (block linears) | whole file bits/param | model.safetensors MiB | embedding bits |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['mode']} | {' | '.join(cells)} | {r['model_rss_mib']:.0f} ({r['model_rss_mib'] / ref_rss:.2f}×) | {ppl} |"
+        )
+    lines += [
+        "",
+        "| checkpoint | true bits (block linears) | whole file bits/param | model.safetensors MiB | embedding bits |",
+        "|---|---|---|---|---|",
+    ]
     for bits, s in result["checkpoints"].items():
         lines.append(
             f"| {bits} | {s['true_bits']:.3f} | {s.get('file_bits_per_param', float('nan')):.3f} | {s['file_mib']:.1f} | {s.get('embedding_bits', 16)} |"
@@ -215,6 +221,51 @@ def write_outputs(out: Path, result: dict) -> None:
     fig.savefig(out / "decode_speed.png", dpi=120)
 
 
+def llama_bench_rows(args) -> str:
+    """The anchor of what this CPU can do: ``llama-bench`` (prompt --prompt-tokens, --new-tokens
+    generated, batch 1, --threads, mean of --repeats) on the reference's shipped GGUF and on a
+    Q4_0 of it, as markdown lines; or why there are none."""
+    from windquant.gguf import llamacpp
+    from windquant.gguf.build import source_gguf
+    from windquant.gguf.files import open_gguf, write_reference
+
+    if llamacpp.find_tool("llama-bench") is None or llamacpp.find_tool("llama-quantize") is None:
+        return "llama-bench: no llama.cpp binaries (`make llamacpp`) on this machine, so no GGUF anchor row"
+    work = Path("runs") / "decode_speed-gguf"  # scratch, git-ignored: the Q4_0 file
+    work.mkdir(parents=True, exist_ok=True)
+    shipped, f16, q4_0 = source_gguf(args.reference), work / "reference-f16.gguf", work / "q4_0.gguf"
+    if not q4_0.is_file():
+        write_reference(open_gguf(shipped), f16, progress=False)
+        llamacpp.quantize(f16, q4_0, "Q4_0")
+        f16.unlink()
+    lines = [
+        "llama-bench (batch 1, the same prompt and new tokens, the same threads):",
+        "",
+        "| GGUF | prompt tok/s | decode tok/s |",
+        "|---|---|---|",
+    ]
+    for name, path in ((f"shipped {shipped.name}", shipped), ("Q4_0 of it", q4_0)):
+        flags = [
+            "-m",
+            path,
+            "-p",
+            args.prompt_tokens,
+            "-n",
+            args.new_tokens,
+            "-t",
+            args.threads,
+            "-r",
+            args.repeats,
+            "-o",
+            "json",
+        ]
+        out = llamacpp.run_tool("llama-bench", flags)
+        runs = json.loads(out[out.index("[") : out.rindex("]") + 1])  # its log lines share the streams
+        speed = {("prompt" if r["n_prompt"] else "decode"): r["avg_ts"] for r in runs}
+        lines.append(f"| {name} | {speed.get('prompt', float('nan')):.1f} | {speed.get('decode', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", required=True, help="BITS=FOLDER,... (the dense-cache row uses the first)")
@@ -227,9 +278,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--windows", type=int, default=16, help="perplexity windows per row (0: none)")
-    p.add_argument(
-        "--dequantized-ppl", default="2.5,4.0", help="checkpoints whose runtime row also scores the dequantized model"
-    )
+    p.add_argument("--dequantized-ppl", default="2.5,4.0", help="checkpoints whose runtime row also scores the dequantized model")
     p.add_argument("--rows", default=None, help="only these rows, comma-separated (default: all)")
     p.add_argument("--out", default="benchmarks/results/decode_speed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -250,7 +299,6 @@ def main() -> int:
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    llama_bench = Path(".llamacpp/bin/llama-bench")
     result = {
         "command": "python " + " ".join(sys.argv),
         "prompt_tokens": args.prompt_tokens,
@@ -262,9 +310,7 @@ def main() -> int:
         "windows": args.windows,
         "rows": rows,
         "checkpoints": checkpoint_sizes(args),
-        "llamacpp": "llama-bench: no llama.cpp binaries (`make llamacpp`) on this machine, so no GGUF anchor row"
-        if not llama_bench.is_file()
-        else "llama-bench: binaries present but not run by this script",
+        "llamacpp": llama_bench_rows(args),
     }
     write_outputs(Path(args.out), result)
     print((Path(args.out) / "results.md").read_text())

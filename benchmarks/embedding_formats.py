@@ -26,30 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import results_folder, save_rows, write_markdown  # noqa: E402
 
 from windquant.calib.corpus import corpus_tokens, mix_text, sample_windows, window_bos  # noqa: E402
+from windquant.calib.statistics import head_input_moment  # noqa: E402
 from windquant.config import FitConfig  # noqa: E402
 from windquant.eval.perplexity import perplexity  # noqa: E402
 from windquant.model.loading import load_base_model  # noqa: E402
 from windquant.pipeline import calibration_windows  # noqa: E402
 from windquant.quant.feedback import error_feedback  # noqa: E402
 from windquant.quant.rows import GROUP4, clip_scales4, dequantize_rows, quantize_rows  # noqa: E402
-
-
-def head_moment(model, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
-    """E[h hᵀ] of the head's input (the final normed hidden states) over ``windows``."""
-    head = model.get_output_embeddings()
-    acc = {"h": 0.0, "n": 0}
-
-    def hook(_m, inputs):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-        acc["h"] = acc["h"] + x.T @ x
-        acc["n"] += x.shape[0]
-
-    handle = head.register_forward_pre_hook(hook)
-    with torch.no_grad():
-        for i in range(0, len(windows), batch):
-            model(windows[i : i + batch])
-    handle.remove()
-    return (acc["h"] / acc["n"]).float()
 
 
 def gptq_4g32(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -82,7 +65,8 @@ def main() -> int:
     mix_ids = torch.tensor(tok(mix_text())["input_ids"])
     counts = torch.bincount(mix_ids, minlength=w.shape[0])
     # What quantize's calibration windows hold (64 x 256 of mix, seed 0): a small sample of it.
-    window_counts = torch.bincount(calibration_windows(tok, FitConfig()).reshape(-1), minlength=w.shape[0])
+    calib = calibration_windows(tok, FitConfig())
+    window_counts = torch.bincount(calib.reshape(-1), minlength=w.shape[0])
     wiki = corpus_tokens(tok, "wikitext2", "eval", args.data_dir)
     other = torch.tensor(tok(Path(args.other).read_text(encoding="utf-8"))["input_ids"])
     w8 = dequantize_rows(quantize_rows(w, 8), 8)
@@ -104,7 +88,10 @@ def main() -> int:
         "mixed-by-windows": lambda: dequantize_rows(quantize_rows(w, "mixed", window_counts), "mixed"),
         "mixed-by-corpus": lambda: dequantize_rows(quantize_rows(w, "mixed", counts), "mixed"),
         "mixed-by-id": lambda: dequantize_rows(quantize_rows(w, "mixed"), "mixed"),
-        "gptq4g32": lambda: gptq_4g32(w, head_moment(model, sample_windows(mix_ids, 32, 256, 0, bos))),
+        "mixed-by-corpus-gptq": lambda: dequantize_rows(
+            quantize_rows(w, "mixed", counts, head_input_moment(model, calib)), "mixed"
+        ),
+        "gptq4g32": lambda: gptq_4g32(w, head_input_moment(model, sample_windows(mix_ids, 32, 256, 0, bos))),
     }
     wanted = {"fp32", *filter(None, args.formats.split(","))} if args.formats else set(formats)
     for key, make in formats.items():

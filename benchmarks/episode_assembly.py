@@ -102,7 +102,13 @@ def main() -> int:
     from windquant.alloc.ppo import PPOConfig
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    flags = {"model": args.model, "target-bits": args.target_bits, "n": args.n, "threads": args.threads, "cache-dir": args.cache_dir}
+    flags = {
+        "model": args.model,
+        "target-bits": args.target_bits,
+        "n": args.n,
+        "threads": args.threads,
+        "cache-dir": args.cache_dir,
+    }
     rows = run_mode_workers(__file__, modes, flags)
     result = {
         "model": args.model,

@@ -24,16 +24,22 @@ SHOWN = (2.0, 1.58, 1.0)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--table", type=Path, required=True, help="a preferences-*.safetensors table")
-    ap.add_argument("--scores", type=Path, required=True, help="the scores.safetensors the table started from (beside the candidates)")
+    ap.add_argument(
+        "--scores", type=Path, required=True, help="the scores.safetensors the table started from (beside the candidates)"
+    )
     ap.add_argument("--units-per-block", type=int, default=24, help="units per decoder block (SmolLM2 at chunk 256: 24)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     prefs = load_preferences(args.table)
     if prefs is None:
-        raise SystemExit(f"error: {args.table} is not a complete GAMMA table; train one with windquant quantize --allocator gamma")
+        raise SystemExit(
+            f"error: {args.table} is not a complete GAMMA table; train one with windquant quantize --allocator gamma"
+        )
     scores = load_file(str(args.scores))["scores"].double()
     if scores.shape != prefs.costs.shape:
-        raise SystemExit(f"error: the table has {tuple(prefs.costs.shape)} costs, the scores {tuple(scores.shape)}: another model or chunk size")
+        raise SystemExit(
+            f"error: the table has {tuple(prefs.costs.shape)} costs, the scores {tuple(scores.shape)}: another model or chunk size"
+        )
     skip = ACTIONS.index(SKIP)
     correction = (prefs.costs - scores) - (prefs.costs - scores)[:, skip : skip + 1]
     own = scores - scores[:, skip : skip + 1]

@@ -43,28 +43,38 @@ def main() -> None:
     args = ap.parse_args()
     prefs = load_preferences(args.table)
     if prefs is None:
-        raise SystemExit(f"error: {args.table} is not a complete GAMMA table; train one with windquant quantize --allocator gamma")
+        raise SystemExit(
+            f"error: {args.table} is not a complete GAMMA table; train one with windquant quantize --allocator gamma"
+        )
     model, tok = load_model()
-    prepared = prepare(model, tok, FitConfig(calib=args.calib, scores=args.scores, data_dir=args.data_dir), needs={"scores"}, progress=False)
+    prepared = prepare(
+        model, tok, FitConfig(calib=args.calib, scores=args.scores, data_dir=args.data_dir), needs={"scores"}, progress=False
+    )
     tokens = corpus_tokens(tok, "wikitext2", "eval", args.data_dir)
     rows = []
     for budget in [float(b) for b in args.budgets.split(",")]:
         problem = prepared.problem(budget, "true")
         scores = problem.costs.double()
         if scores.shape != prefs.costs.shape:
-            raise WindquantError(f"{args.table} has {prefs.costs.shape[0]} units, the model {scores.shape[0]}: another model or chunk size")
+            raise WindquantError(
+                f"{args.table} has {prefs.costs.shape[0]} units, the model {scores.shape[0]}: another model or chunk size"
+            )
         for k in [float(f) for f in args.factors.split(",")]:
             start = time.perf_counter()
             sol = solve(scores + k * (prefs.costs - scores), problem.bits, problem.budget)
             seconds = time.perf_counter() - start
             requested = [ACTIONS[j] for j in sol.choice]
             with torch.no_grad(), prepared.stored_weights(requested):
-                ppl = perplexity(model, tokens, ctx=2048, max_windows=args.max_windows, progress=False, bos_id=window_bos(tok)).ppl
+                ppl = perplexity(
+                    model, tokens, ctx=2048, max_windows=args.max_windows, progress=False, bos_id=window_bos(tok)
+                ).ppl
             true_bits = float(problem.bits[torch.arange(len(sol.choice)), sol.choice].sum()) / problem.n_weights
             rows.append({"budget": budget, "factor": k, "true_bits": true_bits, "ppl": ppl, "project_seconds": seconds})
             print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "results.json", {"table": args.table.name, "calib": args.calib, "max_windows": args.max_windows, "rows": rows})
+    atomic_write_json(
+        args.out / "results.json", {"table": args.table.name, "calib": args.calib, "max_windows": args.max_windows, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

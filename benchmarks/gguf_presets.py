@@ -37,7 +37,9 @@ LINEAR_SUFFIXES = tuple(f".{g}.weight" for g in GGUF_LINEAR.values())
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="a model spec with a GGUF, or tiny256 (a random LLaMA with 256-wide rows)")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="a model spec with a GGUF, or tiny256 (a random LLaMA with 256-wide rows)"
+    )
     p.add_argument("--data-dir", default="../shared/data", help="folder holding wikitext-2-raw/wiki.test.raw")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=100)
@@ -139,16 +141,31 @@ def main() -> None:
         p = rows[f"preset {preset}"]
         if f"windquant@{preset}" not in rows:
             f = files / f"windquant-{preset}.gguf"
-            cfg = GGUFConfig(target_bpw=p["linear_bpw"], embedding_type=parse_type(p["embedding_type"]), output_type=parse_type(p["output_type"]))
+            cfg = GGUFConfig(
+                target_bpw=p["linear_bpw"],
+                embedding_type=parse_type(p["embedding_type"]),
+                output_type=parse_type(p["output_type"]),
+            )
             report = build_gguf(spec, f, cfg, fit, work)
-            keep(f"windquant@{preset}", {"kind": "windquant gguf", "preset": preset, **gguf_stats(f), **score(f, args, text, base), "types": report["type_counts"]})
+            keep(
+                f"windquant@{preset}",
+                {
+                    "kind": "windquant gguf",
+                    "preset": preset,
+                    **gguf_stats(f),
+                    **score(f, args, text, base),
+                    "types": report["type_counts"],
+                },
+            )
             f.unlink()
     bits = [float(b) for b in args.checkpoint_bits.split(",") if b.strip()]
     if bits and "checkpoint reference" not in rows:
         keep("checkpoint reference", {"kind": "checkpoint reference", **checkpoint_row(spec, None, args, files)})
     for b in bits:
         if f"ilp checkpoint {b:g}" not in rows:
-            keep(f"ilp checkpoint {b:g}", {"kind": "windquant checkpoint", "true_bits": b, **checkpoint_row(spec, b, args, files)})
+            keep(
+                f"ilp checkpoint {b:g}", {"kind": "windquant checkpoint", "true_bits": b, **checkpoint_row(spec, b, args, files)}
+            )
     for r in rows.values():
         own = rows["checkpoint reference"]["ppl"] if r["kind"] in ("windquant checkpoint", "checkpoint reference") else ref_ppl
         r["ratio"] = r["ppl"] / own
@@ -195,16 +212,26 @@ def write_markdown(rows: dict, args, md: Path) -> None:
         if args.kld and w:
             kmark = "**" if w["kld"] < p["kld"] else ""
             kld = f" {p['kld']:.6f} | {kmark}{w['kld']:.6f}{kmark} |"
-        lines.append(f"| {p['preset']} | {p['linear_bpw']:.4f} | {p['file_bpw']:.4f} | {p['ppl']:.4f} ({p['ratio']:.4f}) | {mark}{ours}{mark} | {types} |{kld}")
+        lines.append(
+            f"| {p['preset']} | {p['linear_bpw']:.4f} | {p['file_bpw']:.4f} | {p['ppl']:.4f} ({p['ratio']:.4f}) | {mark}{ours}{mark} | {types} |{kld}"
+        )
     for metric in ("ppl", "kld") if args.kld else ("ppl",):
         ok, better = verdict(rows, metric)
-        lines += ["", f"Must by {metric.upper()} (at least as good as every preset at equal or lower bpw, strictly better at >= 2 sizes): "
-                  f"{'met' if ok and better >= 2 else 'NOT met'} (never worse: {ok}; strictly better at {better})."]
+        lines += [
+            "",
+            f"Must by {metric.upper()} (at least as good as every preset at equal or lower bpw, strictly better at >= 2 sizes): "
+            f"{'met' if ok and better >= 2 else 'NOT met'} (never worse: {ok}; strictly better at {better}).",
+        ]
     ck = [r for r in rows.values() if r["kind"] == "windquant checkpoint"]
     if ck:
         cref = rows["checkpoint reference"]
-        lines += ["", f"windquant-format checkpoints, `windquant eval --protocol llamacpp` (own reference PPL {cref['ppl']:.4f}):", "",
-                  "| checkpoint | true bits | PPL (× ref) |", "|---|---|---|"]
+        lines += [
+            "",
+            f"windquant-format checkpoints, `windquant eval --protocol llamacpp` (own reference PPL {cref['ppl']:.4f}):",
+            "",
+            "| checkpoint | true bits | PPL (× ref) |",
+            "|---|---|---|",
+        ]
         lines += [f"| ilp | {r['true_bits']:g} | {r['ppl']:.4f} ({r['ratio']:.4f}) |" for r in ck]
     md.write_text("\n".join(lines) + "\n")
 

@@ -103,7 +103,9 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> tuple
     return float(((d @ h.double()) * d).sum()), float(((w.double() @ h.double()) * w.double()).sum())
 
 
-def lever_table(model, units, scales, moments, sample: int, levers: dict[str, FitSettings] | None = None, carry: bool = True) -> list[dict]:
+def lever_table(
+    model, units, scales, moments, sample: int, levers: dict[str, FitSettings] | None = None, carry: bool = True
+) -> list[dict]:
     """Output error and fit time of each lever at 4/3/2 bits (see the module docstring)."""
     levers = LEVERS if levers is None else levers
     modules = dict(model.named_modules())

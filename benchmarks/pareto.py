@@ -105,7 +105,17 @@ def main() -> None:
         # Scores always: the validation below needs them even when ilp is not swept.
         prepared = prepare(model, tok, FitConfig(data_dir=args.data_dir, cache_dir=args.cache_dir), {"scores"}, timings)
         allocators = dict.fromkeys(args.allocators.split(","))
-        rows = run_sweep(prepared, budgets, allocators, PlanConfig(accounting=args.accounting), args.corpus, args.ctx, args.max_windows, out, timings)
+        rows = run_sweep(
+            prepared,
+            budgets,
+            allocators,
+            PlanConfig(accounting=args.accounting),
+            args.corpus,
+            args.ctx,
+            args.max_windows,
+            out,
+            timings,
+        )
         ilp_times = [r["solve_seconds"] for r in rows if r["allocator"] == "ilp" and "solve_seconds" in r]
         solver["default_model_ilp_median_seconds"] = statistics.median(ilp_times) if ilp_times else None
         print((out / "results.md").read_text())

@@ -686,7 +686,8 @@ def write_results(results: Path, folders: list[Path]) -> None:
         default = folder.as_posix() == "benchmarks/results/peers"
         reproduce = "python benchmarks/peers.py" + ("" if default else f" --model {meta['model']} --out {folder.as_posix()}")
         lines += ["", f"## {meta['model']}", "", f"Reproduce (every row, resumable): `{reproduce}`.", ""]
-        lines += ["This table was filled by: " + "; ".join(f"`{c}`" for c in meta.get("commands", [])) + ".", ""]
+        if meta.get("commands"):
+            lines += ["This table was filled by: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".", ""]
         lines += [
             span_line(meta),
             "",

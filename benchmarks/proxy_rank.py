@@ -111,7 +111,14 @@ def main() -> None:
                 seconds[str(hi)] = time.perf_counter() - start
             wiki = perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=False)
         true_bits = float(sum(problem.bits[i, ACTIONS.index(a)] for i, a in enumerate(requested))) / problem.n_weights
-        rows[key] = {"key": key, "true_bits": true_bits, "proxy_ppl": proxy, "proxy_seconds": seconds, "wiki2_ppl": wiki.ppl, "wiki2_tokens": wiki.tokens}
+        rows[key] = {
+            "key": key,
+            "true_bits": true_bits,
+            "proxy_ppl": proxy,
+            "proxy_seconds": seconds,
+            "wiki2_ppl": wiki.ppl,
+            "wiki2_tokens": wiki.tokens,
+        }
         save_rows(results, rows, {"settings": vars(args)})
         print(f"{key}: bits {true_bits:.3f} proxy64 {proxy['64']:.2f} wiki2 {wiki.ppl:.2f}", flush=True)
 
@@ -133,11 +140,25 @@ def report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
         secs = statistics.median(r["proxy_seconds"][str(t["windows"])] for r in rows)
         bcells = f"{b['pearson']:.3f} | {b['spearman']:.3f}" if b else "– | –"
         lines.append(f"| {t['windows']} | {t['tokens']} | {secs:.1f} | {t['pearson']:.3f} | {t['spearman']:.3f} | {bcells} |")
-    lines += ["", f"{len(rows)} distinct plans, {len(band)} of them at 2.5 true bits.", "", "| plan | true bits | proxy 8 | proxy 64 | Wiki2 |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"{len(rows)} distinct plans, {len(band)} of them at 2.5 true bits.",
+        "",
+        "| plan | true bits | proxy 8 | proxy 64 | Wiki2 |",
+        "|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: r["wiki2_ppl"]):
-        lines.append(f"| {r['key']} | {r['true_bits']:.3f} | {r['proxy_ppl']['8']:.2f} | {r['proxy_ppl']['64']:.2f} | {r['wiki2_ppl']:.2f} |")
-    write_markdown(out, lines, "python benchmarks/proxy_rank.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v))
-    save_rows(out / "results.json", {r["key"]: r for r in rows}, {"settings": vars(args), "correlation": table, "band_2.5": narrow})
+        lines.append(
+            f"| {r['key']} | {r['true_bits']:.3f} | {r['proxy_ppl']['8']:.2f} | {r['proxy_ppl']['64']:.2f} | {r['wiki2_ppl']:.2f} |"
+        )
+    write_markdown(
+        out,
+        lines,
+        "python benchmarks/proxy_rank.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v),
+    )
+    save_rows(
+        out / "results.json", {r["key"]: r for r in rows}, {"settings": vars(args), "correlation": table, "band_2.5": narrow}
+    )
     plt = pyplot()
     fig, axes = plt.subplots(1, len(SIZES), figsize=(4 * len(SIZES), 3.6), sharey=True)
     for ax, n in zip(axes, SIZES):

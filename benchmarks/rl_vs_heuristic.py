@@ -52,11 +52,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--accounting", default="true", choices=["true", "paper"])
     p.add_argument("--episodes", type=int, default=50, help="PPO episodes per seed (paper Table 8: 50)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--rows", default="heuristic,paper,ilp", help="heuristic, ilp and PPO presets to compare ('' = only the Table-7 check)")
+    p.add_argument(
+        "--rows", default="heuristic,paper,ilp", help="heuristic, ilp and PPO presets to compare ('' = only the Table-7 check)"
+    )
     p.add_argument("--ppo-set", default=None, metavar="K=V,...", help="PPOConfig overrides for the ppo rows (ablations)")
     p.add_argument("--proxy-samples", type=int, default=PPOConfig.proxy_samples)
     p.add_argument("--proxy-len", type=int, default=PPOConfig.proxy_len)
-    p.add_argument("--calib", default=FitConfig.calib, help="calibration corpus of the candidate fit (and of the proxy's windows)")
+    p.add_argument(
+        "--calib", default=FitConfig.calib, help="calibration corpus of the candidate fit (and of the proxy's windows)"
+    )
     p.add_argument("--scores", default=FitConfig.scores, help="sensitivity scores ilp (and refine's start) use: block | fisher")
     p.add_argument("--corpus", default="wikitext2")
     p.add_argument("--data-dir", default=None)
@@ -70,8 +74,17 @@ def parse() -> argparse.Namespace:
         default="best",
         help="Table-7 points: best budget-meeting plan so far (paper) or that episode's own sampled plan",
     )
-    p.add_argument("--candidates-eval", action="store_true", help="also score the heuristic and ilp plans on the cache's candidates (one more Wiki2 pass per row)")
-    p.add_argument("--full-split", default="", metavar="KEY,...", help="rows (e.g. ilp@2,refine@2/seed2) to score as stored on the whole test split too")
+    p.add_argument(
+        "--candidates-eval",
+        action="store_true",
+        help="also score the heuristic and ilp plans on the cache's candidates (one more Wiki2 pass per row)",
+    )
+    p.add_argument(
+        "--full-split",
+        default="",
+        metavar="KEY,...",
+        help="rows (e.g. ilp@2,refine@2/seed2) to score as stored on the whole test split too",
+    )
     p.add_argument("--timing-episodes", type=int, default=0, help="alternate N bare proxy forwards and N episodes (ratio)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/rl_vs_heuristic")
@@ -102,16 +115,27 @@ def main() -> None:
         **parse_overrides(PPOConfig, args.ppo_set, "--ppo-set"),
     )
     timings = Timings()
-    prepared = prepare(model, tok, FitConfig(calib=args.calib, scores=args.scores, cache_dir=args.cache_dir, data_dir=args.data_dir), {"features"}, timings, progress)
+    prepared = prepare(
+        model,
+        tok,
+        FitConfig(calib=args.calib, scores=args.scores, cache_dir=args.cache_dir, data_dir=args.data_dir),
+        {"features"},
+        timings,
+        progress,
+    )
     heldout = ppo.proxy_windows == "heldout"  # the proxy columns use the default windows; each PPO row its own
     proxy = prepared.proxy(ppo.proxy_samples, ppo.proxy_len, heldout=heldout)
-    stored = prepared.proxy(ppo.proxy_samples, ppo.proxy_len, stored=True, heldout=heldout)  # remembers carried linears across rows
+    stored = prepared.proxy(
+        ppo.proxy_samples, ppo.proxy_len, stored=True, heldout=heldout
+    )  # remembers carried linears across rows
     eval_tokens = corpus_tokens(tok, args.corpus, "eval", args.data_dir)
 
     def wiki_ppl(requested: list[float], as_stored: bool = False) -> float:
         """WikiText-2 PPL of requested actions as stored (carried when the fit carries) or on the cache's candidates."""
         with torch.no_grad(), (stored if as_stored else proxy).weights(requested):
-            return perplexity(model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress, bos_id=window_bos(tok)).ppl
+            return perplexity(
+                model, eval_tokens, ctx=args.ctx, max_windows=args.max_windows, progress=progress, bos_id=window_bos(tok)
+            ).ppl
 
     # One bare proxy forward (reference weights, no assembly), median of 5, same process.
     bare = []
@@ -134,7 +158,9 @@ def main() -> None:
                 key = f"{name}@{budget:g}" + ("" if seed is None else f"/seed{seed}")
                 if key in results["rows"]:
                     continue
-                results["rows"][key] = run_row(prepared, (proxy, stored), ppo, args, name, budget, seed, row_dir(out, key), wiki_ppl, timings)
+                results["rows"][key] = run_row(
+                    prepared, (proxy, stored), ppo, args, name, budget, seed, row_dir(out, key), wiki_ppl, timings
+                )
                 atomic_write_json(results_path, results)
 
     for key in (k.strip() for k in args.full_split.split(",") if k.strip()):
@@ -148,7 +174,9 @@ def main() -> None:
             row["wiki2_full"] = {"ppl": full.ppl, "windows": full.windows, "tokens": full.tokens}
             atomic_write_json(results_path, results)
     if args.timing_episodes:
-        results["timing"] = episode_timing(prepared, proxy, float(args.budgets.split(",")[0]), args.accounting, args.timing_episodes)
+        results["timing"] = episode_timing(
+            prepared, proxy, float(args.budgets.split(",")[0]), args.accounting, args.timing_episodes
+        )
     if args.table7_run:
         results["table7"] = table7(
             Path(args.table7_run), prepared, wiki_ppl, args.table7_every, args.table7_plans, results.get("table7", [])
@@ -162,7 +190,12 @@ def main() -> None:
         report = Path(args.table7_run) / "run_report.json"
         if report.is_file():
             results["long_run"]["run_report_timings"] = json.loads(report.read_text())["timings"]
-    results["settings"] = {**vars(args), "proxy_windows": ppo.proxy_windows, "peak_rss_mib": peak_rss_mib(), "stage_seconds": dict(timings)}
+    results["settings"] = {
+        **vars(args),
+        "proxy_windows": ppo.proxy_windows,
+        "peak_rss_mib": peak_rss_mib(),
+        "stage_seconds": dict(timings),
+    }
     atomic_write_json(results_path, results)
     write_markdown(results, out / "results.md")
     plot(results, out)
@@ -193,7 +226,9 @@ def row_plan(prepared, row: dict, work: Path, accounting: str) -> list[float]:
 ROW_PRESETS = PRESETS | {"refine-frozen": {**PRESETS["refine"], "lr": 0.0}}
 
 
-def run_row(prepared, proxies, ppo: PPOConfig, args, name: str, budget: float, seed: int | None, work: Path, wiki_ppl, timings) -> dict:
+def run_row(
+    prepared, proxies, ppo: PPOConfig, args, name: str, budget: float, seed: int | None, work: Path, wiki_ppl, timings
+) -> dict:
     """One allocator (or PPO preset and seed) at one budget: its plan, proxy and WikiText-2 PPL."""
     proxy, stored = proxies
     allocator = "ppo" if name in ROW_PRESETS else name
@@ -326,7 +361,13 @@ def write_markdown(results: dict, path: Path) -> None:
         )
     full = [(k, r["wiki2_full"]) for k, r in rows.items() if "wiki2_full" in r]
     if full:
-        lines += ["", "Whole WikiText-2 test split, as stored:", "", "| row | Wiki2 PPL | windows | tokens |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Whole WikiText-2 test split, as stored:",
+            "",
+            "| row | Wiki2 PPL | windows | tokens |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {k} | {f['ppl']:.3f} | {f['windows']} | {f['tokens']} |" for k, f in full]
     if "bare_proxy_seconds" in results:
         lines += ["", f"Bare proxy forward (reference weights): {results['bare_proxy_seconds']:.2f} s (median of 5)."]
@@ -343,7 +384,9 @@ def write_markdown(results: dict, path: Path) -> None:
             moves = f"{lr['accepted_first_half']} / {lr['accepted_second_half']}" if "accepted_first_half" in lr else ""
             v = lr.get("validation")
             checked = f"{v['ilp_ppl']:.2f} / {v['refined_ppl']:.2f}, {v['kept']}" if v else ""
-            ratio = lr["median_episode_seconds"] / results["bare_proxy_seconds"] if "bare_proxy_seconds" in results else float("nan")
+            ratio = (
+                lr["median_episode_seconds"] / results["bare_proxy_seconds"] if "bare_proxy_seconds" in results else float("nan")
+            )
             lines.append(
                 f"| {key} | {lr['median_proxy_first10']:.2f} | {lr['median_proxy_last10']:.2f} | {lr['best_proxy_ppl']:.2f} | "
                 f"{lr['greedy_proxy_ppl']:.2f} | {moves} | {checked} | {lr['median_episode_seconds']:.2f} | {ratio:.2f} |"
@@ -395,7 +438,13 @@ def plot(results: dict, out: Path) -> None:
         if "learning" in r and log.is_file():
             eps = read_episodes(log)
             field = "incumbent_ppl" if "incumbent_ppl" in eps[0] else "proxy_ppl"
-            ax.plot([e["episode"] for e in eps], [e[field] for e in eps], marker=".", markersize=3, label=f"{key} ({field.split('_')[0]})")
+            ax.plot(
+                [e["episode"] for e in eps],
+                [e[field] for e in eps],
+                marker=".",
+                markersize=3,
+                label=f"{key} ({field.split('_')[0]})",
+            )
     for r in results["rows"].values():
         if r.get("allocator") == "ilp":
             ax.axhline(r.get("proxy_ppl_stored", r["proxy_ppl"]), linestyle="--", color="k", linewidth=0.8)

@@ -25,9 +25,30 @@ from pathlib import Path
 from benchlib import load_rows, pyplot, save_rows, write_markdown
 
 SHAPES = {
-    "135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
-    "360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5, "tie_word_embeddings": True},
-    "1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "tie_word_embeddings": False},
+    "135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "tie_word_embeddings": True,
+    },
+    "360m": {
+        "hidden_size": 960,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+        "tie_word_embeddings": True,
+    },
+    "1.1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+    },
 }
 
 
@@ -69,8 +90,20 @@ def quantize(model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
     """``windquant quantize`` in its own process from an empty cache; its run report."""
     with tempfile.TemporaryDirectory(prefix="wq-scale-cache-") as cache:
         cmd = [
-            sys.executable, "-m", "windquant.cli", "quantize", "--model", str(model_dir), "--target-bits", str(args.target_bits),
-            "--calib-samples", str(args.calib_samples), "--out", str(out), "--overwrite", "--quiet",
+            sys.executable,
+            "-m",
+            "windquant.cli",
+            "quantize",
+            "--model",
+            str(model_dir),
+            "--target-bits",
+            str(args.target_bits),
+            "--calib-samples",
+            str(args.calib_samples),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--quiet",
         ]
         env = {**os.environ, "WINDQUANT_CACHE": cache, "WINDQUANT_THREADS": str(args.threads)}
         start = time.perf_counter()

@@ -54,8 +54,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--scores", default=FitConfig().scores, help="sensitivity scores of both models (FitConfig.scores): fisher | block")
-    p.add_argument("--source-rows", default=",".join(SOURCE_ROWS), help="source rows to run (the zero-shot rows need its sac / ppo)")
+    p.add_argument(
+        "--scores", default=FitConfig().scores, help="sensitivity scores of both models (FitConfig.scores): fisher | block"
+    )
+    p.add_argument(
+        "--source-rows", default=",".join(SOURCE_ROWS), help="source rows to run (the zero-shot rows need its sac / ppo)"
+    )
     p.add_argument("--out", default="benchmarks/results/transfer")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true", help="only rewrite results.md and transfer.png from results.json")
@@ -92,7 +96,14 @@ def run_model(spec: str, rows: tuple[str, ...], args, results: dict, path: Path,
     progress = not args.quiet
     model, tok = load_model(spec)
     timings = Timings()
-    prepared = prepare(model, tok, FitConfig(scores=args.scores, cache_dir=args.cache_dir, data_dir=args.data_dir), {"features", "scores"}, timings, progress)
+    prepared = prepare(
+        model,
+        tok,
+        FitConfig(scores=args.scores, cache_dir=args.cache_dir, data_dir=args.data_dir),
+        {"features", "scores"},
+        timings,
+        progress,
+    )
     tokens, bos = corpus_tokens(tok, args.corpus, "eval", args.data_dir), window_bos(tok)
     table = results["models"].setdefault(spec, {"rows": {}})
 
@@ -119,7 +130,9 @@ def run_model(spec: str, rows: tuple[str, ...], args, results: dict, path: Path,
                 continue
             allocator, config = row_config(name, args, work, policies.get(f"{budget:g}", {}))
             start = time.perf_counter()
-            plan = make_plan(prepared, PlanConfig(budget, "true", allocator, seed=args.seed, allocator_config=config), timings, progress)
+            plan = make_plan(
+                prepared, PlanConfig(budget, "true", allocator, seed=args.seed, allocator_config=config), timings, progress
+            )
             seconds = time.perf_counter() - start
             info = plan.info.get(allocator, {})
             table["rows"][key] = {
@@ -176,7 +189,11 @@ def write_markdown(results: dict, args, md: Path) -> None:
             cells = []
             for b in budgets:
                 r = table["rows"].get(f"{name}@{b}")
-                cells += [f"{r['wiki2_ppl']:.2f} ({r['true_bits']:.3f})", f"{r['allocate_seconds']:.0f} ({r['episodes']} ep)"] if r else ["–", "–"]
+                cells += (
+                    [f"{r['wiki2_ppl']:.2f} ({r['true_bits']:.3f})", f"{r['allocate_seconds']:.0f} ({r['episodes']} ep)"]
+                    if r
+                    else ["–", "–"]
+                )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     if "settings" in results:  # written when a run completes (a stopped run has no whole-run peak)

@@ -186,3 +186,17 @@ def test_a_real_full_tmpfs_is_one_line_and_leaves_nothing(tiny_model, tokenizer,
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_4_bit_rows_with_head_feedback():
+    """With uncorrelated head inputs (h = I) error feedback has nothing to push, so the rows equal
+    the plain 4-bit rows exactly; with correlated inputs the head's output error shrinks."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    plain = quantize_rows(w, 4)
+    same = quantize_rows(w, 4, head_moment=torch.eye(64))
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    x = torch.randn(500, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    h = x.T @ x / len(x)
+    fed = dequantize_rows(quantize_rows(w, 4, head_moment=h), 4)
+    assert ((x @ (fed - w).T) ** 2).mean() < 0.8 * ((x @ (dequantize_rows(plain, 4) - w).T) ** 2).mean()

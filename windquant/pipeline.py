@@ -31,7 +31,7 @@ from windquant.calib.corpus import (
     window_starts,
 )
 from windquant.calib.selfgen import SPARE_SEQUENCES, pick, self_tokens
-from windquant.calib.statistics import CalibrationStats, layer_fisher
+from windquant.calib.statistics import CalibrationStats, head_input_moment, layer_fisher
 from windquant.config import FitConfig, PlanConfig, settings_digest
 from windquant.errors import WindquantError
 from windquant.eval.perplexity import perplexity
@@ -612,6 +612,8 @@ def write_checkpoint(
     :func:`calibration_token_counts`). Returns the folder and the report."""
     timings = timings if timings is not None else Timings()
     counts = calibration_token_counts(prepared)
+    # The head's 4-bit rows get error feedback on the unquantized model's final hidden states.
+    moment = head_input_moment(prepared.model, prepared.stats.windows) if embedding_bits in (4, MIXED) else None
     model = apply(prepared, plan, model, timings, progress)
     with timings.stage("pack"):
         out = save(
@@ -623,6 +625,7 @@ def write_checkpoint(
             copy_files=plan.attachments,
             embedding_bits=embedding_bits,
             token_counts=counts,
+            head_moment=moment,
         )
         report = plan_report(plan, model)
     report = {"model": model_name, **report, "timings": timings.report()}

@@ -186,3 +186,23 @@ def layer_fisher(
     if residual is not None:
         residual.update({layer: g / tokens for layer, g in residual.items()})
     return {n: f / tokens for n, f in fisher.items()}
+
+
+@torch.no_grad()
+def head_input_moment(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """E[h hᵀ] [hidden, hidden] of the output head's inputs (the final normed hidden states) over
+    ``windows``: the objective of error feedback on a quantized head."""
+    acc = {"h": 0.0, "n": 0}
+
+    def hook(_m, inputs):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        acc["h"] = acc["h"] + x.T @ x
+        acc["n"] += x.shape[0]
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        for i in range(0, len(windows), batch_size):
+            model(windows[i : i + batch_size])
+    finally:
+        handle.remove()
+    return (acc["h"] / acc["n"]).float()

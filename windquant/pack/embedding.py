@@ -22,15 +22,18 @@ def row_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def round_rows_(
-    model: nn.Module, bits: RowFormat, token_counts: torch.Tensor | None = None
+    model: nn.Module, bits: RowFormat, token_counts: torch.Tensor | None = None, head_moment: torch.Tensor | None = None
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Quantize the embedding (and an untied head) per row at ``bits``; their weights are replaced
     by the dequantized values in place, so the model computes exactly what is stored. Returns
     name -> packed tensors (:func:`windquant.quant.rows.row_layout`). ``token_counts`` rank the
-    rows of the mixed format (None: by token id)."""
+    rows of the mixed format (None: by token id); ``head_moment`` (second moment of the head's
+    inputs) has the head's 4-bit rows chosen with error feedback (a tied embedding is the head)."""
+    head = model.get_output_embeddings()
     packed = {}
     for name, m in row_modules(model).items():
-        packed[name] = quantize_rows(m.weight, bits, token_counts)
+        moment = head_moment if head is not None and m.weight is head.weight else None
+        packed[name] = quantize_rows(m.weight, bits, token_counts, moment)
         m.weight.data = dequantize_rows(packed[name], bits).to(m.weight.dtype)
     return packed
 

@@ -95,16 +95,41 @@ def mixed_split(idx8: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
     return is8, pos
 
 
-def quantize_rows(w: torch.Tensor, bits: RowFormat, counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def quantize4_feedback(w: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """4-bit rows (the format's tensors) whose codes are chosen column by column with GPTQ error
+    feedback on ``x @ wᵀ`` for inputs of second moment ``h`` [columns, columns] (a head's
+    objective); each group's scale is :func:`clip_scales4` of its columns as compensated so far."""
+    from windquant.quant.feedback import error_feedback
+
+    rows, columns = w.shape
+    scale = torch.empty(rows, columns // GROUP4, dtype=torch.float16)
+
+    def start(k: int, wk: torch.Tensor):
+        scale[:, k] = clip_scales4(wk)
+        s = scale[:, k].float()
+        return lambda col, _j: (col / s).round().clamp(-7, 7) * s
+
+    chunks = [(c, c + GROUP4) for c in range(0, columns, GROUP4)]
+    values = error_feedback(w, h, chunks, start)
+    q = ((values / scale.float().repeat_interleave(GROUP4, dim=-1)).round() + 8).to(torch.uint8)
+    return {"q4": q[:, 0::2] | (q[:, 1::2] << 4), "scale": scale}
+
+
+def quantize_rows(
+    w: torch.Tensor, bits: RowFormat, counts: torch.Tensor | None = None, head_moment: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Packed tensors of ``w`` [rows, columns] at ``bits`` (exactly :func:`row_layout`);
-    ``counts`` (token counts, [rows]) rank the rows of the mixed format."""
+    ``counts`` (token counts, [rows]) rank the rows of the mixed format; ``head_moment`` (the
+    second moment of the head's inputs) has the 4-bit rows chosen by :func:`quantize4_feedback`."""
     rows, columns = w.shape
     check_row_bits(bits, columns)
     w = w.detach().float()
+    if bits == 4 and head_moment is not None:
+        return quantize4_feedback(w, head_moment)
     if bits == MIXED:
         idx8 = rows_by_frequency(counts, rows)[: mixed_rows8(rows)].sort().values
         is8, _ = mixed_split(idx8, rows)
-        p8, p4 = quantize_rows(w[idx8], 8), quantize_rows(w[~is8], 4)
+        p8, p4 = quantize_rows(w[idx8], 8), quantize_rows(w[~is8], 4, head_moment=head_moment)
         return {"idx8": idx8.to(torch.int32), "q8": p8["q8"], "scale8": p8["scale"], "q4": p4["q4"], "scale4": p4["scale"]}
     if bits == 16:
         return {"weight": w.half().contiguous()}
