@@ -664,6 +664,26 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def row_configs(
+    wq: str = WQ_CONFIGS, presets: str = LLAMACPP_PRESETS, hqq: str = HQQ_CONFIGS, gptq: str = GPTQ_CONFIGS, ar: str = AR_CONFIGS
+) -> dict[str, list[str]]:
+    """Method -> its row configs, in run order (each llama.cpp preset followed by windquant gguf at its bits)."""
+    configs = {
+        "reference": ["fp32"],
+        "windquant": wq.split(","),
+        "llamacpp": [c for p in presets.split(",") if p for c in (p, f"windquant@{p}")],
+        "hqq": hqq.split(","),
+        "gptq": gptq.split(","),
+        "autoround": ar.split(","),
+    }
+    return {m: [c for c in cs if c] for m, cs in configs.items()}
+
+
+def default_keys() -> list[str]:
+    """The row keys a run with the default flags measures."""
+    return [f"{m}:{c}" for m, cs in row_configs().items() for c in cs]
+
+
 def write_results(results: Path, folders: list[Path]) -> None:
     """benchmarks/RESULTS.md from the runs in ``folders`` (one per model): the command that
     reproduces each, its table and its Pareto plot. No figure is typed by hand."""
@@ -688,13 +708,11 @@ def write_results(results: Path, folders: list[Path]) -> None:
         lines += ["", f"## {meta['model']}", "", f"Reproduce (every row, resumable): `{reproduce}`.", ""]
         if meta.get("commands"):
             lines += ["This table was filled by: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".", ""]
-        lines += [
-            span_line(meta),
-            "",
-            *table_lines(rows, meta),
-            "",
-            f"![{meta['model']}]({png.relative_to(results.parent).as_posix()})",
-        ]
+        lines += [span_line(meta), "", *table_lines(rows, meta), ""]
+        missing = [k for k in default_keys() if k not in {r["key"] for r in rows}]
+        if missing:
+            lines += [f"Not measured yet (rerun the command above; it resumes): {', '.join(missing)}.", ""]
+        lines += [f"![{meta['model']}]({png.relative_to(results.parent).as_posix()})"]
     atomic_write_text(results, "\n".join(lines) + "\n")
 
 
@@ -771,14 +789,7 @@ def main() -> None:
                 lin.weight.copy_(original[name])
 
     touched: set[str] = set()  # rows this run wrote (merged into the file, see save_rows)
-    configs = {
-        "reference": ["fp32"],
-        "windquant": args.wq_configs.split(","),
-        "llamacpp": [c for p in args.presets.split(",") for c in (p, f"windquant@{p}")],
-        "hqq": args.hqq_configs.split(","),
-        "gptq": args.gptq_configs.split(","),
-        "autoround": args.ar_configs.split(","),
-    }
+    configs = row_configs(args.wq_configs, args.presets, args.hqq_configs, args.gptq_configs, args.ar_configs)
     todo = [(m.strip(), c) for m in args.methods.split(",") if m.strip() for c in configs[m.strip()] if c]
     handlers: dict[str, object] = {}
 
