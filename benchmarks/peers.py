@@ -781,6 +781,8 @@ def main() -> None:
     saved = json.loads(json_path.read_text()).get("commands", []) if json_path.is_file() else []
     commands = saved + ([command] if command not in saved else [])
     meta = {"model": args.model, "threads": threads, "commands": commands, **evaluator.settings()}
+    if args.rerun:  # drop the rows to recompute from the file too (later saves merge into it)
+        save_rows(json_path, rows, meta)
     original = {name: lin.weight.detach().clone() for _, name, _, lin in block_linears(reference)}
 
     def restore() -> None:
