@@ -658,7 +658,8 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("true bits per block-linear weight")
     ax.set_ylabel("WikiText-2 PPL / reference")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if series:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
