@@ -12,6 +12,9 @@
   4-bit tensors in id order (``q4``, ``scale4``): 5.3 bits/weight at 576 columns. Rare tokens
   are seldom read and their logits seldom matter (benchmarks/embedding_formats.py).
 
+Given the second moment of a head's inputs, 4-bit rows (of ``4`` or ``mixed``) are chosen with
+GPTQ error feedback on the head's output (:func:`quantize4_feedback`); the format is the same.
+
 :func:`row_layout` is the one size table, read by the packer and the accounting alike.
 """
 
