@@ -97,6 +97,22 @@ class Evaluator:
                 need.append(t)
         return need
 
+    def _perplexity(self, model, row: dict, part: str, tokens, ctx: int, max_windows: int, first: int, checkpoint) -> None:
+        """``row[part]``: perplexity of ``tokens`` in windows of ``ctx`` (the first ``max_windows``),
+        scored from position ``first`` on; ``checkpoint()`` after."""
+        start = time.perf_counter()
+        res = perplexity(model, tokens, ctx=ctx, max_windows=max_windows, bos_id=self.bos_id, first=first)
+        row[part] = {
+            "ppl": res.ppl,
+            "ctx": res.ctx,
+            "windows": res.windows,
+            "tokens": res.tokens,
+            "max_windows": max_windows,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        if checkpoint is not None:
+            checkpoint()
+
     def run(self, model, tokenizer, row: dict, zeroshot: bool = True, checkpoint=None) -> dict:
         """Fill the missing parts of ``row`` in place (and return it); ``checkpoint()`` is
         called after each part so a killed run keeps what it measured."""
@@ -104,35 +120,17 @@ class Evaluator:
         a = self.args
         model.eval()
         if "wiki2" in need:
-            start = time.perf_counter()
-            res = perplexity(model, self.tokens, ctx=a.ctx, max_windows=a.max_windows, bos_id=self.bos_id)
-            row["wiki2"] = {
-                "ppl": res.ppl,
-                "ctx": res.ctx,
-                "windows": res.windows,
-                "tokens": res.tokens,
-                "max_windows": a.max_windows,
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-            print(f"  wiki2 ppl={res.ppl:.3f} ({res.windows}x{res.ctx} tokens)", flush=True)
-            if checkpoint is not None:
-                checkpoint()
+            self._perplexity(model, row, "wiki2", self.tokens, a.ctx, a.max_windows, 0, checkpoint)
+            print(f"  wiki2 ppl={row['wiki2']['ppl']:.3f} ({row['wiki2']['windows']}x{row['wiki2']['ctx']} tokens)", flush=True)
         if "llamacpp" in need:
-            start = time.perf_counter()
             if self.raw_tokens is None:
                 self.raw_tokens = corpus_tokens(tokenizer, "wikitext2", "eval", a.data_dir, raw=True)
             ctx = LLAMACPP.ctx
-            res = perplexity(model, self.raw_tokens, ctx=ctx, max_windows=a.llamacpp_windows, bos_id=self.bos_id, first=ctx // 2)
-            row["llamacpp"] = {
-                "ppl": res.ppl,
-                "ctx": ctx,
-                "windows": res.windows,
-                "max_windows": a.llamacpp_windows,
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-            print(f"  llama.cpp protocol ppl={res.ppl:.3f} ({res.windows} chunks of {ctx}, second halves)", flush=True)
-            if checkpoint is not None:
-                checkpoint()
+            self._perplexity(model, row, "llamacpp", self.raw_tokens, ctx, a.llamacpp_windows, ctx // 2, checkpoint)
+            print(
+                f"  llama.cpp protocol ppl={row['llamacpp']['ppl']:.3f} ({row['llamacpp']['windows']} chunks of {ctx}, second halves)",
+                flush=True,
+            )
         tasks = [t for t in self.tasks if t in need]
         if tasks:
             from windquant.eval.zeroshot import evaluate_zeroshot, macro_average, result_line

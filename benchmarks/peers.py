@@ -496,7 +496,6 @@ class LlamacppRows:
             windows = calib_windows(tokenizer, args)
             text = self.work / f"calib-{args.ar_calib}.txt"
             atomic_write_text(text, "".join(tokenizer.decode(w) for w in windows))
-            start = time.perf_counter()
             llamacpp.run_tool(
                 "llama-imatrix",
                 [
@@ -514,8 +513,6 @@ class LlamacppRows:
                     str(os.cpu_count() or 1),
                 ],
             )
-            self.imatrix_seconds = round(time.perf_counter() - start, 1)
-        self.linear_bpw: dict[str, dict] = {}
 
     def quantize(self, config: str, rows: dict) -> tuple[dict, torch.nn.Module]:
         """config: a preset name (llama.cpp), or ``windquant@PRESET``: ``windquant gguf`` at the

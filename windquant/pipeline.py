@@ -611,7 +611,7 @@ def write_checkpoint(
     head) is stored per row at ``embedding_bits`` (mixed: ranked by
     :func:`calibration_token_counts`). Returns the folder and the report."""
     timings = timings if timings is not None else Timings()
-    counts = calibration_token_counts(prepared)
+    counts = calibration_token_counts(prepared) if embedding_bits == MIXED else None
     # The head's 4-bit rows get error feedback on the unquantized model's final hidden states.
     moment = head_input_moment(prepared.model, prepared.stats.windows) if embedding_bits in (4, MIXED) else None
     model = apply(prepared, plan, model, timings, progress)

@@ -98,6 +98,11 @@ def mixed_split(idx8: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
     return is8, pos
 
 
+def packed_split(packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mixed_split` of a packed mixed matrix."""
+    return mixed_split(packed["idx8"], len(packed["idx8"]) + len(packed["q4"]))
+
+
 def quantize4_feedback(w: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
     """4-bit rows (the format's tensors) whose codes are chosen column by column with GPTQ error
     feedback on ``x @ wᵀ`` for inputs of second moment ``h`` [columns, columns] (a head's
@@ -160,9 +165,8 @@ def dequantize_rows(packed: dict[str, torch.Tensor], bits: RowFormat) -> torch.T
     works: rows are independent; :func:`gather_rows` picks rows of every format)."""
     if bits == MIXED:
         p8, p4 = mixed_parts(packed)
-        rows = len(packed["idx8"]) + len(packed["q4"])
-        is8, _ = mixed_split(packed["idx8"], rows)
-        out = torch.empty(rows, packed["q4"].shape[1] * 2)
+        is8, _ = packed_split(packed)
+        out = torch.empty(len(is8), packed["q4"].shape[1] * 2)
         out[packed["idx8"].long()] = dequantize_rows(p8, 8)
         out[~is8] = dequantize_rows(p4, 4)
         return out
@@ -177,10 +181,10 @@ def dequantize_rows(packed: dict[str, torch.Tensor], bits: RowFormat) -> torch.T
 
 def gather_rows(packed: dict[str, torch.Tensor], bits: RowFormat, ids: torch.Tensor, split=None) -> torch.Tensor:
     """fp32 rows ``ids`` (any shape) of packed rows: ``[*ids.shape, columns]``. ``split`` is
-    :func:`mixed_split` of a mixed matrix, computed once by callers that gather often."""
+    :func:`packed_split` of a mixed matrix, computed once by callers that gather often."""
     if bits != MIXED:
         return dequantize_rows({f: t[ids] for f, t in packed.items()}, bits)
-    is8, pos = split if split is not None else mixed_split(packed["idx8"], len(packed["idx8"]) + len(packed["q4"]))
+    is8, pos = split if split is not None else packed_split(packed)
     flat = ids.reshape(-1)
     p8, p4 = mixed_parts(packed)
     out = torch.empty(len(flat), packed["q4"].shape[1] * 2)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from windquant.quant.rows import GROUP4, MIXED, dequantize_rows, gather_rows, mixed_parts, mixed_split, unpack_q4
+from windquant.quant.rows import GROUP4, MIXED, dequantize_rows, gather_rows, mixed_parts, packed_split, unpack_q4
 from windquant.runtime.linear import pack_int4
 
 
@@ -23,7 +23,7 @@ class RowEmbedding(nn.Module):
         self.fields = list(packed)
         for field, t in packed.items():
             self.register_buffer(field, t, persistent=False)
-        self.split = mixed_split(packed["idx8"], len(packed["idx8"]) + len(packed["q4"])) if bits == MIXED else None
+        self.split = packed_split(packed) if bits == MIXED else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         packed = {f: getattr(self, f) for f in self.fields}
@@ -39,10 +39,9 @@ class RowHead(nn.Module):
         if bits == MIXED:
             p8, p4 = mixed_parts(packed)
             self.part8, self.part4 = RowHead(p8, 8, dtype), RowHead(p4, 4, dtype)
-            is8, _ = mixed_split(packed["idx8"], len(packed["idx8"]) + len(packed["q4"]))
             # Logits come out as [8-bit rows, 4-bit rows]; this gather puts them in token order.
-            order = torch.cat([packed["idx8"].long(), torch.nonzero(~is8).squeeze(1)])
-            self.register_buffer("token_order", torch.argsort(order), persistent=False)
+            is8, pos = packed_split(packed)
+            self.register_buffer("token_order", torch.where(is8, pos, len(packed["idx8"]) + pos), persistent=False)
         elif bits == 8:
             self.register_buffer("q8", packed["q8"], persistent=False)
             self.register_buffer("scale", packed["scale"].to(dtype), persistent=False)
