@@ -116,3 +116,30 @@ def test_two_process_fit_equals_one_process(tokenizer, tiny_fit, tmp_path):
     for name, (tensors, meta) in want.items():
         assert got[name][1] == meta, name
         assert got[name][0].keys() == tensors.keys() and all(torch.equal(got[name][0][k], t) for k, t in tensors.items()), name
+
+
+def test_last_block_outputs_give_the_models_logits_head_inputs_and_head_moment(tiny_model, tokenizer, tiny_fit):
+    import torch.nn.functional as F
+
+    from windquant.calib.statistics import head_input_moment
+    from windquant.calib.stream import head_input, head_logits
+    from windquant.pack.tune import reference_logprobs_after_blocks
+
+    windows = calibration_windows(tokenizer, tiny_fit)
+    last = calibrate(tiny_model, windows, progress=False).last_hidden
+    assert last.shape == (*windows.shape, tiny_model.config.hidden_size)
+    seen = []
+    hook = tiny_model.get_output_embeddings().register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        logits = tiny_model(windows).logits  # the reference: the whole model run
+    hook.remove()
+    with torch.no_grad():
+        assert torch.allclose(head_logits(tiny_model, windows, last), logits, atol=1e-4)
+        assert torch.allclose(head_input(tiny_model, windows, last), seen[0], atol=1e-5)
+        assert torch.allclose(head_input(tiny_model, windows), seen[0], atol=1e-6)
+    got = reference_logprobs_after_blocks(tiny_model, windows, last)
+    assert torch.allclose(got, F.log_softmax(logits[:, :-1].float(), dim=-1), atol=1e-4)
+    h = seen[0].reshape(-1, seen[0].shape[-1]).double()
+    moment = (h.T @ h / len(h)).float()
+    assert torch.allclose(head_input_moment(tiny_model, windows, last, batch_size=3), moment, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(head_input_moment(tiny_model, windows), moment, rtol=1e-5, atol=1e-7)

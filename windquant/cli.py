@@ -366,10 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is first imported: silences the GGUF conversion bar too
     try:
         from windquant import commands
-        from windquant.runinfo import return_large_frees_to_os, set_threads
+        from windquant.runinfo import set_threads
 
         set_threads()
-        return_large_frees_to_os()  # freed activations and candidates leave RSS, in every command
+        # glibc's mmap threshold stays dynamic here: fixing it at 256 KiB for every command made a
+        # cold quantize fault in 194 M fresh pages (fit 85 -> 212 s, scores 181 -> 255 s); the
+        # runtime fixes it where a model is loaded to generate (runtime.loading).
         return getattr(commands, f"cmd_{args.command.replace('-', '_')}")(args)
     except WindquantError as exc:
         hint = f" (set with {flags[exc.setting]})" if exc.setting in flags else ""

@@ -564,7 +564,14 @@ def plan_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> di
         heldout = calibration_windows(prepared.tokenizer, fit, TUNE_HELDOUT_WINDOWS, seed=fit.seed + 1, model=prepared.model)
         settings = TuneSettings(steps=plan.tune_steps, lr=fit.tune_lr)
         packed, plan.info["tune"] = tune_scales(
-            prepared.model, module_chunks(plan), packed, prepared.stats.windows, heldout, settings, progress
+            prepared.model,
+            module_chunks(plan),
+            packed,
+            prepared.stats.windows,
+            heldout,
+            settings,
+            train_last_hidden=prepared.stats.last_hidden,
+            progress=progress,
         )
     return packed
 
@@ -613,7 +620,7 @@ def write_checkpoint(
     timings = timings if timings is not None else Timings()
     counts = calibration_token_counts(prepared) if embedding_bits == MIXED else None
     # The head's 4-bit rows get error feedback on the unquantized model's final hidden states.
-    moment = head_input_moment(prepared.model, prepared.stats.windows) if embedding_bits in (4, MIXED) else None
+    moment = head_input_moment(prepared.model, prepared.stats.windows, prepared.stats.last_hidden) if embedding_bits in (4, MIXED) else None
     model = apply(prepared, plan, model, timings, progress)
     with timings.stage("pack"):
         out = save(

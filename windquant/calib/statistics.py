@@ -28,6 +28,7 @@ from windquant.calib.stream import (
     capture,
     float32_copies,
     head_float32_copies,
+    head_input,
     head_loss,
 )
 from windquant.model.units import block_linears, decoder_blocks
@@ -39,6 +40,9 @@ class CalibrationStats:
     windows: torch.Tensor  # [samples, len] calibration tokens
     act_scales: dict[str, torch.Tensor]  # linear name -> [in] RMS of each input channel
     moments: dict[str, torch.Tensor] | None = None  # linear name -> [in, in] E[x xᵀ]
+    # [samples, len, d] float32: the unquantized last block's outputs on ``windows`` (a streamed
+    # calibration has them for free), from which the head's inputs and the reference's logits follow.
+    last_hidden: torch.Tensor | None = None
 
 
 @contextmanager
@@ -124,7 +128,7 @@ def calibrate(
         stats = layer_statistics(stream, layer, moments)
         scales |= stats.act_scales
         second |= stats.moments or {}
-    return CalibrationStats(windows, scales, second if moments else None)
+    return CalibrationStats(windows, scales, second if moments else None, stream.last_hidden())
 
 
 def layer_fisher(
@@ -189,20 +193,17 @@ def layer_fisher(
 
 
 @torch.no_grad()
-def head_input_moment(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def head_input_moment(
+    model: nn.Module, windows: torch.Tensor, last_hidden: torch.Tensor | None = None, batch_size: int = 8
+) -> torch.Tensor:
     """E[h hᵀ] [hidden, hidden] of the output head's inputs (the final normed hidden states) over
-    ``windows``: the objective of error feedback on a quantized head."""
-    acc = {"h": 0.0, "n": 0}
-
-    def hook(_m, inputs):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-        acc["h"] = acc["h"] + x.T @ x
-        acc["n"] += x.shape[0]
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
-    try:
+    ``windows``: the objective of error feedback on a quantized head. With the windows' last
+    block outputs (``last_hidden``) only the final norm runs."""
+    acc, n = 0.0, 0
+    with torch.no_grad():
         for i in range(0, len(windows), batch_size):
-            model(windows[i : i + batch_size])
-    finally:
-        handle.remove()
-    return (acc["h"] / acc["n"]).float()
+            part = None if last_hidden is None else last_hidden[i : i + batch_size]
+            h = head_input(model, windows[i : i + batch_size], part)
+            x = h.reshape(-1, h.shape[-1]).double()
+            acc, n = acc + x.T @ x, n + x.shape[0]
+    return (acc / n).float()

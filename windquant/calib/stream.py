@@ -12,7 +12,7 @@ computed runs on float32 copies of its parameters, whatever dtype the model is h
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ from windquant.model.units import decoder_blocks
 
 
 class _Stop(Exception):
-    """Raised by the last block's recorder: the head is not needed to capture block inputs."""
+    """Raised where the rest of the forward is not needed (after the last block's inputs, before the head)."""
 
 
 @contextmanager
@@ -131,13 +131,17 @@ class BlockStream:
             b.hidden = block_output(call_in_float32(block, b.hidden, params=params, **b.kwargs[layer]))
         self.next_layer += 1
 
+    def last_hidden(self) -> torch.Tensor:
+        """[samples, len, d] float32: the last block's outputs, once every block has run."""
+        if self.next_layer != len(self.blocks):
+            raise RuntimeError(f"the last block's outputs need every block run; {self.next_layer} of {len(self.blocks)} were")
+        return torch.cat([b.hidden for b in self.batches])
 
-def head_loss(
-    model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor, params: dict[str, torch.Tensor] | None = None
-) -> torch.Tensor:
-    """The model's own next-token loss (summed over tokens) with ``last_hidden`` as the last
-    block's output: its final norm, head and loss function run, the blocks do not. ``params``:
-    float32 copies of the head's parameters (:func:`head_float32_copies`) when it is held in half."""
+
+@contextmanager
+def after_the_blocks(model: nn.Module, last_hidden: torch.Tensor) -> Iterator[None]:
+    """The model's forward with ``last_hidden`` as the last block's output: its embeddings, final
+    norm and head run, the blocks do not."""
     _prefix, blocks = decoder_blocks(model)
 
     def passthrough(i):
@@ -147,9 +151,47 @@ def head_loss(
         return forward
 
     with replaced_forwards(blocks, passthrough):
+        yield
+
+
+def head_loss(
+    model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The model's own next-token loss (summed over tokens) with ``last_hidden`` as the last
+    block's output. ``params``: float32 copies of the head's parameters
+    (:func:`head_float32_copies`) when it is held in half."""
+    with after_the_blocks(model, last_hidden):
         loss = call_in_float32(model, input_ids=tokens, labels=tokens, use_cache=False, params=params or {}).loss
     # Sum (not mean) over tokens: each token's gradient is then its own loss's.
     return loss * tokens[:, 1:].numel()
+
+
+def head_logits(
+    model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The model's logits [b, len, vocab] with ``last_hidden`` as the last block's output."""
+    with after_the_blocks(model, last_hidden):
+        return call_in_float32(model, input_ids=tokens, use_cache=False, params=params or {}).logits
+
+
+def head_input(model: nn.Module, tokens: torch.Tensor, last_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """The output head's input [b, len, d] (the final normed hidden states), with ``last_hidden``
+    as the last block's output when given (else the blocks run); the vocab-sized head never runs."""
+    seen = []
+
+    def stop(_m, inputs):
+        seen.append(inputs[0])
+        raise _Stop
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(stop)
+    try:
+        with after_the_blocks(model, last_hidden) if last_hidden is not None else nullcontext():
+            model(input_ids=tokens, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def head_float32_copies(model: nn.Module) -> dict[str, torch.Tensor]:

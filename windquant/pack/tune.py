@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from windquant.actions import SKIP
+from windquant.calib.stream import head_logits
 from windquant.pack.apply import PlanChunk, set_submodule
 from windquant.quant.unit import affine_unit, dequantize_unit
 
@@ -114,6 +115,13 @@ def reference_logprobs(model: nn.Module, linears: dict[str, TunableLinear], wind
                 lin.reference = False
 
 
+def reference_logprobs_after_blocks(model: nn.Module, windows: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+    """:func:`reference_logprobs` from the unquantized last block's outputs on ``windows`` (kept
+    by the calibration pass): only the final norm and the head run, a fifth of a forward."""
+    with torch.no_grad():
+        return F.log_softmax(head_logits(model, windows, last_hidden)[:, :-1].float(), dim=-1)
+
+
 def kl_to_reference(model: nn.Module, ref: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     """Mean over predicted tokens of KL(p_ref ‖ p_q) on ``windows`` (differentiable in q)."""
     q = F.log_softmax(model(windows).logits[:, :-1].float(), dim=-1)
@@ -132,12 +140,14 @@ def tune_scales(
     train: torch.Tensor,
     heldout: torch.Tensor,
     settings: TuneSettings,
+    train_last_hidden: torch.Tensor | None = None,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
 ) -> tuple[dict[ChunkKey, Packed], dict]:
     """Tuned copies of ``packed`` (new fp16 ``scale``/``shift`` only) for the linears in ``modules``
     (name -> [(col0, col1, applied action, unit index)]), and a report. ``model`` holds the
-    reference weights and is left as it was."""
+    reference weights and is left as it was; ``train_last_hidden``, its last block's outputs on
+    ``train``, saves the reference's blocks on every step."""
     params_frozen = [p for p in model.parameters() if p.requires_grad]
     for p in params_frozen:
         p.requires_grad_(False)
@@ -155,8 +165,13 @@ def tune_scales(
             curve.append({"step": 0, "heldout_kl": best})
             bar = tqdm(range(1, settings.steps + 1), desc="tune scales", disable=not progress, unit="step")
             for step in bar:
-                batch = train[torch.randint(len(train), (settings.batch,), generator=gen)]
-                loss = kl_to_reference(model, reference_logprobs(model, linears, batch), batch)
+                pick = torch.randint(len(train), (settings.batch,), generator=gen)
+                batch = train[pick]
+                if train_last_hidden is None:
+                    ref = reference_logprobs(model, linears, batch)
+                else:
+                    ref = reference_logprobs_after_blocks(model, batch, train_last_hidden[pick])
+                loss = kl_to_reference(model, ref, batch)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

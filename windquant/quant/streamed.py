@@ -94,4 +94,4 @@ def fit_streamed(
         for layer in others:
             if not all([c.load_layer(layer) for c in caches]):
                 raise WindquantError(f"block {layer} was to be fitted by process {layer % world}, but its shard is not there")
-    return CalibrationStats(windows, scales), folded
+    return CalibrationStats(windows, scales, last_hidden=stream.last_hidden()), folded
