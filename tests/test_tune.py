@@ -25,6 +25,28 @@ def test_affine_unit_at_stored_scales_equals_dequantize(action, rotate):
     expected = 2 * by_affine if unit.fixed_mask is None else torch.where(unit.fixed_mask, by_affine, 2 * by_affine)
     assert torch.allclose(doubled, expected, atol=1e-5)
 
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("action", [8.0, 4.0, 3.0, 2.0, 1.58, 1.0])
+def test_affine_output_and_its_scale_gradients_equal_those_through_the_formed_weight(action, rotate):
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(3)) * 0.1
+    s, h = correlated_inputs(32)
+    packed = quantize_unit(w, s, action, FitSettings(steps=3, rotate=rotate), h, seed=7)
+    unit = affine_unit(packed, action, 12, 32)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    g = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for through_weight in (True, False):
+        scale = (packed["scale"].float() * 1.1).requires_grad_(True)
+        shift = (packed["shift"].float() - 0.01).requires_grad_(True) if "shift" in packed else None
+        y = x @ unit.weight(scale, shift).T if through_weight else unit.output(x, scale, shift)
+        (y * g).sum().backward()
+        grads.append((y.detach(), scale.grad, None if shift is None else shift.grad))
+    (y_ref, gs_ref, gm_ref), (y, gs, gm) = grads
+    assert torch.allclose(y, y_ref, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(gs, gs_ref, atol=1e-5, rtol=1e-4)
+    assert (gm is None and gm_ref is None) or torch.allclose(gm, gm_ref, atol=1e-5, rtol=1e-4)
+
+
 def kl_of(model, ref_model, windows):
     import torch.nn.functional as F
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from windquant.actions import SKIP, canonical_action
 from windquant.quant import salient
@@ -265,6 +266,19 @@ class AffineUnit:
             w = w + shift[:, None] * self.offset
         return w if self.fixed_mask is None else torch.where(self.fixed_mask, self.fixed, w)
 
+    def output(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """``x @ weight(scale, shift).T`` without forming the weight, so that the gradient in
+        ``scale`` and ``shift`` needs no weight-sized product and no weight is kept for backward
+        (``base`` is zero at the fixed positions)."""
+        y = F.linear(x, self.base) * scale
+        if self.fixed_mask is not None:
+            y = y + F.linear(x, self.fixed)
+        if shift is not None and self.fixed_mask is None:
+            y = y + (x @ self.offset)[..., None] * shift
+        elif shift is not None:  # the offset only where the weight is not fixed: one row each
+            y = y + F.linear(x, self.offset * ~self.fixed_mask) * shift
+        return y
+
 
 def affine_unit(packed: dict[str, torch.Tensor], action: float, out_features: int, columns: int) -> AffineUnit:
     """The :class:`AffineUnit` of a quantized (non-skip) packed unit; with its stored scale and
@@ -280,6 +294,8 @@ def affine_unit(packed: dict[str, torch.Tensor], action: float, out_features: in
     if "rot_signs" in packed:
         signs = unpack_signs(packed["rot_signs"], columns)
         base, offset = unrotate(base, signs), unrotate(offset, signs)
+    if fixed_mask is not None:
+        base = base.masked_fill(fixed_mask, 0.0)  # weight() overwrites these; output() must not count them
     return AffineUnit(base, offset, fixed_mask, fixed)
 
 
