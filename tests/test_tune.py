@@ -9,13 +9,19 @@ from test_feedback import correlated_inputs
 
 from windquant.quant.unit import FitSettings, affine_unit, dequantize_unit, quantize_unit
 
+EVERY_UNIT = pytest.mark.parametrize("action,rotate", [(a, r) for a in (8.0, 4.0, 3.0, 2.0, 1.58, 1.0) for r in (False, True)])
 
-@pytest.mark.parametrize("rotate", [False, True])
-@pytest.mark.parametrize("action", [8.0, 4.0, 3.0, 2.0, 1.58, 1.0])
-def test_affine_unit_at_stored_scales_equals_dequantize(action, rotate):
-    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(2)) * 0.1
+
+def fitted_unit(action: float, rotate: bool, seed: int) -> tuple[torch.Tensor, dict]:
+    """A 12 x 32 weight and its packed unit at ``action``."""
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(seed)) * 0.1
     s, h = correlated_inputs(32)
-    packed = quantize_unit(w, s, action, FitSettings(steps=3, rotate=rotate), h, seed=5)
+    return w, quantize_unit(w, s, action, FitSettings(steps=3, rotate=rotate), h, seed=seed + 3)
+
+
+@EVERY_UNIT
+def test_affine_unit_at_stored_scales_equals_dequantize(action, rotate):
+    w, packed = fitted_unit(action, rotate, seed=2)
     shift = packed["shift"].float() if "shift" in packed else None
     by_affine = affine_unit(packed, action, 12, 32).weight(packed["scale"].float(), shift)
     assert torch.allclose(by_affine, dequantize_unit(packed, action, 12, 32), atol=1e-3 * w.abs().max(), rtol=1e-3)
@@ -25,12 +31,10 @@ def test_affine_unit_at_stored_scales_equals_dequantize(action, rotate):
     expected = 2 * by_affine if unit.fixed_mask is None else torch.where(unit.fixed_mask, by_affine, 2 * by_affine)
     assert torch.allclose(doubled, expected, atol=1e-5)
 
-@pytest.mark.parametrize("rotate", [False, True])
-@pytest.mark.parametrize("action", [8.0, 4.0, 3.0, 2.0, 1.58, 1.0])
+
+@EVERY_UNIT
 def test_affine_output_and_its_scale_gradients_equal_those_through_the_formed_weight(action, rotate):
-    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(3)) * 0.1
-    s, h = correlated_inputs(32)
-    packed = quantize_unit(w, s, action, FitSettings(steps=3, rotate=rotate), h, seed=7)
+    _, packed = fitted_unit(action, rotate, seed=3)
     unit = affine_unit(packed, action, 12, 32)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
     g = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
