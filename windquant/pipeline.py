@@ -40,6 +40,7 @@ from windquant.model.stats import unit_features, unit_saliency
 from windquant.model.units import Unit, enumerate_units
 from windquant.pack.apply import PlanChunk, apply_plan, chunks_by_module, module_chunks, plan_weights
 from windquant.pack.checkpoint import save
+from windquant.pack.embedding import quantized_rows
 from windquant.pack.tune import TuneSettings, tune_scales
 from windquant.plan import Plan
 from windquant.quant.cache import (
@@ -52,6 +53,7 @@ from windquant.quant.cache import (
 )
 from windquant.quant.reconstruction import BlockReconstruction
 from windquant.quant.row_formats import MIXED, RowFormat
+from windquant.quant.rows import dequantize_rows
 from windquant.quant.sensitivity import block_measured, sensitivity_scores
 from windquant.quant.streamed import fit_streamed, process_group
 from windquant.quant.unit import FitSettings, dequantize_unit, quantize_linear
@@ -550,10 +552,13 @@ def carried_candidates(prepared: Prepared, plan: Plan, progress: bool = True) ->
     return carried_modules(prepared, module_chunks(plan), progress)
 
 
-def plan_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
+def plan_candidates(
+    prepared: Prepared, plan: Plan, progress: bool = True, rows: dict[str, torch.Tensor] | None = None
+) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
     """(unit, applied action) -> the packed tensors :func:`apply` stores for ``plan``: the cache's
-    candidates, or carried across units, then, when the plan asks, with tuned scales (the
-    tuning report goes to ``plan.info["tune"]``). ``prepared.model`` must still be unquantized."""
+    candidates, or carried across units, then, when the plan asks, with scales tuned (with the
+    embedding / head weights ``rows``, module name -> weight, that will be stored; the tuning
+    report goes to ``plan.info["tune"]``). ``prepared.model`` must still be unquantized."""
     if plan.carried:
         packed = carried_candidates(prepared, plan, progress)
     else:
@@ -571,19 +576,25 @@ def plan_candidates(prepared: Prepared, plan: Plan, progress: bool = True) -> di
             heldout,
             settings,
             train_last_hidden=prepared.stats.last_hidden,
+            rows=rows,
             progress=progress,
         )
     return packed
 
 
 def apply(
-    prepared: Prepared, plan: Plan, model: nn.Module | None = None, timings: Timings | None = None, progress: bool = True
+    prepared: Prepared,
+    plan: Plan,
+    model: nn.Module | None = None,
+    timings: Timings | None = None,
+    progress: bool = True,
+    rows: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Quantize ``model`` (default: the prepared model) in place with ``plan``'s packed tensors
-    (:func:`plan_candidates`)."""
+    (:func:`plan_candidates`; ``rows``: the embedding / head weights that will be stored)."""
     timings = timings if timings is not None else Timings()
     with timings.stage("apply"):
-        packed = plan_candidates(prepared, plan, progress)
+        packed = plan_candidates(prepared, plan, progress, rows)
         return apply_plan(prepared.model if model is None else model, plan, lambda i, a: packed[(i, a)])
 
 
@@ -621,7 +632,12 @@ def write_checkpoint(
     counts = calibration_token_counts(prepared) if embedding_bits == MIXED else None
     # The head's 4-bit rows get error feedback on the unquantized model's final hidden states.
     moment = head_input_moment(prepared.model, prepared.stats.windows, prepared.stats.last_hidden) if embedding_bits in (4, MIXED) else None
-    model = apply(prepared, plan, model, timings, progress)
+    # Scale tuning sees the embedding (and head) as the checkpoint will store them.
+    rows = None
+    if plan.tune_steps and embedding_bits != 16:
+        packed_rows = quantized_rows(prepared.model, embedding_bits, counts, moment)
+        rows = {name: dequantize_rows(p, embedding_bits) for name, p in packed_rows.items()}
+    model = apply(prepared, plan, model, timings, progress, rows)
     with timings.stage("pack"):
         out = save(
             model,

@@ -21,20 +21,31 @@ def row_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def round_rows_(
+def quantized_rows(
     model: nn.Module, bits: RowFormat, token_counts: torch.Tensor | None = None, head_moment: torch.Tensor | None = None
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Quantize the embedding (and an untied head) per row at ``bits``; their weights are replaced
-    by the dequantized values in place, so the model computes exactly what is stored. Returns
-    name -> packed tensors (:func:`windquant.quant.rows.row_layout`). ``token_counts`` rank the
-    rows of the mixed format (None: by token id); ``head_moment`` (second moment of the head's
-    inputs) has the head's 4-bit rows chosen with error feedback (a tied embedding is the head)."""
+    """Name -> packed tensors (:func:`windquant.quant.rows.row_layout`) of the embedding (and an
+    untied head) per row at ``bits``; the model is not changed. ``token_counts`` rank the rows of
+    the mixed format (None: by token id); ``head_moment`` (second moment of the head's inputs) has
+    the head's 4-bit rows chosen with error feedback (a tied embedding is the head)."""
     head = model.get_output_embeddings()
     packed = {}
     for name, m in row_modules(model).items():
         moment = head_moment if head is not None and m.weight is head.weight else None
         packed[name] = quantize_rows(m.weight, bits, token_counts, moment)
-        m.weight.data = dequantize_rows(packed[name], bits).to(m.weight.dtype)
+    return packed
+
+
+@torch.no_grad()
+def round_rows_(
+    model: nn.Module, bits: RowFormat, token_counts: torch.Tensor | None = None, head_moment: torch.Tensor | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`quantized_rows`, with the weights replaced by the dequantized values in place, so
+    the model computes exactly what is stored."""
+    packed = quantized_rows(model, bits, token_counts, head_moment)
+    for name, p in packed.items():
+        m = model.get_submodule(name)
+        m.weight.data = dequantize_rows(p, bits).to(m.weight.dtype)
     return packed
 
 

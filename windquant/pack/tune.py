@@ -8,7 +8,9 @@ over tokens) on the calibration windows. Nothing else changes: same codes, same 
 bytes; the tuned values are rounded to the fp16 the checkpoint stores.
 
 The reference distribution is computed on the fly from the model's own (unquantized) weights, so
-no logits are held; a held-out set of windows is scored every ``check_every`` steps and tuning
+no logits are held. When the checkpoint will store the embedding (and so a tied head) at fewer
+bits, the quantized model runs with those rows during tuning, so that the scales also make up for
+the rows' error; the reference keeps the original rows. a held-out set of windows is scored every ``check_every`` steps and tuning
 stops after ``patience`` checks without improvement, keeping the best values seen.
 """
 
@@ -110,6 +112,20 @@ def tunable(model: nn.Module, modules: dict[str, list], packed: dict[ChunkKey, P
             set_submodule(model, name, mod)
 
 
+@contextmanager
+def weights_swapped(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The named modules' ``weight`` replaced by ``weights`` (restored on exit)."""
+    modules = {name: model.get_submodule(name) for name in weights}
+    before = {name: m.weight.data for name, m in modules.items()}
+    for name, m in modules.items():
+        m.weight.data = weights[name]
+    try:
+        yield
+    finally:
+        for name, m in modules.items():
+            m.weight.data = before[name]
+
+
 def reference_logprobs(model: nn.Module, linears: dict[str, TunableLinear], windows: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the unquantized model on ``windows`` [b, len] (its next-token predictions)."""
     with torch.no_grad():
@@ -148,25 +164,30 @@ def tune_scales(
     heldout: torch.Tensor,
     settings: TuneSettings,
     train_last_hidden: torch.Tensor | None = None,
+    rows: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
 ) -> tuple[dict[ChunkKey, Packed], dict]:
     """Tuned copies of ``packed`` (new fp16 ``scale``/``shift`` only) for the linears in ``modules``
     (name -> [(col0, col1, applied action, unit index)]), and a report. ``model`` holds the
     reference weights and is left as it was; ``train_last_hidden``, its last block's outputs on
-    ``train``, saves the reference's blocks on every step."""
+    ``train``, saves the reference's blocks on every step; ``rows`` (module name -> weight) are
+    the embedding / head weights the quantized model will have."""
+    rows = rows or {}
+    originals = {name: model.get_submodule(name).weight.data for name in rows}
     params_frozen = [p for p in model.parameters() if p.requires_grad]
     for p in params_frozen:
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(0)
     curve = []
     try:
-        with tunable(model, modules, packed) as linears, torch.enable_grad():  # callers may hold no_grad
+        with tunable(model, modules, packed) as linears, weights_swapped(model, rows), torch.enable_grad():  # callers may hold no_grad
             # Only the deltas: ``original`` is a submodule too, and its weights stay frozen.
             params = [p for lin in linears.values() for p in (*lin.d_scale, *lin.d_shift) if p.numel()]
             opt = torch.optim.Adam(params, lr=settings.lr)
             # Held-out references never change: computed once, kept in fp16.
-            refs = [reference_logprobs(model, linears, w[None]).half() for w in heldout]
+            with weights_swapped(model, originals):
+                refs = [reference_logprobs(model, linears, w[None]).half() for w in heldout]
             best = heldout_kl(model, refs, heldout)
             start, best_state, best_step, stale, step = best, [p.detach().clone() for p in params], 0, 0, 0
             curve.append({"step": 0, "heldout_kl": best})
@@ -174,10 +195,11 @@ def tune_scales(
             for step in bar:
                 pick = torch.randint(len(train), (settings.batch,), generator=gen)
                 batch = train[pick]
-                if train_last_hidden is None:
-                    ref = reference_logprobs(model, linears, batch)
-                else:
-                    ref = reference_logprobs_after_blocks(model, batch, train_last_hidden[pick])
+                with weights_swapped(model, originals):
+                    if train_last_hidden is None:
+                        ref = reference_logprobs(model, linears, batch)
+                    else:
+                        ref = reference_logprobs_after_blocks(model, batch, train_last_hidden[pick])
                 loss = kl_to_reference(model, ref, batch)
                 opt.zero_grad()
                 loss.backward()
