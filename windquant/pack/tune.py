@@ -10,8 +10,9 @@ bytes; the tuned values are rounded to the fp16 the checkpoint stores.
 The reference distribution is computed on the fly from the model's own (unquantized) weights, so
 no logits are held. When the checkpoint will store the embedding (and so a tied head) at fewer
 bits, the quantized model runs with those rows during tuning, so that the scales also make up for
-the rows' error; the reference keeps the original rows. a held-out set of windows is scored every ``check_every`` steps and tuning
-stops after ``patience`` checks without improvement, keeping the best values seen.
+the rows' error; the reference keeps the original rows. A held-out set of windows is scored
+every ``check_every`` steps and tuning stops after ``patience`` checks without improvement,
+keeping the best values seen.
 """
 
 from __future__ import annotations
