@@ -131,3 +131,33 @@ def test_tuning_with_the_stored_embedding_rows_reports_what_the_stored_model_com
     assert report["heldout_kl_before"] == pytest.approx(before, rel=0.05)
     assert report["heldout_kl_after"] == pytest.approx(after, rel=0.05)
     assert after < before
+
+
+def test_write_checkpoint_quantizes_the_rows_once_and_stores_those_tuning_saw(tokenizer, tiny_fit, tmp_path, monkeypatch):
+    """The embedding rows that tuning ran with are the rows the checkpoint stores: quantized once
+    (not again by ``save``), and the reloaded model has exactly them."""
+    from conftest import make_model
+
+    import windquant.pack.embedding as embedding
+    from windquant import load
+    from windquant.config import PlanConfig
+    from windquant.pipeline import make_plan, prepare, write_checkpoint
+    from windquant.quant.rows import dequantize_rows
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(quantize_rows(*args, **kwargs))
+        return calls[-1]
+
+    quantize_rows = embedding.quantize_rows
+    monkeypatch.setattr(embedding, "quantize_rows", counted)
+    model = make_model()
+    fit = replace(tiny_fit, calib_samples=8, tune_steps=2, carry=False)
+    prepared = prepare(model, tokenizer, fit, progress=False)
+    plan = make_plan(prepared, PlanConfig(target_bits=2.2), progress=False)
+    calls.clear()
+    out, _ = write_checkpoint(prepared, plan, tmp_path / "ckpt", embedding_bits=4, progress=False)
+    assert len(calls) == len(embedding.row_modules(model)) == 1  # a tied head: one matrix, once
+    stored = load(out, runtime=False).get_input_embeddings().weight
+    assert torch.equal(stored.float(), dequantize_rows(calls[0], 4).float())

@@ -633,7 +633,7 @@ def write_checkpoint(
     # The head's 4-bit rows get error feedback on the unquantized model's final hidden states.
     moment = head_input_moment(prepared.model, prepared.stats.windows, prepared.stats.last_hidden) if embedding_bits in (4, MIXED) else None
     # Scale tuning sees the embedding (and head) as the checkpoint will store them.
-    rows = None
+    rows = packed_rows = None
     if plan.tune_steps and embedding_bits != 16:
         packed_rows = quantized_rows(prepared.model, embedding_bits, counts, moment)
         rows = {name: dequantize_rows(p, embedding_bits) for name, p in packed_rows.items()}
@@ -649,6 +649,7 @@ def write_checkpoint(
             embedding_bits=embedding_bits,
             token_counts=counts,
             head_moment=moment,
+            packed_rows=packed_rows,
         )
         report = plan_report(plan, model)
     report = {"model": model_name, **report, "timings": timings.report()}

@@ -141,18 +141,19 @@ def save(
     embedding_bits: RowFormat = 8,
     token_counts: torch.Tensor | None = None,
     head_moment: torch.Tensor | None = None,
+    packed_rows: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the checkpoint folder atomically; returns its path.
 
     ``extra_files`` maps names to JSON payloads; ``copy_files`` are copied in as they are.
     ``embedding_bits`` other than 16 quantizes the embedding (and an untied head) per row, in
     place (:func:`windquant.pack.embedding.round_rows_`; ``token_counts`` rank the rows of the
-    mixed format, ``head_moment`` feeds back the head's 4-bit errors), so ``model`` computes what
-    is stored. The
-    file's accounting goes into quant_config.json ("sizes") and ``plan.info["file"]``.
+    mixed format, ``head_moment`` feeds back the head's 4-bit errors; ``packed_rows``: those rows
+    when the caller already quantized them), so ``model`` computes what is stored. The file's
+    accounting goes into quant_config.json ("sizes") and ``plan.info["file"]``.
     """
     out = prepare_out_dir(out, overwrite)
-    rows = round_rows_(model, embedding_bits, token_counts, head_moment) if embedding_bits != 16 else {}
+    rows = round_rows_(model, embedding_bits, token_counts, head_moment, packed_rows) if embedding_bits != 16 else {}
     sizes = size_report(model, embedding_bits)
     needed = sizes["tensor_bytes"] + SMALL_FILES_BYTES
     check_free_space(out.parent, needed, "the checkpoint")

@@ -38,11 +38,15 @@ def quantized_rows(
 
 @torch.no_grad()
 def round_rows_(
-    model: nn.Module, bits: RowFormat, token_counts: torch.Tensor | None = None, head_moment: torch.Tensor | None = None
+    model: nn.Module,
+    bits: RowFormat,
+    token_counts: torch.Tensor | None = None,
+    head_moment: torch.Tensor | None = None,
+    packed: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """:func:`quantized_rows`, with the weights replaced by the dequantized values in place, so
-    the model computes exactly what is stored."""
-    packed = quantized_rows(model, bits, token_counts, head_moment)
+    """:func:`quantized_rows` (or ``packed``, rows it already made), with the weights replaced by
+    the dequantized values in place, so the model computes exactly what is stored."""
+    packed = quantized_rows(model, bits, token_counts, head_moment) if packed is None else packed
     for name, p in packed.items():
         m = model.get_submodule(name)
         m.weight.data = dequantize_rows(p, bits).to(m.weight.dtype)

@@ -78,13 +78,24 @@ class UnitQuantizer:
         return packed
 
 
+def salient_rate(action: float, settings: FitSettings, rotated: bool) -> float:
+    """The fraction of a unit's weights kept as INT8 at ``action`` (none in a rotated basis)."""
+    return settings.salient_rate if grid_for(action).protect and not rotated else 0.0
+
+
 def fit_quantizer(
-    w: torch.Tensor, act_scale: torch.Tensor, action: float, settings: FitSettings, signs: torch.Tensor | None = None
+    w: torch.Tensor,
+    act_scale: torch.Tensor,
+    action: float,
+    settings: FitSettings,
+    signs: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> UnitQuantizer:
-    """Fit ``action``'s grid to ``w`` [out, g] (already rotated when ``signs`` is given)."""
+    """Fit ``action``'s grid to ``w`` [out, g] (already rotated when ``signs`` is given); ``mask``:
+    the salient positions when the caller already selected them at this action's rate."""
     grid = grid_for(action)
-    rate = settings.salient_rate if grid.protect and signs is None else 0.0
-    mask = salient.select(w, act_scale, rate)
+    if mask is None:
+        mask = salient.select(w, act_scale, salient_rate(action, settings, signs is not None))
     res = fit(w, act_scale.float() ** 2, grid, keep=~mask, steps=settings.steps, lr=settings.lr)
     return UnitQuantizer(action, grid, res, mask, salient.int8_scale(w, mask), signs)
 
@@ -158,7 +169,10 @@ def quantize_unit_actions(
             r = rotation(signs)
             w, h = w @ r, r.T @ h.float() @ r
             act_scale = h.diagonal().clamp_min(0).sqrt()
-        quantizers = [fit_quantizer(w, act_scale, a, settings, signs) for a in low]
+        # The salient positions depend on the rate only: selected once for all protected actions.
+        rates = [salient_rate(a, settings, signs is not None) for a in low]
+        masks = {rate: salient.select(w, act_scale, rate) for rate in set(rates)}
+        quantizers = [fit_quantizer(w, act_scale, a, settings, signs, masks[rate]) for a, rate in zip(low, rates)]
         if settings.feedback:
             stacked = StackedColumns(quantizers)
             q = error_feedback(w.repeat(len(low), 1), h, [(0, columns)], lambda _k, _w: stacked.column)
