@@ -161,3 +161,34 @@ def test_write_checkpoint_quantizes_the_rows_once_and_stores_those_tuning_saw(to
     assert len(calls) == len(embedding.row_modules(model)) == 1  # a tied head: one matrix, once
     stored = load(out, runtime=False).get_input_embeddings().weight
     assert torch.equal(stored.float(), dequantize_rows(calls[0], 4).float())
+
+
+def test_a_tuning_step_draws_tune_batch_windows(tokenizer, tiny_fit):
+    """With ``tune_batch`` b, a step's training loss is the KL over b calibration windows drawn by
+    the tuning's seeded generator: at step 1 (deltas still zero) it equals the untuned stored
+    model's KL to the reference over exactly those windows."""
+    from conftest import make_model
+
+    from windquant.config import PlanConfig
+    from windquant.pipeline import apply, make_plan, plan_candidates, prepare
+
+    model, reference = make_model(), make_model()
+    fit = replace(tiny_fit, calib_samples=8, tune_steps=1, tune_batch=3, carry=False)
+    prepared = prepare(model, tokenizer, fit, progress=False)
+    plan = make_plan(prepared, PlanConfig(target_bits=2.2), progress=False)
+    plan_candidates(prepared, plan, progress=False)
+    first = plan.info["tune"]["curve"][1]
+    untuned = make_model()
+    apply(prepared, replace(plan, tune_steps=0, info={}), untuned, progress=False)
+    train = prepared.stats.windows
+    drawn = train[torch.randint(len(train), (3,), generator=torch.Generator().manual_seed(0))]
+    assert first["train_kl"] == pytest.approx(kl_of(untuned, reference, drawn), rel=0.02)
+    assert first["train_kl"] != pytest.approx(kl_of(untuned, reference, drawn[:1]), rel=0.02)
+
+
+def test_tune_batch_beyond_the_calibration_windows_is_refused():
+    from windquant.config import FitConfig
+    from windquant.errors import WindquantError
+
+    with pytest.raises(WindquantError, match="tune_batch"):
+        FitConfig(calib_samples=8, tune_batch=9).validate()

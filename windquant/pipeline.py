@@ -567,7 +567,7 @@ def plan_candidates(
     if plan.tune_steps:
         fit = prepared.fit
         heldout = calibration_windows(prepared.tokenizer, fit, TUNE_HELDOUT_WINDOWS, seed=fit.seed + 1, model=prepared.model)
-        settings = TuneSettings(steps=plan.tune_steps, lr=fit.tune_lr)
+        settings = TuneSettings(steps=plan.tune_steps, lr=fit.tune_lr, batch=fit.tune_batch)
         packed, plan.info["tune"] = tune_scales(
             prepared.model,
             module_chunks(plan),
