@@ -151,8 +151,8 @@ class FitConfig:
         "after allocation, tune the stored fp16 scales (codes frozen) for at most this many Adam steps on KL to the unquantized model over the calibration windows; 0 = off (the model is then held as stored, not in float32)",
     )
     tune_lr: float = setting(2e-3, "Adam learning rate of scale tuning (relative change of each scale)")
-    # 1 for the cold-run budget: 4 windows a step lowered SmolLM2-135M at 3.0 true bits from 29.05
-    # to 28.55 (first 16 WikiText-2 windows) but made tuning ~3x as long (85 -> 250 s on 2 cores).
+    # 1 for the cold-run budget: 4 windows a step took SmolLM2-135M at 3.0 true bits from 31.65 to
+    # 31.16 (WikiText-2 full split) but made tuning ~3x as long (85 -> 250 s on 2 cores).
     tune_batch: int = setting(1, "calibration windows per scale-tuning step (the cost of a step grows with it)")
     calib: str = setting(
         "mix",
