@@ -587,7 +587,7 @@ def table_lines(rows: list[dict], meta: dict) -> list[str]:
     tasks = meta["tasks"]
     ref = next((r for r in rows if r["method"] == "reference" and not r.get("error")), None)
     head = ["method", "config", "true bits", "file bits/param", "Wiki2 PPL (× ref)", "llama.cpp protocol PPL (× ref)", *tasks]
-    head += ["avg", "quantize s", "peak RSS MiB"]
+    head += ["avg", "quantize s", "peak RSS MiB (whole harness process)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     done = sorted((r for r in rows if not r.get("error")), key=row_order)
     for r in done + [r for r in rows if r.get("error")]:
