@@ -1,11 +1,13 @@
 import pytest
 import torch
+from conftest import make_tokenizer
 
 from windquant.calib.corpus import (
     builtin_text,
     corpus_tokens,
     disjoint_windows,
     sample_windows,
+    token_ids,
     wikitext2,
     window_bos,
     window_starts,
@@ -26,6 +28,20 @@ def test_calibration_and_evaluation_spans_are_disjoint(tokenizer, tmp_path):
     full = torch.tensor(tokenizer(text)["input_ids"])
     assert torch.equal(torch.cat([calib, ev]), full)
     assert len(ev) == len(full) - int(len(full) * 0.8)
+
+
+def test_memoised_token_ids_equal_a_fresh_tokenization_and_follow_the_tokenizer(tokenizer):
+    text = "the same text, tokenized twice " * 50
+    first = token_ids(tokenizer, text)
+    first[0] = -1  # a caller writing into its ids must not change what the next caller gets
+    again = token_ids(tokenizer, text)
+    assert torch.equal(again, torch.tensor(tokenizer(text)["input_ids"]))
+    # Another tokenizer (one added token) must tokenize afresh, not reuse the first one's ids.
+    other = make_tokenizer()
+    other.add_tokens(["the same"])
+    ids = token_ids(other, text)
+    assert torch.equal(ids, torch.tensor(other(text)["input_ids"]))
+    assert len(ids) < len(again)
 
 
 def test_windows_are_seeded_and_deterministic():

@@ -18,8 +18,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections import OrderedDict
 from importlib.resources import files
 from pathlib import Path
 
@@ -165,12 +167,36 @@ def check_eval_corpus(corpus: str, data_dir: str | None = None) -> None:
 def corpus_tokens(tokenizer, corpus: str, role: str, data_dir: str | None = None, raw: bool = False) -> torch.Tensor:
     """1-D token ids of the calibration or evaluation span of a corpus (``raw``: see :func:`wikitext2`)."""
     text, split = corpus_text(corpus, role, data_dir, raw)
-    ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
+    ids = token_ids(tokenizer, text)
     if split:
         cut = int(len(ids) * (1 - HOLDOUT))
         ids = ids[cut:] if role == "eval" else ids[:cut]
     if ids.numel() == 0:
         raise WindquantError(f"corpus {corpus!r} gave no tokens; give a file with text in it")
+    return ids
+
+
+_TOKENIZED: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # (tokenizer, text) digests -> ids
+_TOKENIZED_KEEP = 4  # a run reads at most a few corpora; each entry is ~8 bytes per token
+
+
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """1-D token ids of ``text``, memoised in this process for fast tokenizers: one run tokenizes
+    its calibration corpus several times (calibration windows, held-out windows, score choice),
+    and a megabyte of text takes about a second. Keyed by the tokenizer's full serialisation, so a
+    tokenizer with other vocabulary, merges or special tokens never shares an entry."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    key = None
+    if backend is not None:
+        key = (hashlib.sha256(backend.to_str().encode()).hexdigest(), hashlib.sha256(text.encode()).hexdigest())
+        if key in _TOKENIZED:
+            _TOKENIZED.move_to_end(key)
+            return _TOKENIZED[key].clone()  # callers may write into their copy
+    ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
+    if key is not None:
+        _TOKENIZED[key] = ids.clone()
+        while len(_TOKENIZED) > _TOKENIZED_KEEP:
+            _TOKENIZED.popitem(last=False)
     return ids
 
 
