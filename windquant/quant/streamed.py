@@ -78,9 +78,12 @@ def fit_streamed(
         scales |= stats.act_scales
         n_fits = sum(1 for u in units if u.layer == layer) * len(LOW_BIT_ACTIONS)
         if warm or not mine:
+            if warm:  # only the block's forward runs (its activation scales are still needed)
+                bar.set_description("fit candidates (cached)", refresh=False)
             bar.update(n_fits * len(caches))
             others += [] if warm else [layer]
             continue
+        bar.set_description("fit candidates", refresh=False)
         with timings.stage("fit"):
             for cache in caches:
                 cache.fit_layer(model, layer, stats.act_scales, stats.moments, {"fold": alphas} if fold else None, bar)
