@@ -46,7 +46,7 @@ def test_default_model_quantize_pack_reload(tmp_path):
 
     plan = make_plan(prepared, PlanConfig(target_bits=2.5, allocator="heuristic"))
     assert 2.45 < plan.true_bits <= 2.5 and plan.paper_bits < plan.true_bits
-    apply_plan(model, plan, prepared.cache.packed_of)
+    apply_plan(model, plan, prepared.cache.packed_of, dense_cache=True)  # dequantized once, not per window
     quantized = perplexity(model, tokens, ctx=256, max_windows=4, progress=False).ppl
     assert quantized > uniform4
     out = save(model, tok, plan, tmp_path / "ckpt")

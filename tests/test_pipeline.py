@@ -103,6 +103,7 @@ def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny
     from conftest import make_model
 
     from windquant.pack.apply import apply_plan, plan_weights
+    from windquant.pack.qlinear import QuantLinear
 
     prepared = prepare(tiny_model, tokenizer, tiny_fit, progress=False)
     plan = make_plan(prepared, tiny_plan)
@@ -115,6 +116,9 @@ def test_plan_weights_equal_packed_model_and_restore(tiny_model, tokenizer, tiny
         assert torch.equal(tiny_model(x).logits, before)  # restored
         packed = apply_plan(make_model(), plan, prepared.cache.packed_of)
         reference = packed(x).logits
+        cached = apply_plan(make_model(), plan, prepared.cache.packed_of, dense_cache=True)
+        assert torch.equal(cached(x).logits, reference)  # the kept dense weights are the same values
+        assert all(m._weight is not None for m in cached.modules() if isinstance(m, QuantLinear))
     # apply_plan also rounds embeddings/norms to fp16; tolerance covers that alone
     assert torch.allclose(assembled, reference, atol=1e-2, rtol=1e-3)
     assert not torch.allclose(assembled, before, atol=1e-3)

@@ -58,14 +58,16 @@ def build_quant_linears(model: nn.Module, plan: Plan, dense_cache: bool = False)
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: Plan, packed_of: PackedLookup) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, packed_of: PackedLookup, dense_cache: bool = False) -> nn.Module:
     """Quantize ``model`` in place: what it computes afterwards is exactly what gets stored.
 
     Untouched floating tensors (embeddings, norms) are rounded to fp16, the dtype the
     checkpoint stores them in, so the in-memory and reloaded models agree bit for bit.
+    ``dense_cache``: each linear keeps its dequantized weight after its first forward (faster
+    for a model scored on many windows, with the memory of a dense copy); same values.
     """
     biases = {name: model.get_submodule(name).bias for name in module_chunks(plan)}
-    for name, q in build_quant_linears(model, plan).items():
+    for name, q in build_quant_linears(model, plan, dense_cache).items():
         for k, c in enumerate(module_chunks(plan)[name]):
             q.set_chunk(k, packed_of(c.index, c.action))
         if biases[name] is not None:
