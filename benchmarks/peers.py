@@ -11,7 +11,7 @@ Rows, in this order (``--methods``): the reference; windquant native (``--wq-con
 ALLOCATOR@TRUE_BITS with the product defaults, one shared preparation); llama.cpp presets
 (``llama-quantize`` with an importance matrix from ``llama-imatrix`` on the calibration windows'
 text), each followed by ``windquant gguf`` at that preset's block-linear bits and types; HQQ;
-GPTQ (GPTQModel); AutoRound. Every calibrated method sees the same windows: the product's
+GPTQ (GPTQModel); RTN on GPTQ's grid (the baseline GPTQ must beat); AutoRound. Every calibrated method sees the same windows: the product's
 default calibration (``--calib``, 64 x 256, seed 0).
 
 Every row is scored by the same code (``windquant.eval``): WikiText-2 test perplexity (ctx
@@ -365,7 +365,8 @@ def quantize_gptq(model, tokenizer, config: str, args, work: Path) -> dict:
     windows = calib_windows(tokenizer, args)
     calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in windows]
     start = time.perf_counter()
-    gm = GPTQModel.load(str(fp_dir), QuantizeConfig(bits=bits, group_size=group, desc_act=False), device=args.gptq_device)
+    dtype = {} if args.gptq_dtype == "auto" else {"dtype": getattr(torch, args.gptq_dtype)}
+    gm = GPTQModel.load(str(fp_dir), QuantizeConfig(bits=bits, group_size=group, desc_act=False), device=args.gptq_device, **dtype)
     load_dtype = str(gm.model.dtype).removeprefix("torch.")
     gm.quantize(calib, batch_size=args.gptq_batch)
     gm.save(str(export))
@@ -398,7 +399,7 @@ def quantize_gptq(model, tokenizer, config: str, args, work: Path) -> dict:
     return {
         "method": "GPTQ",
         "config": (
-            f"{bits}-bit g{group} (desc_act off, {'sym' if qc.get('sym', True) else 'asym'}, GPTQModel {__version__} defaults), "
+            f"{bits}-bit g{group} (desc_act off, {'sym' if qc.get('sym', True) else 'asym'}, {load_dtype}, GPTQModel {__version__} defaults), "
             f"{len(calib)}x{windows.shape[1]} {args.ar_calib} calib"
         ),
         "settings": {
@@ -421,6 +422,47 @@ def quantize_gptq(model, tokenizer, config: str, args, work: Path) -> dict:
         "formula": (
             f"8*(qweight + qzeros + scales + g_idx [+ bias] bytes of the GPTQModel safetensors export, block linears)/n = "
             f"{bits} code bits + (16 fp16 scale + {bits} zero)/group of <={group} inputs + 32-bit g_idx/input (32/out_features)"
+        ),
+    }
+
+
+def quantize_rtn(model, config: str) -> dict:
+    """Round-to-nearest on GPTQ's own grid, without GPTQ's error updates: the baseline GPTQ must
+    beat. Per group of ``group`` inputs of each output row, GPTQ's symmetric grid (its reference
+    ``Quantizer.find_params`` with ``sym=True``): scale = 2·max|w| / (2^bits − 1), zero point
+    2^(bits−1), the scale rounded to the fp16 GPTQ stores. Bits are counted as GPTQ's export
+    of the same grid stores them (qweight, qzeros and g_idx in int32 words, fp16 scales)."""
+    bits, group = parse_bits_group(config)
+    maxq = 2**bits - 1
+
+    def packed_bytes(codes: int) -> int:  # ``codes`` bits-bit codes packed in int32 words
+        return 4 * -(-codes * bits // 32)
+
+    total = 0
+    with torch.no_grad():
+        for _, _, _, lin in block_linears(model):
+            w = lin.weight.float()
+            out, inputs = w.shape
+            groups = -(-inputs // group)
+            for g in range(groups):
+                part = w[:, g * group : (g + 1) * group]
+                scale = (2 * part.abs().amax(1, keepdim=True) / maxq).half().float()
+                scale[scale == 0] = 1.0  # an all-zero group: GPTQ's reference sets a unit range there too
+                zero = (maxq + 1) // 2
+                q = (torch.round(part / scale) + zero).clamp(0, maxq)
+                lin.weight[:, g * group : (g + 1) * group] = scale * (q - zero)
+            total += out * packed_bytes(inputs) + groups * packed_bytes(out) + 2 * groups * out + 4 * inputs
+    n = n_block_weights(model)
+    return {
+        "method": "RTN",
+        "config": f"{bits}-bit g{group} on GPTQ's symmetric grid (no error updates; the baseline for the GPTQ rows)",
+        "settings": {"bits": bits, "group_size": group, "sym": True},
+        "n_weights": n,
+        "paper_bits": float(bits),
+        "true_bits": 8 * total / n,
+        "formula": (
+            f"as GPTQ's export of the same grid: {bits} code bits + (16 fp16 scale + {bits} zero)/group of <={group} inputs "
+            "+ 32-bit g_idx/input, int32 words"
         ),
     }
 
@@ -561,7 +603,7 @@ class LlamacppRows:
 
 # Table order of the method families; GGUF rows (llama.cpp presets and windquant gguf at their
 # bits) form one family, each preset followed by windquant at the same bits.
-ORDER = ("reference", "windquant", "gguf", "HQQ", "GPTQ", "AutoRound")
+ORDER = ("reference", "windquant", "gguf", "HQQ", "GPTQ", "RTN", "AutoRound")
 
 
 def family(row: dict) -> str:
@@ -672,6 +714,7 @@ def row_configs(
         "llamacpp": [c for p in presets.split(",") if p for c in (p, f"windquant@{p}")],
         "hqq": hqq.split(","),
         "gptq": gptq.split(","),
+        "rtn": gptq.split(","),  # GPTQ's grid without its updates, at GPTQ's configs
         "autoround": ar.split(","),
     }
     return {m: [c for c in cs if c] for m, cs in configs.items()}
@@ -719,8 +762,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="model spec (default %(default)s)")
     ap.add_argument(
         "--methods",
-        default="reference,windquant,llamacpp,hqq,gptq,autoround",
-        help="comma-separated, run in this order: reference, windquant, llamacpp (presets, each followed by windquant gguf at its bits), hqq, gptq, autoround",
+        default="reference,windquant,llamacpp,hqq,gptq,rtn,autoround",
+        help="comma-separated, run in this order: reference, windquant, llamacpp (presets, each followed by windquant gguf at its bits), hqq, gptq, rtn (GPTQ's grid without its updates), autoround",
     )
     ap.add_argument("--wq-configs", default=WQ_CONFIGS, help="windquant ALLOCATOR@TRUE_BITS list (default %(default)s)")
     ap.add_argument("--presets", default=LLAMACPP_PRESETS, help="llama.cpp file types (default %(default)s)")
@@ -742,6 +785,12 @@ def main() -> None:
     ap.add_argument("--ar-device", default="cuda" if torch.cuda.is_available() else "cpu", help="AutoRound device_map")
     ap.add_argument("--gptq-configs", default=GPTQ_CONFIGS, help="GPTQ BITSgGROUP list (default %(default)s)")
     ap.add_argument("--gptq-batch", type=int, default=1, help="GPTQModel quantize batch size (default %(default)s, its default)")
+    ap.add_argument(
+        "--gptq-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="dtype GPTQModel loads the reference in before quantizing (auto: its choice, bfloat16 on CPU; default %(default)s)",
+    )
     ap.add_argument("--gptq-device", default="cuda" if torch.cuda.is_available() else "cpu", help="GPTQModel device")
     ap.add_argument("--out", default="benchmarks/results/peers", help="folder for peers.json / peers.md")
     ap.add_argument("--work", default="runs/peers", help="scratch folder for exports (git-ignored)")
@@ -824,6 +873,8 @@ def main() -> None:
                 result, model = quantize_hqq(reference, config), reference
             elif method == "gptq":
                 result, model = quantize_gptq(reference, tok, config, args, work), reference
+            elif method == "rtn":
+                result, model = quantize_rtn(reference, config), reference
             else:
                 result = quantize_autoround(copy.deepcopy(reference), tok, config, args, work)
                 model = result.pop("_model")
