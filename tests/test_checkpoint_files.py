@@ -35,6 +35,24 @@ def plan(tiny_model, tokenizer, tiny_plan, tiny_fit):
     return quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)[0]
 
 
+def test_auto_embedding_is_8_bit_from_3_target_bits_and_mixed_below(tiny_model, tokenizer, tiny_fit, tmp_path):
+    from dataclasses import replace
+
+    from conftest import make_model
+
+    from windquant.config import PlanConfig
+    from windquant.pipeline import make_plan, prepare, write_checkpoint
+    from windquant.quant.row_formats import resolve_row_format
+
+    assert [resolve_row_format("auto", t) for t in (2.0, 2.99, 3.0, 4.0, None)] == ["mixed", "mixed", 8, 8, 8]
+    assert resolve_row_format(4, 3.0) == 4 and resolve_row_format("mixed", 4.0) == "mixed"  # explicit formats stay
+    prepared = prepare(tiny_model, tokenizer, replace(tiny_fit, tune_steps=0), progress=False)
+    for target, stored in ((2.5, "mixed"), (3.0, 8)):
+        plan = make_plan(prepared, PlanConfig(target_bits=target), progress=False)
+        out, _ = write_checkpoint(prepared, plan, tmp_path / f"ckpt{target}", model=make_model(), progress=False)
+        assert json.loads((out / "quant_config.json").read_text())["rows"] == {"model.embed_tokens": stored}
+
+
 def test_rows_round_trip_within_half_a_step():
     w = torch.randn(48, 64)
     err = (dequantize_rows(quantize_rows(w, 8), 8) - w).abs()

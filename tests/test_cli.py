@@ -42,7 +42,7 @@ def quantize_args(model_dir, out, corpus, cache, *extra):
 
 def test_quantize_eval_inspect_generate(tiny_model_dir, corpus_file, tmp_path, capsys):
     out = tmp_path / "ckpt"
-    assert main(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c", "--target-bits", "3.2")) == 0
+    assert main(quantize_args(tiny_model_dir, out, corpus_file, tmp_path / "c", "--target-bits", "3.2", "--embedding-bits", "mixed")) == 0
     printed = capsys.readouterr().out
     labels = [line.split(":")[0] for line in printed.splitlines() if line[:1].strip()]
     assert [x for x in labels if x != "scores"][:6] == ["wrote", "whole file", "block linears", "actions", "time", "next"]
@@ -51,7 +51,7 @@ def test_quantize_eval_inspect_generate(tiny_model_dir, corpus_file, tmp_path, c
     assert f"windquant eval {out} --reference {tiny_model_dir}" in printed and f"windquant generate {out} --chat" in printed
     plan = json.loads((out / "plan.json").read_text())
     assert plan["true_bits"] <= 3.2 and "paper_bits" in plan
-    # The default embedding: the calibration text's tokens (ids 64-89 for its letters, beyond the
+    # The mixed embedding (the default below 3 target bits): the calibration text's tokens (ids 64-89 for its letters, beyond the
     # first 64 ids a ranking by id would pick) are among the 64 rows kept at 8 bits.
     assert json.loads((out / "quant_config.json").read_text())["rows"] == {"model.embed_tokens": "mixed"}
     from safetensors import safe_open

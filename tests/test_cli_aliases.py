@@ -115,7 +115,7 @@ def test_quantize_help_lists_the_choices(monkeypatch):
     text = help_text("quantize", monkeypatch)
     assert "--allocator {" + ",".join(ALLOCATORS) + "}" in text
     for choices in ("--accounting {stored,paper}", "--scores {auto,fisher,block}", "--ppo-mode {construct,refine}",
-                    "--sac-projection {costs,policy}", "--dense-candidates {ram,disk}", "--embedding-bits {16,8,4,mixed}"):
+                    "--sac-projection {costs,policy}", "--dense-candidates {ram,disk}", "--embedding-bits {16,8,4,mixed,auto}"):
         assert choices in text, choices
 
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 
 from windquant.errors import WindquantError
-from windquant.quant.row_formats import MIXED, ROW_BITS, parse_row_format
+from windquant.quant.row_formats import AUTO, AUTO_8_BIT_FROM, EMBEDDING_CHOICES, parse_row_format
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -90,12 +90,12 @@ def _add_quantize(sub) -> dict[str, str]:
     essential.add_argument(
         "--embedding-bits",
         type=parse_row_format,
-        choices=ROW_BITS,
-        default=MIXED,
-        metavar="{16,8,4,mixed}",
+        choices=EMBEDDING_CHOICES,
+        default=AUTO,
+        metavar="{16,8,4,mixed,auto}",
         help="the token embedding (and an untied head) stored per row: 16 fp16, 8 INT8 with a scale per row, "
         "4 INT4 with a scale per 32 columns, mixed: the 20%% most frequent tokens of the calibration text at 8, "
-        "the rest at 4 (default: %(default)s)",
+        f"the rest at 4; auto: 8 from --target-bits {AUTO_8_BIT_FROM:g} up, mixed below (default: %(default)s)",
     )
     fit_flags, run = _add_fit_flags(p, ("accounting", "seed"))
     flags |= fit_flags

@@ -61,6 +61,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from windquant.pack.checkpoint import expected_bytes, prepare_out_dir
     from windquant.pack.integrity import check_free_space
     from windquant.pipeline import make_plan, prepare, write_checkpoint
+    from windquant.quant.row_formats import resolve_row_format
     from windquant.quant.streamed import process_group
     from windquant.reports import quantize_summary
     from windquant.runinfo import Timings
@@ -88,7 +89,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         # The budget bounds the true bits; paper accounting does not count scales and indices:
         # allow one more bit per weight (no target: an all-fp16 plan).
         bits = min(16.0, plan_config.budget_bits + (1 if plan_config.accounting == "paper" else 0))
-        check_free_space(out.parent, expected_bytes(model, bits, args.embedding_bits), "the checkpoint")
+        rows = resolve_row_format(args.embedding_bits, plan_config.target_bits)
+        check_free_space(out.parent, expected_bytes(model, bits, rows), "the checkpoint")
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
     if not first:  # its share of the fit is written
         return 0

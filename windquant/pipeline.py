@@ -52,7 +52,7 @@ from windquant.quant.cache import (
     tensor_digest,
 )
 from windquant.quant.reconstruction import BlockReconstruction
-from windquant.quant.row_formats import MIXED, RowFormat
+from windquant.quant.row_formats import AUTO, MIXED, RowFormat, resolve_row_format
 from windquant.quant.rows import dequantize_rows
 from windquant.quant.sensitivity import block_measured, sensitivity_scores
 from windquant.quant.streamed import fit_streamed, process_group
@@ -621,14 +621,16 @@ def write_checkpoint(
     model_name: str | None = None,
     timings: Timings | None = None,
     progress: bool = True,
-    embedding_bits: RowFormat = MIXED,
+    embedding_bits: RowFormat = AUTO,
 ) -> tuple[Path, dict]:
     """Apply ``plan`` to ``model`` (default: the prepared model, in place), pack it into the
     checkpoint folder ``out`` with the allocator's attached files and ``run_report.json``
     (accounting, per-layer bit map, stage timings, peak RSS); the embedding (and an untied
     head) is stored per row at ``embedding_bits`` (mixed: ranked by
-    :func:`calibration_token_counts`). Returns the folder and the report."""
+    :func:`calibration_token_counts`; auto: by the plan's target, see
+    :func:`~windquant.quant.row_formats.resolve_row_format`). Returns the folder and the report."""
     timings = timings if timings is not None else Timings()
+    embedding_bits = resolve_row_format(embedding_bits, plan.target_bits)
     counts = calibration_token_counts(prepared) if embedding_bits == MIXED else None
     # The head's 4-bit rows get error feedback on the unquantized model's final hidden states.
     moment = head_input_moment(prepared.model, prepared.stats.windows, prepared.stats.last_hidden) if embedding_bits in (4, MIXED) else None
