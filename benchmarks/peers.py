@@ -433,7 +433,7 @@ def quantize_rtn(model, config: str) -> dict:
     2^(bits−1), the scale rounded to the fp16 GPTQ stores. Bits are counted as GPTQ's export
     of the same grid stores them (qweight, qzeros and g_idx in int32 words, fp16 scales)."""
     bits, group = parse_bits_group(config)
-    maxq = 2**bits - 1
+    maxq, zero = 2**bits - 1, 2 ** (bits - 1)
 
     def packed_bytes(codes: int) -> int:  # ``codes`` bits-bit codes packed in int32 words
         return 4 * -(-codes * bits // 32)
@@ -447,8 +447,8 @@ def quantize_rtn(model, config: str) -> dict:
             for g in range(groups):
                 part = w[:, g * group : (g + 1) * group]
                 scale = (2 * part.abs().amax(1, keepdim=True) / maxq).half().float()
-                scale[scale == 0] = 1.0  # an all-zero group: GPTQ's reference sets a unit range there too
-                zero = (maxq + 1) // 2
+                # An all-zero group: GPTQ's reference takes the range [-1, 1] there (its codes are all zero-point).
+                scale[scale == 0] = torch.tensor(2 / maxq).half().float()
                 q = (torch.round(part / scale) + zero).clamp(0, maxq)
                 lin.weight[:, g * group : (g + 1) * group] = scale * (q - zero)
             total += out * packed_bytes(inputs) + groups * packed_bytes(out) + 2 * groups * out + 4 * inputs
