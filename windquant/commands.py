@@ -84,12 +84,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=torch.float32 if whole else "auto")
     if args.dry_run:
         return _dry_run(model, fit)
+    rows = resolve_row_format(args.embedding_bits, plan_config.target_bits)
     if first:  # fail now, not after the long fit, when --out cannot hold the checkpoint
         out = Path(args.out).expanduser()
         # The budget bounds the true bits; paper accounting does not count scales and indices:
         # allow one more bit per weight (no target: an all-fp16 plan).
         bits = min(16.0, plan_config.budget_bits + (1 if plan_config.accounting == "paper" else 0))
-        rows = resolve_row_format(args.embedding_bits, plan_config.target_bits)
         check_free_space(out.parent, expected_bytes(model, bits, rows), "the checkpoint")
     prepared = prepare(model, tokenizer, fit, get_allocator(plan_config.allocator).needs, timings, progress)
     if not first:  # its share of the fit is written
@@ -103,7 +103,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model_name=args.model,
         timings=timings,
         progress=not args.quiet,
-        embedding_bits=args.embedding_bits,
+        embedding_bits=rows,
     )
     print(quantize_summary(out, plan, report, args.model, fit.data_dir))
     return 0
