@@ -582,6 +582,8 @@ class LlamacppRows:
                 f"at {config.split('@')[1]}'s block-linear bpw and types: "
                 + " ".join(f"{k}:{v}" for k, v in sorted(report["type_counts"].items())),
             )
+            if check := report["recipe_check"]:
+                detail += f" (recipe check on {check['windows']}: kept {check['chosen']})"
         else:
             llamacpp.quantize(self.reference, path, config, imatrix=self.imatrix)
             method, detail = "llama.cpp", f"{config}, imatrix by llama-imatrix on the {self.args.ar_calib} calib windows"

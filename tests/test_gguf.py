@@ -204,3 +204,55 @@ def test_written_file_is_checked_against_its_recipe(tmp_path):
         check_written(out, Recipe({name: T.Q8_0}, tensor_bytes(T.Q8_0, 64, 64), 64 * 64, 0.0, 8.5))
     with pytest.raises(WindquantError, match="the recipe counted"):
         check_written(out, Recipe({name: T.Q4_0}, right.linear_bytes + 1, 64 * 64, 0.0, 4.5))
+
+
+def test_candidate_recipes_add_the_knapsack_without_coarse_types():
+    from windquant.gguf.recipe import ALL_TYPES, NO_COARSE, TensorOptions, candidate_recipes
+
+    def options(costs):  # three 4 x 256 tensors; each option: type -> cost
+        return [TensorOptions(f"t{i}", 4, 256, dict(c)) for i, c in enumerate(costs)]
+
+    robust = {T.IQ2_XXS: 3.0, T.IQ3_XXS: 2.0, T.Q4_K: 1.0, T.Q8_0: 0.0}
+    opts = options([robust, robust, {T.IQ2_XXS: 100.0, T.IQ3_XXS: 80.0, T.Q4_K: 60.0, T.Q8_0: 0.0}])
+    target = (2 * bits_per_weight(T.IQ2_XXS) + bits_per_weight(T.Q8_0)) / 3  # the first two at 2 bits pay for one Q8_0
+    plans = candidate_recipes(opts, target, coarse_bpw=3.0)
+    assert set(plans) == {ALL_TYPES, NO_COARSE}
+    assert sorted(t.name for t in plans[ALL_TYPES].types.values()) == ["IQ2_XXS", "IQ2_XXS", "Q8_0"]
+    # Brute force over the types of at least 3 bits per weight within the same bytes.
+    fine = [T.IQ3_XXS, T.Q4_K, T.Q8_0]
+    best = min(
+        (sum(o.costs[t] for o, t in zip(opts, pick, strict=True)), pick)
+        for pick in itertools.product(fine, repeat=3)
+        if sum(o.size(t) for o, t in zip(opts, pick, strict=True)) * 8 <= target * 3 * 4 * 256 + 1e-6
+    )
+    assert plans[NO_COARSE].cost == pytest.approx(best[0]) and plans[NO_COARSE].types["t2"] == best[1][2] == T.Q4_K
+    assert plans[NO_COARSE].bpw <= target + 1e-9 and plans[NO_COARSE].cost >= plans[ALL_TYPES].cost
+    assert set(candidate_recipes(opts, target, coarse_bpw=0.0)) == {ALL_TYPES}  # the check off
+    assert set(candidate_recipes(opts, 8.5, coarse_bpw=3.0)) == {ALL_TYPES}  # no coarse type chosen
+    low = (2 * bits_per_weight(T.IQ2_XXS) + bits_per_weight(T.IQ3_XXS)) / 3
+    assert set(candidate_recipes(opts, low, coarse_bpw=3.0)) == {ALL_TYPES}  # nothing fits without them
+
+
+def test_recipe_check_keeps_the_recipe_with_lower_heldout_perplexity(tmp_path, monkeypatch):
+    from windquant.config import FitConfig
+    from windquant.eval.perplexity import perplexity
+    from windquant.gguf.build import CHECK_WINDOWS, GGUFConfig, build_gguf
+    from windquant.model.loading import read_gguf
+    from windquant.pipeline import heldout_windows
+
+    monkeypatch.setenv("WINDQUANT_LLAMACPP", str(tmp_path / "no-llamacpp"))  # gguf-py's types: Q4_0 (4.5) is the coarsest
+    src = write_random_llama(tmp_path / "tiny.gguf")
+    out = tmp_path / "q.gguf"
+    fit = FitConfig(calib="builtin", calib_samples=4, calib_len=32)
+    report = build_gguf(str(src), out, GGUFConfig(target_bpw=5.0, coarse_bpw=5.0), fit, tmp_path / "w", progress=False)
+    check = report["recipe_check"]
+    assert set(check["heldout_ppl"]) == {"all types", "no coarse types"}
+    assert "Q4_0" in check["type_counts"]["all types"] and check["type_counts"]["no coarse types"] == {"Q4_1": 14}
+    assert check["chosen"] == min(check["heldout_ppl"], key=check["heldout_ppl"].get)
+    assert report["type_counts"] == check["type_counts"][check["chosen"]]
+    assert {t.name: t.tensor_type.name for t in open_gguf(out).tensors if t.name in report["types"]} == report["types"]
+    # The kept file scores what the check recorded, recomputed from the file on the same windows.
+    model, tok = read_gguf(out)
+    windows = heldout_windows(tok, fit, CHECK_WINDOWS, fit.calib_len)
+    assert perplexity(model, windows.reshape(-1), ctx=32, progress=False).ppl == pytest.approx(check["heldout_ppl"][check["chosen"]])
+    assert not list(tmp_path.glob(".q.gguf*"))  # no candidate file left behind

@@ -19,7 +19,7 @@ def test_gguf_reference_is_cached_and_reads_back_the_same(tmp_path, monkeypatch)
     def no_gguf(_path):
         raise AssertionError("the GGUF was parsed again")
 
-    monkeypatch.setattr(loading, "_read_gguf", no_gguf)
+    monkeypatch.setattr(loading, "read_gguf", no_gguf)
     second, tok2 = load_model(str(src))
     assert parameters_digest(first) == parameters_digest(second)  # the candidate cache stays valid
     ids = torch.tensor([[5, 17, 42, 99, 3]])

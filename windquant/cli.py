@@ -314,6 +314,12 @@ def _add_gguf(sub) -> None:
     types.add_argument(
         "--output-type", default=None, metavar="TYPE", help="type of output.weight when untied (default: the embedding's)"
     )
+    types.add_argument(
+        "--no-recipe-check",
+        action="store_true",
+        help="keep the knapsack's recipe as it is (default: when it uses types under 3 bits per weight, the recipe "
+        "without them is written too and the one with the lower perplexity on held-out calibration text is kept)",
+    )
     calib.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default: %(default)s)")
     calib.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default: %(default)s)")
     calib.add_argument(

@@ -273,6 +273,7 @@ def cmd_gguf(args: argparse.Namespace) -> int:
         embedding_type=parse_type(args.embedding_type),
         output_type=parse_type(args.output_type) if args.output_type else None,
         llamacpp=not args.no_llamacpp,
+        coarse_bpw=0.0 if args.no_recipe_check else GGUFConfig.coarse_bpw,
     )
     fit = FitConfig(
         calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len, data_dir=args.data_dir
@@ -281,6 +282,9 @@ def cmd_gguf(args: argparse.Namespace) -> int:
     if args.dry_run:
         for name, qtype in report["types"].items():
             print(f"{name} {qtype}")
+    if check := report["recipe_check"]:
+        scored = ", ".join(f"{name} {ppl:.3f}" for name, ppl in check["heldout_ppl"].items())
+        print(f"recipe check ({check['windows']}): {scored} -> kept {check['chosen']}")
     print(f"writer={report['writer']} types: " + "  ".join(f"{k}:{v}" for k, v in report["type_counts"].items()))
     line = f"block linears: {report['linear_bpw']:.4f} bpw (target {report['target_bpw']:g}), {report['linear_bytes']:,} bytes"
     if out is not None:

@@ -6,7 +6,9 @@ them): the source as an F16 reference GGUF; calibration statistics of the loaded
 second moments, output Fisher) -> llama.cpp's importance matrix; every candidate type's real round
 trip and its cost per tensor; the recipe; the final file, written by ``llama-quantize --imatrix
 --tensor-type-file`` (or by gguf-py alone when llama.cpp is absent: then only the types gguf-py
-quantizes are candidates) and checked against the recipe, type by type and byte by byte.
+quantizes are candidates) and checked against the recipe, type by type and byte by byte. When the
+recipe leans on coarse types, a second recipe without them is written too and the one with the
+lower perplexity on held-out calibration text is kept (:func:`check_recipes`).
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from windquant.gguf.files import (
     write_imatrix,
     write_reference,
 )
-from windquant.gguf.recipe import Recipe, TensorOptions, make_recipe, trace_cost
+from windquant.gguf.recipe import Recipe, TensorOptions, candidate_recipes, trace_cost
 from windquant.gguf.types import LLAMACPP_TYPES, PYTHON_TYPES, fits, tensor_bytes
 from windquant.model.loading import EMBEDDED
 
 F16 = GGMLQuantizationType.F16
+CHECK_WINDOWS = 32  # held-out calibration windows that score the candidate recipes
 _LINEAR = re.compile(rf"blk\.\d+\.({'|'.join(GGUF_LINEAR.values())})\.weight")
 
 
@@ -52,6 +55,9 @@ class GGUFConfig:
     embedding_type: GGMLQuantizationType = GGMLQuantizationType.Q8_0  # token_embd.weight
     output_type: GGMLQuantizationType | None = None  # output.weight when untied (None: as the embedding)
     llamacpp: bool = True  # use llama.cpp when built (False: gguf-py only)
+    # Types under this many bits per weight are coarse: a recipe using them is checked against the
+    # recipe without them on held-out text (0: no check; 3.0 makes the 2-bit k- and i-quants coarse).
+    coarse_bpw: float = 3.0
 
 
 def source_gguf(spec: str) -> Path:
@@ -259,20 +265,62 @@ def build_gguf(spec: str, out: Path | None, cfg: GGUFConfig, fit: FitConfig, wor
             raise WindquantError(f"unsupported architecture for GGUF writing: the model and {source} disagree on {odd}")
         write_imatrix(ws.imatrix, imatrix, f"windquant {fit.calib} {fit.calib_samples}x{fit.calib_len}", fit.calib_samples)
     options = candidate_options(ws, types, writer, linears, moments, fisher, progress)
-    recipe = make_recipe(options, cfg.target_bpw)
+    recipes = candidate_recipes(options, cfg.target_bpw, cfg.coarse_bpw)
+    write = dict(ws=ws, writer=writer, embedding_type=cfg.embedding_type, output_type=output_type, imatrix=ws.imatrix)
+    check = check_recipes(spec, recipes, fit, write, out, progress) if len(recipes) > 1 else None
+    recipe = recipes[check["chosen"]] if check else next(iter(recipes.values()))
     report = {
         "source": str(source),
         "writer": writer,
         "work_dir": str(ws.folder),
         "reference": str(ws.reference),
         **recipe.to_json(),
+        "recipe_check": check,
     }
     report["config"] = {
         k: (v.name if isinstance(v, GGMLQuantizationType) else [t.name for t in v] if isinstance(v, tuple) else v)
         for k, v in asdict(cfg).items()
     }
     if out is not None:
-        write_recipe(ws, recipe, writer, out, cfg.embedding_type, output_type, progress, imatrix=ws.imatrix)
+        if check is None:
+            write_recipe(recipe=recipe, out=out, progress=progress, **write)
         report |= {"out": str(out), "file_bytes": out.stat().st_size, "file_bpw": file_bpw(out)}
         atomic_write_json(out.with_name(out.name + ".json"), report)
     return report
+
+
+def check_recipes(spec: str, recipes: dict[str, Recipe], fit: FitConfig, write: dict, out: Path | None, progress: bool) -> dict:
+    """Write every candidate recipe, score each file on :data:`CHECK_WINDOWS` held-out windows of
+    the calibration corpus (text no statistic or cost was computed on) and keep the one with the
+    lower perplexity as ``out`` (when given). Returns the record the report keeps."""
+    from windquant.eval.perplexity import perplexity
+    from windquant.model.loading import read_gguf
+    from windquant.pipeline import heldout_windows
+    from windquant.runtime.loading import load_model
+
+    model, tok = load_model(spec)
+    windows = heldout_windows(tok, fit, CHECK_WINDOWS, fit.calib_len, model)
+    del model
+    # Beside ``out`` (the kept one becomes it by a rename on the same file system), else in the work folder.
+    folder, stem = (out.parent, f".{out.name}") if out is not None else (write["ws"].folder, "recipe")
+    files = {name: folder / f"{stem}.check-{i}.gguf" for i, name in enumerate(recipes)}
+    heldout = {}
+    try:
+        for name, recipe in tqdm(recipes.items(), desc="recipe check", disable=not progress, unit="recipe"):
+            write_recipe(recipe=recipe, out=files[name], progress=False, **write)
+            candidate, _ = read_gguf(files[name])
+            heldout[name] = perplexity(candidate, windows.reshape(-1), ctx=fit.calib_len, progress=False).ppl
+            del candidate
+        chosen = min(heldout, key=heldout.get)
+        if out is not None:
+            os.replace(files[chosen], out)
+    finally:
+        for f in files.values():
+            f.unlink(missing_ok=True)
+    return {
+        "chosen": chosen,
+        "heldout_ppl": heldout,
+        "predicted_cost": {name: r.cost for name, r in recipes.items()},
+        "type_counts": {name: r.type_counts() for name, r in recipes.items()},
+        "windows": f"{CHECK_WINDOWS} x {fit.calib_len} held-out {fit.calib} tokens",
+    }

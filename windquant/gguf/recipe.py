@@ -20,7 +20,10 @@ import torch
 from gguf import GGMLQuantizationType
 
 from windquant.errors import WindquantError
-from windquant.gguf.types import tensor_bytes
+from windquant.gguf.types import bits_per_weight, tensor_bytes
+
+ALL_TYPES = "all types"
+NO_COARSE = "no coarse types"
 
 
 def trace_cost(weights: np.ndarray, approx: np.ndarray, moment: torch.Tensor) -> float:
@@ -111,10 +114,15 @@ class Recipe:
         }
 
 
+def floor_bpw(options: list[TensorOptions]) -> float:
+    """Bits per weight of the block linears with every tensor at its smallest option."""
+    return sum(min(o.size(t) for t in o.costs) for o in options) * 8 / sum(o.rows * o.cols for o in options)
+
+
 def make_recipe(options: list[TensorOptions], target_bpw: float) -> Recipe:
     """The least-cost type per tensor with the block linears' bits per weight ≤ ``target_bpw``."""
     weights = sum(o.rows * o.cols for o in options)
-    floor = sum(min(o.size(t) for t in o.costs) for o in options) * 8 / weights
+    floor = floor_bpw(options)
     if target_bpw + 1e-9 < floor:
         raise WindquantError(
             f"--target-bits {target_bpw:g} is below the cheapest valid types ({floor:.4f} bits per weight); "
@@ -122,6 +130,25 @@ def make_recipe(options: list[TensorOptions], target_bpw: float) -> Recipe:
         )
     chosen = knapsack_types(options, lambda o, t: o.costs[t], int(math.floor(target_bpw * weights / 8 + 1e-6)))
     return recipe_of(options, chosen, target_bpw)
+
+
+def candidate_recipes(options: list[TensorOptions], target_bpw: float, coarse_bpw: float) -> dict[str, Recipe]:
+    """The knapsack's recipe over every option (:data:`ALL_TYPES`) and, when it uses a type under
+    ``coarse_bpw`` bits per weight and the target can be met without such types, the knapsack's
+    recipe without them (:data:`NO_COARSE`). The costs add tensor by tensor, so they underrate
+    several coarse tensors together: on SmolLM2 at IQ3_XXS's 4.14 bpw the first recipe (8 tensors
+    at 2-bit types) scored worse on held-out text than the second (benchmarks/HISTORY.md). Which
+    one to keep is for a measurement to decide (:func:`windquant.gguf.build.check_recipes`)."""
+    plans = {ALL_TYPES: make_recipe(options, target_bpw)}
+    if all(bits_per_weight(t) >= coarse_bpw for t in plans[ALL_TYPES].types.values()):
+        return plans
+    fine = [
+        TensorOptions(o.name, o.rows, o.cols, {t: c for t, c in o.costs.items() if bits_per_weight(t) >= coarse_bpw})
+        for o in options
+    ]
+    if all(o.costs for o in fine) and floor_bpw(fine) <= target_bpw + 1e-9:
+        plans[NO_COARSE] = make_recipe(fine, target_bpw)
+    return plans
 
 
 def knapsack_types(

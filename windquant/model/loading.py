@@ -61,7 +61,8 @@ def _looks_like_path(spec: str) -> bool:
     return spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or Path(spec).exists()
 
 
-def _read_gguf(path: Path):
+def read_gguf(path: Path):
+    """A GGUF file dequantized to a float32 model, and its tokenizer (no copy is kept)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -102,7 +103,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     cached = reference_dir(path)
     if (cached / READY).is_file():
         return _load_hf(str(cached), dtype)
-    model, tok = _read_gguf(path)
+    model, tok = read_gguf(path)
     tmp = cached.parent / f".{cached.name}.tmp-{os.getpid()}"
     try:
         model.save_pretrained(tmp)
