@@ -58,13 +58,19 @@ def test_bos_opens_every_window_only_when_the_tokenizer_adds_one():
     with_bos = sample_windows(tokens, 4, 16, seed=3, bos_id=-7)
     assert (with_bos[:, 0] == -7).all() and torch.equal(with_bos[:, 1:], plain[:, 1:])
 
-    class Tok:
+    class Tok:  # what it does decides, whatever its add_bos_token says
         bos_token_id = 5
-        add_bos_token = False
+        add_bos_token = True
+        adds = False
+
+        def __call__(self, text):
+            return {"input_ids": ([self.bos_token_id] if self.adds else []) + [ord(c) for c in text]}
 
     assert window_bos(Tok()) is None
-    Tok.add_bos_token = True
+    Tok.adds, Tok.add_bos_token = True, False  # Gemma's tokenizer read back from a saved folder
     assert window_bos(Tok()) == 5
+    Tok.bos_token_id = None
+    assert window_bos(Tok()) is None
 
 
 def test_jsonl_and_bad_files(tokenizer, tmp_path):

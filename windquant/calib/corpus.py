@@ -207,8 +207,16 @@ def window_bos(tokenizer) -> int | None:
     (Gemma) then scores far worse than it is (measured: Gemma-3-270M's proxy perplexity 80.9 without
     it, 17.1 with it, same windows), and sensitivities measured there mis-rank its units. llama.cpp
     puts the BOS in the same way; tokenizers that add none (SmolLM2) are untouched.
+
+    Decided by what the tokenizer does, not by its ``add_bos_token`` attribute: Gemma's tokenizer
+    saved by transformers and read back (the cached dequantized reference, a checkpoint folder)
+    says ``add_bos_token=False`` and still adds the BOS.
     """
-    return tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if len(ids) > 0 and ids[0] == bos else None
 
 
 def sample_windows(tokens: torch.Tensor, n: int, length: int, seed: int, bos_id: int | None = None) -> torch.Tensor:
