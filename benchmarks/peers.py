@@ -55,7 +55,7 @@ from windquant.runinfo import set_threads
 from windquant.runtime.loading import load_model
 
 # HQQ README: 4-bit g64, 3-bit g64, 2-bit g16/g32 (g64 extra), on BaseQuantizeConfig's default axis 1;
-# "aN" picks the grouping axis: axis 0 is HQQ's better-quality choice at low bits (SmolLM2, WikiText-2
+# "aN" picks the grouping axis: axis 0 is the better one at low bits (SmolLM2, WikiText-2
 # test first 4 windows: 3-bit g64 211.9 on axis 1, 106.6 on axis 0; 2-bit g64 538,043 / 93,613).
 HQQ_CONFIGS = "4g64,3g64,3g64a0,2g16,2g32,2g32a0,2g64"
 AR_CONFIGS = "W2A16G64,W3A16,W4A16,auto2.0,auto2.5,auto3.0"  # uniform 2/3/4-bit + AutoScheme targets
