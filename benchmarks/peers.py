@@ -111,10 +111,7 @@ def quantize_hqq(model, config: str) -> dict:
             lin.weight.copy_(h.dequantize().float().reshape(lin.weight.shape))
         del h
     n = n_block_weights(model)
-    # the packed codes' share, measured: 3-bit packs 10 codes per int32 along the packed axis and pads
-    # it (3.2 bits on SmolLM2's linears on axis 1; on axis 0 with g64, 64 rows padded to 70: 3.5 bits)
-    code_bits = f"{8 * parts['W_q'] / n:.2f} ({packing})"
-    return {
+    row = {
         "method": "HQQ",
         "config": f"{bits}-bit g{group} (axis {axis}, fp16 scale+zero, optimize=True)",
         "settings": {"nbits": bits, "group_size": group, "axis": axis, "compute_dtype": "float16", "packing": packing},
@@ -122,11 +119,21 @@ def quantize_hqq(model, config: str) -> dict:
         "n_weights": n,
         "paper_bits": float(bits),
         "true_bits": 8 * sum(parts.values()) / n,
-        "formula": (
-            f"8*(W_q + scale + zero + metadata bytes of HQQLinear.state_dict())/n = "
-            f"{code_bits} code bits + 16/{group} scale + 16/{group} zero per weight"
-        ),
     }
+    return row | {"formula": hqq_formula(row)}
+
+
+def hqq_formula(row: dict) -> str:
+    """The true-bits formula of an HQQ row, from its stored byte counts (so a row written by an older
+    harness renders the same text). The packed codes' share is measured: 3-bit packs 10 codes per
+    int32 along the packed axis and pads it (3.25 bits on SmolLM2's linears on axis 1; on axis 0
+    with g64, 64 rows padded to 70: 3.5 bits)."""
+    group, packing = row["settings"]["group_size"], row["settings"]["packing"]
+    code_bits = 8 * row["bytes"]["W_q"] / row["n_weights"]
+    return (
+        f"8*(W_q + scale + zero + metadata bytes of HQQLinear.state_dict())/n = "
+        f"{code_bits:.2f} ({packing}) code bits + 16/{group} scale + 16/{group} zero per weight"
+    )
 
 
 # --------------------------------------------------------------------------- AutoRound
@@ -687,7 +694,7 @@ def span_line(meta: dict) -> str:
 def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
     """peers.md: the table plus each row's true-bits formula."""
     lines = [f"Peers on {meta['model']}: {span_line(meta)}", "", *table_lines(rows, meta), "", "True-bits formulas:", ""]
-    lines += [f"* {r['key']}: {r['formula']}" for r in rows if r.get("formula")]
+    lines += [f"* {r['key']}: {hqq_formula(r) if r.get('method') == 'HQQ' else r['formula']}" for r in rows if r.get("formula")]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
