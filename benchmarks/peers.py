@@ -591,10 +591,13 @@ class LlamacppRows:
             preset = rows.get(f"llamacpp:{config.split('@')[1]}")
             if preset is None or preset.get("error"):
                 raise RuntimeError(f"needs the row llamacpp:{config.split('@')[1]} first")
+            # Without the types that re-find the source file's own grid (both models' references are
+            # dequantized GGUFs, SmolLM2's stored as Q4_1): the recipe a 16-bit source would get.
             cfg = GGUFConfig(
                 target_bpw=preset["true_bits"],
                 embedding_type=parse_type(preset["embedding_type"]),
                 output_type=parse_type(preset["output_type"]),
+                source_grids=False,
             )
             report = build_gguf(self.spec, path, cfg, self.fit, self.work / "windquant-gguf")
             method, detail = (
@@ -604,6 +607,7 @@ class LlamacppRows:
             )
             if check := report["recipe_check"]:
                 detail += f" (recipe check on {check['windows']}: kept {check['chosen']})"
+            detail += f"; {report['source_grid_options_dropped']} options that re-find the source's grid excluded"
         else:
             llamacpp.quantize(self.reference, path, config, imatrix=self.imatrix)
             method, detail = "llama.cpp", f"{config}, imatrix by llama-imatrix on the {self.args.ar_calib} calib windows"

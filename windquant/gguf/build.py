@@ -39,7 +39,7 @@ from windquant.gguf.files import (
     write_imatrix,
     write_reference,
 )
-from windquant.gguf.recipe import Recipe, TensorOptions, candidate_recipes, trace_cost
+from windquant.gguf.recipe import Recipe, TensorOptions, candidate_recipes, trace_cost, without_source_grids
 from windquant.gguf.types import LLAMACPP_TYPES, PYTHON_TYPES, fits, tensor_bytes
 from windquant.model.loading import EMBEDDED
 
@@ -58,6 +58,9 @@ class GGUFConfig:
     # Types under this many bits per weight are coarse: a recipe using them is checked against the
     # recipe without them on held-out text (0: no check; 3.0 makes the 2-bit k- and i-quants coarse).
     coarse_bpw: float = 3.0
+    # False: drop the types that reproduce a quantized source file's own grid (recipe.without_source_grids),
+    # so that the recipe is the one a 16-bit source would get (a fair comparison with llama.cpp's presets).
+    source_grids: bool = True
 
 
 def source_gguf(spec: str) -> Path:
@@ -265,6 +268,9 @@ def build_gguf(spec: str, out: Path | None, cfg: GGUFConfig, fit: FitConfig, wor
             raise WindquantError(f"unsupported architecture for GGUF writing: the model and {source} disagree on {odd}")
         write_imatrix(ws.imatrix, imatrix, f"windquant {fit.calib} {fit.calib_samples}x{fit.calib_len}", fit.calib_samples)
     options = candidate_options(ws, types, writer, linears, moments, fisher, progress)
+    dropped = None
+    if not cfg.source_grids:
+        options, dropped = without_source_grids(options)
     recipes = candidate_recipes(options, cfg.target_bpw, cfg.coarse_bpw)
     write = dict(ws=ws, writer=writer, embedding_type=cfg.embedding_type, output_type=output_type, imatrix=ws.imatrix)
     check = check_recipes(spec, recipes, fit, write, out, progress) if len(recipes) > 1 else None
@@ -276,6 +282,7 @@ def build_gguf(spec: str, out: Path | None, cfg: GGUFConfig, fit: FitConfig, wor
         "reference": str(ws.reference),
         **recipe.to_json(),
         "recipe_check": check,
+        "source_grid_options_dropped": dropped,
     }
     report["config"] = {
         k: (v.name if isinstance(v, GGMLQuantizationType) else [t.name for t in v] if isinstance(v, tuple) else v)

@@ -132,6 +132,26 @@ def make_recipe(options: list[TensorOptions], target_bpw: float) -> Recipe:
     return recipe_of(options, chosen, target_bpw)
 
 
+def without_source_grids(options: list[TensorOptions]) -> tuple[list[TensorOptions], int]:
+    """``options`` without the types that reproduce the source file's own quantization, and how
+    many (tensor, type) options that removed. A source GGUF stored as Q4_1 (as SmolLM2's package
+    ships) round-trips through Q4_1 on the same blocks almost exactly, so the knapsack would take
+    such tensors for free; a model converted from 16-bit weights offers no such type. The test is
+    per tensor: a type of fewer bits than Q8_0 that costs no more than Q8_0 can only be
+    re-finding the grid the tensor was stored on. Tensors without a Q8_0 cost are kept as they are."""
+    kept, dropped = [], 0
+    for o in options:
+        q8 = o.costs.get(GGMLQuantizationType.Q8_0)
+        costs = {
+            t: c
+            for t, c in o.costs.items()
+            if q8 is None or bits_per_weight(t) >= bits_per_weight(GGMLQuantizationType.Q8_0) or c > q8
+        }
+        dropped += len(o.costs) - len(costs)
+        kept.append(TensorOptions(o.name, o.rows, o.cols, costs))
+    return kept, dropped
+
+
 def candidate_recipes(options: list[TensorOptions], target_bpw: float, coarse_bpw: float) -> dict[str, Recipe]:
     """The knapsack's recipe over every option (:data:`ALL_TYPES`) and, when it uses a type under
     ``coarse_bpw`` bits per weight and the target can be met without such types, the knapsack's
