@@ -320,6 +320,12 @@ def _add_gguf(sub) -> None:
         help="keep the knapsack's recipe as it is (default: when it uses types under 3 bits per weight, the recipe "
         "without them is written too and the one with the lower perplexity on held-out calibration text is kept)",
     )
+    types.add_argument(
+        "--no-source-grids",
+        action="store_true",
+        help="leave out, per tensor, the types that reproduce a quantized source's own grid (a Q4_1 source round-trips "
+        "through Q4_1 almost exactly): the recipe a 16-bit source would get, for fair comparisons",
+    )
     calib.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default: %(default)s)")
     calib.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default: %(default)s)")
     calib.add_argument(
