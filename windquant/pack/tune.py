@@ -85,9 +85,10 @@ class TunableLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reference:
             return self.original(x)
-        # Chunk by chunk, scales applied to the outputs (AffineUnit.output): the scales' gradient
-        # is a reduction over outputs, and each chunk's float32 base is formed from its uint8
-        # codes when needed (forward, backward) instead of being held for every chunk at once.
+        # Chunk by chunk, scales applied to the outputs (AffineUnit.output): no weight is formed
+        # per step and the scales' gradient is a reduction over outputs. What autograd keeps is
+        # about the same (each chunk's pre-scale output instead of its formed weight); a step
+        # went from 2.2 to 2.0 s on SmolLM2-135M (40 steps with their checks: 88 -> 81 s).
         tuned = {key: (scale, shift) for key, scale, shift in self.tuned()}
         y = None
         for key, part, (col0, col1) in zip(self.keys, self.parts, self.columns):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +13,7 @@ from windquant.quant.accounting import unit_layout
 from windquant.quant.codes import pack_codes, unpack_codes
 from windquant.quant.feedback import error_feedback
 from windquant.quant.ops import FitResult, Grid, decode, encode, fit, grid_for
-from windquant.quant.rotation import hadamard, pack_signs, random_signs, rotates, rotation, unpack_signs, unrotate
+from windquant.quant.rotation import pack_signs, random_signs, rotates, rotation, unpack_signs, unrotate
 
 
 @dataclass(frozen=True)
@@ -259,99 +258,39 @@ def dequantize_unit(packed: dict[str, torch.Tensor], action: float, out_features
     return w_hat.half().float()
 
 
-class _FormedLinear(torch.autograd.Function):
-    """``x @ form().T`` for a frozen weight that is formed on demand, in the forward and again in
-    the backward, and never kept between them: autograd would otherwise hold every chunk's
-    float32 weight for the whole backward pass."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, form: Callable[[], torch.Tensor]) -> torch.Tensor:
-        ctx.form = form
-        return F.linear(x, form())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.form(), None
-
-
-@dataclass
-class SparseFixed:
-    """A unit's salient positions and their INT8 values (row, column, value), in row-major order."""
-
-    rows: torch.Tensor  # int64 [k]
-    cols: torch.Tensor  # int64 [k]
-    values: torch.Tensor  # float32 [k]
-
-    def product(self, x: torch.Tensor, values: torch.Tensor, out_features: int) -> torch.Tensor:
-        """``x @ S.T`` for the sparse [out, g] matrix ``S`` with ``values`` at these positions."""
-        contributions = x[..., self.cols] * values
-        return torch.zeros(*x.shape[:-1], out_features, dtype=contributions.dtype).index_add(-1, self.rows, contributions)
-
-
 @dataclass
 class AffineUnit:
     """A packed unit's weights as an affine function of its per-row scale and shift, with the
     codes, salient values and rotation frozen::
 
-        w_hat(scale, shift) = (scale ⊙ base + shift ⊙ 1) Rᵀ   where not fixed
-        w_hat = fixed                                        at the salient positions
+        w_hat(scale, shift) = where(fixed_mask, fixed, scale ⊙ base + shift ⊙ offset)
 
-    with ``base = step · (codes − center)`` (zero at the fixed positions) and ``R`` the unit's
-    rotation (identity when unrotated; a rotated unit has no fixed part). This is what end-to-end
-    scale tuning differentiates through. Only the uint8 codes and the sparse salient values are
-    held: a quarter of a float32 copy of the unit.
+    (rotation already folded into ``base`` and ``offset``; a rotated unit has no fixed part).
+    This is what end-to-end scale tuning differentiates through.
     """
 
-    codes: torch.Tensor  # uint8 [out, g]
-    grid: Grid
-    signs: torch.Tensor | None  # rotation signs [g], None when unrotated
-    fixed: SparseFixed | None  # salient positions and values
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[0]
-
-    def base(self) -> torch.Tensor:
-        """``step · (codes − center)`` in float32, zero at the fixed positions, unrotated basis."""
-        base = (self.codes.float() - self.grid.center) * self.grid.step
-        if self.fixed is not None:
-            base[self.fixed.rows, self.fixed.cols] = 0.0
-        return base
-
-    def fixed_mask(self) -> torch.Tensor | None:
-        if self.fixed is None:
-            return None
-        mask = torch.zeros(self.codes.shape, dtype=torch.bool)
-        mask[self.fixed.rows, self.fixed.cols] = True
-        return mask
-
-    def _rotated_input(self, x: torch.Tensor) -> torch.Tensor:
-        # x @ (B Rᵀ)ᵀ = (x R) @ Bᵀ, and x R = (x ⊙ signs) @ Had: rotating the activations costs
-        # tokens × g², rotating the weight out × g² on every step.
-        return x if self.signs is None else (x * self.signs) @ hadamard(self.signs.numel())
+    base: torch.Tensor  # [out, g]
+    offset: torch.Tensor  # [g], broadcast over rows (ones, rotated when the unit is)
+    fixed_mask: torch.Tensor | None  # [out, g] salient positions
+    fixed: torch.Tensor | None  # [out, g] their INT8 values (zero elsewhere)
 
     def weight(self, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        """The dense unit (the slow reference for :meth:`output`)."""
-        w = scale[:, None] * self.base()
+        w = scale[:, None] * self.base
         if shift is not None:
-            w = w + shift[:, None]
-        if self.fixed is not None:
-            w = w.index_put((self.fixed.rows, self.fixed.cols), self.fixed.values)
-        return w if self.signs is None else unrotate(w, self.signs)
+            w = w + shift[:, None] * self.offset
+        return w if self.fixed_mask is None else torch.where(self.fixed_mask, self.fixed, w)
 
     def output(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        """``x @ weight(scale, shift).T`` without keeping any weight-sized tensor: the base is
-        formed from the codes in the forward and again in the backward, the scales apply to the
-        outputs (their gradient is a reduction over outputs), the salient values are a sparse
-        product."""
-        xr = self._rotated_input(x)
-        y = _FormedLinear.apply(xr, self.base) * scale
-        if shift is not None:
-            y = y + xr.sum(-1, keepdim=True) * shift
-        if self.fixed is not None:
-            y = y + self.fixed.product(xr, self.fixed.values, self.out_features)
-            if shift is not None:  # the shift applies only where the weight is not fixed
-                y = y - self.fixed.product(xr, torch.ones_like(self.fixed.values), self.out_features) * shift
+        """``x @ weight(scale, shift).T`` without forming the weight, so that the gradient in
+        ``scale`` and ``shift`` needs no weight-sized product and no weight is kept for backward
+        (``base`` is zero at the fixed positions)."""
+        y = F.linear(x, self.base) * scale
+        if self.fixed_mask is not None:
+            y = y + F.linear(x, self.fixed)
+        if shift is not None and self.fixed_mask is None:
+            y = y + (x @ self.offset)[..., None] * shift
+        elif shift is not None:  # the offset only where the weight is not fixed: one row each
+            y = y + F.linear(x, self.offset * ~self.fixed_mask) * shift
         return y
 
 
@@ -360,12 +299,18 @@ def affine_unit(packed: dict[str, torch.Tensor], action: float, out_features: in
     shift, ``weight`` equals :func:`dequantize_unit` up to float rounding."""
     grid = grid_for(canonical_action(action))
     codes, mask, sal = _unpacked(packed, grid, out_features, columns)
-    fixed = None
-    if sal is not None and sal.values.numel():
-        rows, cols = mask.nonzero(as_tuple=True)  # row-major, as the salient values are stored
-        fixed = SparseFixed(rows, cols, salient.scatter(torch.zeros(out_features, columns), sal)[rows, cols])
-    signs = unpack_signs(packed["rot_signs"], columns) if "rot_signs" in packed else None
-    return AffineUnit(codes.to(torch.uint8), grid, signs, fixed)
+    base = grid.step * (codes.float() - grid.center)
+    offset = torch.ones(columns)
+    fixed_mask = fixed = None
+    if sal is not None:
+        fixed_mask = mask
+        fixed = salient.scatter(torch.zeros(out_features, columns), sal)
+    if "rot_signs" in packed:
+        signs = unpack_signs(packed["rot_signs"], columns)
+        base, offset = unrotate(base, signs), unrotate(offset, signs)
+    if fixed_mask is not None:
+        base = base.masked_fill(fixed_mask, 0.0)  # weight() overwrites these; output() must not count them
+    return AffineUnit(base, offset, fixed_mask, fixed)
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor, act_scale: torch.Tensor) -> float:
