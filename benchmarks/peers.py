@@ -126,7 +126,7 @@ def quantize_hqq(model, config: str) -> dict:
 def hqq_formula(row: dict) -> str:
     """The true-bits formula of an HQQ row, from its stored byte counts (so a row written by an older
     harness renders the same text). The packed codes' share is measured: 3-bit packs 10 codes per
-    int32 along the packed axis and pads it (3.25 bits on SmolLM2's linears on axis 1; on axis 0
+    int32 along the packed axis and pads it (3.2 bits on SmolLM2's linears on axis 1; on axis 0
     with g64, 64 rows padded to 70: 3.5 bits)."""
     group, packing = row["settings"]["group_size"], row["settings"]["packing"]
     code_bits = 8 * row["bytes"]["W_q"] / row["n_weights"]
