@@ -243,10 +243,11 @@ def test_without_source_grids_drops_only_the_types_that_reproduce_a_quantized_so
 
     fresh = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     stored_q4_1 = gguf.quants.dequantize(quantized_bytes(fresh, T.Q4_1), T.Q4_1)  # a source shipped as Q4_1
-    kept, dropped = without_source_grids([options(fresh), options(stored_q4_1)])
+    stored = options(stored_q4_1)
+    kept, dropped = without_source_grids([options(fresh), stored])
     assert dropped >= 1 and set(kept[0].costs) == set(PYTHON_TYPES)  # 16-bit weights lose nothing
     assert T.Q4_1 not in kept[1].costs and {T.Q4_0, T.Q5_0, T.Q8_0} <= set(kept[1].costs)
-    assert options(stored_q4_1).costs[T.Q4_1] < options(stored_q4_1).costs[T.Q8_0]  # why: Q4_1 looked free
+    assert stored.costs[T.Q4_1] < stored.costs[T.Q8_0]  # why: Q4_1 looked free
 
 
 def test_recipe_check_keeps_the_recipe_with_lower_heldout_perplexity(tmp_path, monkeypatch):

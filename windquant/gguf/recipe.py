@@ -44,6 +44,10 @@ class TensorOptions:
     def size(self, qtype: GGMLQuantizationType) -> int:
         return tensor_bytes(qtype, self.rows, self.cols)
 
+    def only(self, keep: Callable[[GGMLQuantizationType, float], bool]) -> TensorOptions:
+        """The same tensor with only the (type, cost) options ``keep`` accepts."""
+        return TensorOptions(self.name, self.rows, self.cols, {t: c for t, c in self.costs.items() if keep(t, c)})
+
 
 def choose(costs: list[list[float]], sizes: list[list[int]], budget: int) -> list[int]:
     """The exact multiple-choice knapsack: one option per item, total size ≤ ``budget``, least
@@ -139,17 +143,12 @@ def without_source_grids(options: list[TensorOptions]) -> tuple[list[TensorOptio
     such tensors for free; a model converted from 16-bit weights offers no such type. The test is
     per tensor: a type of fewer bits than Q8_0 that costs no more than Q8_0 can only be
     re-finding the grid the tensor was stored on. Tensors without a Q8_0 cost are kept as they are."""
-    kept, dropped = [], 0
+    q8_bits = bits_per_weight(GGMLQuantizationType.Q8_0)
+    kept = []
     for o in options:
         q8 = o.costs.get(GGMLQuantizationType.Q8_0)
-        costs = {
-            t: c
-            for t, c in o.costs.items()
-            if q8 is None or bits_per_weight(t) >= bits_per_weight(GGMLQuantizationType.Q8_0) or c > q8
-        }
-        dropped += len(o.costs) - len(costs)
-        kept.append(TensorOptions(o.name, o.rows, o.cols, costs))
-    return kept, dropped
+        kept.append(o.only(lambda t, c, q8=q8: q8 is None or bits_per_weight(t) >= q8_bits or c > q8))
+    return kept, sum(len(o.costs) for o in options) - sum(len(o.costs) for o in kept)
 
 
 def candidate_recipes(options: list[TensorOptions], target_bpw: float, coarse_bpw: float) -> dict[str, Recipe]:
@@ -162,10 +161,7 @@ def candidate_recipes(options: list[TensorOptions], target_bpw: float, coarse_bp
     plans = {ALL_TYPES: make_recipe(options, target_bpw)}
     if all(bits_per_weight(t) >= coarse_bpw for t in plans[ALL_TYPES].types.values()):
         return plans
-    fine = [
-        TensorOptions(o.name, o.rows, o.cols, {t: c for t, c in o.costs.items() if bits_per_weight(t) >= coarse_bpw})
-        for o in options
-    ]
+    fine = [o.only(lambda t, _c: bits_per_weight(t) >= coarse_bpw) for o in options]
     if all(o.costs for o in fine) and floor_bpw(fine) <= target_bpw + 1e-9:
         plans[NO_COARSE] = make_recipe(fine, target_bpw)
     return plans
