@@ -70,6 +70,16 @@ def gguf_stats(path: Path) -> dict:
     }
 
 
+def source_types(path: Path, source: Path) -> dict:
+    """How many of a GGUF's block linears are stored in the type the source GGUF stores them in.
+    Re-quantizing a dequantized GGUF into its own type re-finds its grid at about no cost, so such
+    tensors say nothing about a method (Gemma-3's Q4_K_M re-quantized to Q4_K_M scores the
+    reference's perplexity)."""
+    src = {t.name: t.tensor_type.name for t in open_gguf(source).tensors}
+    linear = [t for t in open_gguf(path).tensors if t.name.startswith("blk.") and t.name.endswith(LINEAR_SUFFIXES)]
+    return {"same": sum(src.get(t.name) == t.tensor_type.name for t in linear), "of": len(linear)}
+
+
 def score(path: Path, args, text: Path, base: Path | None) -> dict:
     start = time.perf_counter()
     ppl, err = llamacpp.perplexity(path, text, args.ctx, args.chunks)

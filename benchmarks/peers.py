@@ -580,13 +580,13 @@ class LlamacppRows:
         """config: a preset name (llama.cpp), or ``windquant@PRESET``: ``windquant gguf`` at the
         block-linear bits per weight of that preset's row (run first), with its embedding and
         output types."""
-        from gguf_presets import gguf_stats
+        from gguf_presets import gguf_stats, source_types
 
         from windquant.gguf import llamacpp
-        from windquant.gguf.build import GGUFConfig, build_gguf
+        from windquant.gguf.build import GGUFConfig, build_gguf, source_gguf
         from windquant.gguf.types import parse_type
 
-        path = self.work / f"{config.replace('@', '-')}.gguf"
+        path = gguf_path(self.work.parent, config)
         if config.startswith("windquant@"):
             preset = rows.get(f"llamacpp:{config.split('@')[1]}")
             if preset is None or preset.get("error"):
@@ -620,8 +620,28 @@ class LlamacppRows:
             "file_bits_per_param": stats["file_bpw"],
             "embedding_type": stats["embedding_type"],
             "output_type": stats["output_type"],
+            "source_types": source_types(path, source_gguf(self.spec)),
             "formula": "8 x the GGUF bytes of the block linears' tensors (their types' block sizes) / their weights",
         }, model
+
+
+def gguf_path(work: Path, config: str) -> Path:
+    """Where a llama.cpp row's GGUF (preset, or ``windquant@PRESET``) is written under ``--work``."""
+    return work / "gguf" / f"{config.replace('@', '-')}.gguf"
+
+
+def add_source_types(row: dict, spec: str, work: Path) -> bool:
+    """Give a finished GGUF row written before its ``source_types`` were recorded that count, from
+    its file under ``work`` when still there; whether the row changed."""
+    from gguf_presets import source_types
+
+    from windquant.gguf.build import source_gguf
+
+    path = gguf_path(work, row["key"].split(":", 1)[1])
+    if "source_types" in row or not path.is_file():
+        return False
+    row["source_types"] = source_types(path, source_gguf(spec))
+    return True
 
 
 # --------------------------------------------------------------------------- driver
@@ -670,9 +690,12 @@ def table_lines(rows: list[dict], meta: dict) -> list[str]:
         else:
             seconds = fmt(seconds, 0)
         bits = "fp32" if r["method"] == "reference" else f"{r['true_bits']:.3f}"
+        config = r["config"]
+        if same := r.get("source_types"):
+            config += f"; {same['same']} of {same['of']} block linears in the source GGUF's own type"
         cells = [
             r["method"],
-            r["config"],
+            config,
             bits,
             fmt(r.get("file_bits_per_param"), 3),
             ratio_cell(r, ref, "wiki2"),
@@ -880,6 +903,9 @@ def main() -> None:
         row = rows.get(key)
         if row is not None and (row.get("error") or not evaluator.missing(row)):
             print(f"{key}: done, skipped", flush=True)
+            if method == "llamacpp" and not row.get("error") and add_source_types(row, args.model, work):
+                touched.add(key)
+                save_rows(json_path, rows, meta, touched)
             continue
         print(f"{key}: quantizing", flush=True)
         touched.add(key)
