@@ -57,10 +57,15 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
+def block_linear_tensors(path: Path) -> list:
+    """A GGUF's block-linear tensors (gguf-py's ReaderTensor)."""
+    return [t for t in open_gguf(path).tensors if t.name.startswith("blk.") and t.name.endswith(LINEAR_SUFFIXES)]
+
+
 def gguf_stats(path: Path) -> dict:
     """Block-linear bpw, whole-file bpw, and the embedding's and output's types of a GGUF."""
     tensors = {t.name: t for t in open_gguf(path).tensors}
-    linear = [t for n, t in tensors.items() if n.startswith("blk.") and n.endswith(LINEAR_SUFFIXES)]
+    linear = block_linear_tensors(path)
     emb = tensors["token_embd.weight"].tensor_type.name
     return {
         "linear_bpw": 8 * sum(t.n_bytes for t in linear) / sum(t.n_elements for t in linear),
@@ -76,7 +81,7 @@ def source_types(path: Path, source: Path) -> dict:
     tensors say nothing about a method (Gemma-3's Q4_K_M re-quantized to Q4_K_M scores the
     reference's perplexity)."""
     src = {t.name: t.tensor_type.name for t in open_gguf(source).tensors}
-    linear = [t for t in open_gguf(path).tensors if t.name.startswith("blk.") and t.name.endswith(LINEAR_SUFFIXES)]
+    linear = block_linear_tensors(path)
     return {"same": sum(src.get(t.name) == t.tensor_type.name for t in linear), "of": len(linear)}
 
 

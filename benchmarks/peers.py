@@ -547,7 +547,7 @@ class LlamacppRows:
         for tool in ("llama-quantize", "llama-imatrix"):
             if llamacpp.find_tool(tool) is None:
                 raise RuntimeError(f"{tool} not found; {llamacpp.BUILD_HINT}")
-        self.spec, self.args, self.work = spec, args, work / "gguf"
+        self.spec, self.args, self.work = spec, args, gguf_dir(work)
         self.fit = FitConfig(calib=args.ar_calib, data_dir=args.data_dir)
         # windquant gguf's work folder: its F16 reference is also what llama-quantize reads.
         self.ws = Workspace(self.work / "windquant-gguf", source_gguf(spec), self.fit)
@@ -586,7 +586,7 @@ class LlamacppRows:
         from windquant.gguf.build import GGUFConfig, build_gguf, source_gguf
         from windquant.gguf.types import parse_type
 
-        path = gguf_path(self.work.parent, config)
+        path = gguf_path(self.work, config)
         if config.startswith("windquant@"):
             preset = rows.get(f"llamacpp:{config.split('@')[1]}")
             if preset is None or preset.get("error"):
@@ -625,9 +625,14 @@ class LlamacppRows:
         }, model
 
 
-def gguf_path(work: Path, config: str) -> Path:
-    """Where a llama.cpp row's GGUF (preset, or ``windquant@PRESET``) is written under ``--work``."""
-    return work / "gguf" / f"{config.replace('@', '-')}.gguf"
+def gguf_dir(work: Path) -> Path:
+    """The llama.cpp rows' folder under ``--work`` (imatrix, F16 reference, every row's GGUF)."""
+    return work / "gguf"
+
+
+def gguf_path(folder: Path, config: str) -> Path:
+    """Where a llama.cpp row's GGUF (preset, or ``windquant@PRESET``) is written in ``folder``."""
+    return folder / f"{config.replace('@', '-')}.gguf"
 
 
 def add_source_types(row: dict, spec: str, work: Path) -> bool:
@@ -637,7 +642,7 @@ def add_source_types(row: dict, spec: str, work: Path) -> bool:
 
     from windquant.gguf.build import source_gguf
 
-    path = gguf_path(work, row["key"].split(":", 1)[1])
+    path = gguf_path(gguf_dir(work), row["key"].split(":", 1)[1])
     if "source_types" in row or not path.is_file():
         return False
     row["source_types"] = source_types(path, source_gguf(spec))
