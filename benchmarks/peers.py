@@ -148,8 +148,8 @@ def calib_windows(tokenizer, args) -> torch.Tensor:
 
 
 def calib_json(tokenizer, args, folder: Path) -> str:
-    """:func:`calib_windows` as a JSON list of texts, so AutoRound sees the same data
-    (AutoScheme only accepts a dataset path)."""
+    """:func:`calib_windows` as a JSON list of texts, for AutoScheme (it only accepts a dataset
+    path; re-tokenizing drops the few windows that come back shorter than ``--ar-seqlen``)."""
     path = folder / f"calib_{args.ar_calib}.json"
     atomic_write_json(path, [tokenizer.decode(w) for w in calib_windows(tokenizer, args)])
     return str(path)
@@ -187,13 +187,16 @@ def quantize_autoround(model, tokenizer, config: str, args, work: Path) -> dict:
     """
     from auto_round import AutoRound, AutoScheme
 
-    dataset = calib_json(tokenizer, args, work)
+    # The windows themselves, batched, not their decoded text: AutoRound re-tokenizes text and
+    # drops every sample shorter than seqlen (58 of the 64 windows survived that way).
+    windows = calib_windows(tokenizer, args)
+    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in windows.split(args.ar_batch)]
     common = {
         "iters": args.ar_iters,
         "nsamples": args.ar_nsamples,
         "seqlen": args.ar_seqlen,
         "batch_size": args.ar_batch,
-        "dataset": dataset,
+        "dataset": batches,
         "device_map": args.ar_device,
         "amp": False,
         "low_cpu_mem_usage": False,  # its offload reloads blocks from model files; a GGUF-loaded model has none
@@ -207,7 +210,7 @@ def quantize_autoround(model, tokenizer, config: str, args, work: Path) -> dict:
             nsamples=args.ar_nsamples,
             seqlen=args.ar_seqlen,
             batch_size=1,
-            dataset=dataset,
+            dataset=calib_json(tokenizer, args, work),
             device_map=args.ar_device,
             low_cpu_mem_usage=False,
             enable_torch_compile=args.ar_compile,
