@@ -147,11 +147,11 @@ def calib_windows(tokenizer, args) -> torch.Tensor:
     return calibration_windows(tokenizer, FitConfig(calib=args.ar_calib, data_dir=args.data_dir))
 
 
-def calib_json(tokenizer, args, folder: Path) -> str:
+def calib_json(tokenizer, windows: torch.Tensor, args, folder: Path) -> str:
     """:func:`calib_windows` as a JSON list of texts, for AutoScheme (it only accepts a dataset
     path; re-tokenizing drops the few windows that come back shorter than ``--ar-seqlen``)."""
     path = folder / f"calib_{args.ar_calib}.json"
-    atomic_write_json(path, [tokenizer.decode(w) for w in calib_windows(tokenizer, args)])
+    atomic_write_json(path, [tokenizer.decode(w) for w in windows])
     return str(path)
 
 
@@ -210,7 +210,7 @@ def quantize_autoround(model, tokenizer, config: str, args, work: Path) -> dict:
             nsamples=args.ar_nsamples,
             seqlen=args.ar_seqlen,
             batch_size=1,
-            dataset=calib_json(tokenizer, args, work),
+            dataset=calib_json(tokenizer, windows, args, work),
             device_map=args.ar_device,
             low_cpu_mem_usage=False,
             enable_torch_compile=args.ar_compile,
