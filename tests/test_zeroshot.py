@@ -131,3 +131,65 @@ def test_cli_tasks_json_and_errors(tiny_model_dir, tmp_path, capsys):
         assert main(["eval", str(tiny_model_dir), *bad]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if "windquant" in line or "Traceback" in line]
         assert len(err) == 1 and match in err[0], err
+
+
+def tiny_gemma3():
+    """A random two-layer Gemma-3 (one sliding-window layer of 96 tokens, one global)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=96,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_shared_context_loglikelihoods_equal_hflms(arch, tiny_model, tokenizer):
+    """One row per document (the context, then every choice seeing only the context and itself)
+    gives HFLM's own (log-likelihood, greedy) for every request: rows of different lengths in one
+    left-padded batch, choices of different lengths, one-token choices, a request alone in its
+    group; a document longer than Gemma-3's sliding window (110 positions > 96) and one longer than
+    the model's window go to HFLM's path. On LLaMA and on Gemma-3 (sliding and global layers)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from windquant.eval.shared_context import SharedContextLM
+
+    model = tiny_model if arch == "llama" else tiny_gemma3()
+    pairs = [
+        ("Question: which is wet?\nAnswer:", " water"),
+        ("Question: which is wet?\nAnswer:", " a dry stone on a hot day"),
+        ("Question: which is wet?\nAnswer:", " x"),
+        ("The cat sat on the", " mat"),
+        ("The cat sat on the", " m"),
+        ("A lone context", " with its one continuation, longer than the others here"),
+        ("s" * 90, " " + "t" * 20),  # 90 context tokens + 21 (byte-level tokens): 110 positions
+        ("word " * 200, " end of a long request"),
+    ]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    expected = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3, max_length=128).loglikelihood(requests, disable_tqdm=True)
+    shared = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=3, max_length=128)
+    shapes = []
+    handle = model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(tuple((args[0] if args else kwargs["input_ids"]).shape)), with_kwargs=True)
+    try:
+        got = shared.loglikelihood(requests, disable_tqdm=True)
+        assert len(got) == len(pairs)
+        for (ll, greedy), (ll_ref, greedy_ref) in zip(got, expected):
+            assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4) and greedy == greedy_ref
+        # Not a no-op: the first document's three choices are one row, the context's tokens once.
+        shapes.clear()
+        shared.loglikelihood(requests[:3], disable_tqdm=True)
+        context = len("Question: which is wet?\nAnswer:")
+        assert shapes == [(1, context + len(" water") - 1 + len(" a dry stone on a hot day") - 1 + len(" x") - 1)]
+    finally:
+        handle.remove()

@@ -1,7 +1,8 @@
 """Zero-shot accuracy through lm-evaluation-harness, on the model object already in memory.
 
 Scoring is lm-eval's own (``HFLM`` + ``simple_evaluate``), so the figures are comparable with
-published lm-eval numbers; we only choose where the documents come from: the Hugging Face Hub
+published lm-eval numbers; the log-likelihoods come from ``HFLM`` with each shared context run
+once (:mod:`windquant.eval.shared_context`); we only choose where the documents come from: the Hugging Face Hub
 (lm-eval's built-in tasks) or, with ``data_dir``, the benchmarks' original release files read by
 the task configs in ``windquant/eval/tasks`` (same prompts and metrics). Wrapping the loaded
 object, not a path, is what lets a freshly quantized model be scored before it is saved.
@@ -116,11 +117,14 @@ def evaluate_zeroshot(
     limit: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    shared_context: bool = True,
 ) -> dict[str, dict]:
     """task -> {"acc": float, "acc_norm": float | None, "n": int} (lm-eval's own metrics).
 
     ``limit`` scores the first N documents of each task (lm-eval's ``--limit``); ``acc_norm``
     is None for tasks whose lm-eval config has no length-normalised accuracy (boolq, winogrande).
+    ``shared_context=False`` runs lm-eval's ``HFLM`` unchanged (every request a full sequence, in
+    batches of ``batch_size``); the default runs each document's context once.
     """
     for t in tasks:
         if t not in TASKS:
@@ -132,9 +136,11 @@ def evaluate_zeroshot(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from windquant.eval.shared_context import SharedContextLM
+
     with _quiet_lm_eval(progress):
         manager, task_objs = _load_tasks(list(tasks), data_dir)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = (SharedContextLM if shared_context else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         if not progress:
             # HFLM's request loop draws its own tqdm bar; this is its documented switch.
             lm.loglikelihood = _no_tqdm(lm.loglikelihood)
