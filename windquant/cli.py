@@ -206,7 +206,7 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--limit", type=int, default=None, help="zero-shot: score only the first N examples of each task (default: all)"
     )
-    p.add_argument("--zs-batch-size", type=int, default=8, help="zero-shot: lm-eval batch size (default: %(default)s)")
+    p.add_argument("--zs-batch-size", type=int, default=8, help="zero-shot: lm-eval batch size for documents longer than the model's window; the rest are batched by tokens (default: %(default)s)")
     p.add_argument(
         "--json", dest="json_out", default=None, metavar="PATH", help="also write the result to this JSON file (default: none)"
     )
