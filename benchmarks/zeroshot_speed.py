@@ -12,6 +12,7 @@ median seconds, the ratio to ``HFLM`` in the same run, and both paths' accuracie
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
@@ -32,12 +33,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tasks", default="piqa,arc_easy")
-    ap.add_argument("--data-dir", required=True, help="folder holding zeroshot/ (or piqa/, arc_easy/ ...)")
+    ap.add_argument("--data-dir", help="folder holding zeroshot/ (or piqa/, arc_easy/ ...)")
     ap.add_argument("--limit", type=int, default=150, help="documents per task (default %(default)s)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/zeroshot_speed")
+    ap.add_argument("--only-table", action="store_true", help="redraw results.md and the plot from results.json")
     args = ap.parse_args()
-    out, _ = results_folder(args.out)
+    out, rows = results_folder(args.out)
+    if args.only_table:
+        render(out, rows, json.loads((out / "results.json").read_text()))
+        return
+    if not args.data_dir:
+        ap.error("--data-dir is required to measure (the folder holding zeroshot/)")
     tasks = args.tasks.split(",")
     model, tok = load_model(args.model)
     seconds: dict[str, list[float]] = {k: [] for k in PATHS}
@@ -62,10 +69,16 @@ def main() -> None:
         for key in PATHS
     }
     command = "python benchmarks/zeroshot_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    save_rows(out / "results.json", rows, {"model": args.model, "tasks": tasks, "limit": args.limit, "repeats": args.repeats, "command": command})
+    meta = {"model": args.model, "tasks": tasks, "limit": args.limit, "repeats": args.repeats, "command": command}
+    save_rows(out / "results.json", rows, meta)
+    render(out, rows, meta)
+
+
+def render(out: Path, rows: dict[str, dict], meta: dict) -> None:
+    tasks, limit, repeats = meta["tasks"], meta["limit"], meta["repeats"]
     head = ["path", "median s", "× HFLM", *[f"{t} acc / acc_norm" for t in tasks]]
     lines = [
-        f"{args.model}, zero-shot {', '.join(tasks)}, first {args.limit} documents each, median of {args.repeats} repeats "
+        f"{meta['model']}, zero-shot {', '.join(tasks)}, first {limit} documents each, median of {repeats} repeats "
         "(task loading to metrics); both paths in one process, alternating.",
         "",
         "| " + " | ".join(head) + " |",
@@ -74,11 +87,12 @@ def main() -> None:
     for r in rows.values():
         accs = [f"{r['zeroshot'][t]['acc']:.4f} / {r['zeroshot'][t]['acc_norm']:.4f}" for t in tasks]
         lines.append(f"| {r['path']} | {r['median_s']:.1f} | ×{r['ratio_to_hflm']:.2f} | " + " | ".join(accs) + " |")
-    write_markdown(out, lines, command)
+    write_markdown(out, lines, meta["command"])
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 2.6))
+    fig, ax = plt.subplots(figsize=(7, 2.6))
     ax.barh([r["path"] for r in rows.values()], [r["median_s"] for r in rows.values()], color=["#999999", "#1f77b4"])
-    ax.set_xlabel(f"seconds, {', '.join(tasks)} × {args.limit} documents (median of {args.repeats})")
+    ax.set_title(f"{meta['model']}: {', '.join(tasks)}, first {limit} documents each", fontsize=10)
+    ax.set_xlabel(f"seconds (median of {repeats})")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(out / "zeroshot_speed.png", dpi=120)
