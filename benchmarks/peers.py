@@ -215,7 +215,8 @@ def quantize_autoround(model, tokenizer, config: str, args, work: Path) -> dict:
             low_cpu_mem_usage=False,
             enable_torch_compile=args.ar_compile,
         )
-        label = f"AutoScheme avg_bits {target:g} over {args.ar_options}"
+        # Said in the row: the scheme search alone sees the windows as text it re-tokenizes.
+        label = f"AutoScheme avg_bits {target:g} over {args.ar_options} (its scheme search reads the windows as decoded text and drops those shorter than {args.ar_seqlen} tokens once re-tokenized)"
     else:
         scheme, label = config, config
     model.hf_quantizer = None  # the GGUF loader's marker (weights are dequantized); blocks save_pretrained
