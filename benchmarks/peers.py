@@ -723,7 +723,11 @@ def span_line(meta: dict) -> str:
             f"llama.cpp's protocol (ctx 512, first {meta['llamacpp_windows']} chunks of the raw file, second halves scored)"
         )
     limit = "full sets" if not meta["limit"] else f"first {meta['limit']} examples"
-    parts.append(f"zero-shot {', '.join(meta['tasks'])} ({limit})" if meta["tasks"] else "no zero-shot yet")
+    parts.append(
+        f"zero-shot {', '.join(meta['tasks'])} ({limit}; lm-eval's prompts and metrics, acc %, each document's context run once)"
+        if meta["tasks"]
+        else "no zero-shot yet"
+    )
     return "; ".join(parts) + "."
 
 
