@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import shlex
@@ -629,6 +630,19 @@ class LlamacppRows:
         }, model
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every tensor the model holds (its state dict, by name): what a resumed row checks
+    before adding evaluations, so that they score the model its first evaluations scored."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):  # a module's extra state may be any object: its repr then
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(t).encode())
+    return h.hexdigest()[:16]
+
+
 def gguf_dir(work: Path) -> Path:
     """The llama.cpp rows' folder under ``--work`` (imatrix, F16 reference, every row's GGUF)."""
     return work / "gguf"
@@ -951,8 +965,16 @@ def main() -> None:
             restore()
             continue
         seconds = time.perf_counter() - start
-        # A resumed row keeps its first quantize time and memory; only evaluations are added.
+        digest = weights_digest(model)
+        if row and row.get("weights_digest", digest) != digest:
+            # Not the model the stored figures scored (a changed default, a nondeterministic peer):
+            # none of them can stand beside new ones, so the row starts over.
+            print(f"{key}: weights differ from the stored row's ({row['weights_digest']} -> {digest}); re-evaluating all", flush=True)
+            row = None
+        # A resumed row keeps its first quantize time and memory; only evaluations are added. Rows
+        # from before digests were kept get theirs at their first resumed evaluation.
         row = {**result, **(row or {}), "key": key} if row else {"key": key, **result}
+        row.setdefault("weights_digest", digest)
         row.setdefault("quantize_seconds", round(seconds, 1))
         row.setdefault("peak_rss_mib", phase_peak_rss_mib())
         print(f"{key}: true bits {row['true_bits']:.3f} ({seconds:.0f}s)", flush=True)
