@@ -643,6 +643,24 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def confirm_legacy_row(evaluator: Evaluator, model, tokenizer, row: dict) -> bool:
+    """A row stored before digests were kept: do the re-quantized weights give its llama.cpp-protocol
+    perplexity again (a few minutes; the full split would take as long as the row did)? Records
+    the check in ``row``. False (start the row over) when the figure moved; True, and the row
+    says it is unchecked, when there is no such figure to compare."""
+    stored = (row.get("llamacpp") or {}).get("ppl")
+    scratch = {"wiki2": row.get("wiki2")}
+    if stored is None or evaluator.missing(scratch, zeroshot=False) != ["llamacpp"]:
+        row["weights_check"] = "none: stored before weight digests, and no llama.cpp-protocol figure to re-measure"
+        return True
+    evaluator.run(model, tokenizer, scratch, zeroshot=False)
+    again = scratch["llamacpp"]["ppl"]
+    same = abs(again / stored - 1) < 1e-4
+    print(f"{row['key']}: llama.cpp protocol re-measured on the re-quantized weights: {again:.4f} (stored {stored:.4f})", flush=True)
+    row["weights_check"] = f"llama.cpp protocol re-measured at the first resumed evaluation: {again:.4f} against the stored {stored:.4f}"
+    return same
+
+
 def gguf_dir(work: Path) -> Path:
     """The llama.cpp rows' folder under ``--work`` (imatrix, F16 reference, every row's GGUF)."""
     return work / "gguf"
@@ -966,13 +984,14 @@ def main() -> None:
             continue
         seconds = time.perf_counter() - start
         digest = weights_digest(model)
+        if row and "weights_digest" not in row and not confirm_legacy_row(evaluator, model, tok, row):
+            row = None
         if row and row.get("weights_digest", digest) != digest:
             # Not the model the stored figures scored (a changed default, a nondeterministic peer):
             # none of them can stand beside new ones, so the row starts over.
             print(f"{key}: weights differ from the stored row's ({row['weights_digest']} -> {digest}); re-evaluating all", flush=True)
             row = None
-        # A resumed row keeps its first quantize time and memory; only evaluations are added. Rows
-        # from before digests were kept get theirs at their first resumed evaluation.
+        # A resumed row keeps its first quantize time and memory; only evaluations are added.
         row = {**result, **(row or {}), "key": key} if row else {"key": key, **result}
         row.setdefault("weights_digest", digest)
         row.setdefault("quantize_seconds", round(seconds, 1))
