@@ -747,6 +747,46 @@ def table_lines(rows: list[dict], meta: dict) -> list[str]:
     return lines
 
 
+def wiki2_ppl(row: dict) -> float | None:
+    return (row.get("wiki2") or {}).get("ppl")
+
+
+def standing_lines(rows: list[dict]) -> list[str]:
+    """The issue's goal, peer row by peer row: the windquant row with the lowest WikiText-2
+    perplexity among those at equal or fewer true bits, and which of the two is lower; zero-shot
+    averages beside them where both rows have one. A llama.cpp row is held against ``windquant
+    gguf`` rows only (its embedding and output are quantized too, with the same types); the Python
+    peers against every windquant row. Ends with a one-line count."""
+    scored = [r for r in rows if not r.get("error") and r["method"] != "reference" and wiki2_ppl(r)]
+    ours = [r for r in scored if r["method"].startswith("windquant")]
+    peers = sorted((r for r in scored if not r["method"].startswith("windquant")), key=lambda r: (r["true_bits"], r["key"]))
+    head = ["peer row", "true bits", "Wiki2 PPL", "best windquant row at ≤ its bits", "true bits", "Wiki2 PPL", "lower", "zero-shot avg (peer / windquant)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    wins, losses, uncovered = [], [], []
+    for p in peers:
+        cells = [p["key"], f"{p['true_bits']:.3f}", f"{wiki2_ppl(p):.2f}"]
+        same_kind = [w for w in ours if family(p) != "gguf" or family(w) == "gguf"]
+        fewer = [w for w in same_kind if w["true_bits"] <= p["true_bits"] + 1e-9]
+        if not fewer:
+            uncovered.append(p["key"])
+            lines.append("| " + " | ".join(cells + ["none at or below these bits", "–", "–", "–", "–"]) + " |")
+            continue
+        best = min(fewer, key=wiki2_ppl)
+        ratio = wiki2_ppl(best) / wiki2_ppl(p)
+        (wins if ratio < 1 else losses).append(p["key"])
+        shown = f"×{ratio:.3f}" if ratio >= 1e-3 else f"×{ratio:.1e}"  # a collapsed peer is thousands of times higher
+        lower = f"windquant ({shown})" if ratio < 1 else f"peer (windquant {shown})"
+        avgs = [r.get("zeroshot_avg") for r in (p, best)]
+        zs = " / ".join(fmt(100 * a, 1) for a in avgs) if None not in avgs else "–"
+        cells += [best["key"], f"{best['true_bits']:.3f}", f"{wiki2_ppl(best):.2f}", lower, zs]
+        lines.append("| " + " | ".join(cells) + " |")
+    summary = f"windquant is lower on {len(wins)} of {len(peers)} peer rows at equal or fewer true bits"
+    summary += f"; the peer is lower on {', '.join(losses)}" if losses else "; no peer row is lower"
+    if uncovered:
+        summary += f"; no windquant row at or below the bits of {', '.join(uncovered)}"
+    return [*lines, "", summary + "."]
+
+
 def span_line(meta: dict) -> str:
     span = "full split" if meta["max_windows"] >= 148 else f"first {meta['max_windows']} windows"
     parts = [f"WikiText-2 test, ctx {meta['ctx']}, {span} (windquant.eval.perplexity, every prediction scored)"]
@@ -844,6 +884,8 @@ def write_results(results: Path, folders: list[Path]) -> None:
         if meta.get("commands"):
             lines += ["This table was filled by: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".", ""]
         lines += [span_line(meta), "", *table_lines(rows, meta), ""]
+        lines += ["Each peer row against the windquant rows at equal or fewer true bits (llama.cpp rows against `windquant gguf` rows):", ""]
+        lines += [*standing_lines(rows), ""]
         missing = [k for k in default_keys() if k not in {r["key"] for r in rows}]
         if missing:
             lines += [f"Not measured yet (rerun the command above; it resumes): {', '.join(missing)}.", ""]
