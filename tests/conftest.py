@@ -20,6 +20,27 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
 
 
+def make_gemma3(sliding_window: int = 96):
+    """A random two-layer Gemma-3 (one sliding-window layer of ``sliding_window`` tokens, one global):
+    (1 + gain) norms with post-norms, scaled embeddings, the sliding mask."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 def make_model(layers: int = 2, hidden: int = 64, intermediate: int = 160, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

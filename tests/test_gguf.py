@@ -273,3 +273,28 @@ def test_recipe_check_keeps_the_recipe_with_lower_heldout_perplexity(tmp_path, m
     windows = heldout_windows(tok, fit, CHECK_WINDOWS, fit.calib_len)
     assert perplexity(model, windows.reshape(-1), ctx=32, progress=False).ppl == pytest.approx(check["heldout_ppl"][check["chosen"]])
     assert not list(tmp_path.glob(".q.gguf*"))  # no candidate file left behind
+
+
+def test_read_gguf_parses_the_file_once_and_loads_what_transformers_loads(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from windquant.model.loading import read_gguf
+
+    src = write_random_llama(tmp_path / "tiny.gguf")
+    parses = []
+    parse = gguf.GGUFReader
+
+    def counted(path, mode="r"):
+        parses.append(path)
+        return parse(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted)
+    model, tok = read_gguf(src)
+    assert len(parses) == 1 and gguf.GGUFReader is counted  # parsed once, the reader restored after
+    # Reference: transformers on its own (a parse per part).
+    plain_tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    plain = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    assert len(parses) >= 3
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(t, plain.state_dict()[k]) for k, t in model.state_dict().items())
+    assert tok.get_vocab() == plain_tok.get_vocab() and tok("a b c").input_ids == plain_tok("a b c").input_ids

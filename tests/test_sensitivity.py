@@ -2,7 +2,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import block_error, block_outputs_and_gradients, full_model_statistics, run_allocator
+from conftest import block_error, block_outputs_and_gradients, full_model_statistics, make_gemma3, run_allocator
 from safetensors.torch import load_file
 
 from windquant.actions import ACTIONS, INT8, SKIP
@@ -90,7 +90,15 @@ def one_linear_at(cache, members: set[int], action: float):
     return lambda u: cache.weight(u.index, action if u.index in members else SKIP)
 
 
-def test_each_linears_block_scores_sum_to_its_measured_block_error_and_keep_the_fisher_shares(tiny_model, tokenizer, tiny_fit):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_each_linears_block_scores_sum_to_its_measured_block_error_and_keep_the_fisher_shares(arch, tiny_model, tokenizer, tiny_fit):
+    """On LLaMA, and on Gemma-3 with its sliding window (16) shorter than the windows (32).
+
+    Tolerance: float32 differences of small errors. Gemma-3's residual stream is ~50x LLaMA's here
+    while its q/k errors are normalised away before they reach it, so its 4-bit q/k totals sit
+    nearer the float32 floor (the second block's inputs are bit-identical to the whole model's;
+    the differences change sign and shrink as the action coarsens: 1.7 % at 4 bits, 0.1 % at 1)."""
+    tiny_model, rtol = (tiny_model, 1e-2) if arch == "llama" else (make_gemma3(sliding_window=16), 3e-2)
     fisher_scores = prepare(tiny_model, tokenizer, replace(tiny_fit, scores="fisher"), needs={"scores"}, progress=False).scores
     prepared = prepare(tiny_model, tokenizer, replace(tiny_fit, scores="block"), needs={"scores"}, progress=False)
     scores = prepared.scores
@@ -118,7 +126,7 @@ def test_each_linears_block_scores_sum_to_its_measured_block_error_and_keep_the_
             weight = one_linear_at(cache, set(idx), action)
             measured = max(block_error(tiny_model, layer, windows, outputs[layer], residual[layer], prepared.units, weight) - sixteen, 0.0)
             total = float(scores[idx, col].sum())
-            assert abs(total - measured) <= 1e-2 * measured + 1e-9, (module, action, total, measured)  # float32 differences of small errors
+            assert abs(total - measured) <= rtol * measured + 1e-9, (module, action, total, measured)
             shares = fisher_scores[idx, col] / fisher_scores[idx, col].sum()
             torch.testing.assert_close(scores[idx, col] / max(total, 1e-300), shares, rtol=1e-6, atol=1e-9)
     # Reloaded from the cache folder: the same table, no measurement.

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_gemma3
 
 from windquant.cli import main
 from windquant.errors import WindquantError
@@ -133,26 +134,6 @@ def test_cli_tasks_json_and_errors(tiny_model_dir, tmp_path, capsys):
         assert len(err) == 1 and match in err[0], err
 
 
-def tiny_gemma3():
-    """A random two-layer Gemma-3 (one sliding-window layer of 96 tokens, one global)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=96,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=256,
-    )
-    return Gemma3ForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_shared_context_loglikelihoods_equal_hflms(arch, tiny_model, tokenizer):
     """One row per document (the context, then every choice seeing only the context and itself)
@@ -165,7 +146,7 @@ def test_shared_context_loglikelihoods_equal_hflms(arch, tiny_model, tokenizer):
 
     from windquant.eval.shared_context import SharedContextLM
 
-    model = tiny_model if arch == "llama" else tiny_gemma3()
+    model = tiny_model if arch == "llama" else make_gemma3()
     pairs = [
         ("Question: which is wet?\nAnswer:", " water"),
         ("Question: which is wet?\nAnswer:", " a dry stone on a hot day"),

@@ -13,6 +13,8 @@ import hashlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,13 +63,38 @@ def _looks_like_path(spec: str) -> bool:
     return spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or Path(spec).exists()
 
 
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF's metadata anew for the config, the tokenizer and the weights
+    (``gguf.GGUFReader`` in each ``load_gguf_checkpoint``); Gemma-3's 262k-token vocabulary makes
+    each parse tens of seconds on 2 cores. Inside this context a file is parsed once and its
+    (read-only, memory-mapped) reader handed to every later call."""
+    import gguf
+
+    parse = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = parse
+
+
 def read_gguf(path: Path):
     """A GGUF file dequantized to a float32 model, and its tokenizer (no copy is kept)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with gguf_parsed_once():
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:  # gguf/transformers raise many types on bad files
         raise WindquantError(
             f"could not read GGUF file {path} ({type(exc).__name__}: {str(exc)[:120]}); "
@@ -97,9 +124,10 @@ def reference_dir(path: Path) -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
-    """A GGUF dequantized once: parsing and dequantizing it takes ~30 s (transformers reads the
-    file three times), so the float32 result is kept as a model folder in the cache, read back
-    in seconds with the same values (the candidate cache's model digest does not change)."""
+    """A GGUF dequantized once: parsing and dequantizing it takes ~20 s for SmolLM2-135M and ~40 s
+    for Gemma-3-270M on 2 cores (parsed once, :func:`gguf_parsed_once`), so the float32 result is
+    kept as a model folder in the cache, read back in seconds with the same values (the candidate
+    cache's model digest does not change)."""
     cached = reference_dir(path)
     if (cached / READY).is_file():
         return _load_hf(str(cached), dtype)
