@@ -18,6 +18,26 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def real_model_fit(tmp_path, calib_samples: int, calib_len: int, steps: int):
+    """Small settings for the real-model tests: the paper's candidates, quick to fit and sound with
+    ~1k calibration tokens, and the Fisher table alone (no block passes). The rotated, fed-back and
+    carried path is covered on tiny models (test_rotation.py, test_pipeline.py), and so are the
+    block scores, on LLaMA and Gemma-3 blocks, and auto's choice between the tables
+    (test_sensitivity.py)."""
+    from windquant.config import FitConfig
+
+    return FitConfig(
+        calib_samples=calib_samples,
+        calib_len=calib_len,
+        steps=steps,
+        cache_dir=str(tmp_path / "cache"),
+        rotate=False,
+        feedback=False,
+        carry=False,
+        scores="fisher",
+    )
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -4,8 +4,9 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import real_model_fit
 
-from windquant import FitConfig, PlanConfig, load, save
+from windquant import PlanConfig, load, save
 from windquant.calib.corpus import corpus_tokens
 from windquant.eval.perplexity import perplexity
 from windquant.pack.apply import apply_plan, plan_weights
@@ -22,20 +23,7 @@ def test_default_model_quantize_pack_reload(tmp_path):
     torch.set_num_threads(2)
     model, tok = load_model("smollm2-135m")
     assert model.config.num_hidden_layers == 30
-    # The paper candidates: quick to fit (CI time) and sound with 1k calibration tokens; the rotated,
-    # fed-back and carried path is covered on tiny models (test_rotation.py, test_pipeline.py), and
-    # so are the block scores and auto's choice between the tables (test_sensitivity.py): here the
-    # Fisher table alone, which costs no block passes.
-    fit = FitConfig(
-        calib_samples=8,
-        calib_len=128,
-        steps=2,
-        cache_dir=str(tmp_path / "cache"),
-        rotate=False,
-        feedback=False,
-        carry=False,
-        scores="fisher",
-    )
+    fit = real_model_fit(tmp_path, calib_samples=8, calib_len=128, steps=2)
     prepared = prepare(model, tok, fit, progress=False)
     assert len(prepared.units) == 720  # 30 layers x (6 linears x 3 chunks + down_proj x 6)
     tokens = corpus_tokens(tok, "builtin", "eval")

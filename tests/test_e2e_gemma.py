@@ -10,8 +10,9 @@ import math
 
 import pytest
 import torch
+from conftest import real_model_fit
 
-from windquant import FitConfig, PlanConfig, load, save
+from windquant import PlanConfig, load, save
 from windquant.alloc.sac import SACConfig
 from windquant.calib.corpus import corpus_tokens
 from windquant.eval.perplexity import perplexity
@@ -41,20 +42,8 @@ def test_gemma_quantize_allocate_pack_reload_generate(tmp_path, capsys):
     model.config.num_hidden_layers = BLOCKS
     model.config.layer_types = model.config.layer_types[KEPT]
     assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
-    # The Fisher table alone: block scores on Gemma-3's blocks (sliding window included) are
-    # checked against measured block errors on a tiny Gemma-3 (test_sensitivity.py), and auto's
-    # choice on tiny models; here auto's held-out check through the 262k-token head alone took
-    # 39 of the test's 239 s under cProfile.
-    fit = FitConfig(
-        calib_samples=4,
-        calib_len=128,
-        steps=1,
-        cache_dir=str(tmp_path / "cache"),
-        rotate=False,
-        feedback=False,
-        carry=False,
-        scores="fisher",
-    )
+    # auto's held-out check through the 262k-token head alone took 39 of this test's 239 s (cProfile).
+    fit = real_model_fit(tmp_path, calib_samples=4, calib_len=128, steps=1)
     prepared = prepare(model, tok, fit, needs={"features", "scores"}, progress=False)
     # 640-wide rows in 256-column chunks end in a 128-column one: per block 3 x 3 + 4 + 2 x 3 + 8.
     assert len(prepared.units) == BLOCKS * 27
