@@ -648,13 +648,13 @@ def confirm_legacy_row(evaluator: Evaluator, model, tokenizer, row: dict) -> boo
     perplexity again (a few minutes; the full split would take as long as the row did)? Records
     the check in ``row``. False (start the row over) when the figure moved; True, and the row
     says it is unchecked, when there is no such figure to compare."""
-    stored = (row.get("llamacpp") or {}).get("ppl")
+    stored = ppl(row, "llamacpp")
     scratch = {"wiki2": row.get("wiki2")}
     if stored is None or evaluator.missing(scratch, zeroshot=False) != ["llamacpp"]:
         row["weights_check"] = "none: stored before weight digests, and no llama.cpp-protocol figure to re-measure"
         return True
     evaluator.run(model, tokenizer, scratch, zeroshot=False)
-    again = scratch["llamacpp"]["ppl"]
+    again = ppl(scratch, "llamacpp")
     same = abs(again / stored - 1) < 1e-4
     print(f"{row['key']}: llama.cpp protocol re-measured on the re-quantized weights: {again:.4f} (stored {stored:.4f})", flush=True)
     row["weights_check"] = f"llama.cpp protocol re-measured at the first resumed evaluation: {again:.4f} against the stored {stored:.4f}"
@@ -703,12 +703,16 @@ def row_order(row: dict) -> tuple:
     return (ORDER.index(family(row)) if family(row) in ORDER else len(ORDER), row["true_bits"], row["method"] != "llama.cpp")
 
 
+def ppl(row: dict | None, part: str = "wiki2") -> float | None:
+    """The perplexity a row holds for ``part`` (``wiki2``, ``llamacpp``), if it was measured."""
+    return ((row or {}).get(part) or {}).get("ppl")
+
+
 def ratio_cell(row: dict, ref: dict | None, part: str) -> str:
-    ppl = (row.get(part) or {}).get("ppl")
-    base = ((ref or {}).get(part) or {}).get("ppl")
-    if ppl is None:
+    value, base = ppl(row, part), ppl(ref, part)
+    if value is None:
         return "–"
-    return f"{ppl:.2f} (×{ppl / base:.3f})" if base else f"{ppl:.2f}"
+    return f"{value:.2f} (×{value / base:.3f})" if base else f"{value:.2f}"
 
 
 def table_lines(rows: list[dict], meta: dict) -> list[str]:
@@ -747,41 +751,37 @@ def table_lines(rows: list[dict], meta: dict) -> list[str]:
     return lines
 
 
-def wiki2_ppl(row: dict) -> float | None:
-    return (row.get("wiki2") or {}).get("ppl")
-
-
 def standing_lines(rows: list[dict]) -> list[str]:
     """The issue's goal, peer row by peer row: the windquant row with the lowest WikiText-2
-    perplexity among those at equal or fewer true bits, and which of the two is lower; zero-shot
+    perplexity among those at equal or fewer true bits, and whether windquant's is lower; zero-shot
     averages beside them where both rows have one. A llama.cpp row is held against ``windquant
     gguf`` rows only (its embedding and output are quantized too, with the same types); the Python
     peers against every windquant row. Ends with a one-line count."""
-    scored = [r for r in rows if not r.get("error") and r["method"] != "reference" and wiki2_ppl(r)]
+    scored = [r for r in rows if not r.get("error") and r["method"] != "reference" and ppl(r)]
     ours = [r for r in scored if r["method"].startswith("windquant")]
     peers = sorted((r for r in scored if not r["method"].startswith("windquant")), key=lambda r: (r["true_bits"], r["key"]))
     head = ["peer row", "true bits", "Wiki2 PPL", "best windquant row at ≤ its bits", "true bits", "Wiki2 PPL", "lower", "zero-shot avg (peer / windquant)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    wins, losses, uncovered = [], [], []
+    wins, not_lower, uncovered = [], [], []
     for p in peers:
-        cells = [p["key"], f"{p['true_bits']:.3f}", f"{wiki2_ppl(p):.2f}"]
+        cells = [p["key"], f"{p['true_bits']:.3f}", f"{ppl(p):.2f}"]
         same_kind = [w for w in ours if family(p) != "gguf" or family(w) == "gguf"]
         fewer = [w for w in same_kind if w["true_bits"] <= p["true_bits"] + 1e-9]
         if not fewer:
             uncovered.append(p["key"])
             lines.append("| " + " | ".join(cells + ["none at or below these bits", "–", "–", "–", "–"]) + " |")
             continue
-        best = min(fewer, key=wiki2_ppl)
-        ratio = wiki2_ppl(best) / wiki2_ppl(p)
-        (wins if ratio < 1 else losses).append(p["key"])
+        best = min(fewer, key=ppl)
+        ratio = ppl(best) / ppl(p)
+        (wins if ratio < 1 else not_lower).append(p["key"])
         shown = f"×{ratio:.3f}" if ratio >= 1e-3 else f"×{ratio:.1e}"  # a collapsed peer is thousands of times higher
-        lower = f"windquant ({shown})" if ratio < 1 else f"peer (windquant {shown})"
+        lower = f"windquant ({shown})" if ratio < 1 else "tie (×1.000)" if ratio == 1 else f"peer (windquant {shown})"
         avgs = [r.get("zeroshot_avg") for r in (p, best)]
         zs = " / ".join(fmt(100 * a, 1) for a in avgs) if None not in avgs else "–"
-        cells += [best["key"], f"{best['true_bits']:.3f}", f"{wiki2_ppl(best):.2f}", lower, zs]
+        cells += [best["key"], f"{best['true_bits']:.3f}", f"{ppl(best):.2f}", lower, zs]
         lines.append("| " + " | ".join(cells) + " |")
     summary = f"windquant is lower on {len(wins)} of {len(peers)} peer rows at equal or fewer true bits"
-    summary += f"; the peer is lower on {', '.join(losses)}" if losses else "; no peer row is lower"
+    summary += f"; windquant is not lower on {', '.join(not_lower)}" if not_lower else "; no peer row is lower or tied"
     if uncovered:
         summary += f"; no windquant row at or below the bits of {', '.join(uncovered)}"
     return [*lines, "", summary + "."]
@@ -815,14 +815,14 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     from benchlib import pyplot
 
     ref = next((r for r in rows if r["method"] == "reference" and not r.get("error")), None)
-    base = ((ref or {}).get("wiki2") or {}).get("ppl")
+    base = ppl(ref)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        ppl = (r.get("wiki2") or {}).get("ppl")
-        if base and ppl and not r.get("error") and r["method"] != "reference":
-            series.setdefault(r["method"], []).append((r["true_bits"], ppl / base))
+        value = ppl(r)
+        if base and value and not r.get("error") and r["method"] != "reference":
+            series.setdefault(r["method"], []).append((r["true_bits"], value / base))
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
@@ -923,9 +923,10 @@ def main() -> None:
     ap.add_argument("--gptq-batch", type=int, default=1, help="GPTQModel quantize batch size (default %(default)s, its default)")
     ap.add_argument(
         "--gptq-dtype",
-        default="auto",
+        default="float32",
         choices=("auto", "float32", "bfloat16", "float16"),
-        help="dtype GPTQModel loads the reference in before quantizing (auto: its choice, bfloat16 on CPU; default %(default)s)",
+        help="dtype GPTQModel loads the reference in before quantizing (default %(default)s, as the stored rows were made: "
+        "GPTQ's Hessian updates in the reference's own precision; auto: GPTQModel's choice, bfloat16 on CPU)",
     )
     ap.add_argument("--gptq-device", default="cuda" if torch.cuda.is_available() else "cpu", help="GPTQModel device")
     ap.add_argument("--out", default="benchmarks/results/peers", help="folder for peers.json / peers.md")

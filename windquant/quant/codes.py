@@ -25,6 +25,13 @@ def packed_code_bytes(levels: int, n: int) -> int:
     return math.ceil(n * code_bits(levels) / 8)
 
 
+def byte_group(b: int) -> tuple[int, int]:
+    """(bytes, codes) of the smallest group of bytes that holds a whole number of ``b``-bit codes
+    (3 bytes = 8 three-bit codes); packing and unpacking both work group by group."""
+    group = math.lcm(8, b) // 8
+    return group, 8 * group // b
+
+
 def pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
     """Pack a flat tensor of codes in ``[0, levels)`` into uint8 bytes.
 
@@ -40,8 +47,7 @@ def pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
         out = (c * weights).sum(axis=1).astype(np.uint8)
     else:
         b = code_bits(levels)
-        group = math.lcm(8, b) // 8  # bytes per group
-        per = 8 * group // b  # codes per group
+        group, per = byte_group(b)
         c = np.concatenate([c, np.zeros((-n) % per, dtype=np.int64)])
         words = (c.reshape(-1, per) << (b * np.arange(per, dtype=np.int64))).sum(axis=1)
         out = ((words[:, None] >> (8 * np.arange(group, dtype=np.int64))) & 255).astype(np.uint8).reshape(-1)
@@ -61,10 +67,10 @@ def unpack_codes(packed: torch.Tensor, levels: int, n: int) -> torch.Tensor:
         digits = torch.div(p[:, None], 3 ** torch.arange(TRITS_PER_BYTE), rounding_mode="floor") % 3
         return digits.reshape(-1)[:n]
     b = code_bits(levels)
-    group = math.lcm(8, b) // 8  # bytes per group
+    group, per = byte_group(b)
     pad = (-p.numel()) % group
     if pad:
         p = torch.cat([p, p.new_zeros(pad)])
     words = (p.view(-1, group) << (8 * torch.arange(group))).sum(dim=1)  # little-endian
-    codes = (words[:, None] >> (b * torch.arange(8 * group // b))) & ((1 << b) - 1)
+    codes = (words[:, None] >> (b * torch.arange(per))) & ((1 << b) - 1)
     return codes.reshape(-1)[:n]
