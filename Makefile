@@ -33,8 +33,10 @@ install: $(VENV)/.installed
 docs: install
 	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
+# One pytest process per core (-n auto): the tests are small and single-threaded, and each
+# process runs one of the two real-model tests first (tests/conftest.py).
 test: docs
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 lint: install
 	$(VENV)/bin/ruff check windquant tests benchmarks

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import real_model_fit
+from conftest import REAL_MODEL_THREADS, real_model_fit
 
 from windquant import PlanConfig, load, save
 from windquant.calib.corpus import corpus_tokens
@@ -20,7 +20,7 @@ pytestmark = [
 
 
 def test_default_model_quantize_pack_reload(tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(REAL_MODEL_THREADS)
     model, tok = load_model("smollm2-135m")
     assert model.config.num_hidden_layers == 30
     fit = real_model_fit(tmp_path, calib_samples=8, calib_len=128, steps=2)

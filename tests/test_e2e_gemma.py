@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import real_model_fit
+from conftest import REAL_MODEL_THREADS, real_model_fit
 
 from windquant import PlanConfig, load, save
 from windquant.alloc.sac import SACConfig
@@ -33,7 +33,7 @@ BLOCKS = 2
 def test_gemma_quantize_allocate_pack_reload_generate(tmp_path, capsys):
     from windquant.cli import main
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(REAL_MODEL_THREADS)
     model, tok = load_model("gemma3-270m")
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.num_hidden_layers == 18
     model.model.layers = model.model.layers[KEPT]
