@@ -33,10 +33,11 @@ install: $(VENV)/.installed
 docs: install
 	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
-# One pytest process per core (-n auto): the tests are small and single-threaded, and each
-# process runs one of the two real-model tests first (tests/conftest.py).
+# One pytest process per core (-n auto), a module at a time in the order tests/conftest.py sets:
+# the tests are small and single-threaded, and each process starts with one of the two real-model
+# tests (xdist's default sends each process a run of consecutive tests: both to the first).
 test: docs
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder
 
 lint: install
 	$(VENV)/bin/ruff check windquant tests benchmarks

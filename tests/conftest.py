@@ -9,9 +9,14 @@ import torch
 
 # Tiny tensors: one thread avoids OpenMP spin when anything else runs on the 2 cores.
 torch.set_num_threads(1)
-# Threads for the real-model tests: both cores when they run alone, one when pytest-xdist runs a
-# process per core (more threads than cores and OpenMP's spin-waits slow every process).
-REAL_MODEL_THREADS = 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2
+# Under pytest-xdist (a process per core) every process keeps one thread, also where the code
+# under test sets its own count (``runinfo.set_threads`` reads $WINDQUANT_THREADS, and so do the
+# subprocesses a test starts): more threads than cores, and OpenMP's spin-waits slow every process
+# many times over. Alone, the real-model tests take both cores.
+XDIST = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+if XDIST:
+    os.environ["WINDQUANT_THREADS"] = "1"
+REAL_MODEL_THREADS = 1 if XDIST else 2
 
 
 def pytest_collection_modifyitems(items):
@@ -19,8 +24,9 @@ def pytest_collection_modifyitems(items):
     threshold for the rest of the process (``runinfo.return_large_frees_to_os``), after which
     their large float32 temporaries are mapped and faulted in afresh each time: the default-model
     test took 307 s after the other tests and 157 s alone (2 cores). A ``windquant quantize``
-    process loads nothing through the runtime first either. Under pytest-xdist the first tests go
-    to the processes in turn, so each process starts with one of them."""
+    process loads nothing through the runtime first either. Under pytest-xdist (``make test``:
+    ``--dist loadscope --no-loadscope-reorder``) the first modules go to the processes in turn, so
+    each process starts with one of them."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
