@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -17,6 +18,12 @@ XDIST = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
 if XDIST:
     os.environ["WINDQUANT_THREADS"] = "1"
 REAL_MODEL_THREADS = 1 if XDIST else 2
+# A library's log handler keeps the stream that was sys.stderr when the library set it up; under
+# pytest's capture that may be an earlier test's stream, closed since, and logging would then
+# print "--- Logging error ---" and a traceback into whichever test logs next (seen once under xdist:
+# two tracebacks, one per transformers config warning, in the one-line-error check). Log records are
+# not what the tests check; a failed write of one is no error of the code under test.
+logging.raiseExceptions = False
 
 
 def pytest_collection_modifyitems(items):

@@ -82,8 +82,9 @@ def test_dry_run_prints_sizes_without_writing(tiny_model_dir, corpus_file, tmp_p
 
 def expect_error(argv, capsys, match, code=2):
     assert main(argv) == code
-    err = [line for line in capsys.readouterr().err.splitlines() if "windquant" in line or "Traceback" in line]
-    assert len(err) == 1 and match in err[0], err  # one readable line, no traceback
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if "windquant" in line or "Traceback" in line]
+    assert len(err) == 1 and match in err[0], stderr  # one readable line, no traceback
 
 
 def test_missing_model_file(tmp_path, capsys):
