@@ -27,8 +27,8 @@ logging.raiseExceptions = False
 
 
 def pytest_collection_modifyitems(items):
-    """The real-model tests first. Loading a checkpoint through the runtime fixes glibc's mmap
-    threshold for the rest of the process (``runinfo.return_large_frees_to_os``), after which
+    """The real-model tests first. ``windquant generate`` (run in-process by CLI tests) fixes glibc's
+    mmap threshold for the rest of the process (``runinfo.return_large_frees_to_os``), after which
     their large float32 temporaries are mapped and faulted in afresh each time: the default-model
     test took 307 s after the other tests and 157 s alone (2 cores). A ``windquant quantize``
     process loads nothing through the runtime first either. Under pytest-xdist (``make test``:

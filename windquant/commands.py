@@ -208,8 +208,12 @@ def _require_finite_logits(_input_ids, scores):
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from windquant.runinfo import return_large_frees_to_os
     from windquant.runtime.loading import load_model
 
+    # generate()'s KV cache and prefill activations leave the RSS once freed. Process-wide, so
+    # only this command sets it: load() in a user's process leaves their allocator alone.
+    return_large_frees_to_os()
     runtime = not (args.no_runtime or args.dense_cache)
     model, tokenizer = load_model(args.model, dense_cache=args.dense_cache, runtime=runtime, verify=not args.no_verify)
     text = args.prompt

@@ -22,7 +22,7 @@ from windquant.pack.embedding import PREFIX, split_rows
 from windquant.pack.integrity import tensor_digest
 from windquant.plan import Plan
 from windquant.quant.rows import dequantize_rows
-from windquant.runinfo import release_freed_memory, return_large_frees_to_os
+from windquant.runinfo import release_freed_memory
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -87,7 +87,9 @@ def load(path: str | Path, dense_cache: bool = False, runtime: bool = True, veri
     :class:`QuantLinear` modules computing the dequantized weights (exactly what quantize
     scored): unpacked per layer per forward, or once with ``dense_cache`` (the memory of a dense
     model; what long-sequence evaluation uses). ``verify`` checks every tensor against its digest
-    (skip it only for trusted folders)."""
+    (skip it only for trusted folders). The process's allocator settings are left alone; a
+    long-lived generation process may call :func:`windquant.runinfo.return_large_frees_to_os`
+    as ``windquant generate`` does."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -121,8 +123,6 @@ def load(path: str | Path, dense_cache: bool = False, runtime: bool = True, veri
     del state
     if use_runtime:
         from windquant.runtime.convert import to_runtime
-
-        return_large_frees_to_os()  # generate()'s KV cache and prefill activations, once freed
 
         to_runtime(model, rows={n: (p, row_bits[n]) for n, p in rows.items()})
     release_freed_memory()
