@@ -202,6 +202,22 @@ def run_mode_workers(script: str, modes: list[str], flags: dict) -> list[dict]:
     return rows
 
 
-def write_markdown(out: Path, lines: list[str], command: str) -> None:
-    """``out/results.md``: ``lines`` then the command that produced them."""
-    (out / "results.md").write_text("\n".join(lines + ["", f"Command: `{command}`", ""]))
+def recorded_commands(json_path: Path) -> list[str]:
+    """The commands a resumable results JSON records as having filled it (a run may be filled in
+    pieces, one option at a time)."""
+    return json.loads(json_path.read_text()).get("commands", []) if json_path.is_file() else []
+
+
+def invocations(json_path: Path, command: str) -> list[str]:
+    """The recorded commands, then ``command`` if it is new: what to save with the next rows."""
+    saved = recorded_commands(json_path)
+    return saved + ([command] if command not in saved else [])
+
+
+def write_markdown(out: Path, lines: list[str], command: str | list[str]) -> None:
+    """``out/results.md``: ``lines`` then the command, or every command, that produced them."""
+    if isinstance(command, str):
+        footer = f"Command: `{command}`"
+    else:
+        footer = "Filled by: " + "; ".join(f"`{c}`" for c in command) + "."
+    (out / "results.md").write_text("\n".join(lines + ["", footer, ""]))

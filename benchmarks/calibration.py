@@ -11,6 +11,7 @@ scored on the same span in the same run. Resumable: finished rows are kept in ``
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Evaluator, add_eval_args, fmt, load_rows, results_folder, save_rows, write_markdown, zs_cell  # noqa: E402
+from benchlib import (  # noqa: E402
+    Evaluator,
+    add_eval_args,
+    fmt,
+    invocations,
+    load_rows,
+    recorded_commands,
+    results_folder,
+    save_rows,
+    write_markdown,
+    zs_cell,
+)
 
 from windquant.calib.corpus import window_bos  # noqa: E402
 from windquant.config import FitConfig, PlanConfig  # noqa: E402
@@ -140,9 +152,11 @@ def main() -> int:
     for row in rows.values():  # rows from before several --other texts: their one text was the first
         if "other" in row:
             row[first_other] = row.pop("other")
-    meta = {"args": vars(args)}
+    # Each invocation that filled the table (one --calibs / --budgets piece at a time, say).
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--only-table")
     if args.only_table:
-        return write_outputs(rows, args, out)
+        return write_outputs(rows, args, out, recorded_commands(path) or [command])
+    meta = {"args": vars(args), "commands": invocations(path, command)}
     model, tokenizer = load_model(args.model)
     evaluator = Evaluator(tokenizer, args)
     other_tokens = {
@@ -198,12 +212,12 @@ def main() -> int:
                 score_others(row)
             checkpoint()
         del prepared
-    return write_outputs(rows, args, out)
+    return write_outputs(rows, args, out, meta["commands"])
 
 
-def write_outputs(rows: dict[str, dict], args, out: Path) -> int:
+def write_outputs(rows: dict[str, dict], args, out: Path, commands: list[str]) -> int:
     lines = table(rows, args)
-    write_markdown(out, lines, "python " + " ".join(a for a in sys.argv if a != "--only-table"))
+    write_markdown(out, lines, commands)
     plot(rows, args, out)
     print("\n".join(lines))
     return 0

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import Evaluator, add_eval_args, fmt, load_rows, phase_peak_rss_mib, reset_peak_rss, save_rows, zs_cell
+from benchlib import Evaluator, add_eval_args, fmt, invocations, load_rows, phase_peak_rss_mib, reset_peak_rss, save_rows, zs_cell
 from tqdm.auto import tqdm
 
 from windquant.config import FitConfig, PlanConfig
@@ -964,9 +964,7 @@ def main() -> None:
     evaluator = Evaluator(tok, args)
     # Each invocation that filled this run (a run may be resumed in pieces, --methods by --methods).
     command = ("python benchmarks/peers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
-    saved = json.loads(json_path.read_text()).get("commands", []) if json_path.is_file() else []
-    commands = saved + ([command] if command not in saved else [])
-    meta = {"model": args.model, "threads": threads, "commands": commands, **evaluator.settings()}
+    meta = {"model": args.model, "threads": threads, "commands": invocations(json_path, command), **evaluator.settings()}
     if args.rerun:  # drop the rows to recompute from the file too (later saves merge into it)
         save_rows(json_path, rows, meta)
     original = {name: lin.weight.detach().clone() for _, name, _, lin in block_linears(reference)}
