@@ -158,3 +158,25 @@ def test_loaded_model_stays_packed_unless_dense_cache(tiny_model, tokenizer, tin
     layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m._weight is None for m in layers)  # nothing dense kept after a forward
     assert all(m._weight is not None for m in dense.modules() if isinstance(m, QuantLinear))
+
+
+def test_a_tuned_run_stores_the_same_weights_from_a_warm_cache_and_from_a_fresh_one(tokenizer, tiny_fit, tmp_path):
+    """Bit-reproducible runs: the candidate cache (written by the first run, read by the second)
+    and a fresh cache lead to identical stored weights, scale tuning included."""
+    from conftest import make_model
+
+    from windquant.pipeline import apply
+
+    def stored_weights(fit):
+        model = make_model()
+        prepared = prepare(model, tokenizer, fit, progress=False)
+        plan = make_plan(prepared, PlanConfig(target_bits=2.5), progress=False)
+        assert plan.tune_steps == fit.tune_steps
+        apply(prepared, plan, progress=False)
+        return model.state_dict()
+
+    fit = replace(tiny_fit, calib_samples=8, tune_steps=20, tune_lr=5e-3)
+    cold = stored_weights(fit)
+    for other in (stored_weights(fit), stored_weights(replace(fit, cache_dir=str(tmp_path / "fresh")))):
+        assert cold.keys() == other.keys()
+        assert all(torch.equal(cold[k], other[k]) for k in cold)
