@@ -1,6 +1,7 @@
 import json
 import struct
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +178,7 @@ def test_a_tuned_run_stores_the_same_weights_from_a_warm_cache_and_from_a_fresh_
 
     fit = replace(tiny_fit, calib_samples=8, tune_steps=20, tune_lr=5e-3)
     cold = stored_weights(fit)
+    assert any(p.is_file() for p in Path(fit.cache_dir).rglob("*"))  # the second run reads what the first wrote
     for other in (stored_weights(fit), stored_weights(replace(fit, cache_dir=str(tmp_path / "fresh")))):
         assert cold.keys() == other.keys()
         assert all(torch.equal(cold[k], other[k]) for k in cold)
