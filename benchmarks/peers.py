@@ -758,13 +758,15 @@ def standing_lines(rows: list[dict]) -> list[str]:
     perplexity among those at equal or fewer true bits, and whether windquant's is lower; zero-shot
     averages beside them where both rows have one. A llama.cpp row is held against ``windquant
     gguf`` rows only (its embedding and output are quantized too, with the same types); the Python
-    peers against every windquant row. Ends with a one-line count."""
+    peers against every windquant row. A llama.cpp row whose block linears all take the reference
+    GGUF's own type re-finds the stored grid (the reference is that file, dequantized): it is shown,
+    marked, and not counted. Ends with a one-line count."""
     scored = [r for r in rows if not r.get("error") and r["method"] != "reference" and ppl(r)]
     ours = [r for r in scored if r["method"].startswith("windquant")]
     peers = sorted((r for r in scored if not r["method"].startswith("windquant")), key=lambda r: (r["true_bits"], r["key"]))
     head = ["peer row", "true bits", "Wiki2 PPL", "best windquant row at ≤ its bits", "true bits", "Wiki2 PPL", "lower", "zero-shot avg (peer / windquant)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    wins, not_lower, uncovered = [], [], []
+    wins, not_lower, uncovered, own_type = [], [], [], []
     for p in peers:
         cells = [p["key"], f"{p['true_bits']:.3f}", f"{ppl(p):.2f}"]
         same_kind = [w for w in ours if family(p) != "gguf" or family(w) == "gguf"]
@@ -775,15 +777,25 @@ def standing_lines(rows: list[dict]) -> list[str]:
             continue
         best = min(fewer, key=ppl)
         ratio = ppl(best) / ppl(p)
-        (wins if ratio < 1 else not_lower).append(p["key"])
+        source = p.get("source_types", {})
+        refinds = bool(source.get("of")) and source.get("same") == source.get("of")
+        (own_type if refinds else wins if ratio < 1 else not_lower).append(p["key"])
         shown = f"×{ratio:.3f}" if ratio >= 1e-3 else f"×{ratio:.1e}"  # a collapsed peer is thousands of times higher
         lower = f"windquant ({shown})" if ratio < 1 else "tie (×1.000)" if ratio == 1 else f"peer (windquant {shown})"
+        if refinds:
+            lower = f"not counted: the reference's own type on all {source['of']} block linears (windquant {shown})"
         avgs = [r.get("zeroshot_avg") for r in (p, best)]
         zs = " / ".join(fmt(100 * a, 1) for a in avgs) if None not in avgs else "–"
         cells += [best["key"], f"{best['true_bits']:.3f}", f"{ppl(best):.2f}", lower, zs]
         lines.append("| " + " | ".join(cells) + " |")
-    summary = f"windquant is lower on {len(wins)} of {len(peers)} peer rows at equal or fewer true bits"
+    counted = len(peers) - len(own_type)
+    summary = f"windquant is lower on {len(wins)} of {counted} peer rows at equal or fewer true bits"
     summary += f"; windquant is not lower on {', '.join(not_lower)}" if not_lower else "; no peer row is lower or tied"
+    if own_type:
+        summary += (
+            f"; not counted, as they re-find the reference GGUF's stored grid (every block linear in its own type): "
+            f"{', '.join(own_type)}"
+        )
     if uncovered:
         summary += f"; no windquant row at or below the bits of {', '.join(uncovered)}"
     return [*lines, "", summary + "."]
