@@ -565,23 +565,7 @@ class LlamacppRows:
             windows = calib_windows(tokenizer, args)
             text = self.work / f"calib-{args.ar_calib}.txt"
             atomic_write_text(text, "".join(tokenizer.decode(w) for w in windows))
-            llamacpp.run_tool(
-                "llama-imatrix",
-                [
-                    "-m",
-                    self.reference,
-                    "-f",
-                    text,
-                    "-o",
-                    self.imatrix,
-                    "-c",
-                    windows.shape[1],
-                    "--chunks",
-                    len(windows),
-                    "-t",
-                    str(os.cpu_count() or 1),
-                ],
-            )
+            llamacpp.importance_matrix(self.reference, text, self.imatrix, windows.shape[1], len(windows))
 
     def quantize(self, config: str, rows: dict) -> tuple[dict, torch.nn.Module]:
         """config: a preset name (llama.cpp), or ``windquant@PRESET``: ``windquant gguf`` at the
@@ -615,6 +599,7 @@ class LlamacppRows:
             if check := report["recipe_check"]:
                 detail += f" (recipe check on {check['windows']}: kept {check['chosen']})"
             detail += f"; {report['source_grid_options_dropped']} options that re-find the source's grid excluded"
+            detail += f"; importance matrix: {cfg.importance}"
         else:
             llamacpp.quantize(self.reference, path, config, imatrix=self.imatrix)
             method, detail = "llama.cpp", f"{config}, imatrix by llama-imatrix on the {self.args.ar_calib} calib windows"

@@ -4,6 +4,7 @@ a tiny random GGUF (gguf-py writer; the llama.cpp writer when `make llamacpp` ha
 import itertools
 import json
 import struct
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -298,3 +299,48 @@ def test_read_gguf_parses_the_file_once_and_loads_what_transformers_loads(tmp_pa
     assert model.state_dict().keys() == plain.state_dict().keys()
     assert all(torch.equal(t, plain.state_dict()[k]) for k, t in model.state_dict().items())
     assert tok.get_vocab() == plain_tok.get_vocab() and tok("a b c").input_ids == plain_tok("a b c").input_ids
+
+
+def _read_imatrix(path):
+    """The legacy imatrix file of :func:`write_imatrix`: name -> values."""
+    raw, pos, out = path.read_bytes(), 4, {}
+    for _ in range(struct.unpack_from("<i", raw, 0)[0]):
+        (n,) = struct.unpack_from("<i", raw, pos)
+        name = raw[pos + 4 : pos + 4 + n].decode()
+        _calls, count = struct.unpack_from("<ii", raw, pos + 4 + n)
+        out[name] = np.frombuffer(raw, np.float32, count, pos + 12 + n)
+        pos += 12 + n + 4 * count
+    return out
+
+
+def test_importance_matrix_is_the_chosen_statistic(tmp_path, monkeypatch):
+    """``moments`` writes E[x²] per input column (a whole-model forward's, as llama-imatrix
+    computes it); ``gradient`` writes the gradient-weighted one, in its own work folder."""
+    from conftest import full_model_statistics
+
+    from windquant.config import FitConfig
+    from windquant.gguf.build import GGUFConfig, build_gguf, calibration_statistics
+    from windquant.gguf.files import gguf_linear_name
+    from windquant.model.units import block_linears
+    from windquant.pipeline import calibration_windows
+    from windquant.runtime.loading import load_model
+
+    monkeypatch.setenv("WINDQUANT_LLAMACPP", str(tmp_path / "no-llamacpp"))
+    src = write_random_llama(tmp_path / "tiny.gguf")
+    fit = FitConfig(calib_samples=4, calib_len=32)
+    written = {}
+    for kind in ("moments", "gradient"):
+        report = build_gguf(str(src), None, GGUFConfig(target_bpw=5.0, importance=kind), fit, tmp_path / "w", progress=False)
+        written[kind] = _read_imatrix(Path(report["work_dir"]) / "imatrix.dat")
+    model, tok = load_model(str(src))
+    scales, _ = full_model_statistics(model, calibration_windows(tok, fit, model=model))
+    names = {gguf_linear_name(layer, proj): name for layer, name, proj, _ in block_linears(model)}
+    assert set(written["moments"]) == set(names)
+    _m, imatrices, _f = calibration_statistics(str(src), fit, progress=False)
+    for gname, name in names.items():
+        np.testing.assert_allclose(written["moments"][gname], (scales[name] ** 2).numpy(), rtol=1e-4)
+        np.testing.assert_allclose(written["gradient"][gname], imatrices["gradient"][gname], rtol=1e-6)
+        ratio = written["gradient"][gname] / written["moments"][gname]
+        assert ratio.max() > 1.01 * ratio.min()  # a reweighting, not a rescaling
+    works = {Path(build_gguf(str(src), None, GGUFConfig(5.0, importance=k), fit, tmp_path / "w", progress=False)["work_dir"]) for k in written}
+    assert len(works) == 2  # the costs depend on the matrix: one work folder each

@@ -53,20 +53,29 @@ def test_ilp_plan_meets_budget_and_beats_heuristic_on_its_objective(tiny_model, 
 
 def test_fisher_is_the_mean_squared_output_gradient(tiny_model, tokenizer, tiny_fit):
     """The block-by-block backward pass against autograd on the whole model (no parameter
-    gradient is formed, and the model is left as found)."""
+    gradient is formed, and the model is left as found); so is the gradient-weighted column
+    importance, ``Σ_t ‖g_t‖² x_t² / Σ_t ‖g_t‖²``."""
     windows = calibration_windows(tokenizer, tiny_fit)[:3]
-    fisher = layer_fisher(tiny_model, windows, batch_size=2, progress=False)
+    columns = {}
+    fisher = layer_fisher(tiny_model, windows, batch_size=2, progress=False, columns=columns)
     assert all(p.requires_grad and p.grad is None for p in tiny_model.parameters())
+    assert set(columns) == set(fisher)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        total = 0.0
+        total, weighted, weights = 0.0, 0.0, 0.0
         for batch in (windows[:2], windows[2:]):
-            outs = []
-            hook = tiny_model.get_submodule(name).register_forward_hook(lambda _m, _i, o, outs=outs: outs.append(o))
+            outs, ins = [], []
+            hook = tiny_model.get_submodule(name).register_forward_hook(
+                lambda _m, i, o, outs=outs, ins=ins: outs.append(o) or ins.append(i[0])
+            )
             loss = tiny_model(input_ids=batch, labels=batch, use_cache=False).loss * batch[:, 1:].numel()
             hook.remove()
             (g,) = torch.autograd.grad(loss, outs[0])
             total += float((g * g).sum()) / g.shape[-1]
+            token_weight = (g.double() ** 2).sum(-1).reshape(-1)
+            x = ins[0].detach().double().reshape(-1, ins[0].shape[-1])
+            weighted, weights = weighted + token_weight @ (x * x), weights + float(token_weight.sum())
         assert fisher[name] == pytest.approx(total / windows.numel(), rel=1e-5)
+        assert torch.allclose(columns[name].double(), weighted / weights, rtol=1e-4, atol=0), name
 
 
 def test_streamed_statistics_equal_the_whole_model_pass(tiny_model, tokenizer, tiny_fit):

@@ -326,6 +326,14 @@ def _add_gguf(sub) -> None:
         help="leave out, per tensor, the types that reproduce a quantized source's own grid (a Q4_1 source round-trips "
         "through Q4_1 almost exactly): the recipe a 16-bit source would get, for fair comparisons",
     )
+    calib.add_argument(
+        "--importance",
+        choices=("gradient", "moments"),
+        default="gradient",
+        help="llama.cpp's importance matrix: each input column's E[x²] over calibration tokens weighted by the squared "
+        "gradient norm at the linear's output (gradient), or unweighted as llama-imatrix computes it (moments) "
+        "(default: %(default)s)",
+    )
     calib.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default: %(default)s)")
     calib.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default: %(default)s)")
     calib.add_argument(

@@ -279,6 +279,7 @@ def cmd_gguf(args: argparse.Namespace) -> int:
         llamacpp=not args.no_llamacpp,
         coarse_bpw=0.0 if args.no_recipe_check else GGUFConfig.coarse_bpw,
         source_grids=not args.no_source_grids,
+        importance=args.importance,
     )
     fit = FitConfig(
         calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len, data_dir=args.data_dir

@@ -137,10 +137,15 @@ def layer_fisher(
     batch_size: int = 4,
     progress: bool = True,
     residual: dict[int, torch.Tensor] | None = None,
+    columns: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean squared output gradient of every block linear (per output channel and token) of the
     calibration loss summed over tokens; with ``residual``, also filled with each block's
-    [hidden] mean squared gradient per channel and token at its output (the residual stream).
+    [hidden] mean squared gradient per channel and token at its output (the residual stream);
+    with ``columns``, also filled with each linear's [in] gradient-weighted input importance
+    ``E_t[‖g_t‖² x_tj²] / E_t[‖g_t‖²]`` (``g_t`` its output gradient at token ``t``): the diagonal
+    of the loss's Fisher in that linear's weights, summed over its rows, as per-column weights
+    for a quantizer that takes only those (llama.cpp's importance matrix).
 
     The backward pass runs block by block: per batch, each block's input is kept (one hidden
     state per block), the loss's gradient enters at the last block's output (one sequence's
@@ -149,11 +154,25 @@ def layer_fisher(
     _prefix, blocks = decoder_blocks(model)
     fisher: dict[str, float] = {}
     tokens = 0
+    inputs_seen: dict[str, torch.Tensor] = {}
+    weighted: dict[str, torch.Tensor] = {}
+    weight_sums: dict[str, float] = {}
+
+    def forward(name):
+        def fn(_m, inp, _out):
+            inputs_seen[name] = _inputs(inp)
+
+        return fn
 
     def backward(name):
         def fn(_m, _gin, gout):
             g = gout[0].detach().float()
             fisher[name] = fisher.get(name, 0.0) + float((g * g).sum()) / g.shape[-1]
+            if columns is not None:
+                token_weight = (g * g).reshape(-1, g.shape[-1]).sum(-1, dtype=torch.float64)
+                x = inputs_seen.pop(name).double()
+                weighted[name] = weighted.get(name, 0.0) + token_weight @ (x * x)
+                weight_sums[name] = weight_sums.get(name, 0.0) + float(token_weight.sum())
 
         return fn
 
@@ -177,7 +196,7 @@ def layer_fisher(
                 if residual is not None:
                     residual[layer] = residual.get(layer, 0) + (grad * grad).sum((0, 1))
                 x = inputs.pop().requires_grad_(True)
-                with hooked(model, backward=backward, layer=layer):
+                with hooked(model, forward=forward if columns is not None else None, backward=backward, layer=layer):
                     block_output(
                         call_in_float32(blocks[layer], x, params=float32_copies(blocks[layer]), **batch.kwargs[layer])
                     ).backward(grad)
@@ -189,6 +208,8 @@ def layer_fisher(
         release_freed_memory()  # the pass's activations and head copy: back to the OS
     if residual is not None:
         residual.update({layer: g / tokens for layer, g in residual.items()})
+    if columns is not None:
+        columns.update({n: (w / weight_sums[n]).float() for n, w in weighted.items()})
     return {n: f / tokens for n, f in fisher.items()}
 
 

@@ -3,7 +3,8 @@ bits-per-weight target by the knapsack of :mod:`.recipe`.
 
 Steps (each kept in the work folder, so a second run with the same source and calibration reuses
 them): the source as an F16 reference GGUF; calibration statistics of the loaded model (input
-second moments, output Fisher) -> llama.cpp's importance matrix; every candidate type's real round
+second moments, output Fisher) -> llama.cpp's importance matrix (by default gradient-weighted:
+:data:`IMPORTANCE`); every candidate type's real round
 trip and its cost per tensor; the recipe; the final file, written by ``llama-quantize --imatrix
 --tensor-type-file`` (or by gguf-py alone when llama.cpp is absent: then only the types gguf-py
 quantizes are candidates) and checked against the recipe, type by type and byte by byte. When the
@@ -45,6 +46,12 @@ from windquant.model.loading import EMBEDDED
 
 F16 = GGMLQuantizationType.F16
 CHECK_WINDOWS = 32  # held-out calibration windows that score the candidate recipes
+# What the importance matrix (llama.cpp's per-column weights of its quantizers' squared error) holds:
+# "gradient": E_t[‖g_t‖² x_tj²] / E_t[‖g_t‖²], each token's input weighted by the squared norm of the
+# loss's gradient at the linear's output (column sums of the loss's Fisher in the weights; it comes
+# from the Fisher pass the costs already run); "moments": E[x_j²], what llama-imatrix computes.
+# On SmolLM2 the same llama.cpp presets score lower with "gradient" (benchmarks/results/importance).
+IMPORTANCE = ("gradient", "moments")
 _LINEAR = re.compile(rf"blk\.\d+\.({'|'.join(GGUF_LINEAR.values())})\.weight")
 
 
@@ -61,6 +68,11 @@ class GGUFConfig:
     # False: drop the types that reproduce a quantized source file's own grid (recipe.without_source_grids),
     # so that the recipe is the one a 16-bit source would get (a fair comparison with llama.cpp's presets).
     source_grids: bool = True
+    importance: str = "gradient"  # the importance matrix: one of IMPORTANCE
+
+    def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE:
+            raise WindquantError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
 
 
 def source_gguf(spec: str) -> Path:
@@ -82,12 +94,14 @@ def _digest(payload: dict) -> str:
 
 
 class Workspace:
-    """The work folder: the F16 reference, the imatrix, and each candidate type's costs."""
+    """The work folder: the F16 reference, the imatrix, and each candidate type's costs (which
+    depend on the imatrix through llama.cpp's quantizers)."""
 
-    def __init__(self, folder: Path, source: Path, fit: FitConfig):
+    def __init__(self, folder: Path, source: Path, fit: FitConfig, importance: str = GGUFConfig.importance):
         stat = source.stat()
         calib = {k: getattr(fit, k) for k in ("calib", "calib_samples", "calib_len", "seed")}
-        self.key = _digest({"source": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime, **calib})
+        stamp = {"source": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime, **calib}
+        self.key = _digest(stamp | {"importance": importance})
         self.folder = folder / self.key
         self.folder.mkdir(parents=True, exist_ok=True)
         self.source = source
@@ -105,8 +119,9 @@ class Workspace:
 
 
 def calibration_statistics(spec: str, fit: FitConfig, progress: bool) -> tuple[dict, dict, dict]:
-    """(gguf name -> input second moment [cols, cols], -> imatrix values [cols], -> output Fisher)
-    of every block linear of the model ``spec`` on ``fit``'s calibration windows."""
+    """(gguf name -> input second moment [cols, cols]; importance kind (:data:`IMPORTANCE`) -> gguf
+    name -> imatrix values [cols]; gguf name -> output Fisher) of every block linear of the model
+    ``spec`` on ``fit``'s calibration windows."""
     from windquant.calib.statistics import calibrate, layer_fisher
     from windquant.model.units import block_linears
     from windquant.pipeline import calibration_windows
@@ -116,11 +131,13 @@ def calibration_statistics(spec: str, fit: FitConfig, progress: bool) -> tuple[d
     names = {name: gguf_linear_name(layer, proj) for layer, name, proj, _ in block_linears(model)}
     windows = calibration_windows(tok, fit, model=model)
     stats = calibrate(model, windows, moments=True, progress=progress)
-    fisher = layer_fisher(model, windows, progress=progress)
+    columns: dict = {}  # name -> [in] gradient-weighted input importance
+    fisher = layer_fisher(model, windows, progress=progress, columns=columns)
     assert stats.moments is not None
     moments = {names[n]: stats.moments[n] for n in names}
-    imatrix = {names[n]: (stats.act_scales[n].double() ** 2).numpy() for n in names}
-    return moments, imatrix, {names[n]: fisher[n] for n in names}
+    per_column = {"gradient": columns, "moments": {n: stats.act_scales[n] ** 2 for n in names}}
+    imatrices = {kind: {names[n]: v[n].double().numpy() for n in names} for kind, v in per_column.items()}
+    return moments, imatrices, {names[n]: fisher[n] for n in names}
 
 
 def _round_trip(ws: Workspace, qtype: GGMLQuantizationType, writer: str, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -252,7 +269,7 @@ def file_bpw(path: Path) -> float:
 def build_gguf(spec: str, out: Path | None, cfg: GGUFConfig, fit: FitConfig, work_dir: Path, progress: bool = True) -> dict:
     """Choose (and unless ``out`` is None, write) the GGUF; returns the report written beside it."""
     source = source_gguf(spec)
-    ws = Workspace(work_dir, source, fit)
+    ws = Workspace(work_dir, source, fit, cfg.importance)
     output_type = cfg.output_type or cfg.embedding_type
     writer = pick_writer(cfg.llamacpp, {cfg.embedding_type, output_type})
     available = LLAMACPP_TYPES if writer == "llama.cpp" else PYTHON_TYPES
@@ -262,11 +279,12 @@ def build_gguf(spec: str, out: Path | None, cfg: GGUFConfig, fit: FitConfig, wor
     linears = [t.name for t in ws.ensure_reference(progress).tensors if _LINEAR.fullmatch(t.name)]
     moments = fisher = None
     if not ws.imatrix.is_file() or any(not ws.costs_path(t, writer).is_file() for t in types):
-        moments, imatrix, fisher = calibration_statistics(spec, fit, progress)
+        moments, imatrices, fisher = calibration_statistics(spec, fit, progress)
         if set(moments) != set(linears):
             odd = sorted(set(moments) ^ set(linears))[0]
             raise WindquantError(f"unsupported architecture for GGUF writing: the model and {source} disagree on {odd}")
-        write_imatrix(ws.imatrix, imatrix, f"windquant {fit.calib} {fit.calib_samples}x{fit.calib_len}", fit.calib_samples)
+        label = f"windquant {cfg.importance} {fit.calib} {fit.calib_samples}x{fit.calib_len}"
+        write_imatrix(ws.imatrix, imatrices[cfg.importance], label, fit.calib_samples)
     options = candidate_options(ws, types, writer, linears, moments, fisher, progress)
     dropped = None
     if not cfg.source_grids:

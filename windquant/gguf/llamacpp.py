@@ -70,6 +70,13 @@ def quantize(
     run_tool("llama-quantize", [*args, source, out, ftype, str(max(1, os.cpu_count() or 1))])
 
 
+def importance_matrix(model: Path, text_file: Path, out: Path, ctx: int, chunks: int) -> None:
+    """``llama-imatrix``'s importance matrix of ``model`` on the first ``chunks`` windows of ``ctx``
+    tokens of ``text_file``, written to ``out``."""
+    threads = str(max(1, os.cpu_count() or 1))
+    run_tool("llama-imatrix", ["-m", model, "-f", text_file, "-o", out, "-c", ctx, "--chunks", chunks, "-t", threads])
+
+
 _FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 _RUNNING = re.compile(r"\[\d+\]([0-9.]+),")
 
