@@ -143,12 +143,15 @@ def report(rows: dict, args, meta: dict, out: Path) -> None:
     write_markdown(out, body, meta["commands"])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [f"{p}\n{t}" for p, t in ratios]
-    ax.bar(range(len(ratios)), [r - 1 for r in ratios.values()], bottom=1)
+    pairs = list(ratios)
+    for i, kind in enumerate(IMPORTANCE):
+        values = [rows[f"{p}|{kind}|{t}"]["ppl"] / rows[f"{p}|llama-imatrix|{t}"]["ppl"] for p, t in pairs]
+        ax.bar([j + 0.4 * i for j in range(len(pairs))], [v - 1 for v in values], 0.4, bottom=1, label=kind)
     ax.axhline(1, color="k", lw=0.8)
-    ax.set_xticks(range(len(ratios)), labels, fontsize=7)
-    ax.set_ylabel("PPL with gradient / with llama-imatrix")
-    ax.set_title(f"{args.model}: gradient-weighted importance matrix against llama-imatrix")
+    ax.set_xticks([j + 0.2 for j in range(len(pairs))], [f"{p}\n{t}" for p, t in pairs], fontsize=7)
+    ax.set_ylabel("PPL / PPL with llama-imatrix's matrix")
+    ax.set_title(f"{args.model}: importance matrices, same preset and windows")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out / "importance.png", dpi=100)
     plt.close(fig)
