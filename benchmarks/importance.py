@@ -52,13 +52,14 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def importance_matrices(spec: str, fit: FitConfig, work: Path) -> dict[str, Path]:
-    """The three matrices of :data:`KINDS` on ``fit``'s calibration windows, written once into ``work``."""
-    paths = {kind: work / f"imatrix-{kind}.dat" for kind in KINDS}
-    if all(p.is_file() for p in paths.values()):
-        return paths
+def importance_matrices(spec: str, fit: FitConfig, work: Path) -> tuple[Path, dict[str, Path]]:
+    """The F16 reference GGUF, and the three matrices of :data:`KINDS` on ``fit``'s calibration
+    windows; all written once into ``work``."""
     ws = Workspace(work / "reference", source_gguf(spec), fit)
     ws.ensure_reference(True)
+    paths = {kind: work / f"imatrix-{kind}.dat" for kind in KINDS}
+    if all(p.is_file() for p in paths.values()):
+        return ws.reference, paths
     model, tok = load_model(spec)
     windows = calibration_windows(tok, fit, model=model)
     del model
@@ -68,7 +69,7 @@ def importance_matrices(spec: str, fit: FitConfig, work: Path) -> dict[str, Path
     _moments, imatrices, _fisher = calibration_statistics(spec, fit, True)
     for kind, values in imatrices.items():
         write_imatrix(paths[kind], values, f"windquant {kind} {fit.calib}", len(windows))
-    return paths
+    return ws.reference, paths
 
 
 def main() -> None:
@@ -86,8 +87,7 @@ def main() -> None:
     rows = load_rows(path)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {"model": args.model, "chunks": args.chunks, "calib": args.calib, "commands": invocations(path, command)}
-    matrices = importance_matrices(args.model, fit, work)
-    reference = Workspace(work / "reference", source_gguf(args.model), fit).reference
+    reference, matrices = importance_matrices(args.model, fit, work)
     for text in texts:
         key = f"reference|{text.name}"
         if key not in rows:
