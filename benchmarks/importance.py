@@ -26,7 +26,6 @@ from pathlib import Path
 from benchlib import invocations, load_rows, pyplot, save_rows, write_markdown
 
 from windquant.config import FitConfig
-from windquant.files import atomic_write_text
 from windquant.gguf import llamacpp
 from windquant.gguf.build import IMPORTANCE, Workspace, calibration_statistics, source_gguf
 from windquant.gguf.files import write_imatrix
@@ -63,9 +62,7 @@ def importance_matrices(spec: str, fit: FitConfig, work: Path) -> tuple[Path, di
     model, tok = load_model(spec)
     windows = calibration_windows(tok, fit, model=model)
     del model
-    text = work / "calib.txt"
-    atomic_write_text(text, "".join(tok.decode(w) for w in windows))
-    llamacpp.importance_matrix(ws.reference, text, paths["llama-imatrix"], windows.shape[1], len(windows))
+    llamacpp.importance_matrix(ws.reference, tok, windows, paths["llama-imatrix"])
     _moments, imatrices, _fisher = calibration_statistics(spec, fit, True)
     for kind, values in imatrices.items():
         write_imatrix(paths[kind], values, f"windquant {kind} {fit.calib}", len(windows))

@@ -562,10 +562,7 @@ class LlamacppRows:
         self.reference = self.ws.reference
         self.imatrix = self.work / f"imatrix-{args.ar_calib}.dat"
         if not self.imatrix.is_file():
-            windows = calib_windows(tokenizer, args)
-            text = self.work / f"calib-{args.ar_calib}.txt"
-            atomic_write_text(text, "".join(tokenizer.decode(w) for w in windows))
-            llamacpp.importance_matrix(self.reference, text, self.imatrix, windows.shape[1], len(windows))
+            llamacpp.importance_matrix(self.reference, tokenizer, calib_windows(tokenizer, args), self.imatrix)
 
     def quantize(self, config: str, rows: dict) -> tuple[dict, torch.nn.Module]:
         """config: a preset name (llama.cpp), or ``windquant@PRESET``: ``windquant gguf`` at the

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from windquant.errors import WindquantError
+from windquant.files import atomic_write_text
 
 BUILD_HINT = "build them with `make llamacpp` (or point $WINDQUANT_LLAMACPP at a folder holding them)"
 _TREE_BIN = Path(__file__).resolve().parents[2] / ".llamacpp" / "bin"
@@ -70,11 +71,16 @@ def quantize(
     run_tool("llama-quantize", [*args, source, out, ftype, str(max(1, os.cpu_count() or 1))])
 
 
-def importance_matrix(model: Path, text_file: Path, out: Path, ctx: int, chunks: int) -> None:
-    """``llama-imatrix``'s importance matrix of ``model`` on the first ``chunks`` windows of ``ctx``
-    tokens of ``text_file``, written to ``out``."""
+def importance_matrix(model: Path, tokenizer, windows, out: Path) -> None:
+    """``llama-imatrix``'s importance matrix of ``model`` on calibration ``windows`` ([n, ctx] token
+    ids), written to ``out``. The tool reads text: the windows are decoded into ``out`` with a
+    ``.txt`` suffix (kept, so the matrix can be remade by hand) and it re-tokenizes them in
+    windows of the same length."""
+    text = out.with_suffix(".txt")
+    atomic_write_text(text, "".join(tokenizer.decode(w) for w in windows))
     threads = str(max(1, os.cpu_count() or 1))
-    run_tool("llama-imatrix", ["-m", model, "-f", text_file, "-o", out, "-c", ctx, "--chunks", chunks, "-t", threads])
+    args = ["-m", model, "-f", text, "-o", out, "-c", windows.shape[1], "--chunks", len(windows), "-t", threads]
+    run_tool("llama-imatrix", args)
 
 
 _FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
