@@ -763,9 +763,10 @@ def standing_lines(rows: list[dict]) -> list[str]:
         refinds = bool(source.get("of")) and source.get("same") == source.get("of")
         (own_type if refinds else wins if ratio < 1 else not_lower).append(p["key"])
         shown = f"×{ratio:.3f}" if ratio >= 1e-3 else f"×{ratio:.1e}"  # a collapsed peer is thousands of times higher
-        lower = f"windquant ({shown})" if ratio < 1 else "tie (×1.000)" if ratio == 1 else f"peer (windquant {shown})"
         if refinds:
             lower = f"not counted: the reference's own type on all {source['of']} block linears (windquant {shown})"
+        else:
+            lower = f"windquant ({shown})" if ratio < 1 else "tie (×1.000)" if ratio == 1 else f"peer (windquant {shown})"
         avgs = [r.get("zeroshot_avg") for r in (p, best)]
         zs = " / ".join(fmt(100 * a, 1) for a in avgs) if None not in avgs else "–"
         cells += [best["key"], f"{best['true_bits']:.3f}", f"{ppl(best):.2f}", lower, zs]
