@@ -221,3 +221,21 @@ def write_markdown(out: Path, lines: list[str], command: str | list[str]) -> Non
     else:
         footer = "Filled by: " + "; ".join(f"`{c}`" for c in command) + "."
     (out / "results.md").write_text("\n".join(lines + ["", footer, ""]))
+
+
+def ratio_bars(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
+    """A bar chart of ratios around 1 (one group per label, one bar per series), saved to ``path``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([j + width * i for j in range(len(labels))], [v - 1 for v in values], width, bottom=1, label=name)
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))], labels, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -19,7 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchlib import invocations, load_rows, pyplot, save_rows, write_markdown
+from benchlib import invocations, load_rows, ratio_bars, save_rows, write_markdown
 
 from windquant.gguf import llamacpp
 from windquant.runinfo import set_threads
@@ -103,17 +103,15 @@ def report(table: list[tuple[str, str, dict, dict]], meta: dict, out: Path) -> N
         f"windquant gguf is lower on {lower} of {len(table)} (preset, text) pairs.",
     ]
     write_markdown(out, body, meta["commands"])
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
     labels = [f"{p}\n{t}" for p, t, _, _ in table]
-    ax.bar(range(len(table)), [o["ppl"] / t["ppl"] - 1 for _, _, t, o in table], bottom=1)
-    ax.axhline(1, color="k", lw=0.8)
-    ax.set_xticks(range(len(table)), labels, fontsize=7)
-    ax.set_ylabel("windquant gguf PPL / preset PPL")
-    ax.set_title("GGUF pairs at equal bits, text outside the calibration")
-    fig.tight_layout()
-    fig.savefig(out / "ratios.png", dpi=100)
-    plt.close(fig)
+    ratios = {"windquant gguf / preset": [o["ppl"] / t["ppl"] for _, _, t, o in table]}
+    ratio_bars(
+        out / "ratios.png",
+        labels,
+        ratios,
+        "windquant gguf PPL / preset PPL",
+        "GGUF pairs at equal bits, text outside the calibration",
+    )
     print((out / "results.md").read_text())
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import invocations, load_rows, pyplot, save_rows, write_markdown
+from benchlib import invocations, load_rows, ratio_bars, save_rows, write_markdown
 
 from windquant.config import FitConfig
 from windquant.gguf import llamacpp
@@ -138,20 +138,13 @@ def report(rows: dict, args, meta: dict, out: Path) -> None:
         f"gradient is lower than llama-imatrix on {lower} of {len(ratios)} (preset, text) pairs.",
     ]
     write_markdown(out, body, meta["commands"])
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
     pairs = list(ratios)
-    for i, kind in enumerate(IMPORTANCE):
-        values = [rows[f"{p}|{kind}|{t}"]["ppl"] / rows[f"{p}|llama-imatrix|{t}"]["ppl"] for p, t in pairs]
-        ax.bar([j + 0.4 * i for j in range(len(pairs))], [v - 1 for v in values], 0.4, bottom=1, label=kind)
-    ax.axhline(1, color="k", lw=0.8)
-    ax.set_xticks([j + 0.2 for j in range(len(pairs))], [f"{p}\n{t}" for p, t in pairs], fontsize=7)
-    ax.set_ylabel("PPL / PPL with llama-imatrix's matrix")
-    ax.set_title(f"{args.model}: importance matrices, same preset and windows")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "importance.png", dpi=100)
-    plt.close(fig)
+    series = {
+        kind: [rows[f"{p}|{kind}|{t}"]["ppl"] / rows[f"{p}|llama-imatrix|{t}"]["ppl"] for p, t in pairs] for kind in IMPORTANCE
+    }
+    labels = [f"{p}\n{t}" for p, t in pairs]
+    title = f"{args.model}: importance matrices, same preset and windows"
+    ratio_bars(out / "importance.png", labels, series, "PPL / PPL with llama-imatrix's matrix", title)
     print((out / "results.md").read_text())
 
 
