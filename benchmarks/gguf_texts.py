@@ -70,10 +70,11 @@ def main() -> None:
     meta = {"chunks": args.chunks, "commands": invocations(path, "python " + " ".join(shlex.quote(a) for a in sys.argv))}
     table = []
     for preset, files in found.items():
+        digests = [sha256(gguf) for gguf in files]  # once per file, not once per text
         for text in texts:
             scored = []
-            for gguf in files:
-                key = f"{sha256(gguf)}|{text.name}|{args.chunks}"
+            for gguf, digest in zip(files, digests):
+                key = f"{digest}|{text.name}|{args.chunks}"
                 if key not in rows:
                     ppl, err = llamacpp.perplexity(gguf, text, 512, args.chunks)
                     rows[key] = {"key": key, "file": gguf.name, "text": text.name, "ppl": ppl, "err": err}
