@@ -5,6 +5,8 @@ come from the library (``windquant.runinfo.set_threads``, ``windquant.files``)."
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -208,6 +210,24 @@ def recorded_commands(json_path: Path) -> list[str]:
     return json.loads(json_path.read_text()).get("commands", []) if json_path.is_file() else []
 
 
+def command_line(drop: tuple[str, ...] = ()) -> str:
+    """The command that is running, as one would retype it from the project root (arguments
+    shell-quoted; those in ``drop`` left out): what a results file records beside its figures."""
+    script = Path(sys.argv[0])
+    if script.is_absolute() and script.is_relative_to(Path.cwd()):
+        script = script.relative_to(Path.cwd())
+    return shlex.join(["python", script.as_posix(), *(a for a in sys.argv[1:] if a not in drop)])
+
+
+def commands_lines(commands: list[str], what: str) -> list[str]:
+    """Markdown for the commands that filled a table in pieces: one line when there is one, a
+    folded list otherwise (a run resumed option by option records many)."""
+    if len(commands) == 1:
+        return [f"{what}: `{commands[0]}`"]
+    items = [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
+    return ["<details>", f"<summary>{what}: {len(commands)} commands, in order</summary>", "", *items, "", "</details>"]
+
+
 def invocations(json_path: Path, command: str) -> list[str]:
     """The recorded commands, then ``command`` if it is new: what to save with the next rows."""
     saved = recorded_commands(json_path)
@@ -216,11 +236,8 @@ def invocations(json_path: Path, command: str) -> list[str]:
 
 def write_markdown(out: Path, lines: list[str], command: str | list[str]) -> None:
     """``out/results.md``: ``lines`` then the command, or every command, that produced them."""
-    if isinstance(command, str):
-        footer = f"Command: `{command}`"
-    else:
-        footer = "Filled by: " + "; ".join(f"`{c}`" for c in command) + "."
-    (out / "results.md").write_text("\n".join(lines + ["", footer, ""]))
+    footer = commands_lines([command] if isinstance(command, str) else command, "Filled by")
+    (out / "results.md").write_text("\n".join(lines + ["", *footer, ""]))
 
 
 def ratio_bars(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:

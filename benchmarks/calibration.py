@@ -11,7 +11,6 @@ scored on the same span in the same run. Resumable: finished rows are kept in ``
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     Evaluator,
     add_eval_args,
+    command_line,
     fmt,
     invocations,
     load_rows,
@@ -153,7 +153,7 @@ def main() -> int:
         if "other" in row:
             row[first_other] = row.pop("other")
     # Each invocation that filled the table (one --calibs / --budgets piece at a time, say).
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--only-table")
+    command = command_line(drop=("--only-table",))
     if args.only_table:
         return write_outputs(rows, args, out, recorded_commands(path) or [command])
     meta = {"args": vars(args), "commands": invocations(path, command)}

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import pyplot, rss_mib, write_markdown
+from benchlib import command_line, pyplot, rss_mib, write_markdown
 
 REFERENCE = "smollm2-135m"
 
@@ -300,7 +300,7 @@ def main() -> int:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
     result = {
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "batches": args.batches.split(","),

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import results_folder, save_rows, write_markdown  # noqa: E402
+from benchlib import command_line, results_folder, save_rows, write_markdown  # noqa: E402
 
 from windquant.calib.corpus import corpus_tokens, mix_text, sample_windows, window_bos  # noqa: E402
 from windquant.calib.statistics import head_input_moment  # noqa: E402
@@ -119,7 +119,7 @@ def main() -> int:
             f"| {key} | {r['wiki2']:.3f} ({100 * (r['wiki2'] / ref['wiki2'] - 1):+.1f} %) | "
             f"{r['other']:.3f} ({100 * (r['other'] / ref['other'] - 1):+.1f} %) |"
         )
-    write_markdown(out, lines, "python " + " ".join(sys.argv))
+    write_markdown(out, lines, command_line())
     print("\n".join(lines))
     return 0
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from benchlib import pyplot, rss_mib, run_mode_workers, write_markdown
+from benchlib import command_line, pyplot, rss_mib, run_mode_workers, write_markdown
 
 MODES = ("packed", "ram", "disk")
 
@@ -117,7 +116,7 @@ def main() -> int:
         "n": args.n,
         "proxy": f"{PPOConfig.proxy_samples} x {PPOConfig.proxy_len} tokens",
         "rows": rows,
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
     }
     write_outputs(Path(args.out), result)
     print((Path(args.out) / "results.md").read_text())

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shlex
 import sys
 from pathlib import Path
 
-from benchlib import invocations, load_rows, ratio_bars, save_rows, write_markdown
+from benchlib import command_line, invocations, load_rows, ratio_bars, save_rows, write_markdown
 
 from windquant.gguf import llamacpp
 from windquant.runinfo import set_threads
@@ -67,7 +66,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     rows = load_rows(path)
-    meta = {"chunks": args.chunks, "commands": invocations(path, "python " + " ".join(shlex.quote(a) for a in sys.argv))}
+    meta = {"chunks": args.chunks, "commands": invocations(path, command_line())}
     table = []
     for preset, files in found.items():
         digests = [sha256(gguf) for gguf in files]  # once per file, not once per text

@@ -18,12 +18,11 @@ writes one). Needs `make llamacpp`.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from benchlib import invocations, load_rows, ratio_bars, save_rows, write_markdown
+from benchlib import command_line, invocations, load_rows, ratio_bars, save_rows, write_markdown
 
 from windquant.config import FitConfig
 from windquant.gguf import llamacpp
@@ -82,7 +81,7 @@ def main() -> None:
     texts = [Path(t) for t in args.texts.split(",") if t]
     path = out / "results.json"
     rows = load_rows(path)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     meta = {"model": args.model, "chunks": args.chunks, "calib": args.calib, "commands": invocations(path, command)}
     reference, matrices = importance_matrices(args.model, fit, work)
     for text in texts:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from benchlib import pyplot, rss_mib, run_mode_workers, write_markdown
+from benchlib import command_line, pyplot, rss_mib, run_mode_workers, write_markdown
 
 MODES = ("reference", "packed", "dense-cache")
 
@@ -149,7 +148,7 @@ def main() -> int:
         "threads": args.threads,
         "fp16_block_linears_and_embeddings_mib": rows[0]["fp16_block_linears_and_embeddings_mib"],
         "rows": rows,
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
     }
     write_outputs(Path(args.out), result)
     print((Path(args.out) / "results.md").read_text())

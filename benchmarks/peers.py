@@ -41,14 +41,25 @@ import copy
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from benchlib import Evaluator, add_eval_args, fmt, invocations, load_rows, phase_peak_rss_mib, reset_peak_rss, save_rows, zs_cell
+from benchlib import (
+    Evaluator,
+    add_eval_args,
+    command_line,
+    commands_lines,
+    fmt,
+    invocations,
+    load_rows,
+    phase_peak_rss_mib,
+    reset_peak_rss,
+    save_rows,
+    zs_cell,
+)
 from tqdm.auto import tqdm
 
 from windquant.config import FitConfig, PlanConfig
@@ -879,7 +890,7 @@ def write_results(results: Path, folders: list[Path]) -> None:
         reproduce = "python benchmarks/peers.py" + ("" if default else f" --model {meta['model']} --out {folder.as_posix()}")
         lines += ["", f"## {meta['model']}", "", f"Reproduce (every row, resumable): `{reproduce}`.", ""]
         if meta.get("commands"):
-            lines += ["This table was filled by: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".", ""]
+            lines += [*commands_lines(meta["commands"], "This table was filled by"), ""]
         lines += [span_line(meta), "", *table_lines(rows, meta), ""]
         lines += ["Each peer row against the windquant rows at equal or fewer true bits (llama.cpp rows against `windquant gguf` rows):", ""]
         lines += [*standing_lines(rows), ""]
@@ -958,7 +969,7 @@ def main() -> None:
     reference, tok = load_model(args.model)
     evaluator = Evaluator(tok, args)
     # Each invocation that filled this run (a run may be resumed in pieces, --methods by --methods).
-    command = ("python benchmarks/peers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+    command = command_line()
     meta = {"model": args.model, "threads": threads, "commands": invocations(json_path, command), **evaluator.settings()}
     if args.rerun:  # drop the rows to recompute from the file too (later saves merge into it)
         save_rows(json_path, rows, meta)

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import load_rows, pyplot, save_rows, write_markdown
+from benchlib import command_line, load_rows, pyplot, save_rows, write_markdown
 
 SHAPES = {
     "135m": {
@@ -170,7 +170,7 @@ def main() -> int:
         "target_bits": args.target_bits,
         "calib_samples": args.calib_samples,
         "threads": args.threads,
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
     }
     rows = load_rows(out / "results.json")
     for name in names:

@@ -17,12 +17,11 @@ results.md and score_check.png (predicted vs measured, log-log).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from benchlib import pyplot, results_folder, save_rows, write_markdown
+from benchlib import command_line, pyplot, results_folder, save_rows, write_markdown
 from safetensors.torch import load_file
 from scipy.stats import pearsonr, spearmanr
 
@@ -113,7 +112,7 @@ def report(rows: list[dict], args, out: Path) -> None:
     lines += ["", f"¹ Over the {len(clear)} linears measured at ≥ {NOISE} nats (below it the proxy's noise dominates)."]
     lines += ["", "| linear | measured | fisher | block |", "|---|---|---|---|"]
     lines += [f"| {r['key']} | {r['measured']:+.4f} | {r['fisher']:.4f} | {r['block']:.4f} |" for r in rows]
-    write_markdown(out, lines, "python " + " ".join(sys.argv))
+    write_markdown(out, lines, command_line())
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     floor = 1e-4

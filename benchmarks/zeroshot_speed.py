@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import pyplot, results_folder, save_rows, write_markdown  # noqa: E402
+from benchlib import command_line, pyplot, results_folder, save_rows, write_markdown  # noqa: E402
 
 from windquant.eval.zeroshot import evaluate_zeroshot  # noqa: E402
 from windquant.runtime.loading import load_model  # noqa: E402
@@ -68,7 +67,7 @@ def main() -> None:
         }
         for key in PATHS
     }
-    command = "python benchmarks/zeroshot_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     meta = {"model": args.model, "tasks": tasks, "limit": args.limit, "repeats": args.repeats, "command": command}
     save_rows(out / "results.json", rows, meta)
     render(out, rows, meta)

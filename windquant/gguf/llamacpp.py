@@ -36,6 +36,11 @@ def require_tool(name: str) -> Path:
     return tool
 
 
+def _threads() -> str:
+    """One thread per core, the count every llama.cpp tool here is given."""
+    return str(max(1, os.cpu_count() or 1))
+
+
 def run_tool(name: str, args: list[str | Path]) -> str:
     """Run llama.cpp's ``name`` with ``args``; its output, or a one-line error with its last line."""
     cmd = [str(require_tool(name)), *map(str, args)]
@@ -68,7 +73,7 @@ def quantize(
         args += ["--token-embedding-type", token_embedding_type]
     if output_tensor_type is not None:
         args += ["--output-tensor-type", output_tensor_type]
-    run_tool("llama-quantize", [*args, source, out, ftype, str(max(1, os.cpu_count() or 1))])
+    run_tool("llama-quantize", [*args, source, out, ftype, _threads()])
 
 
 def importance_matrix(model: Path, tokenizer, windows, out: Path) -> None:
@@ -78,8 +83,7 @@ def importance_matrix(model: Path, tokenizer, windows, out: Path) -> None:
     windows of the same length."""
     text = out.with_suffix(".txt")
     atomic_write_text(text, "".join(tokenizer.decode(w) for w in windows))
-    threads = str(max(1, os.cpu_count() or 1))
-    args = ["-m", model, "-f", text, "-o", out, "-c", windows.shape[1], "--chunks", len(windows), "-t", threads]
+    args = ["-m", model, "-f", text, "-o", out, "-c", windows.shape[1], "--chunks", len(windows), "-t", _threads()]
     run_tool("llama-imatrix", args)
 
 
