@@ -139,7 +139,7 @@ class Evaluator:
 
             start = time.perf_counter()
             with torch.no_grad():
-                results = evaluate_zeroshot(model, tokenizer, tasks, a.zeroshot_dir, a.limit)
+                results = evaluate_zeroshot(model, tokenizer, tasks, a.zeroshot_dir, a.limit, per_document=True)
             seconds = round(time.perf_counter() - start, 1)
             zs = row.setdefault("zeroshot", {})
             for t, r in results.items():

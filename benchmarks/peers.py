@@ -63,6 +63,7 @@ from benchlib import (
 from tqdm.auto import tqdm
 
 from windquant.config import FitConfig, PlanConfig
+from windquant.eval.zeroshot import paired_difference
 from windquant.files import atomic_write_json, atomic_write_text
 from windquant.model.units import block_linears
 from windquant.runinfo import set_threads
@@ -749,7 +750,8 @@ def table_lines(rows: list[dict], meta: dict) -> list[str]:
 def standing_lines(rows: list[dict]) -> list[str]:
     """The issue's goal, peer row by peer row: the windquant row with the lowest WikiText-2
     perplexity among those at equal or fewer true bits, and whether windquant's is lower; zero-shot
-    averages beside them where both rows have one. A llama.cpp row is held against ``windquant
+    averages beside them where both rows have one (and their paired difference where both kept
+    per-document results). A llama.cpp row is held against ``windquant
     gguf`` rows only (its embedding and output are quantized too, with the same types); the Python
     peers against every windquant row. A llama.cpp row whose block linears all take the reference
     GGUF's own type re-finds the stored grid (the reference is that file, dequantized): it is shown,
@@ -778,8 +780,7 @@ def standing_lines(rows: list[dict]) -> list[str]:
             lower = f"not counted: the reference's own type on all {source['of']} block linears (windquant {shown})"
         else:
             lower = f"windquant ({shown})" if ratio < 1 else "tie (×1.000)" if ratio == 1 else f"peer (windquant {shown})"
-        avgs = [r.get("zeroshot_avg") for r in (p, best)]
-        zs = " / ".join(fmt(100 * a, 1) for a in avgs) if None not in avgs else "–"
+        zs = zeroshot_pair_cell(p, best)
         cells += [best["key"], f"{best['true_bits']:.3f}", f"{ppl(best):.2f}", lower, zs]
         lines.append("| " + " | ".join(cells) + " |")
     counted = len(peers) - len(own_type)
@@ -793,6 +794,17 @@ def standing_lines(rows: list[dict]) -> list[str]:
     if uncovered:
         summary += f"; no windquant row at or below the bits of {', '.join(uncovered)}"
     return [*lines, "", summary + "."]
+
+
+def zeroshot_pair_cell(peer: dict, ours: dict) -> str:
+    """``peer / windquant`` zero-shot averages in %, with the paired difference (windquant minus
+    peer, ± its standard error) where both rows kept per-document results."""
+    avgs = [r.get("zeroshot_avg") for r in (peer, ours)]
+    if None in avgs:
+        return "–"
+    cell = " / ".join(fmt(100 * a, 1) for a in avgs)
+    paired = paired_difference(peer.get("zeroshot") or {}, ours.get("zeroshot") or {})
+    return cell if paired is None else cell + f" (paired {100 * paired[0]:+.1f} ± {100 * paired[1]:.1f})"
 
 
 def span_line(meta: dict) -> str:

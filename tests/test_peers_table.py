@@ -31,3 +31,18 @@ def test_a_preset_in_the_references_own_type_is_shown_but_not_counted():
         "windquant is lower on 1 of 2 peer rows at equal or fewer true bits; windquant is not lower on llamacpp:Q4_0; "
         "not counted, as they re-find the reference GGUF's stored grid (every block linear in its own type): llamacpp:Q4_K_M."
     )
+
+
+def test_zero_shot_cell_adds_the_paired_difference_when_both_rows_kept_documents():
+    def zs(piqa: str, arc: str) -> dict:
+        runs = {"piqa": piqa, "arc_easy": arc}
+        results = {t: {"acc": c.count("1") / len(c), "correct": c} for t, c in runs.items()}
+        return {"zeroshot": results, "zeroshot_avg": sum(r["acc"] for r in results.values()) / 2}
+
+    peer = row("llamacpp:Q2_K", "llama.cpp", 4.2, 11.0, **zs("1100", "10"))
+    ours = row("llamacpp:windquant@Q2_K", "windquant gguf", 4.2, 10.0, **zs("1010", "11"))
+    # averages 50.0 / 75.0; paired +25.0 ± 100 * sqrt(1/6 + 1/4) / 2 = 32.3 (by hand, as in test_zeroshot)
+    assert peers.zeroshot_pair_cell(peer, ours) == "50.0 / 75.0 (paired +25.0 ± 32.3)"
+    bare = {k: v for k, v in ours.items() if k != "zeroshot"}
+    assert peers.zeroshot_pair_cell(peer, bare) == "50.0 / 75.0"  # no per-document results: averages only
+    assert peers.zeroshot_pair_cell(peer, row("k", "windquant ilp", 4.0, 10.0)) == "–"

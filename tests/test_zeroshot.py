@@ -8,7 +8,7 @@ from conftest import make_gemma3
 
 from windquant.cli import main
 from windquant.errors import WindquantError
-from windquant.eval.zeroshot import evaluate_zeroshot, macro_average
+from windquant.eval.zeroshot import evaluate_zeroshot, macro_average, paired_difference
 
 PIQA = [
     ("How do I boil water?", "Put it in a pot on the stove.", "Put it in the freezer overnight.", 0),
@@ -50,8 +50,9 @@ def reference_docs():
 
 @torch.no_grad()
 def reference_accuracy(model, tokenizer, docs):
-    """acc / acc_norm computed directly: summed log-likelihood of " " + choice after the context."""
-    acc = norm = 0
+    """acc / acc_norm computed directly: summed log-likelihood of " " + choice after the context;
+    and which documents ``acc`` got right, as a 0/1 string."""
+    correct, norm = "", 0
     for context, choices, gold in docs:
         ctx_ids = tokenizer.encode(context)
         lls = []
@@ -60,21 +61,24 @@ def reference_accuracy(model, tokenizer, docs):
             assert ids[: len(ctx_ids)] == ctx_ids
             logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
             lls.append(sum(float(logp[i - 1, ids[i]]) for i in range(len(ctx_ids), len(ids))))
-        acc += max(range(len(lls)), key=lambda i: lls[i]) == gold
+        correct += "1" if max(range(len(lls)), key=lambda i: lls[i]) == gold else "0"
         norm += max(range(len(lls)), key=lambda i: lls[i] / len(choices[i])) == gold
-    return acc / len(docs), norm / len(docs)
+    return correct.count("1") / len(docs), norm / len(docs), correct
 
 
 def test_accuracy_matches_direct_loglikelihoods(tiny_model, tokenizer, tmp_path):
     data = write_tasks(tmp_path / "zeroshot")
-    res = evaluate_zeroshot(tiny_model, tokenizer, ["piqa", "arc_easy"], data_dir=str(data), batch_size=3, progress=False)
+    res = evaluate_zeroshot(
+        tiny_model, tokenizer, ["piqa", "arc_easy"], data_dir=str(data), batch_size=3, progress=False, per_document=True
+    )
     for task, docs in reference_docs().items():
-        acc, acc_norm = reference_accuracy(tiny_model, tokenizer, docs)
-        assert res[task] == {"acc": pytest.approx(acc, abs=1e-12), "acc_norm": pytest.approx(acc_norm, abs=1e-12), "n": len(docs)}
+        acc, acc_norm, correct = reference_accuracy(tiny_model, tokenizer, docs)
+        expect = {"acc": pytest.approx(acc, abs=1e-12), "acc_norm": pytest.approx(acc_norm, abs=1e-12), "n": len(docs)}
+        assert res[task] == {**expect, "correct": correct}
     assert macro_average(res) == pytest.approx((res["piqa"]["acc"] + res["arc_easy"]["acc"]) / 2)
     # the parent folder (holding zeroshot/) is accepted too, and --limit scores the first N documents
     limited = evaluate_zeroshot(tiny_model, tokenizer, ["arc_easy"], data_dir=str(tmp_path), limit=2, progress=False)
-    acc, acc_norm = reference_accuracy(tiny_model, tokenizer, reference_docs()["arc_easy"][:2])
+    acc, acc_norm, _ = reference_accuracy(tiny_model, tokenizer, reference_docs()["arc_easy"][:2])
     assert limited["arc_easy"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 2}
 
 
@@ -174,3 +178,17 @@ def test_shared_context_loglikelihoods_equal_hflms(arch, tiny_model, tokenizer):
         assert shapes == [(1, context + len(" water") - 1 + len(" a dry stone on a hot day") - 1 + len(" x") - 1)]
     finally:
         handle.remove()
+
+
+def test_paired_difference_by_hand():
+    a = {"piqa": {"correct": "1100"}, "arc_easy": {"correct": "10"}}
+    b = {"piqa": {"correct": "1010"}, "arc_easy": {"correct": "11"}}
+    # piqa: differences 0,-1,+1,0 -> mean 0, sample variance 2/3, variance of the mean 1/6;
+    # arc_easy: 0,+1 -> mean 1/2, sample variance 1/2, of the mean 1/4. Macro: (0 + 1/2) / 2,
+    # error sqrt(1/6 + 1/4) / 2.
+    diff, err = paired_difference(a, b)
+    assert diff == pytest.approx(0.25) and err == pytest.approx((1 / 6 + 1 / 4) ** 0.5 / 2)
+    same = paired_difference(a, a)
+    assert same == (0.0, 0.0)
+    assert paired_difference(a, {"piqa": b["piqa"]}) is None  # a task without per-document results
+    assert paired_difference(a, {**b, "arc_easy": {"correct": "1"}}) is None  # other documents

@@ -118,13 +118,16 @@ def evaluate_zeroshot(
     batch_size: int = 8,
     progress: bool = True,
     shared_context: bool = True,
+    per_document: bool = False,
 ) -> dict[str, dict]:
     """task -> {"acc": float, "acc_norm": float | None, "n": int} (lm-eval's own metrics).
 
     ``limit`` scores the first N documents of each task (lm-eval's ``--limit``); ``acc_norm``
     is None for tasks whose lm-eval config has no length-normalised accuracy (boolq, winogrande).
     ``shared_context=False`` runs lm-eval's ``HFLM`` unchanged (every request a full sequence, in
-    batches of ``batch_size``); the default runs each document's context once.
+    batches of ``batch_size``); the default runs each document's context once. ``per_document``
+    adds ``"correct"``: one ``0``/``1`` character per document in lm-eval's order (``acc`` of
+    each), what :func:`paired_difference` compares two models on.
     """
     for t in tasks:
         if t not in TASKS:
@@ -151,13 +154,16 @@ def evaluate_zeroshot(
             limit=limit,
             num_fewshot=0,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=per_document,
         )
     results = {}
     for t in tasks:
         r = out["results"][t]
         n = out.get("n-samples", {}).get(t, {}).get("effective")
         results[t] = {"acc": float(r["acc,none"]), "acc_norm": _opt(r.get("acc_norm,none")), "n": int(n)}
+        if per_document:
+            docs = sorted(out["samples"][t], key=lambda d: d["doc_id"])
+            results[t]["correct"] = "".join("1" if d["acc"] else "0" for d in docs)
     return results
 
 
@@ -177,6 +183,29 @@ def macro_average(results: dict[str, dict]) -> float:
     if not results:
         raise WindquantError("no zero-shot results to average")
     return sum(r["acc"] for r in results.values()) / len(results)
+
+
+def paired_difference(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, float] | None:
+    """``b``'s macro-average accuracy minus ``a``'s, and its standard error, from the per-document
+    results of the same documents (``"correct"``, see :func:`evaluate_zeroshot`): the error of
+    a paired comparison, much smaller than two independent accuracies' errors, because both
+    models get most documents equally right or wrong. None unless every task of ``a`` has
+    per-document results in both, over the same number of documents."""
+    diffs, variances = [], []
+    for task, ra in a.items():
+        rb = b.get(task) or {}
+        ca, cb = ra.get("correct"), rb.get("correct")
+        if not ca or not cb or len(ca) != len(cb):
+            return None
+        d = [int(y) - int(x) for x, y in zip(ca, cb)]
+        n = len(d)
+        mean = sum(d) / n
+        diffs.append(mean)
+        variances.append(sum((v - mean) ** 2 for v in d) / (n - 1) / n if n > 1 else 0.0)
+    if not diffs:
+        return None
+    k = len(diffs)
+    return sum(diffs) / k, sum(variances) ** 0.5 / k
 
 
 def result_line(task: str, r: dict) -> str:
