@@ -94,8 +94,9 @@ class Evaluator:
         if chunks and (row.get("llamacpp") or {}).get("max_windows") != chunks:
             need.append("llamacpp")
         zs = row.get("zeroshot") or {}
+        documents = getattr(a, "per_document", False)
         for t in self.tasks if zeroshot else []:
-            if t not in zs or zs[t].get("limit") != a.limit:
+            if t not in zs or zs[t].get("limit") != a.limit or (documents and "correct" not in zs[t]):
                 need.append(t)
         return need
 
@@ -162,6 +163,11 @@ def add_eval_args(ap) -> None:
     ap.add_argument("--tasks", default="piqa,arc_easy", help="zero-shot tasks, comma-separated; '' skips zero-shot")
     ap.add_argument("--zeroshot-dir", default="/work/shared/data/zeroshot", help="zero-shot data folder (default %(default)s)")
     ap.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (default: the full set)")
+    ap.add_argument(
+        "--per-document",
+        action="store_true",
+        help="re-score the zero-shot tasks of rows stored without per-document results (what a paired difference needs)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default $WINDQUANT_THREADS or every core)")
 
 
