@@ -192,3 +192,21 @@ def test_paired_difference_by_hand():
     assert same == (0.0, 0.0)
     assert paired_difference(a, {"piqa": b["piqa"]}) is None  # a task without per-document results
     assert paired_difference(a, {**b, "arc_easy": {"correct": "1"}}) is None  # other documents
+
+
+def test_cli_reference_shows_the_paired_difference(tiny_model, tokenizer, tiny_plan, tiny_fit, tiny_model_dir, tmp_path, capsys):
+    from windquant import quantize_, save
+
+    data = write_tasks(tmp_path / "zs")
+    plan, _ = quantize_(tiny_model, tokenizer, tiny_plan, tiny_fit, progress=False)
+    ckpt = save(tiny_model, tokenizer, plan, tmp_path / "ckpt")
+    out = tmp_path / "r.json"
+    argv = ["eval", str(ckpt), "--reference", str(tiny_model_dir), "--tasks", "piqa,arc_easy", "--data-dir", str(data)]
+    assert main([*argv, "--quiet", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    for payload in (saved, saved["reference"]):  # both scored with per-document results
+        assert all(len(r["correct"]) == r["n"] for r in payload["zeroshot"].values())
+    diff, err = paired_difference(saved["reference"]["zeroshot"], saved["zeroshot"])
+    n = sum(r["n"] for r in saved["zeroshot"].values())
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("zero-shot avg acc, quantized - reference"))
+    assert line.endswith(f"{100 * diff:+.1f} ± {100 * err:.1f} points (paired, the same {n:,} documents)")

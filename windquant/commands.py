@@ -148,7 +148,14 @@ def _evaluate(spec: str, args: argparse.Namespace, corpus: str | None, tasks: li
         from windquant.eval.zeroshot import evaluate_zeroshot, macro_average, result_line
 
         zs = evaluate_zeroshot(
-            model, tokenizer, tasks, args.data_dir, limit=args.limit, batch_size=args.zs_batch_size, progress=not args.quiet
+            model,
+            tokenizer,
+            tasks,
+            args.data_dir,
+            limit=args.limit,
+            batch_size=args.zs_batch_size,
+            progress=not args.quiet,
+            per_document=bool(args.reference),  # what the side-by-side's paired difference reads
         )
         for task, r in zs.items():
             print(result_line(task, r))

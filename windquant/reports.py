@@ -10,6 +10,7 @@ from torch import nn
 
 from windquant.actions import bits_name
 from windquant.errors import WindquantError
+from windquant.eval.zeroshot import paired_difference
 from windquant.model.units import decoder_blocks
 from windquant.plan import Plan
 from windquant.quant.accounting import unit_true_bits
@@ -241,6 +242,11 @@ def side_by_side(reference: dict, quantized: dict) -> str:
         rows.append(
             (f"zero-shot avg acc ({tasks})", f"{reference['zeroshot_avg_acc']:.4f}", f"{quantized['zeroshot_avg_acc']:.4f}")
         )
+        paired = paired_difference(reference["zeroshot"], quantized["zeroshot"])
+        if paired is not None:
+            n = sum(r["n"] for r in quantized["zeroshot"].values())
+            diff = f"{100 * paired[0]:+.1f} ± {100 * paired[1]:.1f} points (paired, the same {n:,} documents)"
+            rows.append(("zero-shot avg acc, quantized - reference", "", diff))
     t = run.get("timings")
     if t:
         rows.append(("quantize: wall time / peak RSS", "-", f"{t['total_seconds']:.0f} s / {t['peak_rss_mib']:.0f} MiB"))
