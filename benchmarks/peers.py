@@ -219,19 +219,21 @@ def quantize_autoround(model, tokenizer, config: str, args, work: Path) -> dict:
     }
     if config.startswith("auto"):
         target = float(config[4:])
+        # AutoRound hands its own dataset to the scheme search, which takes only a path: with a
+        # scheme to search, tuning reads the windows as decoded text too.
+        common["dataset"] = calib_json(tokenizer, windows, args, work)
         scheme = AutoScheme(
             avg_bits=target,
             options=args.ar_options,
             nsamples=args.ar_nsamples,
             seqlen=args.ar_seqlen,
             batch_size=1,
-            dataset=calib_json(tokenizer, windows, args, work),
+            dataset=common["dataset"],
             device_map=args.ar_device,
             low_cpu_mem_usage=False,
             enable_torch_compile=args.ar_compile,
         )
-        # Said in the row: the scheme search alone sees the windows as text it re-tokenizes.
-        label = f"AutoScheme avg_bits {target:g} over {args.ar_options} (its scheme search reads the windows as decoded text and drops those shorter than {args.ar_seqlen} tokens once re-tokenized)"
+        label = f"AutoScheme avg_bits {target:g} over {args.ar_options} (search and tuning read the windows as decoded text and drop those shorter than {args.ar_seqlen} tokens once re-tokenized)"
     else:
         scheme, label = config, config
     model.hf_quantizer = None  # the GGUF loader's marker (weights are dequantized); blocks save_pretrained
