@@ -906,7 +906,12 @@ def write_results(results: Path, folders: list[Path]) -> None:
         if meta.get("commands"):
             lines += [*commands_lines(meta["commands"], "This table was filled by"), ""]
         lines += [span_line(meta), "", *table_lines(rows, meta), ""]
-        lines += ["Each peer row against the windquant rows at equal or fewer true bits (llama.cpp rows against `windquant gguf` rows):", ""]
+        lines += [
+            "Each peer row against the windquant rows at equal or fewer true bits (llama.cpp rows against `windquant gguf` rows);"
+            " zero-shot *paired*: windquant minus peer in points, ± the standard error of the per-document differences"
+            " (rows scored with per-document results only):",
+            "",
+        ]
         lines += [*standing_lines(rows), ""]
         missing = [k for k in default_keys() if k not in {r["key"] for r in rows}]
         if missing:
