@@ -753,9 +753,9 @@ def standing_lines(rows: list[dict]) -> list[str]:
     """The issue's goal, peer row by peer row: the windquant row with the lowest WikiText-2
     perplexity among those at equal or fewer true bits, and whether windquant's is lower; zero-shot
     averages beside them where both rows have one (and their paired difference where both kept
-    per-document results). A llama.cpp row is held against ``windquant
-    gguf`` rows only (its embedding and output are quantized too, with the same types); the Python
-    peers against every windquant row. A llama.cpp row whose block linears all take the reference
+    per-document results). A llama.cpp row is held against ``windquant gguf`` rows only (its
+    embedding and output are quantized too, with the same types); the Python peers against every
+    windquant row. A llama.cpp row whose block linears all take the reference
     GGUF's own type re-finds the stored grid (the reference is that file, dequantized): it is shown,
     marked, and not counted. Ends with a one-line count."""
     scored = [r for r in rows if not r.get("error") and r["method"] != "reference" and ppl(r)]
